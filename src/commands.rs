@@ -1,0 +1,374 @@
+//! The subcommands, over one loaded pipeline and its store.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::filehash::FileHasher;
+use crate::pipeline::Pipeline;
+use crate::recipe::{short, Ingredients};
+use crate::registry::Registry;
+use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
+use crate::sql::{self, Format, SqlSession};
+use crate::store::{verify_artifact, Manifest, Store};
+
+pub struct Session {
+    pub pipeline: Pipeline,
+    pub registry: Registry,
+    pub store: Store,
+    pub hasher: FileHasher,
+}
+
+impl Session {
+    pub fn open(pipeline_path: &Path) -> Result<Session> {
+        let registry = Registry::with_builtin_stages();
+        let pipeline = Pipeline::load(pipeline_path, &registry)?;
+        let store = Store::open(&pipeline.store_dir);
+        let hasher = FileHasher::load(store.file_hash_cache_path());
+        Ok(Session {
+            pipeline,
+            registry,
+            store,
+            hasher,
+        })
+    }
+
+    fn context(&self) -> RunContext<'_> {
+        RunContext {
+            pipeline: &self.pipeline,
+            registry: &self.registry,
+            store: &self.store,
+            hasher: &self.hasher,
+        }
+    }
+
+    pub fn run(&self, options: &RunOptions) -> Result<()> {
+        let outcomes = runner::run(&self.context(), options)?;
+        if !options.quiet {
+            let built = outcomes.iter().filter(|o| o.action != "reused").count();
+            println!(
+                "{} node(s): {} reused, {} built",
+                outcomes.len(),
+                outcomes.len() - built,
+                built
+            );
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, json: bool) -> Result<()> {
+        let resolved = self.context().resolve()?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&resolved)?);
+            return Ok(());
+        }
+        println!("{:<14} {:<12} {:<8} detail", "node", "stage", "state");
+        for r in &resolved {
+            let (state, detail) = match &r.state {
+                NodeState::Cached { content_hash } => {
+                    ("cached", format!("content {}", short(content_hash)))
+                }
+                NodeState::Stale { reasons } => ("stale", reasons.join("; ")),
+                NodeState::Missing { reason } => ("missing", reason.clone()),
+            };
+            println!("{:<14} {:<12} {:<8} {}", r.node, r.stage, state, detail);
+        }
+        Ok(())
+    }
+
+    fn resolved_node(&self, node: &str) -> Result<Resolved> {
+        self.pipeline.node(node)?;
+        let resolved = self.context().resolve()?;
+        Ok(resolved
+            .into_iter()
+            .find(|r| r.node == node)
+            .expect("node exists"))
+    }
+
+    pub fn explain(&self, node: &str, json: bool) -> Result<()> {
+        let r = self.resolved_node(node)?;
+        let Some(ingredients) = &r.ingredients else {
+            let reason = match &r.state {
+                NodeState::Stale { reasons } => reasons.join("; "),
+                NodeState::Missing { reason } => reason.clone(),
+                NodeState::Cached { .. } => String::new(),
+            };
+            bail!("node '{node}': its recipe is not known yet ({reason}); run `cachemoney run --until {node}` first");
+        };
+        let recipe = r.recipe.as_deref().unwrap_or_default();
+        if json {
+            let value = serde_json::json!({"node": node, "recipe": recipe, "ingredients": ingredients, "state": r.state});
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            return Ok(());
+        }
+        print_ingredients(node, recipe, ingredients, &self.pipeline);
+        let state = match &r.state {
+            NodeState::Cached { content_hash } => {
+                format!("cached (content {})", short(content_hash))
+            }
+            NodeState::Stale { reasons } => format!("stale: {}", reasons.join("; ")),
+            NodeState::Missing { reason } => format!("missing: {reason}"),
+        };
+        println!("state    {state}");
+        Ok(())
+    }
+
+    /// The manifest of a node's current artifact, or of its last build if it is stale.
+    fn manifest_for(&self, node: &str) -> Result<(Manifest, bool)> {
+        let r = self.resolved_node(node)?;
+        if let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) {
+            if let Some(m) = self.store.manifest(&r.stage, recipe)? {
+                return Ok((m, true));
+            }
+        }
+        if let Some(previous) = self.store.node_ref(node) {
+            if let Some(m) = self
+                .store
+                .manifest(&previous.ingredients.stage, &previous.recipe)?
+            {
+                return Ok((m, false));
+            }
+        }
+        bail!("node '{node}' has no artifact yet; run `cachemoney run --until {node}`")
+    }
+
+    pub fn show(&self, node: &str, rows: usize, json: bool) -> Result<()> {
+        let (manifest, current) = self.manifest_for(node)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            return Ok(());
+        }
+        let dir = self.store.artifact_dir(&manifest.stage, &manifest.recipe);
+        if !current {
+            println!("note: node '{node}' is stale; showing its last build");
+        }
+        println!("node     {node} ({} v{})", manifest.stage, manifest.version);
+        println!("recipe   {}", manifest.recipe);
+        println!("content  {}", manifest.content_hash);
+        println!("path     {}", dir.display());
+        println!(
+            "built    {} in {:.2}s on {} thread(s), cachemoney {}",
+            manifest.created_at, manifest.seconds, manifest.threads, manifest.tool_version
+        );
+        if !manifest.report.is_empty() {
+            println!("report");
+            for (key, value) in &manifest.report {
+                println!("  {key:<32} {value}");
+            }
+        }
+        println!("files");
+        for (name, file) in &manifest.files {
+            let rows_text = file.rows.map(|r| format!("{r} rows")).unwrap_or_default();
+            println!(
+                "  {name:<20} {:>12} bytes  {rows_text:<16} blake3 {}",
+                file.bytes,
+                short(&file.blake3)
+            );
+        }
+        for (name, file) in &manifest.files {
+            let Some(schema) = &file.schema else { continue };
+            let columns: Vec<String> = schema.iter().map(|(c, t)| format!("{c} {t}")).collect();
+            println!("\n{name}: {}", columns.join(", "));
+            if rows > 0 {
+                let reader =
+                    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(dir.join(name))?)?
+                        .with_batch_size(rows)
+                        .with_limit(rows)
+                        .build()?;
+                let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+                println!("{}", sql::format_batches(&batches, Format::Table)?);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sql(&self, query: Option<&str>, format: Format) -> Result<()> {
+        let resolved = self.context().resolve()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(rayon::current_num_threads().max(1))
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let session = SqlSession::open(&self.store, &resolved).await?;
+            match query {
+                Some(q) => {
+                    println!("{}", sql::execute(&session, q, format).await?);
+                    Ok(())
+                }
+                None => interactive(&session, format).await,
+            }
+        })
+    }
+
+    pub fn verify(&self, quiet: bool) -> Result<bool> {
+        let manifests = self.store.all_manifests()?;
+        let mut problems = Vec::new();
+        let mut files = 0;
+        for (dir, manifest) in &manifests {
+            files += manifest.files.len();
+            problems.extend(verify_artifact(dir, manifest));
+        }
+        for p in &problems {
+            eprintln!("corrupt: {p}");
+        }
+        if problems.is_empty() {
+            if !quiet {
+                println!(
+                    "ok: {} artifact(s), {files} file(s), every hash matches its manifest",
+                    manifests.len()
+                );
+            }
+            Ok(true)
+        } else {
+            eprintln!(
+                "{} problem(s) in {} artifact(s); rebuild affected nodes with `cachemoney run --force NODE`",
+                problems.len(),
+                manifests.len()
+            );
+            Ok(false)
+        }
+    }
+
+    pub fn gc(&self, dry_run: bool) -> Result<()> {
+        let lock = self.store.lock(false)?;
+        self.store.sweep_tmp(&lock)?;
+        let resolved = self.context().resolve()?;
+        let live: std::collections::BTreeSet<String> =
+            resolved.iter().filter_map(|r| r.recipe.clone()).collect();
+        let mut freed = 0u64;
+        let mut removed = 0;
+        for (_, manifest) in self.store.all_manifests()? {
+            if live.contains(&manifest.recipe) {
+                continue;
+            }
+            let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
+            println!(
+                "{} {}/{} (built by node '{}', {} bytes)",
+                if dry_run { "would remove" } else { "removed" },
+                manifest.stage,
+                short(&manifest.recipe),
+                manifest.node,
+                bytes
+            );
+            if !dry_run {
+                self.store
+                    .remove(&lock, &manifest.stage, &manifest.recipe)?;
+            }
+            freed += bytes;
+            removed += 1;
+        }
+        println!(
+            "{} {removed} artifact(s), {freed} bytes",
+            if dry_run { "would free" } else { "freed" }
+        );
+        Ok(())
+    }
+}
+
+fn print_ingredients(node: &str, recipe: &str, ingredients: &Ingredients, pipeline: &Pipeline) {
+    let def = pipeline.node(node).expect("node exists");
+    println!("node     {node}");
+    println!("stage    {} v{}", ingredients.stage, ingredients.version);
+    println!(
+        "params   {}",
+        serde_json::to_string(&ingredients.params).unwrap_or_default()
+    );
+    for (input, hash) in &ingredients.inputs {
+        println!(
+            "input    {input} = node '{}', content {hash}",
+            def.inputs[input]
+        );
+    }
+    for (role, files) in &ingredients.files {
+        for (file, path) in files.iter().zip(&def.files[role]) {
+            println!(
+                "file     {role}: {} blake3 {}  ({})",
+                file.name,
+                file.blake3,
+                path.display()
+            );
+        }
+    }
+    println!("recipe   {recipe}");
+    println!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
+}
+
+async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        println!(
+            "cachemoney sql: {} tables; \\d lists them, \\q quits, statements end with ';'",
+            session.tables.len()
+        );
+    }
+    let mut editor =
+        rustyline::DefaultEditor::new().map_err(|e| anyhow!("cannot start the prompt: {e}"))?;
+    let mut buffer = String::new();
+    loop {
+        let prompt = if buffer.is_empty() {
+            "cachemoney> "
+        } else {
+            "        ...> "
+        };
+        let line = match editor.readline(prompt) {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => {
+                buffer.clear();
+                continue;
+            }
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => bail!("prompt failed: {e}"),
+        };
+        let trimmed = line.trim();
+        if buffer.is_empty() && (trimmed == "\\q" || trimmed == "exit" || trimmed == "quit") {
+            break;
+        }
+        if trimmed.is_empty() {
+            continue;
+        }
+        if !buffer.is_empty() {
+            buffer.push('\n');
+        }
+        buffer.push_str(trimmed);
+        let complete = buffer.starts_with('\\') || buffer.ends_with(';');
+        if !complete {
+            continue;
+        }
+        let _ = editor.add_history_entry(buffer.as_str());
+        match sql::execute(session, &buffer, format).await {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("error: {e:#}"),
+        }
+        buffer.clear();
+    }
+    Ok(())
+}
+
+/// `cachemoney stages`.
+pub fn stages() {
+    let registry = Registry::with_builtin_stages();
+    for kind in registry.kinds() {
+        let stage = registry.get(kind).expect("listed");
+        println!("{kind} (v{}): {}", stage.version(), stage.summary());
+        if !stage.input_names().is_empty() {
+            println!("  inputs: {}", stage.input_names().join(", "));
+        }
+        for role in stage.file_roles() {
+            println!(
+                "  files.{:<10} {}{}",
+                role.name,
+                role.help,
+                if role.required { " (required)" } else { "" }
+            );
+        }
+        if let Ok(defaults) = stage.canonical_params(&serde_json::Value::Null) {
+            if let Some(map) = defaults.as_object() {
+                for (key, value) in map {
+                    println!("  params.{key:<22} default {value}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! cachemoney's runner: the DAG of stages in `pipeline.toml`, the content-addressed
+//! artifact store, and the commands that inspect both (status, explain, show, sql,
+//! verify, gc).
+//!
+//! The runner knows stages only through the [`stage_api::Stage`] trait; what an n-gram
+//! or a tokenizer is lives in the stage crates under `stages/`. Conversely, stages know
+//! nothing of recipes, manifests or locks.
+
+pub mod bench;
+pub mod commands;
+pub mod filehash;
+pub mod pipeline;
+pub mod recipe;
+pub mod registry;
+pub mod runner;
+pub mod sql;
+pub mod store;

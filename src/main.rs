@@ -1,0 +1,179 @@
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cachemoney::commands::{self, Session};
+use cachemoney::runner::RunOptions;
+use cachemoney::sql::Format;
+
+/// cachemoney: a content-addressed pipeline for LM-compression experiments.
+///
+/// It reproduces the "CacheMoney" Parameter Golf record (a tiny GPT plus n-gram and phrase
+/// caches) as a DAG of stages: tokenize → train → pass-1 → cache → calibrate → pass-2.
+/// Each stage's outputs are stored under artifacts/, keyed by a hash of everything that
+/// went into them, so a rerun only redoes what changed and every number can be traced
+/// and re-derived.
+///
+/// Start with `cachemoney run`, then `cachemoney status` and `cachemoney sql`.
+#[derive(Parser)]
+#[command(name = "cachemoney", version, max_term_width = 100)]
+struct Cli {
+    /// The pipeline to work on.
+    #[arg(long, short = 'p', global = true, default_value = "pipeline.toml")]
+    pipeline: PathBuf,
+
+    /// No progress bars and no per-node lines; errors still go to stderr.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+
+    /// Worker threads for stages (default: all cores). Outputs do not depend on it.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every node that is not cached, in dependency order.
+    ///
+    /// A node is reused when an artifact with its exact recipe (stage, version,
+    /// parameters, input contents) exists. Upstream nodes that rerun but produce the same
+    /// bytes leave everything downstream cached. Interrupted runs leave nothing half
+    /// written: rerun and only the unfinished node is redone.
+    Run {
+        /// Stop after this node (and what it needs).
+        #[arg(long, value_name = "NODE")]
+        until: Option<String>,
+        /// Rebuild this node even if cached (repeatable). Downstream stays cached when the
+        /// rebuild gives identical bytes.
+        #[arg(long, value_name = "NODE")]
+        force: Vec<String>,
+        /// If another run holds the store, wait for it instead of failing.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show each node as cached, stale (and why) or missing.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show everything that goes into a node's recipe, and the recipe.
+    Explain {
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a node's artifact: manifest, files, table schemas and first rows.
+    Show {
+        node: String,
+        /// Rows to print per table.
+        #[arg(long, default_value_t = 5)]
+        rows: usize,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query artifacts with SQL (DataFusion); without a query, an interactive prompt.
+    ///
+    /// Tables: every Parquet output of every cached node, as NODE.TABLE (tokens.val), as
+    /// TABLE when the name is unique (val), and as NODE when the node has one table; plus
+    /// `artifacts`, one row per stored artifact. Read-only. In the prompt, \d lists
+    /// tables and \d TABLE shows columns.
+    Sql {
+        query: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Rehash every stored file and compare with its manifest.
+    Verify,
+    /// Delete artifacts that no node of the pipeline currently points to.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the stage kinds this binary knows, with their parameters' defaults.
+    Stages,
+    /// Measure the spine at the scale of the real validation set and print figures.
+    Bench {
+        /// Where to put the scratch store and generated data (default: a temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Tokens in the generated shard set.
+        #[arg(long, default_value_t = 62_021_632)]
+        tokens: usize,
+        /// Megabytes of text for the tokenize throughput figure.
+        #[arg(long, default_value_t = 100)]
+        text_mb: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .expect("thread pool is configured once");
+    }
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let message = format!("{e:#}");
+            eprintln!("error: {}", message.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let show_progress = !cli.quiet && std::io::stderr().is_terminal();
+    if let Command::Stages = cli.command {
+        commands::stages();
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Bench {
+        dir,
+        repeat,
+        tokens,
+        text_mb,
+    } = cli.command
+    {
+        cachemoney::bench::run(dir, repeat, tokens, text_mb)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let session = Session::open(&cli.pipeline)?;
+    match cli.command {
+        Command::Run { until, force, wait } => {
+            let options = RunOptions {
+                until,
+                force: force.into_iter().collect::<BTreeSet<_>>(),
+                wait,
+                quiet: cli.quiet,
+                show_progress,
+            };
+            session.run(&options)?;
+        }
+        Command::Status { json } => session.status(json)?,
+        Command::Explain { node, json } => session.explain(&node, json)?,
+        Command::Show { node, rows, json } => session.show(&node, rows, json)?,
+        Command::Sql { query, format } => session.sql(query.as_deref(), format)?,
+        Command::Verify => {
+            if !session.verify(cli.quiet)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Gc { dry_run } => session.gc(dry_run)?,
+        Command::Stages | Command::Bench { .. } => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,357 @@
+//! `pipeline.toml`: the nodes of the DAG, checked against the registered stages before
+//! anything runs.
+//!
+//! ```toml
+//! store = "artifacts"            # optional, relative to this file
+//!
+//! [nodes.tokens]
+//! stage = "tokenize"
+//! files.corpus = ["data/sample/*.jsonl"]
+//! params.vocab_size = 1024
+//!
+//! [nodes.token_stats]
+//! stage = "token-stats"
+//! inputs.tokens = "tokens"
+//! ```
+//!
+//! Every error names `pipeline.toml:LINE:COLUMN`, because a DAG is only as easy to fix as
+//! its error messages are precise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use crate::registry::Registry;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineFile {
+    store: Option<String>,
+    #[serde(default)]
+    nodes: BTreeMap<String, Spanned<NodeFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    stage: Spanned<String>,
+    #[serde(default)]
+    inputs: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    files: BTreeMap<String, Spanned<OneOrMany>>,
+    #[serde(default)]
+    params: Option<Spanned<toml::Table>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A validated node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub stage: String,
+    /// Canonical parameters (defaults filled in).
+    pub params: Value,
+    /// Input name → upstream node name.
+    pub inputs: BTreeMap<String, String>,
+    /// File role → files, sorted by path.
+    pub files: BTreeMap<String, Vec<PathBuf>>,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    pub path: PathBuf,
+    pub store_dir: PathBuf,
+    /// In topological order; ties broken by name.
+    pub nodes: Vec<Node>,
+}
+
+impl Pipeline {
+    pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the pipeline file", path.display()))?;
+        Self::parse(path, &text, registry)
+    }
+
+    pub fn parse(path: &Path, text: &str, registry: &Registry) -> Result<Pipeline> {
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        let at = |span: Option<Range<usize>>| -> String {
+            match span {
+                Some(span) => {
+                    let (line, column) = line_column(text, span.start);
+                    format!("{}:{line}:{column}", path.display())
+                }
+                None => path.display().to_string(),
+            }
+        };
+        let file: PipelineFile = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().replace('\n', " ");
+            anyhow!("{}: {message}", at(e.span()))
+        })?;
+        if file.nodes.is_empty() {
+            bail!("{}: no [nodes.NAME] table: nothing to run", path.display());
+        }
+
+        let mut nodes = BTreeMap::new();
+        for (name, spanned) in &file.nodes {
+            let node_at = at(Some(spanned.span()));
+            let def = spanned.get_ref();
+            let stage_name = def.stage.get_ref();
+            let stage = registry.get(stage_name).ok_or_else(|| {
+                anyhow!(
+                    "{}: node '{name}': unknown stage kind '{stage_name}' (known: {})",
+                    at(Some(def.stage.span())),
+                    registry.kinds().join(", ")
+                )
+            })?;
+            let raw_params = match &def.params {
+                Some(p) => serde_json::to_value(p.get_ref())?,
+                None => Value::Object(Default::default()),
+            };
+            let params_at = def
+                .params
+                .as_ref()
+                .map(|p| at(Some(p.span())))
+                .unwrap_or_else(|| node_at.clone());
+            let params = stage.canonical_params(&raw_params).map_err(|e| {
+                anyhow!("{params_at}: node '{name}': {}", strip_node(&e.to_string()))
+            })?;
+
+            let mut inputs = BTreeMap::new();
+            for (input, upstream) in &def.inputs {
+                if !stage.input_names().contains(&input.as_str()) {
+                    bail!(
+                        "{}: node '{name}': stage '{stage_name}' has no input '{input}' (it takes: {})",
+                        at(Some(upstream.span())),
+                        list_or_none(stage.input_names().iter().copied())
+                    );
+                }
+                if !file.nodes.contains_key(upstream.get_ref()) {
+                    bail!(
+                        "{}: node '{name}': input '{input}' names node '{}', which is not defined",
+                        at(Some(upstream.span())),
+                        upstream.get_ref()
+                    );
+                }
+                inputs.insert(input.clone(), upstream.get_ref().clone());
+            }
+            for wanted in stage.input_names() {
+                if !inputs.contains_key(*wanted) {
+                    bail!("{node_at}: node '{name}': stage '{stage_name}' needs inputs.{wanted}");
+                }
+            }
+
+            let mut files = BTreeMap::new();
+            for (role, patterns) in &def.files {
+                let Some(role_def) = stage.file_roles().iter().find(|r| r.name == role) else {
+                    bail!(
+                        "{}: node '{name}': stage '{stage_name}' has no file role '{role}' (it takes: {})",
+                        at(Some(patterns.span())),
+                        list_or_none(stage.file_roles().iter().map(|r| r.name))
+                    );
+                };
+                let _ = role_def;
+                let patterns = match patterns.get_ref() {
+                    OneOrMany::One(p) => vec![p.clone()],
+                    OneOrMany::Many(ps) => ps.clone(),
+                };
+                let mut matched = BTreeSet::new();
+                for pattern in &patterns {
+                    let full = base.join(pattern);
+                    let hits = expand(&full).map_err(|e| {
+                        anyhow!(
+                            "{}: node '{name}': files.{role}: {e}",
+                            at(Some(def.files[role].span()))
+                        )
+                    })?;
+                    if hits.is_empty() {
+                        bail!(
+                            "{}: node '{name}': files.{role} pattern '{pattern}' matches no file (looked for {})",
+                            at(Some(def.files[role].span())),
+                            full.display()
+                        );
+                    }
+                    matched.extend(hits);
+                }
+                files.insert(role.clone(), matched.into_iter().collect());
+            }
+            for role in stage.file_roles().iter().filter(|r| r.required) {
+                if !files.contains_key(role.name) {
+                    bail!(
+                        "{node_at}: node '{name}': needs files.{} ({})",
+                        role.name,
+                        role.help
+                    );
+                }
+            }
+
+            nodes.insert(
+                name.clone(),
+                Node {
+                    name: name.clone(),
+                    stage: stage_name.clone(),
+                    params,
+                    inputs,
+                    files,
+                },
+            );
+        }
+
+        let order = topological_order(&nodes).map_err(|cycle| {
+            anyhow!(
+                "{}: cycle in the DAG: {}",
+                path.display(),
+                cycle.join(" → ")
+            )
+        })?;
+        let store_dir = base.join(file.store.as_deref().unwrap_or("artifacts"));
+        Ok(Pipeline {
+            path: path.to_path_buf(),
+            store_dir,
+            nodes: order.into_iter().map(|n| nodes[&n].clone()).collect(),
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            anyhow!(
+                "{}: no node named '{name}' (nodes: {})",
+                self.path.display(),
+                self.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// `name` and everything it depends on, in run order.
+    pub fn ancestors_of(&self, name: &str) -> Result<BTreeSet<String>> {
+        let mut wanted = BTreeSet::new();
+        let mut stack = vec![self.node(name)?.name.clone()];
+        while let Some(n) = stack.pop() {
+            if wanted.insert(n.clone()) {
+                stack.extend(self.node(&n)?.inputs.values().cloned());
+            }
+        }
+        Ok(wanted)
+    }
+}
+
+fn strip_node(message: &str) -> &str {
+    // Stage errors say "node '<kind>': ..." when they cannot know the node's name.
+    match message.split_once("': ") {
+        Some((head, rest)) if head.starts_with("node '") => rest,
+        _ => message,
+    }
+}
+
+fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let items: Vec<&str> = items.collect();
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
+    let text = pattern.to_string_lossy();
+    if !text.contains(['*', '?', '[']) {
+        return Ok(if pattern.is_file() {
+            vec![pattern.to_path_buf()]
+        } else {
+            Vec::new()
+        });
+    }
+    let mut hits = Vec::new();
+    for entry in glob::glob(&text).map_err(|e| anyhow!("bad pattern '{text}': {e}"))? {
+        let path = entry?;
+        if path.is_file() {
+            hits.push(path);
+        }
+    }
+    Ok(hits)
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    (line, column)
+}
+
+/// Kahn's algorithm with a sorted ready set, so the order is stable. On a cycle, returns
+/// one cycle's nodes.
+fn topological_order(
+    nodes: &BTreeMap<String, Node>,
+) -> std::result::Result<Vec<String>, Vec<String>> {
+    let mut remaining: BTreeMap<&str, BTreeSet<&str>> = nodes
+        .iter()
+        .map(|(name, n)| {
+            (
+                name.as_str(),
+                n.inputs.values().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let mut order = Vec::new();
+    loop {
+        let ready: Vec<&str> = remaining
+            .iter()
+            .filter(|(_, deps)| deps.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for n in ready {
+            remaining.remove(n);
+            for deps in remaining.values_mut() {
+                deps.remove(n);
+            }
+            order.push(n.to_string());
+        }
+    }
+    if remaining.is_empty() {
+        return Ok(order);
+    }
+    // Walk from any remaining node along unresolved dependencies until a node repeats.
+    let mut path: Vec<&str> = vec![remaining.keys().next().copied().unwrap()];
+    loop {
+        let last = *path.last().unwrap();
+        let next = *remaining[last].iter().next().unwrap();
+        if let Some(start) = path.iter().position(|&n| n == next) {
+            let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
+            cycle.push(next.to_string());
+            return Err(cycle);
+        }
+        path.push(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_are_one_based() {
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_column("ab", 0), (1, 1));
+    }
+}

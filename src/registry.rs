@@ -1,0 +1,33 @@
+//! Stage kinds the binary knows. Adding a stage means implementing
+//! [`stage_api::Stage`] in a stage crate and adding one line to
+//! [`Registry::with_builtin_stages`]; the runner itself never names a stage.
+
+use std::collections::BTreeMap;
+
+use stage_api::Stage;
+
+#[derive(Default)]
+pub struct Registry {
+    stages: BTreeMap<&'static str, Box<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn with_builtin_stages() -> Registry {
+        let mut registry = Registry::default();
+        registry.register(Box::new(text::TokenizeStage));
+        registry.register(Box::new(text::TokenStatsStage));
+        registry
+    }
+
+    pub fn register(&mut self, stage: Box<dyn Stage>) {
+        self.stages.insert(stage.kind(), stage);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&dyn Stage> {
+        self.stages.get(kind).map(|s| s.as_ref())
+    }
+
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.stages.keys().copied().collect()
+    }
+}

@@ -1,0 +1,433 @@
+//! Resolving a pipeline against the store (what is cached, stale, missing, and why) and
+//! running what is not cached.
+//!
+//! The runner knows stages only through [`stage_api::Stage`]: it hashes what goes in,
+//! hands a stage an empty scratch directory, and records what came out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Serialize;
+use stage_api::{InputArtifact, StageContext};
+
+use crate::filehash::FileHasher;
+use crate::pipeline::{Node, Pipeline};
+use crate::recipe::{short, FileIngredient, Ingredients};
+use crate::registry::Registry;
+use crate::store::{
+    content_hash, hash_file, now_rfc3339, verify_artifact, Manifest, NodeRef, OutputFile, Store,
+    StoreLock,
+};
+
+/// Where a node stands relative to the store.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum NodeState {
+    /// Its current recipe is stored.
+    Cached { content_hash: String },
+    /// It was built before, but its recipe changed since, for these reasons.
+    Stale { reasons: Vec<String> },
+    /// Never built with anything like the current pipeline.
+    Missing { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Resolved {
+    pub node: String,
+    pub stage: String,
+    /// Known when every upstream node is cached.
+    pub recipe: Option<String>,
+    #[serde(skip)]
+    pub ingredients: Option<Ingredients>,
+    #[serde(flatten)]
+    pub state: NodeState,
+}
+
+pub struct RunContext<'a> {
+    pub pipeline: &'a Pipeline,
+    pub registry: &'a Registry,
+    pub store: &'a Store,
+    pub hasher: &'a FileHasher,
+}
+
+impl RunContext<'_> {
+    fn file_ingredients(&self, node: &Node) -> Result<BTreeMap<String, Vec<FileIngredient>>> {
+        let mut files = BTreeMap::new();
+        for (role, paths) in &node.files {
+            let mut list = Vec::new();
+            for path in paths {
+                list.push(FileIngredient {
+                    name: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    blake3: self.hasher.hash(path)?,
+                });
+            }
+            files.insert(role.clone(), list);
+        }
+        Ok(files)
+    }
+
+    fn ingredients(
+        &self,
+        node: &Node,
+        upstream_content: &BTreeMap<String, String>,
+    ) -> Result<Ingredients> {
+        let stage = self
+            .registry
+            .get(&node.stage)
+            .expect("validated when loading");
+        let mut inputs = BTreeMap::new();
+        for (input, upstream) in &node.inputs {
+            inputs.insert(input.clone(), upstream_content[upstream].clone());
+        }
+        Ok(Ingredients {
+            stage: node.stage.clone(),
+            version: stage.version(),
+            params: node.params.clone(),
+            inputs,
+            files: self.file_ingredients(node)?,
+        })
+    }
+
+    /// Every node's state, in run order, without changing anything.
+    pub fn resolve(&self) -> Result<Vec<Resolved>> {
+        let mut content: BTreeMap<String, String> = BTreeMap::new();
+        let mut states: BTreeMap<String, NodeState> = BTreeMap::new();
+        let mut resolved = Vec::new();
+        for node in &self.pipeline.nodes {
+            let blocked: Vec<&String> = node
+                .inputs
+                .values()
+                .filter(|up| !content.contains_key(*up))
+                .collect();
+            let previous = self.store.node_ref(&node.name);
+            if let Some(upstream) = blocked.first() {
+                let upstream_state = match &states[*upstream] {
+                    NodeState::Stale { .. } => "stale",
+                    _ => "not built",
+                };
+                let state = match previous {
+                    Some(_) => NodeState::Stale {
+                        reasons: vec![format!("upstream '{upstream}' is {upstream_state}")],
+                    },
+                    None => NodeState::Missing {
+                        reason: format!("upstream '{upstream}' is {upstream_state}"),
+                    },
+                };
+                states.insert(node.name.clone(), state.clone());
+                resolved.push(Resolved {
+                    node: node.name.clone(),
+                    stage: node.stage.clone(),
+                    recipe: None,
+                    ingredients: None,
+                    state,
+                });
+                continue;
+            }
+            let ingredients = self.ingredients(node, &content)?;
+            let recipe = ingredients.recipe();
+            let state = match self.store.manifest(&node.stage, &recipe)? {
+                Some(manifest) => {
+                    content.insert(node.name.clone(), manifest.content_hash.clone());
+                    NodeState::Cached {
+                        content_hash: manifest.content_hash,
+                    }
+                }
+                None => match previous {
+                    Some(old) => {
+                        let mut reasons = ingredients.differences_from(&old.ingredients);
+                        if reasons.is_empty() {
+                            reasons.push(format!(
+                                "its artifact {}/{} was removed (gc?)",
+                                node.stage,
+                                short(&recipe)
+                            ));
+                        }
+                        NodeState::Stale { reasons }
+                    }
+                    None => NodeState::Missing {
+                        reason: "never built".into(),
+                    },
+                },
+            };
+            states.insert(node.name.clone(), state.clone());
+            resolved.push(Resolved {
+                node: node.name.clone(),
+                stage: node.stage.clone(),
+                recipe: Some(recipe),
+                ingredients: Some(ingredients),
+                state,
+            });
+        }
+        self.hasher.save().ok();
+        Ok(resolved)
+    }
+}
+
+pub struct RunOptions {
+    pub until: Option<String>,
+    pub force: BTreeSet<String>,
+    pub wait: bool,
+    pub quiet: bool,
+    pub show_progress: bool,
+}
+
+/// What happened to one node in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub node: String,
+    pub stage: String,
+    pub action: &'static str,
+    pub recipe: String,
+    pub content_hash: String,
+    pub seconds: f64,
+}
+
+pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
+    for forced in &options.force {
+        ctx.pipeline.node(forced)?;
+    }
+    let selected = match &options.until {
+        Some(target) => ctx.pipeline.ancestors_of(target)?,
+        None => ctx.pipeline.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    let lock = ctx.store.lock(options.wait)?;
+    let swept = ctx.store.sweep_tmp(&lock)?;
+    if swept > 0 && !options.quiet {
+        eprintln!("removed {swept} unfinished artifact(s) left by an interrupted run");
+    }
+
+    let mut content: BTreeMap<String, String> = BTreeMap::new();
+    let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
+    let mut outcomes = Vec::new();
+    for node in ctx
+        .pipeline
+        .nodes
+        .iter()
+        .filter(|n| selected.contains(&n.name))
+    {
+        let ingredients = ctx.ingredients(node, &content)?;
+        ctx.hasher.save().ok();
+        let recipe = ingredients.recipe();
+        let existing = ctx.store.manifest(&node.stage, &recipe)?;
+        let dir = ctx.store.artifact_dir(&node.stage, &recipe);
+        let intact = existing.as_ref().is_some_and(|m| sizes_match(&dir, m));
+        let forced = options.force.contains(&node.name);
+
+        let (manifest, action, seconds) = if let (Some(manifest), true, false) =
+            (existing.clone(), intact, forced)
+        {
+            (manifest, "reused", 0.0)
+        } else {
+            if existing.is_some() && !intact && !options.quiet {
+                eprintln!(
+                    "{}: files do not match the manifest; rebuilding",
+                    dir.display()
+                );
+            }
+            let started = Instant::now();
+            let built = build(
+                ctx,
+                node,
+                &ingredients,
+                &recipe,
+                &dirs,
+                &manifests,
+                &lock,
+                options,
+            )
+            .with_context(|| format!("node '{}' ({}) failed", node.name, node.stage))?;
+            let seconds = started.elapsed().as_secs_f64();
+            match existing {
+                Some(old) if intact && old.content_hash == built.1.content_hash => {
+                    if verify_artifact(&dir, &old).is_empty() {
+                        std::fs::remove_dir_all(&built.0).ok();
+                        (old, "rebuilt, identical", seconds)
+                    } else {
+                        // Same recipe, same fresh bytes, but the stored copy was damaged.
+                        ctx.store.commit(&lock, &built.0, &built.1)?;
+                        (built.1, "rebuilt, repaired", seconds)
+                    }
+                }
+                Some(old) if intact => {
+                    eprintln!(
+                        "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): the stage is not deterministic",
+                        node.name,
+                        short(&old.content_hash),
+                        short(&built.1.content_hash)
+                    );
+                    ctx.store.commit(&lock, &built.0, &built.1)?;
+                    (built.1, "rebuilt, CHANGED", seconds)
+                }
+                _ => {
+                    ctx.store.commit(&lock, &built.0, &built.1)?;
+                    (built.1, "built", seconds)
+                }
+            }
+        };
+        ctx.store.set_node_ref(
+            &lock,
+            &node.name,
+            &NodeRef {
+                recipe: recipe.clone(),
+                content_hash: manifest.content_hash.clone(),
+                ingredients: ingredients.clone(),
+            },
+        )?;
+        if !options.quiet {
+            println!(
+                "{:<14} {:<12} {:<20} {:>8}  content {}",
+                node.name,
+                node.stage,
+                action,
+                if seconds > 0.0 {
+                    format!("{seconds:.2}s")
+                } else {
+                    String::new()
+                },
+                short(&manifest.content_hash)
+            );
+        }
+        outcomes.push(Outcome {
+            node: node.name.clone(),
+            stage: node.stage.clone(),
+            action,
+            recipe: recipe.clone(),
+            content_hash: manifest.content_hash.clone(),
+            seconds,
+        });
+        content.insert(node.name.clone(), manifest.content_hash.clone());
+        dirs.insert(node.name.clone(), dir);
+        manifests.insert(node.name.clone(), manifest);
+    }
+    Ok(outcomes)
+}
+
+fn sizes_match(dir: &std::path::Path, manifest: &Manifest) -> bool {
+    manifest
+        .files
+        .iter()
+        .all(|(name, file)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == file.bytes))
+}
+
+/// Runs one stage into a scratch directory and describes the result. Returns the scratch
+/// directory and the manifest to commit.
+#[allow(clippy::too_many_arguments)]
+fn build(
+    ctx: &RunContext,
+    node: &Node,
+    ingredients: &Ingredients,
+    recipe: &str,
+    dirs: &BTreeMap<String, PathBuf>,
+    manifests: &BTreeMap<String, Manifest>,
+    lock: &StoreLock,
+    options: &RunOptions,
+) -> Result<(PathBuf, Manifest)> {
+    let stage = ctx
+        .registry
+        .get(&node.stage)
+        .expect("validated when loading");
+    // Inputs are rehashed before use: a tampered artifact must not poison what is built
+    // from it (bazel #6126).
+    let mut inputs = BTreeMap::new();
+    for (input, upstream) in &node.inputs {
+        let dir = &dirs[upstream];
+        let manifest = &manifests[upstream];
+        let problems = verify_artifact(dir, manifest);
+        if let Some(first) = problems.first() {
+            bail!(
+                "input '{input}' (node '{upstream}') is corrupt: {first}; rebuild it with `cachemoney run --force {upstream}`"
+            );
+        }
+        inputs.insert(
+            input.clone(),
+            InputArtifact {
+                dir: dir.clone(),
+                content_hash: manifest.content_hash.clone(),
+            },
+        );
+    }
+    let scratch = ctx
+        .store
+        .scratch_dir(lock, &format!("{}-{}", node.stage, short(recipe)))?;
+    let stage_ctx = StageContext {
+        node: node.name.clone(),
+        params: node.params.clone(),
+        inputs,
+        files: node.files.clone(),
+        out_dir: scratch.clone(),
+        show_progress: options.show_progress,
+    };
+    let started = Instant::now();
+    let report = match stage.run(&stage_ctx) {
+        Ok(report) => report,
+        Err(e) => {
+            std::fs::remove_dir_all(&scratch).ok();
+            return Err(anyhow!(e));
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let files = describe_outputs(&scratch)?;
+    if files.is_empty() {
+        bail!("stage '{}' wrote no output", node.stage);
+    }
+    let manifest = Manifest {
+        recipe: recipe.to_string(),
+        stage: node.stage.clone(),
+        version: stage.version(),
+        node: node.name.clone(),
+        ingredients: ingredients.clone(),
+        content_hash: content_hash(&files),
+        files,
+        report: report.summary,
+        created_at: now_rfc3339(),
+        seconds,
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        threads: rayon::current_num_threads(),
+    };
+    Ok((scratch, manifest))
+}
+
+fn describe_outputs(dir: &std::path::Path) -> Result<BTreeMap<String, OutputFile>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if !path.is_file() {
+            bail!("{}: stages may only write plain files", path.display());
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = entry.metadata()?.len();
+        let (rows, schema) = if name.ends_with(".parquet") {
+            let file = std::fs::File::open(&path)?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+                .with_context(|| format!("{}: unreadable Parquet", path.display()))?;
+            let rows = builder.metadata().file_metadata().num_rows() as u64;
+            let schema = builder
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().to_string()))
+                .collect();
+            (Some(rows), Some(schema))
+        } else {
+            (None, None)
+        };
+        files.insert(
+            name,
+            OutputFile {
+                blake3: hash_file(&path)?,
+                bytes,
+                rows,
+                schema,
+            },
+        );
+    }
+    Ok(files)
+}

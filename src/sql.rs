@@ -1,0 +1,323 @@
+//! Read-only SQL over the store with DataFusion.
+//!
+//! Every Parquet output of every cached node is a table, reachable as `node.table`
+//! (`tokens.val`), as plain `table` when no other node has a table of that name (`val`),
+//! and as `node` when the node has a single table (`token_stats`). `artifacts` lists every
+//! manifest in the store. Statements that would write (DDL, DML, COPY, SET) are refused:
+//! the store only changes through `run` and `gc`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::TableReference;
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+
+use crate::runner::{NodeState, Resolved};
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+/// A table the session knows, for `\d`.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub node: String,
+    pub rows: Option<u64>,
+    pub columns: Vec<(String, String)>,
+}
+
+pub struct SqlSession {
+    ctx: SessionContext,
+    pub tables: Vec<TableInfo>,
+}
+
+impl SqlSession {
+    pub async fn open(store: &Store, resolved: &[Resolved]) -> Result<SqlSession> {
+        let config = SessionConfig::new().with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        let catalog = ctx.catalog("datafusion").expect("default catalog exists");
+
+        // (node, table stem, path, manifest file entry)
+        let mut entries = Vec::new();
+        let mut current_recipes = BTreeMap::new();
+        for r in resolved {
+            let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
+                continue;
+            };
+            current_recipes.insert(recipe.clone(), r.node.clone());
+            let Some(manifest) = store.manifest(&r.stage, recipe)? else {
+                continue;
+            };
+            for (file, info) in &manifest.files {
+                if let Some(stem) = file.strip_suffix(".parquet") {
+                    entries.push((
+                        r.node.clone(),
+                        stem.to_string(),
+                        store.artifact_dir(&r.stage, recipe).join(file),
+                        info.clone(),
+                    ));
+                }
+            }
+        }
+        let mut stem_count: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut node_tables: BTreeMap<&str, usize> = BTreeMap::new();
+        for (node, stem, _, _) in &entries {
+            *stem_count.entry(stem.as_str()).or_default() += 1;
+            *node_tables.entry(node.as_str()).or_default() += 1;
+        }
+        let mut tables = Vec::new();
+        for (node, stem, path, info) in &entries {
+            if catalog.schema(node).is_none() {
+                catalog.register_schema(node, Arc::new(MemorySchemaProvider::new()))?;
+            }
+            let path_text = path.to_string_lossy();
+            let qualified = format!("{node}.{stem}");
+            ctx.register_parquet(
+                TableReference::partial(node.as_str(), stem.as_str()),
+                path_text.as_ref(),
+                ParquetReadOptions::default(),
+            )
+            .await?;
+            let mut aliases = Vec::new();
+            let mut candidates = Vec::new();
+            if stem_count[stem.as_str()] == 1 {
+                candidates.push(stem.as_str());
+            }
+            if node_tables[node.as_str()] == 1 && !stem_count.contains_key(node.as_str()) {
+                candidates.push(node.as_str());
+            }
+            for name in candidates {
+                if name != "artifacts" && !ctx.table_exist(name)? {
+                    let provider = ctx.table_provider(qualified.as_str()).await?;
+                    ctx.register_table(name, provider)?;
+                    aliases.push(name.to_string());
+                }
+            }
+            tables.push(TableInfo {
+                name: qualified,
+                aliases,
+                node: node.clone(),
+                rows: info.rows,
+                columns: info.schema.clone().unwrap_or_default(),
+            });
+        }
+
+        let artifacts = artifacts_table(store, &current_recipes)?;
+        let columns = artifacts
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().to_string()))
+            .collect();
+        let rows = artifacts.num_rows() as u64;
+        ctx.register_table(
+            "artifacts",
+            Arc::new(MemTable::try_new(
+                artifacts.schema(),
+                vec![vec![artifacts]],
+            )?),
+        )?;
+        tables.push(TableInfo {
+            name: "artifacts".into(),
+            aliases: vec![],
+            node: "(store)".into(),
+            rows: Some(rows),
+            columns,
+        });
+        Ok(SqlSession { ctx, tables })
+    }
+
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = self.ctx.sql_with_options(sql, options).await.map_err(|e| {
+            let message = e.to_string();
+            if message.contains("not supported") && is_write_error(&message) {
+                anyhow!("cachemoney sql is read-only: {}; the store changes only through `run` and `gc`", first_line(&message))
+            } else {
+                anyhow!("{}", first_line(&message))
+            }
+        })?;
+        frame
+            .collect()
+            .await
+            .map_err(|e| anyhow!("{}", first_line(&e.to_string())))
+    }
+
+    pub fn describe(&self, name: &str) -> Result<&TableInfo> {
+        self.tables
+            .iter()
+            .find(|t| t.name == name || t.aliases.iter().any(|a| a == name))
+            .ok_or_else(|| anyhow!("no table named '{name}' (\\d lists them)"))
+    }
+}
+
+fn is_write_error(message: &str) -> bool {
+    ["DDL", "DML", "Statement", "COPY", "Insert", "INSERT"]
+        .iter()
+        .any(|w| message.contains(w))
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or_default().to_string()
+}
+
+fn artifacts_table(store: &Store, current: &BTreeMap<String, String>) -> Result<RecordBatch> {
+    let manifests = store.all_manifests()?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("node", DataType::Utf8, true),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("version", DataType::UInt64, false),
+        Field::new("recipe", DataType::Utf8, false),
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("current", DataType::Boolean, false),
+        Field::new("created_at", DataType::Utf8, false),
+        Field::new("seconds", DataType::Float64, false),
+        Field::new("files", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("path", DataType::Utf8, false),
+    ]));
+    let m = &manifests;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter(m.iter().map(|(_, m)| {
+            Some(
+                current
+                    .get(&m.recipe)
+                    .cloned()
+                    .unwrap_or_else(|| m.node.clone()),
+            )
+        }))),
+        Arc::new(StringArray::from_iter_values(
+            m.iter().map(|(_, m)| m.stage.as_str()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            m.iter().map(|(_, m)| m.version as u64),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            m.iter().map(|(_, m)| m.recipe.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            m.iter().map(|(_, m)| m.content_hash.as_str()),
+        )),
+        Arc::new(BooleanArray::from_iter(
+            m.iter().map(|(_, m)| Some(current.contains_key(&m.recipe))),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            m.iter().map(|(_, m)| m.created_at.as_str()),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            m.iter().map(|(_, m)| m.seconds),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            m.iter().map(|(_, m)| m.files.len() as u64),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            m.iter()
+                .map(|(_, m)| m.files.values().map(|f| f.bytes).sum::<u64>()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(m.iter().map(|(_, m)| {
+            m.files.values().filter_map(|f| f.rows).sum::<u64>()
+        }))),
+        Arc::new(StringArray::from_iter_values(
+            m.iter().map(|(p, _)| p.to_string_lossy().into_owned()),
+        )),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+pub fn format_batches(batches: &[RecordBatch], format: Format) -> Result<String> {
+    match format {
+        Format::Table => Ok(arrow::util::pretty::pretty_format_batches(batches)?.to_string()),
+        Format::Csv => {
+            let mut out = Vec::new();
+            {
+                let mut writer = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut out);
+                for batch in batches {
+                    writer.write(batch)?;
+                }
+            }
+            Ok(String::from_utf8(out)?.trim_end().to_string())
+        }
+        Format::Json => {
+            let mut out = Vec::new();
+            {
+                let mut writer = arrow::json::ArrayWriter::new(&mut out);
+                for batch in batches {
+                    writer.write(batch)?;
+                }
+                writer.finish()?;
+            }
+            let text = String::from_utf8(out)?;
+            Ok(if text.is_empty() { "[]".into() } else { text })
+        }
+    }
+}
+
+/// `\d`: the tables; `\d NAME`: one table's columns.
+pub fn describe_command(session: &SqlSession, arg: Option<&str>) -> Result<String> {
+    let mut out = String::new();
+    match arg {
+        None => {
+            out.push_str(&format!(
+                "{:<24} {:<26} {:<14} {:>12}\n",
+                "table", "also as", "node", "rows"
+            ));
+            for t in &session.tables {
+                out.push_str(&format!(
+                    "{:<24} {:<26} {:<14} {:>12}\n",
+                    t.name,
+                    t.aliases.join(", "),
+                    t.node,
+                    t.rows.map(|r| r.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+        Some(name) => {
+            let t = session.describe(name)?;
+            out.push_str(&format!(
+                "table {} (node {}, {} rows)\n",
+                t.name,
+                t.node,
+                t.rows.unwrap_or(0)
+            ));
+            for (column, kind) in &t.columns {
+                out.push_str(&format!("  {column:<24} {kind}\n"));
+            }
+        }
+    }
+    Ok(out.trim_end().to_string())
+}
+
+/// Runs one line of the interactive prompt (or of `sql "..."`): a backslash command or a
+/// query.
+pub async fn execute(session: &SqlSession, input: &str, format: Format) -> Result<String> {
+    let input = input.trim().trim_end_matches(';').trim();
+    if let Some(command) = input.strip_prefix('\\') {
+        let mut words = command.split_whitespace();
+        return match words.next() {
+            Some("d") => describe_command(session, words.next()),
+            Some("?") | Some("h") => Ok("\\d            list tables\n\\d TABLE      show a table's columns\n\\q            quit\nanything else is SQL (DataFusion dialect), read-only".into()),
+            Some(other) => bail!("unknown command \\{other} (\\? lists them)"),
+            None => bail!("empty command (\\? lists them)"),
+        };
+    }
+    let batches = session.query(input).await?;
+    format_batches(&batches, format)
+}

@@ -1,0 +1,49 @@
+use std::path::PathBuf;
+
+/// Errors a stage reports. Every variant renders as one line that names the file or the
+/// node and says what is wrong, because that line is what the user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A raw input file or an input artifact is unusable.
+    #[error("{}: {message}", path.display())]
+    Input { path: PathBuf, message: String },
+
+    /// Parameters or wiring of the node are wrong.
+    #[error("node '{node}': {message}")]
+    Param { node: String, message: String },
+
+    /// Reading or writing failed at the OS level.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Arrow or Parquet failed on a file.
+    #[error("{}: {message}", path.display())]
+    Format { path: PathBuf, message: String },
+}
+
+impl StageError {
+    pub fn input(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        StageError::Input {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StageError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn format(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+        StageError::Format {
+            path: path.into(),
+            message: err.to_string(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The contract between cachemoney's runner and its stages.
+//!
+//! A *stage* is a pure function from input artifacts, raw input files and parameters to a
+//! directory of output files. This crate defines that function's shape (the [`Stage`]
+//! trait), what a stage is handed when it runs ([`StageContext`]), and small helpers for
+//! writing Arrow tables as Parquet the same way everywhere, so that equal data always
+//! gives equal bytes.
+//!
+//! What this crate deliberately does not know: where artifacts live, how recipes are
+//! hashed, locking, manifests. Those belong to the runner. A stage never sees a path
+//! outside its own inputs and its (temporary) output directory, which is what makes the
+//! runner free to cache, resume and audit it.
+
+mod error;
+mod parquet_io;
+
+pub use error::StageError;
+pub use parquet_io::{read_parquet, write_parquet, ParquetLayout, ROW_GROUP_ROWS};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+/// A pipeline stage, registered with the runner by its [`Stage::kind`].
+///
+/// Implementations must be deterministic: the same inputs, files and parameters must
+/// produce byte-identical outputs whatever the thread count. The runner relies on it for
+/// caching ("early cut-off") and `audit` checks it.
+pub trait Stage: Send + Sync {
+    /// The name used in `pipeline.toml` (`stage = "tokenize"`).
+    fn kind(&self) -> &'static str;
+
+    /// Bumped whenever the meaning of the outputs changes, so that old artifacts stop
+    /// being reused. Refactors that keep the bytes identical keep the version.
+    fn version(&self) -> u32;
+
+    /// One line for `--help` style listings.
+    fn summary(&self) -> &'static str;
+
+    /// Validates the user's parameters and returns them in canonical form, with every
+    /// default filled in. The canonical form is what goes into the recipe, so writing a
+    /// default explicitly does not invalidate the cache. Unknown parameters are an error.
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError>;
+
+    /// Names of the upstream artifacts this stage reads (the `inputs` table of a node),
+    /// and of the raw-file roles it reads (the `files` table), for validation.
+    fn input_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn file_roles(&self) -> &'static [FileRole] {
+        &[]
+    }
+
+    /// Does the work. Outputs go into `ctx.out_dir`; the runner hashes them afterwards.
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError>;
+}
+
+/// A named group of raw input files a stage accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRole {
+    pub name: &'static str,
+    pub required: bool,
+    pub help: &'static str,
+}
+
+/// An upstream artifact as a stage sees it: a directory of files.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    pub dir: PathBuf,
+    pub content_hash: String,
+}
+
+impl InputArtifact {
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Everything a stage run is given.
+pub struct StageContext {
+    /// The node's name in the pipeline (for messages only; never affects outputs).
+    pub node: String,
+    /// Canonical parameters, as returned by [`Stage::canonical_params`].
+    pub params: Value,
+    /// Upstream artifacts by input name.
+    pub inputs: BTreeMap<String, InputArtifact>,
+    /// Raw files by role, each role's files sorted by path.
+    pub files: BTreeMap<String, Vec<PathBuf>>,
+    /// Empty directory the stage writes its outputs into.
+    pub out_dir: PathBuf,
+    /// Whether progress bars may be drawn.
+    pub show_progress: bool,
+}
+
+impl StageContext {
+    pub fn input(&self, name: &str) -> Result<&InputArtifact, StageError> {
+        self.inputs.get(name).ok_or_else(|| StageError::Param {
+            node: self.node.clone(),
+            message: format!("input '{name}' is not connected"),
+        })
+    }
+
+    pub fn files(&self, role: &str) -> &[PathBuf] {
+        self.files.get(role).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.out_dir.join(name)
+    }
+
+    /// A progress bar that is hidden under `--quiet` or when stderr is not a terminal.
+    pub fn progress(&self, len: u64, message: &str) -> ProgressBar {
+        let bar = if self.show_progress {
+            ProgressBar::new(len)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg:<28} [{bar:30}] {human_pos}/{human_len} ({eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("{}: {message}", self.node));
+        bar
+    }
+
+    /// Parameters as a concrete type; call after [`Stage::canonical_params`].
+    pub fn params_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
+        serde_json::from_value(self.params.clone()).map_err(|e| StageError::Param {
+            node: self.node.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// What a stage tells the runner beyond its files: figures worth keeping in the manifest
+/// (row counts, a BPB, the seed it used). Must be deterministic: it is part of what
+/// `audit` compares.
+#[derive(Debug, Default, Clone)]
+pub struct StageReport {
+    pub summary: serde_json::Map<String, Value>,
+}
+
+impl StageReport {
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.summary.insert(key.to_string(), value.into());
+        self
+    }
+}
+
+/// Parses `raw` (a JSON object, possibly empty) into `T`, rejecting unknown fields, and
+/// returns `T` re-serialised: the canonical form with defaults filled in.
+pub fn canonicalize<T>(kind: &str, raw: &Value) -> Result<Value, StageError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let raw = if raw.is_null() {
+        Value::Object(Default::default())
+    } else {
+        raw.clone()
+    };
+    let parsed: T = serde_json::from_value(raw).map_err(|e| StageError::Param {
+        node: kind.to_string(),
+        message: e.to_string(),
+    })?;
+    serde_json::to_value(parsed).map_err(|e| StageError::Param {
+        node: kind.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The file name shown in error messages: short, but enough to find the file.
+pub fn display_path(path: &Path) -> String {
+    path.display().to_string()
+}

@@ -1,0 +1,128 @@
+//! The `token-stats` stage: how often each vocabulary entry occurs in each split, and how
+//! many bytes it covers. The first thing to look at after a tokenizer change, and the
+//! simplest consumer of a token table.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, RecordBatch, StringArray, UInt16Array, UInt64Array, UInt8Array,
+};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{
+    canonicalize, read_parquet, write_parquet, ParquetLayout, Stage, StageContext, StageError,
+    StageReport,
+};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenStatsParams {}
+
+pub struct TokenStatsStage;
+
+impl Stage for TokenStatsStage {
+    fn kind(&self) -> &'static str {
+        "token-stats"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "token tables -> per-token counts and bytes in train and val"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        canonicalize::<TokenStatsParams>(self.kind(), raw)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let tokens = ctx.input("tokens")?;
+        let vocab_path = tokens.file("vocab.parquet");
+        let mut pieces: Vec<String> = Vec::new();
+        for batch in read_parquet(&vocab_path)? {
+            let column = string_column(&batch, "piece", &vocab_path)?;
+            pieces.extend((0..column.len()).map(|i| column.value(i).to_string()));
+        }
+        let vocab_size = pieces.len();
+        let mut counts = [vec![0u64; vocab_size], vec![0u64; vocab_size]];
+        let mut bytes = [vec![0u64; vocab_size], vec![0u64; vocab_size]];
+        for (split, name) in ["train", "val"].iter().enumerate() {
+            let path = tokens.file(&format!("{name}.parquet"));
+            for batch in read_parquet(&path)? {
+                let token = typed_column::<UInt16Array>(&batch, "token", &path)?;
+                let token_bytes = typed_column::<UInt8Array>(&batch, "bytes", &path)?;
+                for (t, b) in token.values().iter().zip(token_bytes.values().iter()) {
+                    let t = *t as usize;
+                    if t >= vocab_size {
+                        return Err(StageError::input(
+                            &path,
+                            format!(
+                                "token id {t} is outside the vocabulary ({vocab_size} entries)"
+                            ),
+                        ));
+                    }
+                    counts[split][t] += 1;
+                    bytes[split][t] += *b as u64;
+                }
+            }
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("token", DataType::UInt16, false),
+            Field::new("piece", DataType::Utf8, false),
+            Field::new("train_count", DataType::UInt64, false),
+            Field::new("val_count", DataType::UInt64, false),
+            Field::new("train_bytes", DataType::UInt64, false),
+            Field::new("val_bytes", DataType::UInt64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from_iter_values(0..vocab_size as u16)),
+            Arc::new(StringArray::from_iter_values(pieces.iter())),
+            Arc::new(UInt64Array::from(counts[0].clone())),
+            Arc::new(UInt64Array::from(counts[1].clone())),
+            Arc::new(UInt64Array::from(bytes[0].clone())),
+            Arc::new(UInt64Array::from(bytes[1].clone())),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+        write_parquet(
+            &ctx.output("token_counts.parquet"),
+            schema,
+            [batch],
+            &ParquetLayout::default(),
+        )?;
+        let unused_in_val = counts[1].iter().filter(|&&c| c == 0).count();
+        Ok(StageReport::default()
+            .with("vocab_size", vocab_size as u64)
+            .with("val_tokens_unused_entries", unused_in_val as u64))
+    }
+}
+
+fn typed_column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<&'a T, StageError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            StageError::input(
+                path,
+                format!("column '{name}' is missing or has the wrong type"),
+            )
+        })
+}
+
+fn string_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<&'a StringArray, StageError> {
+    typed_column::<StringArray>(batch, name, path)
+}

@@ -1,0 +1,182 @@
+//! Helpers shared by the integration tests: a throw-away project directory with a small
+//! real corpus cut from the embedded sample, and a way to drive the real binary in it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use assert_cmd::Command;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn sample_corpus() -> PathBuf {
+    repo_root().join("data/sample/gutenberg_classics_small.jsonl")
+}
+
+pub fn sp_model() -> PathBuf {
+    repo_root().join("data/sp1024/fineweb_1024_bpe.model")
+}
+
+/// The shared shard fixture, when the checkout has `../shared` beside it.
+pub fn shared_shard() -> Option<PathBuf> {
+    let path = repo_root().join("../shared/data/fineweb-sp1024/gutenberg_classics_val_000000.bin");
+    path.exists().then_some(path)
+}
+
+/// `count` documents of about `bytes` bytes each, cut from the sample books.
+pub fn small_documents(count: usize, bytes: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(sample_corpus()).unwrap();
+    let books: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    (0..count)
+        .map(|i| {
+            let book = &books[i % books.len()];
+            let mut start = (i / books.len()) * bytes;
+            while !book.is_char_boundary(start) {
+                start += 1;
+            }
+            let mut end = (start + bytes).min(book.len());
+            while !book.is_char_boundary(end) {
+                end -= 1;
+            }
+            book[start..end].to_string()
+        })
+        .collect()
+}
+
+pub fn write_jsonl(path: &Path, docs: &[String]) {
+    let body: String = docs
+        .iter()
+        .map(|d| serde_json::json!({ "text": d }).to_string() + "\n")
+        .collect();
+    std::fs::write(path, body).unwrap();
+}
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A project whose pipeline tokenizes 12 small documents with a 300-entry BPE and
+    /// counts tokens.
+    pub fn small() -> Project {
+        let project = Project::empty();
+        std::fs::create_dir_all(project.path().join("corpus")).unwrap();
+        write_jsonl(
+            &project.path().join("corpus/docs.jsonl"),
+            &small_documents(12, 20_000),
+        );
+        project.write_pipeline(&Project::small_pipeline(300));
+        project
+    }
+
+    pub fn small_pipeline(vocab_size: usize) -> String {
+        format!(
+            r#"[nodes.tokens]
+stage = "tokenize"
+files.corpus = ["corpus/*.jsonl"]
+params.vocab_size = {vocab_size}
+params.val_fraction = 0.25
+
+[nodes.token_stats]
+stage = "token-stats"
+inputs.tokens = "tokens"
+"#
+        )
+    }
+
+    pub fn empty() -> Project {
+        Project {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write_pipeline(&self, text: &str) {
+        std::fs::write(self.path().join("pipeline.toml"), text).unwrap();
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::cargo_bin("cachemoney").unwrap();
+        cmd.current_dir(self.path());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "cachemoney {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and asserts failure with a one-line error; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "cachemoney {args:?} should have failed"
+        );
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
+        errors[0].to_string()
+    }
+
+    /// Every file of the store with its content, except the lock and the hash memo:
+    /// what "the store is unchanged" means.
+    pub fn store_snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+        let root = self.path().join("artifacts");
+        let mut files = BTreeMap::new();
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let rel = path
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                if rel == ".lock" || rel.starts_with(".cache") {
+                    continue;
+                }
+                if path.is_dir() {
+                    files.insert(rel + "/", Vec::new());
+                    stack.push(path);
+                } else {
+                    files.insert(rel, std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        files
+    }
+
+    pub fn sql(&self, query: &str) -> String {
+        self.ok(&["sql", "--format", "csv", query])
+    }
+}

@@ -1,0 +1,144 @@
+//! Crash safety and concurrency: kill -9 at several points of a multi-second tokenize run,
+//! then rerun; two runs at once.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{write_jsonl, Project};
+
+/// A corpus big enough that tokenize takes seconds: the sample books, three times over,
+/// as 60 documents.
+fn slow_project() -> Project {
+    let p = Project::empty();
+    std::fs::create_dir_all(p.path().join("corpus")).unwrap();
+    let mut docs = common::small_documents(60, 200_000);
+    docs.retain(|d| !d.is_empty());
+    write_jsonl(&p.path().join("corpus/docs.jsonl"), &docs);
+    p.write_pipeline(
+        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/docs.jsonl\"\nparams.vocab_size = 1024\n",
+    );
+    p
+}
+
+fn spawn(p: &Project, args: &[&str]) -> Child {
+    Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
+        .args(args)
+        .current_dir(p.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn content_hash(p: &Project) -> String {
+    let json: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+    assert_eq!(json[0]["state"], "cached", "{json}");
+    json[0]["content_hash"].as_str().unwrap().to_string()
+}
+
+/// Only finished artifacts are visible: every directory under artifacts/tokenize has a
+/// manifest, and every file a manifest lists is there.
+fn assert_no_partial_artifact(p: &Project) {
+    let stage_dir = p.path().join("artifacts/tokenize");
+    let Ok(entries) = std::fs::read_dir(&stage_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let manifest = entry.path().join("manifest.json");
+        assert!(
+            manifest.exists(),
+            "partial artifact visible: {}",
+            entry.path().display()
+        );
+    }
+}
+
+#[test]
+fn killed_runs_leave_nothing_partial_and_a_rerun_gives_the_same_bytes() {
+    let reference = slow_project();
+    let started = Instant::now();
+    reference.ok(&["run"]);
+    let full_run = started.elapsed();
+    let expected = content_hash(&reference);
+    assert!(
+        full_run > Duration::from_millis(1500),
+        "corpus too small to kill mid-run: {full_run:?}"
+    );
+
+    let p = slow_project();
+    std::fs::copy(
+        reference.path().join("corpus/docs.jsonl"),
+        p.path().join("corpus/docs.jsonl"),
+    )
+    .unwrap();
+    // Kill at several points: hashing/reading, BPE training, encoding, writing.
+    for fraction in [0.05, 0.3, 0.6, 0.85] {
+        let mut child = spawn(&p, &["run", "-q"]);
+        std::thread::sleep(full_run.mul_f64(fraction));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert_no_partial_artifact(&p);
+        let status = p.ok(&["status"]);
+        assert!(
+            status.contains("missing") || status.contains("cached"),
+            "{status}"
+        );
+    }
+    let out = p.ok(&["run"]);
+    assert!(out.contains("tokens"), "{out}");
+    assert_eq!(content_hash(&p), expected);
+    assert!(p.ok(&["verify"]).contains("ok: 1 artifact(s)"));
+    // The interrupted runs' scratch directories were swept.
+    assert_eq!(
+        std::fs::read_dir(p.path().join("artifacts/.tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn a_second_concurrent_run_fails_clearly_and_the_first_completes() {
+    let p = slow_project();
+    let mut first = spawn(&p, &["run", "-q"]);
+    // Wait until the first run holds the lock.
+    let lock = p.path().join("artifacts/.lock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.starts_with("pid")) {
+        assert!(Instant::now() < deadline, "first run never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = p.fails(&["run"]);
+    assert!(
+        line.contains("artifacts/.lock") && line.contains("locked by another cachemoney run"),
+        "{line}"
+    );
+    assert!(line.contains(&format!("pid {}", first.id())), "{line}");
+    // Read-only commands still work while a run holds the lock.
+    p.ok(&["status"]);
+    // --wait waits for the first run, then finds everything cached.
+    let waited = p.ok(&["run", "--wait"]);
+    assert!(first.wait().unwrap().success());
+    assert!(waited.contains("1 reused"), "{waited}");
+    assert!(p.ok(&["verify"]).contains("ok: 1 artifact(s)"));
+}
+
+#[test]
+fn a_lock_left_by_a_killed_run_does_not_block_the_next() {
+    let p = slow_project();
+    let mut child = spawn(&p, &["run", "-q"]);
+    let lock = p.path().join("artifacts/.lock");
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.starts_with("pid")) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        lock.exists(),
+        "the lock file stays behind, as after a real crash"
+    );
+    p.ok(&["run", "-q"]);
+    content_hash(&p);
+}
