@@ -42,7 +42,7 @@ pub fn small_documents(count: usize, bytes: usize) -> Vec<String> {
     (0..count)
         .map(|i| {
             let book = &books[i % books.len()];
-            let mut start = (i / books.len()) * bytes;
+            let mut start = ((i / books.len()) * bytes) % book.len();
             while !book.is_char_boundary(start) {
                 start += 1;
             }
