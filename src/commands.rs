@@ -152,6 +152,14 @@ impl Session {
             "built    {} in {:.2}s on {} thread(s), cachemoney {}",
             manifest.created_at, manifest.seconds, manifest.threads, manifest.tool_version
         );
+        if !manifest.phase_seconds.is_empty() {
+            let phases: Vec<String> = manifest
+                .phase_seconds
+                .iter()
+                .map(|(phase, seconds)| format!("{phase} {seconds:.2}s"))
+                .collect();
+            println!("phases   {}", phases.join(", "));
+        }
         if !manifest.report.is_empty() {
             println!("report");
             for (key, value) in &manifest.report {

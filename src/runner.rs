@@ -386,6 +386,7 @@ fn build(
         content_hash: content_hash(&files),
         files,
         report: report.summary,
+        phase_seconds: report.phase_seconds,
         created_at: now_rfc3339(),
         seconds,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),

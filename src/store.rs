@@ -55,6 +55,9 @@ pub struct Manifest {
     pub report: serde_json::Map<String, Value>,
     pub created_at: String,
     pub seconds: f64,
+    /// The stage's own phase timings, e.g. `train_bpe`, `encode_and_write`.
+    #[serde(default)]
+    pub phase_seconds: Vec<(String, f64)>,
     pub tool_version: String,
     pub threads: usize,
 }

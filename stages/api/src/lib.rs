@@ -143,12 +143,21 @@ impl StageContext {
 #[derive(Debug, Default, Clone)]
 pub struct StageReport {
     pub summary: serde_json::Map<String, Value>,
+    /// Wall-clock seconds per phase, in the order they ran. Kept apart from `summary`
+    /// because timings are never reproducible.
+    pub phase_seconds: Vec<(String, f64)>,
 }
 
 impl StageReport {
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.summary.insert(key.to_string(), value.into());
         self
+    }
+
+    /// Records how long `phase` took since `started`.
+    pub fn phase(&mut self, phase: &str, started: std::time::Instant) {
+        self.phase_seconds
+            .push((phase.to_string(), started.elapsed().as_secs_f64()));
     }
 }
 

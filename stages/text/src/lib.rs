@@ -210,6 +210,8 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         ));
     }
 
+    let mut timings = StageReport::default();
+    let started = std::time::Instant::now();
     let train_texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
     let training = ctx.progress(1, "training BPE");
     training.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -221,6 +223,8 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let vocab = bpe::token_bytes(&tokenizer);
     let byte_of: Vec<u8> = vocab.iter().map(|v| v.1).collect();
 
+    timings.phase("train_bpe", started);
+    let started = std::time::Instant::now();
     let tokenizer_path = ctx.output("tokenizer.json");
     tokenizer
         .save(&tokenizer_path, false)
@@ -234,7 +238,7 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         .sum();
     let encoding = ctx.progress(total_bytes, "encoding");
     let mut docs_rows = Vec::new();
-    let mut report = StageReport::default();
+    let mut report = timings;
     for (split, documents) in [("train", &train_docs), ("val", &val_docs)] {
         let mut table = TokenTable::default();
         for (doc_index, doc) in documents.iter().enumerate() {
@@ -262,6 +266,7 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
             .with(&format!("{split}_documents"), documents.len() as u64);
     }
     encoding.finish_and_clear();
+    report.phase("encode_and_write", started);
 
     let vocab_rows: Vec<tables::VocabRow> = vocab
         .iter()
