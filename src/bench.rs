@@ -200,9 +200,19 @@ pub fn run(dir: Option<PathBuf>, repeats: usize, tokens: usize, text_mb: usize) 
     let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout)?;
     let train_bytes = manifest["report"]["train_bytes"].as_f64().unwrap_or(0.0);
     for phase in manifest["phase_seconds"].as_array().into_iter().flatten() {
-        let (name, seconds) = (phase[0].as_str().unwrap_or(""), phase[1].as_f64().unwrap_or(0.0));
-        let mb = if name == "train_bpe" { train_bytes } else { text_bytes as f64 } / 1e6;
-        println!("  phase {name:<38} {seconds:>8.3} s   ({:.2} MB/s over {mb:.0} MB)", mb / seconds);
+        let (name, seconds) = (
+            phase[0].as_str().unwrap_or(""),
+            phase[1].as_f64().unwrap_or(0.0),
+        );
+        let mb = if name == "train_bpe" {
+            train_bytes
+        } else {
+            text_bytes as f64
+        } / 1e6;
+        println!(
+            "  phase {name:<38} {seconds:>8.3} s   ({:.2} MB/s over {mb:.0} MB)",
+            mb / seconds
+        );
     }
     Ok(())
 }
