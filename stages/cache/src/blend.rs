@@ -1,0 +1,139 @@
+//! Blend weights and the sequential blend (algorithm.md §5.2, §6, §7).
+
+use crate::ngram::NgramMatch;
+use crate::phrase::PhraseMatch;
+
+/// The final probability floor before taking the log (§7).
+pub const PROBABILITY_FLOOR: f64 = 1e-12;
+
+/// One scored entry as the blend sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry {
+    pub model_p: f32,
+    /// Entropy of the tempered model distribution, in nats.
+    pub entropy: f32,
+    pub ngram: NgramMatch,
+    pub phrase: PhraseMatch,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlendParams {
+    pub alpha_low: f64,
+    /// Calibrated (§8).
+    pub alpha_high: f64,
+    /// Calibrated (§8).
+    pub entropy_thresh: f64,
+    pub min_order: usize,
+    pub max_order: usize,
+    pub phrase_base_alpha: f64,
+    pub phrase_min_length: usize,
+    pub phrase_max_length: usize,
+    /// The clip applied to both weights.
+    pub alpha_max: f64,
+}
+
+impl Default for BlendParams {
+    fn default() -> Self {
+        BlendParams {
+            alpha_low: 0.05,
+            alpha_high: 0.95,
+            entropy_thresh: 4.0,
+            min_order: 2,
+            max_order: 16,
+            phrase_base_alpha: 0.90,
+            phrase_min_length: 16,
+            phrase_max_length: 64,
+            alpha_max: 0.99,
+        }
+    }
+}
+
+impl BlendParams {
+    /// §5.2, the "PR #913 alpha curve": higher orders are trusted at lower entropy and
+    /// with a larger multiplier.
+    pub fn ngram_alpha(&self, entropy: f32, order: u8) -> f64 {
+        let span = (self.max_order as f64 - self.min_order as f64).max(1.0);
+        let o = (order as f64 - self.min_order as f64) / span;
+        let th_hi = self.entropy_thresh + 1.0;
+        let th_lo = (self.entropy_thresh - 2.0).max(1.5);
+        let threshold = th_hi - o * (th_hi - th_lo);
+        let sigma = 1.0 / (1.0 + (-2.0 * (entropy as f64 - threshold)).exp());
+        let base = self.alpha_low + (self.alpha_high - self.alpha_low) * sigma;
+        let multiplier = 0.3 + 1.7 * o;
+        (base * multiplier).clamp(0.0, self.alpha_max)
+    }
+
+    /// §6: longer phrases are trusted more. The entropy factor is computed in f32, as the
+    /// record's numpy code does.
+    pub fn phrase_alpha(&self, entropy: f32, length: u16) -> f64 {
+        let span = (self.phrase_max_length as f64 - self.phrase_min_length as f64).max(1.0);
+        let len_factor = self.phrase_base_alpha
+            + (0.99 - self.phrase_base_alpha) * (length as f64 - self.phrase_min_length as f64)
+                / span;
+        let ent_factor: f32 = 1.0 / (1.0 + (-2.0f32 * (entropy - 2.5f32)).exp());
+        let entropy_weight: f32 = 0.5 + 0.5 * ent_factor;
+        (len_factor * entropy_weight as f64).clamp(0.0, self.alpha_max)
+    }
+
+    /// §7: the model's probability, then the n-gram on top, then the phrase on top.
+    /// Returns (p after the n-gram stage, final p before the floor).
+    pub fn blend(&self, entry: &Entry) -> (f64, f64) {
+        let mut p = entry.model_p as f64;
+        if entry.ngram.matched() {
+            let a = self.ngram_alpha(entry.entropy, entry.ngram.order);
+            p = (1.0 - a) * p + a * entry.ngram.q;
+        }
+        let after_ngram = p;
+        if entry.phrase.matched() {
+            let b = self.phrase_alpha(entry.entropy, entry.phrase.length);
+            p = (1.0 - b) * p + b * entry.phrase.q;
+        }
+        (after_ngram, p)
+    }
+
+    /// The entry's final NLL in nats.
+    pub fn nll(&self, entry: &Entry) -> f64 {
+        -self.blend(entry).1.max(PROBABILITY_FLOOR).ln()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table of sample weights in algorithm.md §5.2.
+    #[test]
+    fn ngram_alpha_matches_the_spec_table() {
+        let params = BlendParams {
+            alpha_high: 0.99,
+            entropy_thresh: 3.0,
+            ..BlendParams::default()
+        };
+        let table = [
+            (2, [0.0151, 0.0157, 0.0201, 0.0486, 0.156, 0.292]),
+            (8, [0.0542, 0.0714, 0.182, 0.569, 0.917, 0.99]),
+            (12, [0.0925, 0.191, 0.637, 0.99, 0.99, 0.99]),
+            (16, [0.189, 0.606, 0.99, 0.99, 0.99, 0.99]),
+        ];
+        for (order, row) in table {
+            for (h, expected) in [0.0f32, 1.0, 2.0, 3.0, 4.0, 6.0].iter().zip(row) {
+                let got = params.ngram_alpha(*h, order);
+                let digits = if expected < 0.1 { 1e-4 } else { 1e-3 };
+                assert!(
+                    (got - expected).abs() <= digits,
+                    "order {order} H {h}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn phrase_alpha_matches_the_spec_examples() {
+        let params = BlendParams::default();
+        for (h, expected) in [(0.0f32, 0.498), (2.5, 0.743), (4.0, 0.967), (6.0, 0.99)] {
+            let got = params.phrase_alpha(h, 64);
+            assert!((got - expected).abs() < 1e-3, "H {h}: {got}");
+        }
+        assert!((params.phrase_alpha(100.0, 16) - 0.90).abs() < 1e-9);
+    }
+}

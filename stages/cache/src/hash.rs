@@ -1,0 +1,120 @@
+//! The record's hashes (algorithm.md §5 and §6).
+//!
+//! A context of width c ending just before position p hashes to the XOR of
+//! `tok[p−c+k] · prime[k]` over k = 0..c−1, counting k from the *oldest* token. The "full"
+//! key folds in the target with the next prime. Only the low 24 (n-gram) or 23 (phrase)
+//! bits are ever used, and the low bits of a product and of an XOR depend only on the low
+//! bits of the operands, so wrapping u32 arithmetic gives exactly the keys the reference
+//! computes in u64, for any vocabulary size.
+
+/// The n-gram primes; order n uses `NGRAM_PRIMES[0..n]` (index `k mod 16`).
+pub const NGRAM_PRIMES: [u32; 16] = [
+    36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 524309, 655373, 786433, 917521,
+    1048583, 1179653, 1310729, 1441801,
+];
+
+/// The phrase primes: the n-gram primes followed by 32 more (index `k mod 48`).
+pub const PHRASE_PRIMES: [u32; 48] = [
+    36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 524309, 655373, 786433, 917521,
+    1048583, 1179653, 1310729, 1441801, 1572871, 1703939, 1835017, 1966093, 2097169, 2228243,
+    2359321, 2490377, 2621447, 2752523, 2883593, 3014657, 3145739, 3276811, 3407879, 3538961,
+    3670037, 3801131, 3932203, 4063267, 4194319, 4325381, 4456441, 4587503, 4718579, 4849651,
+    4980719, 5111789, 5242877, 5373953, 5505023, 5636089,
+];
+
+/// The unmasked context hash of the `width` tokens before `p` (requires `p ≥ width`).
+#[inline]
+pub fn context_hash(tokens: &[u16], p: usize, width: usize, primes: &[u32]) -> u32 {
+    let window = &tokens[p - width..p];
+    let mut h = 0u32;
+    for (k, &t) in window.iter().enumerate() {
+        h ^= (t as u32).wrapping_mul(primes[k % primes.len()]);
+    }
+    h
+}
+
+/// The unmasked full hash: the context hash with the target folded in.
+#[inline]
+pub fn full_hash(context: u32, target: u16, width: usize, primes: &[u32]) -> u32 {
+    context ^ (target as u32).wrapping_mul(primes[width % primes.len()])
+}
+
+/// Context hashes of width `width` for every position `p` in `width..tokens.len()`,
+/// written to `out[p − width]`. Organised prime by prime so the inner loop vectorises.
+pub fn context_hashes(tokens: &[u16], width: usize, primes: &[u32], out: &mut [u32]) {
+    let count = tokens.len().saturating_sub(width);
+    let out = &mut out[..count];
+    out.fill(0);
+    for k in 0..width {
+        let prime = primes[k % primes.len()];
+        // Position p = width + i reads tok[p − width + k] = tok[i + k].
+        for (h, &t) in out.iter_mut().zip(&tokens[k..k + count]) {
+            *h ^= (t as u32).wrapping_mul(prime);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK24: u32 = (1 << 24) - 1;
+    const MASK23: u32 = (1 << 23) - 1;
+
+    /// algorithm.md Appendix B.
+    #[test]
+    fn ngram_keys_match_the_spec_test_vectors() {
+        let tokens = [1u16, 260, 300, 1023, 4, 260, 300, 1023, 17];
+        let expect = [
+            (2, 3_593_767, 3_636_987),
+            (3, 936_837, 879_993),
+            (4, 13_261_393, 13_589_109),
+        ];
+        for (order, ctx_key, full_key) in expect {
+            let width = order - 1;
+            let h = context_hash(&tokens, 4, width, &NGRAM_PRIMES);
+            assert_eq!(h & MASK24, ctx_key, "order {order}");
+            assert_eq!(
+                full_hash(h, tokens[4], width, &NGRAM_PRIMES) & MASK24,
+                full_key,
+                "order {order}"
+            );
+        }
+        let h = context_hash(&tokens, 8, 1, &NGRAM_PRIMES);
+        assert_eq!(h & MASK24, 3_593_767);
+        assert_eq!(
+            full_hash(h, tokens[8], 1, &NGRAM_PRIMES) & MASK24,
+            3_267_456
+        );
+    }
+
+    #[test]
+    fn phrase_keys_match_the_spec_test_vectors() {
+        let tokens: Vec<u16> = (0..70).map(|i| 100 + i).collect();
+        for (length, ctx_key, full_key) in [(16, 3_787_778, 2_738_312), (64, 6_971_236, 8_018_926)]
+        {
+            let h = context_hash(&tokens, 66, length, &PHRASE_PRIMES);
+            assert_eq!(h & MASK23, ctx_key, "L {length}");
+            assert_eq!(
+                full_hash(h, tokens[66], length, &PHRASE_PRIMES) & MASK23,
+                full_key,
+                "L {length}"
+            );
+        }
+    }
+
+    #[test]
+    fn bulk_hashes_equal_single_hashes() {
+        let tokens: Vec<u16> = (0..500u32).map(|i| ((i * 7919) % 1024) as u16).collect();
+        for width in [1, 5, 15, 16, 48, 64] {
+            let mut out = vec![0; tokens.len()];
+            context_hashes(&tokens, width, &PHRASE_PRIMES, &mut out);
+            for p in width..tokens.len() {
+                assert_eq!(
+                    out[p - width],
+                    context_hash(&tokens, p, width, &PHRASE_PRIMES)
+                );
+            }
+        }
+    }
+}

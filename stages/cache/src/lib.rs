@@ -1,0 +1,43 @@
+//! The CacheMoney cache engine (algorithm.md §5–§8), as pure functions over slices.
+//!
+//! Given the validation token stream and, per scored entry, the model's probability of
+//! the true token and its entropy, the engine builds hashed n-gram (orders 2–16) and
+//! phrase (lengths 64/48/32/16) count tables, looks every position up with the record's
+//! leave-one-out and target-aware backoff, blends, and calibrates the blend on the first
+//! entries. It reproduces the record's own numpy code bit for bit (tested against
+//! `shared/golden/`).
+//!
+//! What it deliberately does not know: files, artifacts, manifests. The pipeline stages
+//! that wrap it live elsewhere.
+
+pub mod blend;
+pub mod calibrate;
+pub mod hash;
+pub mod ngram;
+pub mod phrase;
+
+pub use blend::{BlendParams, Entry};
+pub use calibrate::{calibrate, CalibrationGrid, CalibrationResult};
+pub use ngram::{NgramConfig, NgramMatch, NgramTables};
+pub use phrase::{PhraseConfig, PhraseMatch, PhraseTables};
+
+/// Configuration errors, caught before any table is allocated.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{what} = {value} is not a power of two")]
+    NotPowerOfTwo { what: &'static str, value: usize },
+    #[error("n-gram orders {min}..={max} are outside 2..=16 (the record has 16 primes)")]
+    Orders { min: usize, max: usize },
+    #[error(
+        "phrase lengths must be non-empty, distinct, in 1..=48·k, listed longest first; got {0:?}"
+    )]
+    PhraseLengths(Vec<usize>),
+}
+
+fn check_buckets(what: &'static str, value: usize) -> Result<(), ConfigError> {
+    if value.is_power_of_two() && value <= 1 << 31 {
+        Ok(())
+    } else {
+        Err(ConfigError::NotPowerOfTwo { what, value })
+    }
+}

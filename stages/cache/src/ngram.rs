@@ -1,0 +1,262 @@
+//! Hashed n-gram count tables and the record's lookup (algorithm.md §5, §5.1).
+//!
+//! The record keeps two u32 tables per order, `ctx_n` and `full_n`. Since
+//! `full_key(n, p) == ctx_key(n+1, p+1)`, `full_n` equals `ctx_{n+1}` plus one increment
+//! at the full key of the last position, so we keep the context tables and only the
+//! highest order's full table: 16 tables instead of 30, with identical lookups.
+
+use rayon::prelude::*;
+
+use crate::hash::{context_hash, context_hashes, full_hash, NGRAM_PRIMES};
+use crate::{check_buckets, ConfigError};
+
+/// Positions hashed per block when building, to bound scratch memory.
+const BLOCK: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NgramConfig {
+    pub min_order: usize,
+    pub max_order: usize,
+    pub buckets: usize,
+    /// Minimum leave-one-out context count for an order to be used.
+    pub min_count: u32,
+}
+
+impl Default for NgramConfig {
+    fn default() -> Self {
+        NgramConfig {
+            min_order: 2,
+            max_order: 16,
+            buckets: 1 << 24,
+            min_count: 1,
+        }
+    }
+}
+
+impl NgramConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_order < 2
+            || self.max_order > NGRAM_PRIMES.len()
+            || self.min_order > self.max_order
+        {
+            return Err(ConfigError::Orders {
+                min: self.min_order,
+                max: self.max_order,
+            });
+        }
+        check_buckets("ngram buckets", self.buckets)
+    }
+}
+
+/// The n-gram result for one position: `order == 0` means no match.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct NgramMatch {
+    pub q: f64,
+    pub order: u8,
+}
+
+impl NgramMatch {
+    pub fn matched(&self) -> bool {
+        self.order != 0
+    }
+}
+
+pub struct NgramTables {
+    config: NgramConfig,
+    mask: u32,
+    /// `ctx[n − min_order]` for n in min_order..=max_order.
+    ctx: Vec<Vec<u32>>,
+    /// `full_{max_order}`.
+    full_top: Vec<u32>,
+    /// For n < max_order: the key where `full_n` exceeds `ctx_{n+1}` by one (the full key
+    /// of the last position), if the stream is long enough to have one.
+    tail_key: Vec<Option<u32>>,
+}
+
+impl NgramTables {
+    /// Counts every position of `tokens` (the whole stream, position 0 included).
+    pub fn build(tokens: &[u16], config: &NgramConfig) -> Result<NgramTables, ConfigError> {
+        config.validate()?;
+        let mask = (config.buckets - 1) as u32;
+        let top = config.max_order;
+        // One job per context table plus one for the top full table; rayon spreads them
+        // over the cores and each table is only ever touched by its own job.
+        let jobs: Vec<(usize, bool)> = (config.min_order..=top)
+            .map(|n| (n, false))
+            .chain(std::iter::once((top, true)))
+            .collect();
+        let mut tables: Vec<Vec<u32>> = jobs
+            .par_iter()
+            .map(|&(order, full)| count_order(tokens, order - 1, full, mask, config.buckets))
+            .collect();
+        let full_top = tables.pop().expect("the full job is last");
+        let last = tokens.len().saturating_sub(1);
+        let tail_key = (config.min_order..=top)
+            .map(|n| {
+                let width = n - 1;
+                (n < top && last >= width).then(|| {
+                    let h = context_hash(tokens, last, width, &NGRAM_PRIMES);
+                    full_hash(h, tokens[last], width, &NGRAM_PRIMES) & mask
+                })
+            })
+            .collect();
+        Ok(NgramTables {
+            config: config.clone(),
+            mask,
+            ctx: tables,
+            full_top,
+            tail_key,
+        })
+    }
+
+    pub fn config(&self) -> &NgramConfig {
+        &self.config
+    }
+
+    pub fn ctx_table(&self, order: usize) -> &[u32] {
+        &self.ctx[order - self.config.min_order]
+    }
+
+    #[inline]
+    fn full_count(&self, order: usize, key: u32) -> u32 {
+        if order == self.config.max_order {
+            self.full_top[key as usize]
+        } else {
+            let extra = (self.tail_key[order - self.config.min_order] == Some(key)) as u32;
+            self.ctx[order + 1 - self.config.min_order][key as usize] + extra
+        }
+    }
+
+    /// `full_n` as the record stores it (for checks against the record's tables).
+    pub fn full_table(&self, order: usize) -> Vec<u32> {
+        if order == self.config.max_order {
+            return self.full_top.clone();
+        }
+        let mut table = self.ctx[order + 1 - self.config.min_order].clone();
+        if let Some(key) = self.tail_key[order - self.config.min_order] {
+            table[key as usize] += 1;
+        }
+        table
+    }
+
+    /// §5.1: the highest order whose leave-one-out context count reaches `min_count` and
+    /// whose leave-one-out target count is positive.
+    pub fn lookup(&self, tokens: &[u16], p: usize) -> NgramMatch {
+        let min_count = self.config.min_count;
+        for order in (self.config.min_order..=self.config.max_order).rev() {
+            let width = order - 1;
+            if p < width {
+                continue;
+            }
+            let h = context_hash(tokens, p, width, &NGRAM_PRIMES);
+            let context = self.ctx_table(order)[(h & self.mask) as usize];
+            let context_loo = context.saturating_sub(1);
+            if context_loo < min_count {
+                continue;
+            }
+            let full = self.full_count(
+                order,
+                full_hash(h, tokens[p], width, &NGRAM_PRIMES) & self.mask,
+            );
+            let full_loo = full.saturating_sub(1);
+            if full_loo == 0 {
+                continue;
+            }
+            let q = (full_loo.min(context_loo) as f64 / context_loo.max(1) as f64).clamp(0.0, 1.0);
+            return NgramMatch {
+                q,
+                order: order as u8,
+            };
+        }
+        NgramMatch::default()
+    }
+
+    /// Lookups for every position of the stream, in parallel.
+    pub fn lookup_all(&self, tokens: &[u16]) -> Vec<NgramMatch> {
+        (0..tokens.len())
+            .into_par_iter()
+            .with_min_len(4096)
+            .map(|p| self.lookup(tokens, p))
+            .collect()
+    }
+}
+
+/// One table: for every position p ≥ width, +1 at the context key (or, with `full`, at
+/// the full key) of the `width` tokens before p.
+fn count_order(tokens: &[u16], width: usize, full: bool, mask: u32, buckets: usize) -> Vec<u32> {
+    let mut table = vec![0u32; buckets];
+    if tokens.len() <= width {
+        return table;
+    }
+    let mut hashes = vec![0u32; BLOCK];
+    let mut start = width;
+    while start < tokens.len() {
+        let end = (start + BLOCK).min(tokens.len());
+        let count = end - start;
+        context_hashes(
+            &tokens[start - width..end],
+            width,
+            &NGRAM_PRIMES,
+            &mut hashes,
+        );
+        if full {
+            let target_prime = NGRAM_PRIMES[width % NGRAM_PRIMES.len()];
+            for (h, &t) in hashes[..count].iter_mut().zip(&tokens[start..end]) {
+                *h ^= (t as u32).wrapping_mul(target_prime);
+            }
+        }
+        for &h in &hashes[..count] {
+            table[(h & mask) as usize] += 1;
+        }
+        start = end;
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(n: usize) -> Vec<u16> {
+        let base: Vec<u16> = (0..97u32).map(|i| ((i * 37 + 11) % 50) as u16).collect();
+        (0..n).map(|i| base[(i * 7 / 5) % base.len()]).collect()
+    }
+
+    #[test]
+    fn derived_full_tables_equal_directly_counted_ones() {
+        let tokens = stream(3000);
+        let config = NgramConfig {
+            buckets: 1 << 10,
+            ..NgramConfig::default()
+        };
+        let tables = NgramTables::build(&tokens, &config).unwrap();
+        for order in 2..=16 {
+            let direct = count_order(&tokens, order - 1, true, (1 << 10) - 1, 1 << 10);
+            assert_eq!(tables.full_table(order), direct, "order {order}");
+        }
+    }
+
+    #[test]
+    fn leave_one_out_never_matches_a_unique_context() {
+        let tokens: Vec<u16> = (0..200).collect();
+        let tables = NgramTables::build(&tokens, &NgramConfig::default()).unwrap();
+        assert!(tables.lookup_all(&tokens).iter().all(|m| !m.matched()));
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let bad = NgramConfig {
+            buckets: 1000,
+            ..NgramConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::NotPowerOfTwo { .. })
+        ));
+        let bad = NgramConfig {
+            max_order: 24,
+            ..NgramConfig::default()
+        };
+        assert!(matches!(bad.validate(), Err(ConfigError::Orders { .. })));
+    }
+}
