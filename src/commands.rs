@@ -47,6 +47,14 @@ impl Session {
     pub fn run(&self, options: &RunOptions) -> Result<()> {
         let outcomes = runner::run(&self.context(), options)?;
         if !options.quiet {
+            for outcome in &outcomes {
+                let stage = self.registry.get(&outcome.stage).expect("registered");
+                if let Some(manifest) = self.store.manifest(&outcome.stage, &outcome.recipe)? {
+                    if let Some(line) = stage.headline(&manifest.report) {
+                        println!("{}: {line}", outcome.node);
+                    }
+                }
+            }
             let built = outcomes.iter().filter(|o| o.action != "reused").count();
             println!(
                 "{} node(s): {} reused, {} built",

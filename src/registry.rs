@@ -16,6 +16,10 @@ impl Registry {
         let mut registry = Registry::default();
         registry.register(Box::new(text::TokenizeStage));
         registry.register(Box::new(text::TokenStatsStage));
+        registry.register(Box::new(pass1::Pass1Stage));
+        registry.register(Box::new(cache::stages::CacheStage));
+        registry.register(Box::new(cache::stages::CalibrateStage));
+        registry.register(Box::new(cache::stages::Pass2Stage));
         registry
     }
 

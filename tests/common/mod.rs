@@ -147,7 +147,7 @@ inputs.tokens = "tokens"
 
     /// Every file of the store with its content, except the lock and the hash memo:
     /// what "the store is unchanged" means.
-    pub fn store_snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+    pub fn store_snapshot(&self) -> BTreeMap<String, String> {
         let root = self.path().join("artifacts");
         let mut files = BTreeMap::new();
         let mut stack = vec![root.clone()];
@@ -166,10 +166,15 @@ inputs.tokens = "tokens"
                     continue;
                 }
                 if path.is_dir() {
-                    files.insert(rel + "/", Vec::new());
+                    files.insert(rel + "/", String::new());
                     stack.push(path);
                 } else {
-                    files.insert(rel, std::fs::read(&path).unwrap());
+                    files.insert(
+                        rel,
+                        blake3::hash(&std::fs::read(&path).unwrap())
+                            .to_hex()
+                            .to_string(),
+                    );
                 }
             }
         }

@@ -15,7 +15,7 @@ mod error;
 mod parquet_io;
 
 pub use error::StageError;
-pub use parquet_io::{read_parquet, write_parquet, ParquetLayout, ROW_GROUP_ROWS};
+pub use parquet_io::{read_column, read_parquet, write_parquet, ParquetLayout, ROW_GROUP_ROWS};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +55,12 @@ pub trait Stage: Send + Sync {
 
     /// Does the work. Outputs go into `ctx.out_dir`; the runner hashes them afterwards.
     fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError>;
+
+    /// A line worth printing at the end of `run`, from this stage's stored report (say,
+    /// the BPB waterfall). Most stages have none.
+    fn headline(&self, _report: &serde_json::Map<String, Value>) -> Option<String> {
+        None
+    }
 }
 
 /// A named group of raw input files a stage accepts.

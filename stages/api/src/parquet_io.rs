@@ -92,3 +92,48 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, StageError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| StageError::format(path, e))
 }
+
+/// One column of a Parquet table as a plain vector, cast to `T` when the stored type
+/// differs losslessly (say u8 → i64). Only that column is decoded.
+pub fn read_column<T>(path: &Path, name: &str) -> Result<Vec<T::Native>, StageError>
+where
+    T: arrow::datatypes::ArrowPrimitiveType,
+{
+    use arrow::array::{Array, AsArray};
+    use parquet::arrow::ProjectionMask;
+
+    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StageError::format(path, e))?;
+    let index = builder
+        .schema()
+        .fields()
+        .iter()
+        .position(|f| f.name() == name)
+        .ok_or_else(|| StageError::input(path, format!("no column '{name}'")))?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(ROW_GROUP_ROWS)
+        .build()
+        .map_err(|e| StageError::format(path, e))?;
+    let mut values = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| StageError::format(path, e))?;
+        let column = batch.column(0);
+        if column.null_count() > 0 {
+            return Err(StageError::input(
+                path,
+                format!("column '{name}' has nulls"),
+            ));
+        }
+        let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
+            StageError::input(
+                path,
+                format!("column '{name}' is {}: {e}", column.data_type()),
+            )
+        })?;
+        values.extend_from_slice(cast.as_primitive::<T>().values());
+    }
+    Ok(values)
+}

@@ -7,14 +7,16 @@
 //! entries. It reproduces the record's own numpy code bit for bit (tested against
 //! `shared/golden/`).
 //!
-//! What it deliberately does not know: files, artifacts, manifests. The pipeline stages
-//! that wrap it live elsewhere.
+//! What the engine modules deliberately do not know: files, artifacts, manifests. The
+//! pipeline stages that wrap them (`cache`, `calibrate`, `pass2`) are in [`stages`], which
+//! only converts between Parquet columns and the engine's slices.
 
 pub mod blend;
 pub mod calibrate;
 pub mod hash;
 pub mod ngram;
 pub mod phrase;
+pub mod stages;
 
 pub use blend::{BlendParams, Entry};
 pub use calibrate::{calibrate, CalibrationGrid, CalibrationResult};

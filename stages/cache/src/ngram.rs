@@ -53,6 +53,9 @@ impl NgramConfig {
 pub struct NgramMatch {
     pub q: f64,
     pub order: u8,
+    /// Leave-one-out context and full counts at the matched order (0 when unmatched).
+    pub context: u32,
+    pub full: u32,
 }
 
 impl NgramMatch {
@@ -166,6 +169,8 @@ impl NgramTables {
             return NgramMatch {
                 q,
                 order: order as u8,
+                context: context_loo,
+                full: full_loo,
             };
         }
         NgramMatch::default()
@@ -173,7 +178,16 @@ impl NgramTables {
 
     /// Lookups for every position of the stream, in parallel.
     pub fn lookup_all(&self, tokens: &[u16]) -> Vec<NgramMatch> {
-        (0..tokens.len())
+        self.lookup_range(tokens, 0..tokens.len())
+    }
+
+    /// Lookups for `positions`, in parallel, in position order.
+    pub fn lookup_range(
+        &self,
+        tokens: &[u16],
+        positions: std::ops::Range<usize>,
+    ) -> Vec<NgramMatch> {
+        positions
             .into_par_iter()
             .with_min_len(4096)
             .map(|p| self.lookup(tokens, p))

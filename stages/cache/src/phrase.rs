@@ -42,6 +42,9 @@ pub struct PhraseMatch {
     pub q: f64,
     /// 0 when unmatched.
     pub length: u16,
+    /// Context and full counts at the matched length (no leave-one-out; 0 when unmatched).
+    pub context: u32,
+    pub full: u32,
 }
 
 impl PhraseMatch {
@@ -108,6 +111,8 @@ impl PhraseTables {
                 return PhraseMatch {
                     q,
                     length: length as u16,
+                    context,
+                    full,
                 };
             }
         }
@@ -115,7 +120,16 @@ impl PhraseTables {
     }
 
     pub fn lookup_all(&self, tokens: &[u16]) -> Vec<PhraseMatch> {
-        (0..tokens.len())
+        self.lookup_range(tokens, 0..tokens.len())
+    }
+
+    /// Lookups for `positions`, in parallel, in position order.
+    pub fn lookup_range(
+        &self,
+        tokens: &[u16],
+        positions: std::ops::Range<usize>,
+    ) -> Vec<PhraseMatch> {
+        positions
             .into_par_iter()
             .with_min_len(4096)
             .map(|p| self.lookup(tokens, p))

@@ -1,0 +1,96 @@
+//! The cache engine at the record's scale: 62,021,632 targets of a synthetic stream with
+//! the golden data's kind of repetition (documents that copy spans of a shared base text).
+//! Prints each phase's wall time; `cachemoney bench` will fold this in.
+//!
+//! cargo run --release -p cachemoney-cache --example engine_scale [-- TOKENS]
+
+use std::time::Instant;
+
+use cachemoney_cache::{
+    calibrate, BlendParams, CalibrationGrid, Entry, NgramConfig, NgramTables, PhraseConfig,
+    PhraseTables,
+};
+
+fn synthetic(n: usize) -> Vec<u16> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let base: Vec<u16> = (0..1_000_000).map(|_| (next() % 1024) as u16).collect();
+    let mut tokens = Vec::with_capacity(n);
+    while tokens.len() < n {
+        tokens.push(1);
+        let len = 200 + (next() % 2000) as usize;
+        if next() % 10 < 6 {
+            let start = (next() as usize) % (base.len() - len);
+            tokens.extend_from_slice(&base[start..start + len]);
+        } else {
+            tokens.extend((0..len).map(|_| (next() % 1024) as u16));
+        }
+    }
+    tokens.truncate(n);
+    tokens
+}
+
+fn main() {
+    let targets: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(62_021_632);
+    let tokens = synthetic(targets + 1);
+    println!(
+        "{} tokens, {} threads",
+        tokens.len(),
+        rayon::current_num_threads()
+    );
+
+    let t = Instant::now();
+    let ngram = NgramTables::build(&tokens, &NgramConfig::default()).unwrap();
+    println!("n-gram build   {:>7.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let phrase = PhraseTables::build(&tokens, &PhraseConfig::default()).unwrap();
+    println!("phrase build   {:>7.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let ngram_matches = ngram.lookup_all(&tokens);
+    println!("n-gram lookup  {:>7.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let phrase_matches = phrase.lookup_all(&tokens);
+    println!("phrase lookup  {:>7.2} s", t.elapsed().as_secs_f64());
+
+    let entries: Vec<Entry> = (1..tokens.len())
+        .map(|p| Entry {
+            model_p: 0.01 + (p % 97) as f32 / 100.0,
+            entropy: (p % 61) as f32 / 10.0,
+            ngram: ngram_matches[p],
+            phrase: phrase_matches[p],
+        })
+        .collect();
+    let t = Instant::now();
+    let result = calibrate(
+        &entries,
+        &BlendParams::default(),
+        &CalibrationGrid::default(),
+    );
+    println!(
+        "calibration    {:>7.2} s  -> ({}, {})",
+        t.elapsed().as_secs_f64(),
+        result.alpha_high,
+        result.entropy_thresh
+    );
+    let params = BlendParams {
+        alpha_high: result.alpha_high,
+        entropy_thresh: result.entropy_thresh,
+        ..BlendParams::default()
+    };
+    let t = Instant::now();
+    let nll: f64 = entries.iter().map(|e| params.nll(e)).sum();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "pass-2 blend   {secs:>7.2} s  ({:.1} M entries/s), mean nll {:.4}",
+        entries.len() as f64 / secs / 1e6,
+        nll / entries.len() as f64
+    );
+}

@@ -1,0 +1,638 @@
+//! The pipeline stages around the engine: `cache` (tokens → per-position matches),
+//! `calibrate` (pass-1 + matches → grid and chosen blend), `pass2` (→ per-entry scores and
+//! the BPB waterfall).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    UInt16Array, UInt32Array, UInt64Array, UInt8Array,
+};
+use arrow::datatypes::{
+    DataType, Field, Float32Type, Float64Type, Int64Type, Schema, UInt16Type, UInt8Type,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{
+    canonicalize, read_column, write_parquet, ParquetLayout, Stage, StageContext, StageError,
+    StageReport, ROW_GROUP_ROWS,
+};
+
+use crate::blend::{BlendParams, Entry, PROBABILITY_FLOOR};
+use crate::calibrate::{calibrate, CalibrationGrid};
+use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
+use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
+
+/// Which tables and lookups the cache uses. Only the record's two-pass mode exists so
+/// far; the causal modes of `spec/honest-modes.md` are the next step.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// algorithm.md as the record ran it: tables over all positions, leave-one-out.
+    Reference,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheParams {
+    pub mode: Mode,
+    pub ngram_min_order: usize,
+    pub ngram_max_order: usize,
+    pub ngram_buckets: usize,
+    pub ngram_min_count: u32,
+    pub phrase_lengths: Vec<usize>,
+    pub phrase_buckets: usize,
+    pub phrase_min_count: u32,
+}
+
+impl Default for CacheParams {
+    fn default() -> Self {
+        let (n, p) = (NgramConfig::default(), PhraseConfig::default());
+        CacheParams {
+            mode: Mode::Reference,
+            ngram_min_order: n.min_order,
+            ngram_max_order: n.max_order,
+            ngram_buckets: n.buckets,
+            ngram_min_count: n.min_count,
+            phrase_lengths: p.lengths,
+            phrase_buckets: p.buckets,
+            phrase_min_count: p.min_count,
+        }
+    }
+}
+
+impl CacheParams {
+    fn ngram(&self) -> NgramConfig {
+        NgramConfig {
+            min_order: self.ngram_min_order,
+            max_order: self.ngram_max_order,
+            buckets: self.ngram_buckets,
+            min_count: self.ngram_min_count,
+        }
+    }
+
+    fn phrase(&self) -> PhraseConfig {
+        PhraseConfig {
+            lengths: self.phrase_lengths.clone(),
+            buckets: self.phrase_buckets,
+            min_count: self.phrase_min_count,
+        }
+    }
+}
+
+fn param_error(kind: &str, message: impl std::fmt::Display) -> StageError {
+    StageError::Param {
+        node: kind.to_string(),
+        message: message.to_string(),
+    }
+}
+
+pub struct CacheStage;
+
+impl Stage for CacheStage {
+    fn kind(&self) -> &'static str {
+        "cache"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "val tokens -> per-position n-gram and phrase matches, per-order statistics"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let canonical = canonicalize::<CacheParams>(self.kind(), raw)?;
+        let params: CacheParams = serde_json::from_value(canonical.clone()).unwrap();
+        params
+            .ngram()
+            .validate()
+            .map_err(|e| param_error(self.kind(), e))?;
+        params
+            .phrase()
+            .validate()
+            .map_err(|e| param_error(self.kind(), e))?;
+        Ok(canonical)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let params: CacheParams = ctx.params_as()?;
+        let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        let ngram =
+            NgramTables::build(&tokens, &params.ngram()).map_err(|e| param_error(&ctx.node, e))?;
+        report.phase("ngram_build", started);
+        let started = Instant::now();
+        let phrase = PhraseTables::build(&tokens, &params.phrase())
+            .map_err(|e| param_error(&ctx.node, e))?;
+        report.phase("phrase_build", started);
+
+        // Lookups chunk by chunk, straight into Parquet, so the per-position results are
+        // never all in memory at once.
+        let started = Instant::now();
+        let mut ngram_stats = vec![(0u64, 0f64); params.ngram_max_order + 1];
+        let mut phrase_stats =
+            vec![(0u64, 0f64); params.phrase_lengths.iter().max().copied().unwrap_or(0) + 1];
+        let schema = matches_schema();
+        let bar = ctx.progress(tokens.len() as u64, "cache lookups");
+        let batches = (0..tokens.len().div_ceil(ROW_GROUP_ROWS)).map(|chunk| {
+            let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(tokens.len());
+            let ng = ngram.lookup_range(&tokens, range.clone());
+            let ph = phrase.lookup_range(&tokens, range.clone());
+            // Statistics over targets 1..T (position 0 is never scored).
+            for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
+                if range.start + i == 0 {
+                    continue;
+                }
+                if n.matched() {
+                    ngram_stats[n.order as usize].0 += 1;
+                    ngram_stats[n.order as usize].1 += n.q;
+                }
+                if p.matched() {
+                    phrase_stats[p.length as usize].0 += 1;
+                    phrase_stats[p.length as usize].1 += p.q;
+                }
+            }
+            bar.inc(range.len() as u64);
+            matches_batch(&schema, range.start, &ng, &ph)
+        });
+        write_parquet(
+            &ctx.output("matches.parquet"),
+            schema.clone(),
+            batches,
+            &ParquetLayout::delta(&["position"]),
+        )?;
+        bar.finish_and_clear();
+        report.phase("lookups_and_write", started);
+
+        // Per-order and per-length statistics.
+        let insertions = |width: usize| tokens.len().saturating_sub(width) as f64;
+        let mut rows: Vec<(&str, u16, u64, f64, u64, f64)> = Vec::new();
+        for order in params.ngram_min_order..=params.ngram_max_order {
+            let (matched, q_sum) = ngram_stats[order];
+            let used = ngram.ctx_table(order).iter().filter(|&&c| c > 0).count() as u64;
+            rows.push((
+                "ngram",
+                order as u16,
+                matched,
+                q_sum / matched.max(1) as f64,
+                used,
+                insertions(order - 1) / params.ngram_buckets as f64,
+            ));
+        }
+        let phrase_used = phrase.ctx.iter().filter(|&&c| c > 0).count() as u64;
+        for &length in &params.phrase_lengths {
+            let (matched, q_sum) = phrase_stats[length];
+            rows.push((
+                "phrase",
+                length as u16,
+                matched,
+                q_sum / matched.max(1) as f64,
+                phrase_used,
+                insertions(length) / params.phrase_buckets as f64,
+            ));
+        }
+        write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
+        write_json(&ctx.output("cache.json"), &params)?;
+        let ngram_matched: u64 = ngram_stats.iter().map(|s| s.0).sum();
+        let phrase_matched: u64 = phrase_stats.iter().map(|s| s.0).sum();
+        Ok(report
+            .with("mode", serde_json::to_value(params.mode).unwrap())
+            .with("positions", tokens.len() as u64)
+            .with("ngram_matched", ngram_matched)
+            .with("phrase_matched", phrase_matched))
+    }
+}
+
+fn matches_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("ngram_order", DataType::UInt8, false),
+        Field::new("ngram_q", DataType::Float64, false),
+        Field::new("ngram_context", DataType::UInt32, false),
+        Field::new("ngram_full", DataType::UInt32, false),
+        Field::new("phrase_length", DataType::UInt16, false),
+        Field::new("phrase_q", DataType::Float64, false),
+        Field::new("phrase_context", DataType::UInt32, false),
+        Field::new("phrase_full", DataType::UInt32, false),
+    ]))
+}
+
+fn matches_batch(
+    schema: &Arc<Schema>,
+    start: usize,
+    ng: &[NgramMatch],
+    ph: &[PhraseMatch],
+) -> RecordBatch {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            start as i64..(start + ng.len()) as i64,
+        )),
+        Arc::new(UInt8Array::from_iter_values(ng.iter().map(|m| m.order))),
+        Arc::new(Float64Array::from_iter_values(ng.iter().map(|m| m.q))),
+        Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.context))),
+        Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.full))),
+        Arc::new(UInt16Array::from_iter_values(ph.iter().map(|m| m.length))),
+        Arc::new(Float64Array::from_iter_values(ph.iter().map(|m| m.q))),
+        Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.context))),
+        Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.full))),
+    ];
+    RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+}
+
+fn write_stats(path: &Path, rows: &[(&str, u16, u64, f64, u64, f64)]) -> Result<u64, StageError> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("size", DataType::UInt16, false),
+        Field::new("matched", DataType::UInt64, false),
+        Field::new("mean_q", DataType::Float64, false),
+        Field::new("buckets_used", DataType::UInt64, false),
+        Field::new("insertions_per_bucket", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.1))),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3))),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.5))),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+    write_parquet(path, schema, [batch], &ParquetLayout::default())
+}
+
+/// Pass-1 entries joined with their positions' matches, in pass-1 order.
+struct Scored {
+    position: Vec<i64>,
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
+    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+    let matches = ctx.input("cache")?.file("matches.parquet");
+    let position = read_column::<Int64Type>(&pass1, "position")?;
+    let model_p = read_column::<Float32Type>(&pass1, "model_p")?;
+    let entropy = read_column::<Float32Type>(&pass1, "entropy")?;
+    let bytes = read_column::<UInt8Type>(&pass1, "bytes")?;
+    let ngram_order = read_column::<UInt8Type>(&matches, "ngram_order")?;
+    let ngram_q = read_column::<Float64Type>(&matches, "ngram_q")?;
+    let phrase_length = read_column::<UInt16Type>(&matches, "phrase_length")?;
+    let phrase_q = read_column::<Float64Type>(&matches, "phrase_q")?;
+    if position.is_empty() {
+        return Err(StageError::input(&pass1, "the pass-1 table is empty"));
+    }
+    let positions = ngram_order.len() as i64;
+    let mut entries = Vec::with_capacity(position.len());
+    for (row, &p) in position.iter().enumerate() {
+        if p < 1 || p >= positions {
+            return Err(StageError::input(
+                &pass1,
+                format!("row {row}: position {p} is outside the cached val stream's targets 1..{} (pass-1 and cache come from different val tokens?)", positions - 1),
+            ));
+        }
+        let h = entropy[row];
+        if !h.is_finite() {
+            return Err(StageError::input(
+                &pass1,
+                format!("row {row}: entropy is {h}"),
+            ));
+        }
+        let i = p as usize;
+        entries.push(Entry {
+            model_p: model_p[row],
+            entropy: h,
+            ngram: NgramMatch {
+                q: ngram_q[i],
+                order: ngram_order[i],
+                ..NgramMatch::default()
+            },
+            phrase: PhraseMatch {
+                q: phrase_q[i],
+                length: phrase_length[i],
+                ..PhraseMatch::default()
+            },
+        });
+    }
+    Ok(Scored {
+        position,
+        bytes,
+        entries,
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibrateParams {
+    pub alpha_high: Vec<f64>,
+    pub entropy_thresh: Vec<f64>,
+    pub fraction: f64,
+    pub minimum: usize,
+    pub alpha_low: f64,
+    pub phrase_base_alpha: f64,
+}
+
+impl Default for CalibrateParams {
+    fn default() -> Self {
+        let (grid, blend) = (CalibrationGrid::default(), BlendParams::default());
+        CalibrateParams {
+            alpha_high: grid.alpha_high,
+            entropy_thresh: grid.entropy_thresh,
+            fraction: grid.fraction,
+            minimum: grid.minimum,
+            alpha_low: blend.alpha_low,
+            phrase_base_alpha: blend.phrase_base_alpha,
+        }
+    }
+}
+
+/// What `calibrate` hands to `pass2`: every blend parameter, calibrated ones included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    pub alpha_high: f64,
+    pub entropy_thresh: f64,
+    pub alpha_low: f64,
+    pub phrase_base_alpha: f64,
+    pub min_order: usize,
+    pub max_order: usize,
+    pub phrase_min_length: usize,
+    pub phrase_max_length: usize,
+    pub objective_nats: f64,
+    pub entries: usize,
+}
+
+pub struct CalibrateStage;
+
+impl Stage for CalibrateStage {
+    fn kind(&self) -> &'static str {
+        "calibrate"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "pass-1 + matches -> calibration grid and the chosen blend"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let canonical = canonicalize::<CalibrateParams>(self.kind(), raw)?;
+        let p: CalibrateParams = serde_json::from_value(canonical.clone()).unwrap();
+        if p.alpha_high.is_empty() || p.entropy_thresh.is_empty() {
+            return Err(param_error(self.kind(), "the calibration grid is empty"));
+        }
+        if !(0.0..=1.0).contains(&p.fraction) {
+            return Err(param_error(
+                self.kind(),
+                format!("fraction {} is outside 0..=1", p.fraction),
+            ));
+        }
+        Ok(canonical)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["pass1", "cache"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let params: CalibrateParams = ctx.params_as()?;
+        let scored = load_entries(ctx)?;
+        let cache_params = cache_params_of(ctx)?;
+        let base = BlendParams {
+            alpha_low: params.alpha_low,
+            phrase_base_alpha: params.phrase_base_alpha,
+            min_order: cache_params.ngram_min_order,
+            max_order: cache_params.ngram_max_order,
+            phrase_min_length: *cache_params.phrase_lengths.iter().min().unwrap_or(&16),
+            phrase_max_length: *cache_params.phrase_lengths.iter().max().unwrap_or(&64),
+            ..BlendParams::default()
+        };
+        let grid = CalibrationGrid {
+            alpha_high: params.alpha_high.clone(),
+            entropy_thresh: params.entropy_thresh.clone(),
+            fraction: params.fraction,
+            minimum: params.minimum,
+        };
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        let result = calibrate(&scored.entries, &base, &grid);
+        report.phase("grid", started);
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("alpha_high", DataType::Float64, false),
+            Field::new("entropy_thresh", DataType::Float64, false),
+            Field::new("objective_nats", DataType::Float64, false),
+            Field::new("chosen", DataType::Boolean, false),
+        ]));
+        let is_chosen = |a: f64, e: f64| a == result.alpha_high && e == result.entropy_thresh;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Float64Array::from_iter_values(
+                result.points.iter().map(|p| p.alpha_high),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                result.points.iter().map(|p| p.entropy_thresh),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                result.points.iter().map(|p| p.objective),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                result
+                    .points
+                    .iter()
+                    .map(|p| Some(is_chosen(p.alpha_high, p.entropy_thresh))),
+            )),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+        write_parquet(
+            &ctx.output("grid.parquet"),
+            schema,
+            [batch],
+            &ParquetLayout::default(),
+        )?;
+        let calibration = Calibration {
+            alpha_high: result.alpha_high,
+            entropy_thresh: result.entropy_thresh,
+            alpha_low: base.alpha_low,
+            phrase_base_alpha: base.phrase_base_alpha,
+            min_order: base.min_order,
+            max_order: base.max_order,
+            phrase_min_length: base.phrase_min_length,
+            phrase_max_length: base.phrase_max_length,
+            objective_nats: result.objective,
+            entries: result.entries,
+        };
+        write_json(&ctx.output("calibration.json"), &calibration)?;
+        Ok(report
+            .with("alpha_high", result.alpha_high)
+            .with("entropy_thresh", result.entropy_thresh)
+            .with("objective_nats", result.objective)
+            .with("calibration_entries", result.entries as u64))
+    }
+}
+
+/// The configuration the cache stage ran with, from its `cache.json`.
+fn cache_params_of(ctx: &StageContext) -> Result<CacheParams, StageError> {
+    let path = ctx.input("cache")?.file("cache.json");
+    let bytes = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| StageError::format(&path, e))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StageError> {
+    let text = serde_json::to_vec_pretty(value).expect("serialisable");
+    std::fs::write(path, text)
+        .and_then(|_| std::fs::File::open(path)?.sync_all())
+        .map_err(|e| StageError::io(path, e))
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pass2Params {}
+
+pub struct Pass2Stage;
+
+impl Stage for Pass2Stage {
+    fn kind(&self) -> &'static str {
+        "pass2"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        canonicalize::<Pass2Params>(self.kind(), raw)
+    }
+
+    fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
+        let get = |k: &str| report.get(k).and_then(Value::as_f64);
+        Some(format!(
+            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {}, entropy_thresh {})",
+            get("neural_bpb")?,
+            get("ngram_bpb")?,
+            get("final_bpb")?,
+            report.get("entries")?,
+            report.get("bytes")?,
+            report.get("alpha_high")?,
+            report.get("entropy_thresh")?
+        ))
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens", "pass1", "cache", "calibration"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let calibration_path = ctx.input("calibration")?.file("calibration.json");
+        let calibration: Calibration = serde_json::from_slice(
+            &std::fs::read(&calibration_path).map_err(|e| StageError::io(&calibration_path, e))?,
+        )
+        .map_err(|e| StageError::format(&calibration_path, e))?;
+        let blend = BlendParams {
+            alpha_high: calibration.alpha_high,
+            entropy_thresh: calibration.entropy_thresh,
+            alpha_low: calibration.alpha_low,
+            phrase_base_alpha: calibration.phrase_base_alpha,
+            min_order: calibration.min_order,
+            max_order: calibration.max_order,
+            phrase_min_length: calibration.phrase_min_length,
+            phrase_max_length: calibration.phrase_max_length,
+            ..BlendParams::default()
+        };
+        let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        let scored = load_entries(ctx)?;
+        if scored.position.iter().any(|&p| p as usize >= tokens.len()) {
+            return Err(StageError::input(
+                ctx.input("pass1")?.file("pass1.parquet"),
+                "positions beyond the val tokens",
+            ));
+        }
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("position", DataType::Int64, false),
+            Field::new("token", DataType::UInt16, false),
+            Field::new("model_p", DataType::Float32, false),
+            Field::new("p_ngram", DataType::Float64, false),
+            Field::new("p_final", DataType::Float64, false),
+            Field::new("bits", DataType::Float64, false),
+            Field::new("bytes", DataType::UInt8, false),
+        ]));
+        let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
+            (0f64, 0f64, 0f64, 0u64);
+        let n = scored.entries.len();
+        let mut batches = Vec::new();
+        for chunk in 0..n.div_ceil(ROW_GROUP_ROWS) {
+            let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(n);
+            let blended: Vec<(f64, f64)> = scored.entries[range.clone()]
+                .iter()
+                .map(|e| blend.blend(e))
+                .collect();
+            let mut bits = Vec::with_capacity(range.len());
+            for (i, &(p_ngram, p_final)) in range.clone().zip(&blended) {
+                let entry = &scored.entries[i];
+                neural_nll -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
+                ngram_nll -= p_ngram.max(PROBABILITY_FLOOR).ln();
+                let nll = -p_final.max(PROBABILITY_FLOOR).ln();
+                final_nll += nll;
+                total_bytes += scored.bytes[i] as u64;
+                bits.push(nll / std::f64::consts::LN_2);
+            }
+            let positions = &scored.position[range.clone()];
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(positions.to_vec())),
+                Arc::new(UInt16Array::from_iter_values(
+                    positions.iter().map(|&p| tokens[p as usize]),
+                )),
+                Arc::new(Float32Array::from_iter_values(
+                    scored.entries[range.clone()].iter().map(|e| e.model_p),
+                )),
+                Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
+                Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
+                Arc::new(Float64Array::from(bits)),
+                Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
+            ];
+            batches
+                .push(RecordBatch::try_new(schema.clone(), columns).expect("columns match schema"));
+        }
+        report.phase("blend", started);
+        let started = Instant::now();
+        write_parquet(
+            &ctx.output("scores.parquet"),
+            schema,
+            batches,
+            &ParquetLayout::delta(&["position"]),
+        )?;
+        report.phase("write", started);
+        let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
+        let summary = serde_json::json!({
+            "mode": "reference",
+            "neural_bpb": per_byte(neural_nll),
+            "ngram_bpb": per_byte(ngram_nll),
+            "final_bpb": per_byte(final_nll),
+            "val_loss_nats": final_nll / n.max(1) as f64,
+            "entries": n,
+            "bytes": total_bytes,
+            "alpha_high": calibration.alpha_high,
+            "entropy_thresh": calibration.entropy_thresh,
+        });
+        write_json(&ctx.output("summary.json"), &summary)?;
+        let mut out = report;
+        for (key, value) in summary.as_object().unwrap() {
+            out = out.with(key, value.clone());
+        }
+        Ok(out)
+    }
+}

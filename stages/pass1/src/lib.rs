@@ -1,0 +1,344 @@
+//! The `pass1` stage for sources that need no GPT.
+//!
+//! Pass 1 gives, for every scored validation entry, the model's probability of the true
+//! token (`model_p`) and the entropy of its (tempered) next-token distribution, which is
+//! all the cache stages need from a model. Two sources live here:
+//!
+//! - `model = "bigram"`: an add-k smoothed bigram model estimated on the train split. A
+//!   real baseline, not a placeholder: CacheMoney's lineage showed that with a good cache
+//!   a tiny model does almost as well as a trained GPT (the blend weight is ≈ 0.99).
+//! - `model = "import"`: a Parquet table exported from someone's own eval (PyTorch, say),
+//!   validated before use.
+//!
+//! The trained GPT (`model = "gpt"`) comes with the neural stages.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt8Array};
+use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{
+    canonicalize, read_column, write_parquet, FileRole, ParquetLayout, Stage, StageContext,
+    StageError, StageReport, ROW_GROUP_ROWS,
+};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    Bigram,
+    Import,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pass1Params {
+    pub model: Model,
+    /// Applied to the model's distribution before `model_p` and `entropy` are taken:
+    /// p_T(v) ∝ p(v)^(1/T). The record uses 0.85 (algorithm.md §4.3).
+    pub temperature: f64,
+    /// Bigram: the pseudo-count added to every (previous, next) pair.
+    pub add_k: f64,
+}
+
+impl Default for Pass1Params {
+    fn default() -> Self {
+        Pass1Params {
+            model: Model::Bigram,
+            temperature: 0.85,
+            add_k: 0.1,
+        }
+    }
+}
+
+/// The largest vocabulary the bigram keeps as a dense V×V table.
+const BIGRAM_MAX_VOCAB: usize = 8192;
+
+pub struct Pass1Stage;
+
+const FILE_ROLES: &[FileRole] = &[FileRole {
+    name: "table",
+    required: false,
+    help: "import: Parquet with position (i64), model_p (f32), entropy (f32, nats), optional bytes",
+}];
+
+/// pass1.parquet, one row per scored entry in pass-1 order.
+pub fn pass1_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("model_p", DataType::Float32, false),
+        Field::new("entropy", DataType::Float32, false),
+        Field::new("bytes", DataType::UInt8, false),
+    ]))
+}
+
+impl Stage for Pass1Stage {
+    fn kind(&self) -> &'static str {
+        "pass1"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "val tokens (+ a model) -> per-entry model_p and entropy"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let canonical = canonicalize::<Pass1Params>(self.kind(), raw)?;
+        let params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
+        let bad = |message: String| StageError::Param {
+            node: self.kind().to_string(),
+            message,
+        };
+        if !(params.temperature > 0.0 && params.temperature.is_finite()) {
+            return Err(bad(format!(
+                "temperature {} must be positive",
+                params.temperature
+            )));
+        }
+        if !(params.add_k > 0.0 && params.add_k.is_finite()) {
+            return Err(bad(format!("add_k {} must be positive", params.add_k)));
+        }
+        Ok(canonical)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens"]
+    }
+
+    fn file_roles(&self) -> &'static [FileRole] {
+        FILE_ROLES
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let params: Pass1Params = ctx.params_as()?;
+        let tokens = ctx.input("tokens")?;
+        let val_path = tokens.file("val.parquet");
+        let val = read_column::<UInt16Type>(&val_path, "token")?;
+        let val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
+        if val.len() < 2 {
+            return Err(StageError::input(
+                &val_path,
+                "fewer than 2 val tokens: nothing to score",
+            ));
+        }
+        let table = match params.model {
+            Model::Bigram => {
+                if !ctx.files("table").is_empty() {
+                    return Err(param_error(ctx, "files.table is for model = \"import\""));
+                }
+                let train_path = tokens.file("train.parquet");
+                let train = read_column::<UInt16Type>(&train_path, "token")?;
+                let vocab_size =
+                    read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
+                bigram_pass1(&train, &val, &val_bytes, vocab_size, &params)
+                    .map_err(|m| StageError::input(&train_path, m))?
+            }
+            Model::Import => {
+                let path = match ctx.files("table") {
+                    [one] => one,
+                    _ => {
+                        return Err(param_error(
+                            ctx,
+                            "model = \"import\" needs exactly one files.table",
+                        ))
+                    }
+                };
+                import_pass1(path, &val_bytes)?
+            }
+        };
+        let entries = table.position.len();
+        let nll: f64 = table.model_p.par_iter().map(|&p| -(p as f64).ln()).sum();
+        let bytes: u64 = table.bytes.iter().map(|&b| b as u64).sum();
+        table.write(&ctx.output("pass1.parquet"))?;
+        Ok(StageReport::default()
+            .with("entries", entries as u64)
+            .with("bytes", bytes)
+            .with(
+                "neural_bpb",
+                nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
+            )
+            .with("model", serde_json::to_value(params.model).unwrap()))
+    }
+}
+
+fn param_error(ctx: &StageContext, message: &str) -> StageError {
+    StageError::Param {
+        node: ctx.node.clone(),
+        message: message.to_string(),
+    }
+}
+
+/// A pass-1 table in memory.
+#[derive(Debug, Default)]
+pub struct Pass1Table {
+    pub position: Vec<i64>,
+    pub model_p: Vec<f32>,
+    pub entropy: Vec<f32>,
+    pub bytes: Vec<u8>,
+}
+
+impl Pass1Table {
+    pub fn write(&self, path: &std::path::Path) -> Result<u64, StageError> {
+        let schema = pass1_schema();
+        let n = self.position.len();
+        let batches = (0..n.div_ceil(ROW_GROUP_ROWS).max(1)).map(|chunk| {
+            let (start, end) = (
+                (chunk * ROW_GROUP_ROWS).min(n),
+                ((chunk + 1) * ROW_GROUP_ROWS).min(n),
+            );
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(self.position[start..end].to_vec())),
+                Arc::new(Float32Array::from(self.model_p[start..end].to_vec())),
+                Arc::new(Float32Array::from(self.entropy[start..end].to_vec())),
+                Arc::new(UInt8Array::from(self.bytes[start..end].to_vec())),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+        });
+        write_parquet(
+            path,
+            schema.clone(),
+            batches,
+            &ParquetLayout::delta(&["position"]),
+        )
+    }
+}
+
+/// Add-k bigram on `train`, scored on every val target 1..T (non-overlapping: one entry
+/// per position), with the distribution tempered before p and entropy are taken.
+pub fn bigram_pass1(
+    train: &[u16],
+    val: &[u16],
+    val_bytes: &[u8],
+    vocab_size: usize,
+    params: &Pass1Params,
+) -> Result<Pass1Table, String> {
+    if vocab_size > BIGRAM_MAX_VOCAB {
+        return Err(format!("the bigram model keeps a dense table and supports vocabularies up to {BIGRAM_MAX_VOCAB} (this one has {vocab_size})"));
+    }
+    if train.len() < 2 {
+        return Err(
+            "the train split has fewer than 2 tokens: nothing to estimate a bigram from".into(),
+        );
+    }
+    let v = vocab_size;
+    let mut counts = vec![0u32; v * v];
+    for pair in train.windows(2) {
+        let (a, b) = (pair[0] as usize, pair[1] as usize);
+        if a >= v || b >= v {
+            return Err(format!(
+                "token id {} is outside the vocabulary ({v} entries)",
+                a.max(b)
+            ));
+        }
+        counts[a * v + b] += 1;
+    }
+    // Per previous token: the tempered distribution and its entropy, once.
+    let inverse_t = 1.0 / params.temperature;
+    let rows: Vec<(Vec<f32>, f32)> = (0..v)
+        .into_par_iter()
+        .map(|a| {
+            let row = &counts[a * v..(a + 1) * v];
+            let total: f64 = row.iter().map(|&c| c as f64 + params.add_k).sum();
+            let log_p: Vec<f64> = row
+                .iter()
+                .map(|&c| ((c as f64 + params.add_k) / total).ln() * inverse_t)
+                .collect();
+            let max = log_p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = log_p.iter().map(|l| (l - max).exp()).sum();
+            let log_z = max + z.ln();
+            let probs: Vec<f64> = log_p.iter().map(|l| (l - log_z).exp()).collect();
+            let entropy = -probs
+                .iter()
+                .zip(&log_p)
+                .map(|(p, l)| p * (l - log_z))
+                .sum::<f64>();
+            (probs.iter().map(|&p| p as f32).collect(), entropy as f32)
+        })
+        .collect();
+    let mut table = Pass1Table::default();
+    for p in 1..val.len() {
+        let (prev, token) = (val[p - 1] as usize, val[p] as usize);
+        if prev >= v || token >= v {
+            return Err(format!(
+                "val token id {} is outside the vocabulary ({v} entries)",
+                prev.max(token)
+            ));
+        }
+        table.position.push(p as i64);
+        table.model_p.push(rows[prev].0[token]);
+        table.entropy.push(rows[prev].1);
+        table.bytes.push(val_bytes[p]);
+    }
+    Ok(table)
+}
+
+/// Reads and validates an imported pass-1 table against the val tokens.
+pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Table, StageError> {
+    let position = read_column::<Int64Type>(path, "position")?;
+    let model_p = read_column::<Float32Type>(path, "model_p")?;
+    let entropy = read_column::<Float32Type>(path, "entropy")?;
+    if position.is_empty() {
+        return Err(StageError::input(path, "the pass-1 table is empty"));
+    }
+    let last = val_bytes.len() as i64 - 1;
+    for (row, &p) in position.iter().enumerate() {
+        if p < 1 || p > last {
+            return Err(StageError::input(
+                path,
+                format!("row {row}: position {p} is outside the val targets 1..={last}"),
+            ));
+        }
+        let mp = model_p[row];
+        if !(mp > 0.0 && mp <= 1.0) {
+            return Err(StageError::input(
+                path,
+                format!("row {row}: model_p {mp} is not in (0, 1]"),
+            ));
+        }
+        let h = entropy[row];
+        if !h.is_finite() || h < 0.0 {
+            return Err(StageError::input(
+                path,
+                format!("row {row}: entropy {h} is not a finite non-negative number"),
+            ));
+        }
+    }
+    let has_bytes = read_column::<UInt8Type>(path, "bytes");
+    let bytes = match has_bytes {
+        Ok(b) => b,
+        Err(StageError::Input { message, .. }) if message.starts_with("no column") => {
+            position.iter().map(|&p| val_bytes[p as usize]).collect()
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Pass1Table {
+        position,
+        model_p,
+        entropy,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bigram_probabilities_are_a_tempered_distribution() {
+        let train: Vec<u16> = (0..1000).map(|i| (i % 7) as u16).collect();
+        let val: Vec<u16> = vec![0, 1, 2, 3, 0, 5];
+        let bytes = vec![0, 1, 1, 1, 1, 1];
+        let params = Pass1Params::default();
+        let table = bigram_pass1(&train, &val, &bytes, 8, &params).unwrap();
+        assert_eq!(table.position, vec![1, 2, 3, 4, 5]);
+        // 0 → 1 is what train always does: close to 1, and sharper than untempered.
+        assert!(table.model_p[0] > 0.99, "{}", table.model_p[0]);
+        // 0 → 5 never happens in train: small but positive.
+        assert!(table.model_p[4] > 0.0 && table.model_p[4] < 1e-3);
+        assert!(table.entropy.iter().all(|h| *h >= 0.0 && *h < (8f32).ln()));
+    }
+}

@@ -1,0 +1,249 @@
+//! pass1 → cache → calibrate → pass2 through the real binary, on real text.
+
+mod common;
+
+use common::Project;
+
+fn cache_pipeline(pass1: &str) -> String {
+    Project::small_pipeline(300)
+        + &format!(
+            r#"
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+{pass1}
+
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+params.ngram_buckets = 65536
+params.phrase_buckets = 32768
+
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+
+[nodes.scores]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+"#
+        )
+}
+
+fn value(p: &Project, query: &str) -> String {
+    p.sql(query).lines().nth(1).unwrap().to_string()
+}
+
+fn summary(p: &Project) -> serde_json::Value {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "scores", "--json"])).unwrap();
+    manifest["report"].clone()
+}
+
+#[test]
+fn the_bigram_chain_prints_a_waterfall_that_sql_reproduces() {
+    let p = Project::small();
+    p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
+    let out = p.ok(&["run"]);
+    assert!(out.contains("scores: BPB: neural"), "{out}");
+    let report = summary(&p);
+    let (neural, final_bpb) = (
+        report["neural_bpb"].as_f64().unwrap(),
+        report["final_bpb"].as_f64().unwrap(),
+    );
+    assert!(final_bpb < neural, "{report}");
+
+    // The summary is exactly what the per-entry scores add up to.
+    let from_sql: f64 = value(&p, "SELECT sum(bits) / sum(bytes) FROM scores")
+        .parse()
+        .unwrap();
+    assert!(
+        ((from_sql - final_bpb) / final_bpb).abs() < 1e-12,
+        "{from_sql} vs {final_bpb}"
+    );
+    // One entry per val target.
+    assert_eq!(
+        value(&p, "SELECT count(*) FROM scores"),
+        value(&p, "SELECT count(*) - 1 FROM val")
+    );
+    // The grid: 6 × 5 points, one chosen, the chosen one has the smallest objective.
+    assert_eq!(
+        value(
+            &p,
+            "SELECT count(*), sum(CASE WHEN chosen THEN 1 ELSE 0 END) FROM grid"
+        ),
+        "30,1"
+    );
+    assert_eq!(
+        value(
+            &p,
+            "SELECT chosen FROM grid ORDER BY objective_nats, alpha_high, entropy_thresh LIMIT 1"
+        ),
+        "true"
+    );
+    // The README's query: BPB by n-gram order.
+    let by_order = p.sql("SELECT ngram_order, count(*) AS n, sum(bits)/sum(bytes) AS bpb FROM scores JOIN matches USING (position) GROUP BY 1 ORDER BY 1");
+    assert!(by_order.lines().count() > 3, "{by_order}");
+    // Phrase matches: every target from position 16 on (no leave-one-out, §6).
+    assert_eq!(
+        value(
+            &p,
+            "SELECT min(position) FROM matches WHERE phrase_length > 0"
+        ),
+        "16"
+    );
+    let stats = p.sql("SELECT kind, size, matched FROM cache_stats ORDER BY kind, size");
+    assert!(
+        stats.contains("ngram,16,") && stats.contains("phrase,64,"),
+        "{stats}"
+    );
+}
+
+#[test]
+fn an_imported_pass1_table_gives_the_same_scores_as_the_model_that_made_it() {
+    let p = Project::small();
+    p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
+    p.ok(&["run"]);
+    let bigram = summary(&p);
+    // Export the bigram's pass-1 table as a user's own eval would, then import it.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pass1", "--json"])).unwrap();
+    let artifact = p
+        .path()
+        .join("artifacts/pass1")
+        .join(manifest["recipe"].as_str().unwrap());
+    std::fs::copy(
+        artifact.join("pass1.parquet"),
+        p.path().join("my_eval.parquet"),
+    )
+    .unwrap();
+    p.write_pipeline(
+        &cache_pipeline("params.model = \"import\"\nfiles.table = \"my_eval.parquet\"").replace(
+            "stage = \"pass1\"\ninputs.tokens",
+            "stage = \"pass1\"\ninputs.tokens",
+        ),
+    );
+    let out = p.ok(&["run"]);
+    // The imported table has the same bytes, so everything below pass1 is reused.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("scores ") && l.contains("reused")),
+        "{out}"
+    );
+    assert_eq!(summary(&p)["final_bpb"], bigram["final_bpb"]);
+}
+
+#[test]
+fn bad_cache_parameters_are_refused_before_anything_runs() {
+    let p = Project::small();
+    p.ok(&["run"]);
+    let before = p.store_snapshot();
+    for (change, expected) in [
+        (
+            "params.ngram_buckets = 65536",
+            "params.ngram_buckets = 65000",
+            "ngram buckets = 65000 is not a power of two",
+        ),
+        (
+            "params.ngram_buckets = 65536",
+            "params.ngram_buckets = 65536\nparams.ngram_max_order = 24",
+            "n-gram orders 2..=24 are outside 2..=16",
+        ),
+        (
+            "params.phrase_buckets = 32768",
+            "params.phrase_buckets = 3",
+            "phrase buckets = 3 is not a power of two",
+        ),
+        (
+            "params.ngram_buckets = 65536",
+            "params.ngram_buckets = 65536\nparams.mode = \"causal-sometime\"",
+            "unknown variant `causal-sometime`",
+        ),
+    ]
+    .map(|(a, b, c)| (cache_pipeline("params.model = \"bigram\"").replace(a, b), c))
+    {
+        p.write_pipeline(&change);
+        let line = p.fails(&["run"]);
+        assert!(
+            line.contains("pipeline.toml:") && line.contains(expected),
+            "{line}"
+        );
+    }
+    assert_eq!(before, p.store_snapshot());
+}
+
+#[test]
+fn a_bad_imported_pass1_table_is_refused_with_its_file_and_row() {
+    use arrow::array::{Float32Array, Int64Array, RecordBatch};
+    use std::sync::Arc;
+
+    let p = Project::small();
+    p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
+    p.ok(&["run"]);
+    let cases: [(&str, Vec<i64>, Vec<f32>, Vec<f32>, &str); 4] = [
+        (
+            "nan.parquet",
+            vec![1, 2],
+            vec![0.5, 0.5],
+            vec![1.0, f32::NAN],
+            "row 1: entropy NaN",
+        ),
+        (
+            "range.parquet",
+            vec![1, 99_999_999],
+            vec![0.5, 0.5],
+            vec![1.0, 1.0],
+            "row 1: position 99999999 is outside the val targets",
+        ),
+        (
+            "zero.parquet",
+            vec![1, 2],
+            vec![0.0, 0.5],
+            vec![1.0, 1.0],
+            "row 0: model_p 0 is not in (0, 1]",
+        ),
+        (
+            "empty.parquet",
+            vec![],
+            vec![],
+            vec![],
+            "the pass-1 table is empty",
+        ),
+    ];
+    for (name, position, model_p, entropy, expected) in cases {
+        let schema = cachemoney_pass1_schema();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(position)),
+                Arc::new(Float32Array::from(model_p)),
+                Arc::new(Float32Array::from(entropy)),
+            ],
+        )
+        .unwrap();
+        let file = std::fs::File::create(p.path().join(name)).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let before = p.store_snapshot();
+        p.write_pipeline(&cache_pipeline(&format!(
+            "params.model = \"import\"\nfiles.table = \"{name}\""
+        )));
+        let line = p.fails(&["run"]);
+        assert!(line.contains(name) && line.contains(expected), "{line}");
+        assert_eq!(before, p.store_snapshot());
+    }
+}
+
+fn cachemoney_pass1_schema() -> std::sync::Arc<arrow::datatypes::Schema> {
+    use arrow::datatypes::{DataType, Field, Schema};
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("model_p", DataType::Float32, false),
+        Field::new("entropy", DataType::Float32, false),
+    ]))
+}
