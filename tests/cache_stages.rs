@@ -247,3 +247,51 @@ fn cachemoney_pass1_schema() -> std::sync::Arc<arrow::datatypes::Schema> {
         Field::new("entropy", DataType::Float32, false),
     ]))
 }
+
+#[test]
+fn causal_mode_reuses_everything_upstream_and_scores_worse_than_the_leaky_reference() {
+    let p = Project::small();
+    let reference = cache_pipeline("params.model = \"bigram\"");
+    p.write_pipeline(&reference);
+    p.ok(&["run"]);
+    let leaky = summary(&p);
+    p.write_pipeline(&reference.replace(
+        "params.ngram_buckets = 65536",
+        "params.ngram_buckets = 65536\nparams.mode = \"causal\"",
+    ));
+    let out = p.ok(&["run"]);
+    for node in ["tokens ", "pass1 "] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(node) && l.contains("reused")),
+            "{out}"
+        );
+    }
+    let honest = summary(&p);
+    assert_eq!(honest["mode"], "causal");
+    assert_eq!(honest["neural_bpb"], leaky["neural_bpb"]);
+    let (honest_bpb, leaky_bpb) = (
+        honest["final_bpb"].as_f64().unwrap(),
+        leaky["final_bpb"].as_f64().unwrap(),
+    );
+    assert!(
+        honest_bpb > leaky_bpb,
+        "causal {honest_bpb} vs reference {leaky_bpb}"
+    );
+    // No count a position sees includes itself: the first document's first repeat is the
+    // earliest possible match, so position 1 never matches.
+    assert_eq!(
+        value(
+            &p,
+            "SELECT ngram_order, ngram_context FROM matches WHERE position = 1"
+        ),
+        "0,0"
+    );
+    assert_eq!(
+        value(
+            &p,
+            "SELECT count(*) FROM cache_stats WHERE buckets_used IS NULL"
+        ),
+        "19"
+    );
+}

@@ -13,6 +13,7 @@
 
 pub mod blend;
 pub mod calibrate;
+pub mod causal;
 pub mod hash;
 pub mod ngram;
 pub mod phrase;

@@ -25,13 +25,15 @@ use crate::calibrate::{calibrate, CalibrationGrid};
 use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
 use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
 
-/// Which tables and lookups the cache uses. Only the record's two-pass mode exists so
-/// far; the causal modes of `spec/honest-modes.md` are the next step.
+/// Which tables and lookups the cache uses (`spec/honest-modes.md`). The normalised
+/// causal mode is still to come.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// algorithm.md as the record ran it: tables over all positions, leave-one-out.
     Reference,
+    /// Each position looked up in tables of the positions before it, then added.
+    Causal,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,17 +128,34 @@ impl Stage for CacheStage {
         let params: CacheParams = ctx.params_as()?;
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
         let mut report = StageReport::default();
-        let started = Instant::now();
-        let ngram =
-            NgramTables::build(&tokens, &params.ngram()).map_err(|e| param_error(&ctx.node, e))?;
-        report.phase("ngram_build", started);
-        let started = Instant::now();
-        let phrase = PhraseTables::build(&tokens, &params.phrase())
-            .map_err(|e| param_error(&ctx.node, e))?;
-        report.phase("phrase_build", started);
+        let node_error = |e: crate::ConfigError| param_error(&ctx.node, e);
+        // Either tables to look positions up in (reference), or all lookups at once
+        // (causal, where a lookup is part of the single pass that builds the tables).
+        let (reference, causal) = match params.mode {
+            Mode::Reference => {
+                let started = Instant::now();
+                let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_build", started);
+                let started = Instant::now();
+                let phrase = PhraseTables::build(&tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_build", started);
+                (Some((ngram, phrase)), None)
+            }
+            Mode::Causal => {
+                let started = Instant::now();
+                let ngram =
+                    crate::causal::ngram_lookups(&tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_causal_pass", started);
+                let started = Instant::now();
+                let phrase =
+                    crate::causal::phrase_lookups(&tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_causal_pass", started);
+                (None, Some((ngram, phrase)))
+            }
+        };
 
-        // Lookups chunk by chunk, straight into Parquet, so the per-position results are
-        // never all in memory at once.
+        // Lookups chunk by chunk, straight into Parquet, so that in reference mode the
+        // per-position results are never all in memory at once.
         let started = Instant::now();
         let mut ngram_stats = vec![(0u64, 0f64); params.ngram_max_order + 1];
         let mut phrase_stats =
@@ -145,8 +164,17 @@ impl Stage for CacheStage {
         let bar = ctx.progress(tokens.len() as u64, "cache lookups");
         let batches = (0..tokens.len().div_ceil(ROW_GROUP_ROWS)).map(|chunk| {
             let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(tokens.len());
-            let ng = ngram.lookup_range(&tokens, range.clone());
-            let ph = phrase.lookup_range(&tokens, range.clone());
+            let (ng, ph) = match (&reference, &causal) {
+                (Some((ngram, phrase)), _) => (
+                    ngram.lookup_range(&tokens, range.clone()),
+                    phrase.lookup_range(&tokens, range.clone()),
+                ),
+                (_, Some((ngram, phrase))) => (
+                    ngram[range.clone()].to_vec(),
+                    phrase[range.clone()].to_vec(),
+                ),
+                _ => unreachable!("one mode is set"),
+            };
             // Statistics over targets 1..T (position 0 is never scored).
             for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
                 if range.start + i == 0 {
@@ -173,22 +201,26 @@ impl Stage for CacheStage {
         bar.finish_and_clear();
         report.phase("lookups_and_write", started);
 
-        // Per-order and per-length statistics.
+        // Per-order and per-length statistics. Bucket occupancy is a property of the
+        // finished tables, which only the reference mode keeps; in causal mode it is null.
         let insertions = |width: usize| tokens.len().saturating_sub(width) as f64;
-        let mut rows: Vec<(&str, u16, u64, f64, u64, f64)> = Vec::new();
+        let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
+        let mut rows: Vec<(&str, u16, u64, f64, Option<u64>, f64)> = Vec::new();
         for order in params.ngram_min_order..=params.ngram_max_order {
             let (matched, q_sum) = ngram_stats[order];
-            let used = ngram.ctx_table(order).iter().filter(|&&c| c > 0).count() as u64;
+            let buckets_used = reference
+                .as_ref()
+                .and_then(|(ngram, _)| used(ngram.ctx_table(order)));
             rows.push((
                 "ngram",
                 order as u16,
                 matched,
                 q_sum / matched.max(1) as f64,
-                used,
+                buckets_used,
                 insertions(order - 1) / params.ngram_buckets as f64,
             ));
         }
-        let phrase_used = phrase.ctx.iter().filter(|&&c| c > 0).count() as u64;
+        let phrase_used = reference.as_ref().and_then(|(_, phrase)| used(&phrase.ctx));
         for &length in &params.phrase_lengths {
             let (matched, q_sum) = phrase_stats[length];
             rows.push((
@@ -248,13 +280,16 @@ fn matches_batch(
     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
 }
 
-fn write_stats(path: &Path, rows: &[(&str, u16, u64, f64, u64, f64)]) -> Result<u64, StageError> {
+fn write_stats(
+    path: &Path,
+    rows: &[(&str, u16, u64, f64, Option<u64>, f64)],
+) -> Result<u64, StageError> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("kind", DataType::Utf8, false),
         Field::new("size", DataType::UInt16, false),
         Field::new("matched", DataType::UInt64, false),
         Field::new("mean_q", DataType::Float64, false),
-        Field::new("buckets_used", DataType::UInt64, false),
+        Field::new("buckets_used", DataType::UInt64, true),
         Field::new("insertions_per_bucket", DataType::Float64, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
@@ -262,7 +297,7 @@ fn write_stats(path: &Path, rows: &[(&str, u16, u64, f64, u64, f64)]) -> Result<
         Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.1))),
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3))),
-        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.4))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.5))),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
@@ -618,7 +653,7 @@ impl Stage for Pass2Stage {
         report.phase("write", started);
         let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
         let summary = serde_json::json!({
-            "mode": "reference",
+            "mode": cache_params_of(ctx)?.mode,
             "neural_bpb": per_byte(neural_nll),
             "ngram_bpb": per_byte(ngram_nll),
             "final_bpb": per_byte(final_nll),
