@@ -60,6 +60,20 @@ fn main() {
     let phrase_matches = phrase.lookup_all(&tokens);
     println!("phrase lookup  {:>7.2} s", t.elapsed().as_secs_f64());
 
+    let t = Instant::now();
+    let causal_ngram =
+        cachemoney_cache::causal::ngram_lookups(&tokens, &NgramConfig::default()).unwrap();
+    println!(
+        "causal n-gram  {:>7.2} s  (build and lookups in one pass)",
+        t.elapsed().as_secs_f64()
+    );
+    drop(causal_ngram);
+    let t = Instant::now();
+    let causal_phrase =
+        cachemoney_cache::causal::phrase_lookups(&tokens, &PhraseConfig::default()).unwrap();
+    println!("causal phrase  {:>7.2} s", t.elapsed().as_secs_f64());
+    drop(causal_phrase);
+
     let entries: Vec<Entry> = (1..tokens.len())
         .map(|p| Entry {
             model_p: 0.01 + (p % 97) as f32 / 100.0,
@@ -69,11 +83,9 @@ fn main() {
         })
         .collect();
     let t = Instant::now();
-    let result = calibrate(
-        &entries,
-        &BlendParams::default(),
-        &CalibrationGrid::default(),
-    );
+    let grid = CalibrationGrid::default();
+    let sample = &entries[..grid.calibration_entries(entries.len())];
+    let result = calibrate(sample, &BlendParams::default(), &grid);
     println!(
         "calibration    {:>7.2} s  -> ({}, {})",
         t.elapsed().as_secs_f64(),

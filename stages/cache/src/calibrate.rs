@@ -52,13 +52,15 @@ pub struct CalibrationResult {
     pub points: Vec<GridPoint>,
 }
 
+/// Scores every grid point on `sample`: the calibration entries, i.e. the first
+/// `grid.calibration_entries(total)` entries in pass-1 order, chosen by the caller (who
+/// need not hold the rest in memory).
 pub fn calibrate(
-    entries: &[Entry],
+    sample: &[Entry],
     base: &BlendParams,
     grid: &CalibrationGrid,
 ) -> CalibrationResult {
-    let n = grid.calibration_entries(entries.len());
-    let sample = &entries[..n];
+    let n = sample.len();
     let pairs: Vec<(f64, f64)> = grid
         .alpha_high
         .iter()

@@ -304,64 +304,81 @@ fn write_stats(
     write_parquet(path, schema, [batch], &ParquetLayout::default())
 }
 
-/// Pass-1 entries joined with their positions' matches, in pass-1 order.
+/// Pass-1 entries and the cache's per-position matches, as columns; an [`Entry`] is
+/// assembled only when needed, so that a 62M-entry run never holds all entries at once.
 struct Scored {
     position: Vec<i64>,
+    model_p: Vec<f32>,
+    entropy: Vec<f32>,
     bytes: Vec<u8>,
-    entries: Vec<Entry>,
+    ngram_order: Vec<u8>,
+    ngram_q: Vec<f64>,
+    phrase_length: Vec<u16>,
+    phrase_q: Vec<f64>,
+}
+
+impl Scored {
+    fn len(&self) -> usize {
+        self.position.len()
+    }
+
+    /// Entry `row` of pass 1 with the matches at its target position.
+    fn entry(&self, row: usize) -> Entry {
+        let i = self.position[row] as usize;
+        Entry {
+            model_p: self.model_p[row],
+            entropy: self.entropy[row],
+            ngram: NgramMatch {
+                q: self.ngram_q[i],
+                order: self.ngram_order[i],
+                ..NgramMatch::default()
+            },
+            phrase: PhraseMatch {
+                q: self.phrase_q[i],
+                length: self.phrase_length[i],
+                ..PhraseMatch::default()
+            },
+        }
+    }
+
+    fn entries(&self, rows: std::ops::Range<usize>) -> Vec<Entry> {
+        rows.map(|row| self.entry(row)).collect()
+    }
 }
 
 fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
     let pass1 = ctx.input("pass1")?.file("pass1.parquet");
     let matches = ctx.input("cache")?.file("matches.parquet");
-    let position = read_column::<Int64Type>(&pass1, "position")?;
-    let model_p = read_column::<Float32Type>(&pass1, "model_p")?;
-    let entropy = read_column::<Float32Type>(&pass1, "entropy")?;
-    let bytes = read_column::<UInt8Type>(&pass1, "bytes")?;
-    let ngram_order = read_column::<UInt8Type>(&matches, "ngram_order")?;
-    let ngram_q = read_column::<Float64Type>(&matches, "ngram_q")?;
-    let phrase_length = read_column::<UInt16Type>(&matches, "phrase_length")?;
-    let phrase_q = read_column::<Float64Type>(&matches, "phrase_q")?;
-    if position.is_empty() {
+    let scored = Scored {
+        position: read_column::<Int64Type>(&pass1, "position")?,
+        model_p: read_column::<Float32Type>(&pass1, "model_p")?,
+        entropy: read_column::<Float32Type>(&pass1, "entropy")?,
+        bytes: read_column::<UInt8Type>(&pass1, "bytes")?,
+        ngram_order: read_column::<UInt8Type>(&matches, "ngram_order")?,
+        ngram_q: read_column::<Float64Type>(&matches, "ngram_q")?,
+        phrase_length: read_column::<UInt16Type>(&matches, "phrase_length")?,
+        phrase_q: read_column::<Float64Type>(&matches, "phrase_q")?,
+    };
+    if scored.len() == 0 {
         return Err(StageError::input(&pass1, "the pass-1 table is empty"));
     }
-    let positions = ngram_order.len() as i64;
-    let mut entries = Vec::with_capacity(position.len());
-    for (row, &p) in position.iter().enumerate() {
+    let positions = scored.ngram_order.len() as i64;
+    for (row, &p) in scored.position.iter().enumerate() {
         if p < 1 || p >= positions {
             return Err(StageError::input(
                 &pass1,
                 format!("row {row}: position {p} is outside the cached val stream's targets 1..{} (pass-1 and cache come from different val tokens?)", positions - 1),
             ));
         }
-        let h = entropy[row];
+        let h = scored.entropy[row];
         if !h.is_finite() {
             return Err(StageError::input(
                 &pass1,
                 format!("row {row}: entropy is {h}"),
             ));
         }
-        let i = p as usize;
-        entries.push(Entry {
-            model_p: model_p[row],
-            entropy: h,
-            ngram: NgramMatch {
-                q: ngram_q[i],
-                order: ngram_order[i],
-                ..NgramMatch::default()
-            },
-            phrase: PhraseMatch {
-                q: phrase_q[i],
-                length: phrase_length[i],
-                ..PhraseMatch::default()
-            },
-        });
     }
-    Ok(Scored {
-        position,
-        bytes,
-        entries,
-    })
+    Ok(scored)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -459,7 +476,9 @@ impl Stage for CalibrateStage {
         };
         let mut report = StageReport::default();
         let started = Instant::now();
-        let result = calibrate(&scored.entries, &base, &grid);
+        // Only the calibration entries are ever assembled.
+        let sample = scored.entries(0..grid.calibration_entries(scored.len()));
+        let result = calibrate(&sample, &base, &grid);
         report.phase("grid", started);
 
         let schema = Arc::new(Schema::new(vec![
@@ -607,17 +626,15 @@ impl Stage for Pass2Stage {
         ]));
         let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
             (0f64, 0f64, 0f64, 0u64);
-        let n = scored.entries.len();
-        let mut batches = Vec::new();
-        for chunk in 0..n.div_ceil(ROW_GROUP_ROWS) {
+        let n = scored.len();
+        // Batches are made as the writer asks for them: scores never sit in memory whole.
+        let batches = (0..n.div_ceil(ROW_GROUP_ROWS)).map(|chunk| {
             let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(n);
-            let blended: Vec<(f64, f64)> = scored.entries[range.clone()]
-                .iter()
-                .map(|e| blend.blend(e))
-                .collect();
+            let entries = scored.entries(range.clone());
+            let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
             let mut bits = Vec::with_capacity(range.len());
             for (i, &(p_ngram, p_final)) in range.clone().zip(&blended) {
-                let entry = &scored.entries[i];
+                let entry = &entries[i - range.start];
                 neural_nll -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
                 ngram_nll -= p_ngram.max(PROBABILITY_FLOOR).ln();
                 let nll = -p_final.max(PROBABILITY_FLOOR).ln();
@@ -632,25 +649,22 @@ impl Stage for Pass2Stage {
                     positions.iter().map(|&p| tokens[p as usize]),
                 )),
                 Arc::new(Float32Array::from_iter_values(
-                    scored.entries[range.clone()].iter().map(|e| e.model_p),
+                    entries.iter().map(|e| e.model_p),
                 )),
                 Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
                 Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
                 Arc::new(Float64Array::from(bits)),
                 Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
             ];
-            batches
-                .push(RecordBatch::try_new(schema.clone(), columns).expect("columns match schema"));
-        }
-        report.phase("blend", started);
-        let started = Instant::now();
+            RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+        });
         write_parquet(
             &ctx.output("scores.parquet"),
-            schema,
+            schema.clone(),
             batches,
             &ParquetLayout::delta(&["position"]),
         )?;
-        report.phase("write", started);
+        report.phase("blend_and_write", started);
         let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
         let summary = serde_json::json!({
             "mode": cache_params_of(ctx)?.mode,
