@@ -295,3 +295,23 @@ fn causal_mode_reuses_everything_upstream_and_scores_worse_than_the_leaky_refere
         "19"
     );
 }
+
+#[test]
+fn the_cache_chain_gives_identical_bytes_with_one_and_two_threads() {
+    for mode in ["reference", "causal"] {
+        let pipeline = cache_pipeline("params.model = \"bigram\"").replace(
+            "params.ngram_buckets = 65536",
+            &format!("params.ngram_buckets = 65536\nparams.mode = \"{mode}\""),
+        );
+        let hashes: Vec<String> = ["1", "2"]
+            .iter()
+            .map(|threads| {
+                let p = Project::small();
+                p.write_pipeline(&pipeline);
+                p.ok(&["run", "--threads", threads]);
+                p.sql("SELECT stage, content_hash FROM artifacts ORDER BY stage")
+            })
+            .collect();
+        assert_eq!(hashes[0], hashes[1], "mode {mode}");
+    }
+}
