@@ -54,6 +54,44 @@ pub fn context_hashes(tokens: &[u16], width: usize, primes: &[u32], out: &mut [u
     }
 }
 
+/// Positions hashed per block when counting, to bound scratch memory.
+const BLOCK: usize = 1 << 20;
+
+/// A count table of `buckets` entries: for every position p ≥ width, +1 at the masked
+/// context hash of the `width` tokens before p or, with `full`, at the full hash (the
+/// target folded in). This is the record's `np.bincount` per table.
+pub fn count_keys(
+    tokens: &[u16],
+    width: usize,
+    primes: &[u32],
+    full: bool,
+    buckets: usize,
+) -> Vec<u32> {
+    let mask = (buckets - 1) as u32;
+    let mut table = vec![0u32; buckets];
+    if tokens.len() <= width {
+        return table;
+    }
+    let target_prime = primes[width % primes.len()];
+    let mut hashes = vec![0u32; BLOCK];
+    let mut start = width;
+    while start < tokens.len() {
+        let end = (start + BLOCK).min(tokens.len());
+        let count = end - start;
+        context_hashes(&tokens[start - width..end], width, primes, &mut hashes);
+        if full {
+            for (h, &t) in hashes[..count].iter_mut().zip(&tokens[start..end]) {
+                *h ^= (t as u32).wrapping_mul(target_prime);
+            }
+        }
+        for &h in &hashes[..count] {
+            table[(h & mask) as usize] += 1;
+        }
+        start = end;
+    }
+    table
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

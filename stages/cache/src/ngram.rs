@@ -7,11 +7,8 @@
 
 use rayon::prelude::*;
 
-use crate::hash::{context_hash, context_hashes, full_hash, NGRAM_PRIMES};
+use crate::hash::{context_hash, count_keys, full_hash, NGRAM_PRIMES};
 use crate::{check_buckets, ConfigError};
-
-/// Positions hashed per block when building, to bound scratch memory.
-const BLOCK: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NgramConfig {
@@ -90,7 +87,9 @@ impl NgramTables {
             .collect();
         let mut tables: Vec<Vec<u32>> = jobs
             .par_iter()
-            .map(|&(order, full)| count_order(tokens, order - 1, full, mask, config.buckets))
+            .map(|&(order, full)| {
+                count_keys(tokens, order - 1, &NGRAM_PRIMES, full, config.buckets)
+            })
             .collect();
         let full_top = tables.pop().expect("the full job is last");
         let last = tokens.len().saturating_sub(1);
@@ -195,38 +194,6 @@ impl NgramTables {
     }
 }
 
-/// One table: for every position p ≥ width, +1 at the context key (or, with `full`, at
-/// the full key) of the `width` tokens before p.
-fn count_order(tokens: &[u16], width: usize, full: bool, mask: u32, buckets: usize) -> Vec<u32> {
-    let mut table = vec![0u32; buckets];
-    if tokens.len() <= width {
-        return table;
-    }
-    let mut hashes = vec![0u32; BLOCK];
-    let mut start = width;
-    while start < tokens.len() {
-        let end = (start + BLOCK).min(tokens.len());
-        let count = end - start;
-        context_hashes(
-            &tokens[start - width..end],
-            width,
-            &NGRAM_PRIMES,
-            &mut hashes,
-        );
-        if full {
-            let target_prime = NGRAM_PRIMES[width % NGRAM_PRIMES.len()];
-            for (h, &t) in hashes[..count].iter_mut().zip(&tokens[start..end]) {
-                *h ^= (t as u32).wrapping_mul(target_prime);
-            }
-        }
-        for &h in &hashes[..count] {
-            table[(h & mask) as usize] += 1;
-        }
-        start = end;
-    }
-    table
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +212,7 @@ mod tests {
         };
         let tables = NgramTables::build(&tokens, &config).unwrap();
         for order in 2..=16 {
-            let direct = count_order(&tokens, order - 1, true, (1 << 10) - 1, 1 << 10);
+            let direct = count_keys(&tokens, order - 1, &NGRAM_PRIMES, true, 1 << 10);
             assert_eq!(tables.full_table(order), direct, "order {order}");
         }
     }

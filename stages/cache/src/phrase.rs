@@ -4,10 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::hash::{context_hash, context_hashes, full_hash, PHRASE_PRIMES};
+use crate::hash::{context_hash, count_keys, full_hash, PHRASE_PRIMES};
 use crate::{check_buckets, ConfigError};
-
-const BLOCK: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PhraseConfig {
@@ -30,7 +28,7 @@ impl Default for PhraseConfig {
 impl PhraseConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let descending = self.lengths.windows(2).all(|w| w[0] > w[1]);
-        if self.lengths.is_empty() || !descending || self.lengths.iter().any(|&l| l == 0) {
+        if self.lengths.is_empty() || !descending || self.lengths.contains(&0) {
             return Err(ConfigError::PhraseLengths(self.lengths.clone()));
         }
         check_buckets("phrase buckets", self.buckets)
@@ -76,7 +74,7 @@ impl PhraseTables {
             .map(|&(length, full)| {
                 (
                     full,
-                    count_length(tokens, length, full, mask, config.buckets),
+                    count_keys(tokens, length, &PHRASE_PRIMES, full, config.buckets),
                 )
             })
             .collect();
@@ -135,36 +133,6 @@ impl PhraseTables {
             .map(|p| self.lookup(tokens, p))
             .collect()
     }
-}
-
-fn count_length(tokens: &[u16], length: usize, full: bool, mask: u32, buckets: usize) -> Vec<u32> {
-    let mut table = vec![0u32; buckets];
-    if tokens.len() <= length {
-        return table;
-    }
-    let mut hashes = vec![0u32; BLOCK];
-    let mut start = length;
-    while start < tokens.len() {
-        let end = (start + BLOCK).min(tokens.len());
-        let count = end - start;
-        context_hashes(
-            &tokens[start - length..end],
-            length,
-            &PHRASE_PRIMES,
-            &mut hashes,
-        );
-        if full {
-            let target_prime = PHRASE_PRIMES[length % PHRASE_PRIMES.len()];
-            for (h, &t) in hashes[..count].iter_mut().zip(&tokens[start..end]) {
-                *h ^= (t as u32).wrapping_mul(target_prime);
-            }
-        }
-        for &h in &hashes[..count] {
-            table[(h & mask) as usize] += 1;
-        }
-        start = end;
-    }
-    table
 }
 
 #[cfg(test)]

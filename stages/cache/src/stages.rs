@@ -205,32 +205,35 @@ impl Stage for CacheStage {
         // finished tables, which only the reference mode keeps; in causal mode it is null.
         let insertions = |width: usize| tokens.len().saturating_sub(width) as f64;
         let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
-        let mut rows: Vec<(&str, u16, u64, f64, Option<u64>, f64)> = Vec::new();
-        for order in params.ngram_min_order..=params.ngram_max_order {
-            let (matched, q_sum) = ngram_stats[order];
-            let buckets_used = reference
-                .as_ref()
-                .and_then(|(ngram, _)| used(ngram.ctx_table(order)));
-            rows.push((
-                "ngram",
-                order as u16,
+        let mut rows = Vec::new();
+        let ngram_orders = params.ngram_min_order..=params.ngram_max_order;
+        for (order, &(matched, q_sum)) in ngram_stats
+            .iter()
+            .enumerate()
+            .filter(|(o, _)| ngram_orders.contains(o))
+        {
+            rows.push(StatsRow {
+                kind: "ngram",
+                size: order as u16,
                 matched,
-                q_sum / matched.max(1) as f64,
-                buckets_used,
-                insertions(order - 1) / params.ngram_buckets as f64,
-            ));
+                mean_q: q_sum / matched.max(1) as f64,
+                buckets_used: reference
+                    .as_ref()
+                    .and_then(|(ngram, _)| used(ngram.ctx_table(order))),
+                insertions_per_bucket: insertions(order - 1) / params.ngram_buckets as f64,
+            });
         }
         let phrase_used = reference.as_ref().and_then(|(_, phrase)| used(&phrase.ctx));
         for &length in &params.phrase_lengths {
             let (matched, q_sum) = phrase_stats[length];
-            rows.push((
-                "phrase",
-                length as u16,
+            rows.push(StatsRow {
+                kind: "phrase",
+                size: length as u16,
                 matched,
-                q_sum / matched.max(1) as f64,
-                phrase_used,
-                insertions(length) / params.phrase_buckets as f64,
-            ));
+                mean_q: q_sum / matched.max(1) as f64,
+                buckets_used: phrase_used,
+                insertions_per_bucket: insertions(length) / params.phrase_buckets as f64,
+            });
         }
         write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
         write_json(&ctx.output("cache.json"), &params)?;
@@ -280,10 +283,18 @@ fn matches_batch(
     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
 }
 
-fn write_stats(
-    path: &Path,
-    rows: &[(&str, u16, u64, f64, Option<u64>, f64)],
-) -> Result<u64, StageError> {
+/// One row of `cache_stats`: an n-gram order or a phrase length.
+struct StatsRow {
+    kind: &'static str,
+    size: u16,
+    matched: u64,
+    mean_q: f64,
+    /// Null in causal mode, which keeps no finished tables.
+    buckets_used: Option<u64>,
+    insertions_per_bucket: f64,
+}
+
+fn write_stats(path: &Path, rows: &[StatsRow]) -> Result<u64, StageError> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("kind", DataType::Utf8, false),
         Field::new("size", DataType::UInt16, false),
@@ -293,12 +304,18 @@ fn write_stats(
         Field::new("insertions_per_bucket", DataType::Float64, false),
     ]));
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-        Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.1))),
-        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3))),
-        Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.4))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.5))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
+        Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.size))),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.matched),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.mean_q),
+        )),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.buckets_used))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.insertions_per_bucket),
+        )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
     write_parquet(path, schema, [batch], &ParquetLayout::default())
