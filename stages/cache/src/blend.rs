@@ -52,15 +52,30 @@ impl BlendParams {
     /// §5.2, the "PR #913 alpha curve": higher orders are trusted at lower entropy and
     /// with a larger multiplier.
     pub fn ngram_alpha(&self, entropy: f32, order: u8) -> f64 {
-        let span = (self.max_order as f64 - self.min_order as f64).max(1.0);
-        let o = (order as f64 - self.min_order as f64) / span;
+        self.ngram_alpha_from_sigma(self.ngram_sigma(entropy, order), order)
+    }
+
+    /// The entropy sigmoid of the n-gram weight. It depends on `entropy_thresh` but not
+    /// on `alpha_high`, which lets calibration compute it once per threshold.
+    pub fn ngram_sigma(&self, entropy: f32, order: u8) -> f64 {
+        let o = self.order_fraction(order);
         let th_hi = self.entropy_thresh + 1.0;
         let th_lo = (self.entropy_thresh - 2.0).max(1.5);
         let threshold = th_hi - o * (th_hi - th_lo);
-        let sigma = 1.0 / (1.0 + (-2.0 * (entropy as f64 - threshold)).exp());
+        1.0 / (1.0 + (-2.0 * (entropy as f64 - threshold)).exp())
+    }
+
+    /// The n-gram weight given its sigmoid (see [`BlendParams::ngram_sigma`]).
+    pub fn ngram_alpha_from_sigma(&self, sigma: f64, order: u8) -> f64 {
+        let o = self.order_fraction(order);
         let base = self.alpha_low + (self.alpha_high - self.alpha_low) * sigma;
         let multiplier = 0.3 + 1.7 * o;
         (base * multiplier).clamp(0.0, self.alpha_max)
+    }
+
+    fn order_fraction(&self, order: u8) -> f64 {
+        let span = (self.max_order as f64 - self.min_order as f64).max(1.0);
+        (order as f64 - self.min_order as f64) / span
     }
 
     /// §6: longer phrases are trusted more. The entropy factor is computed in f32, as the
@@ -78,23 +93,39 @@ impl BlendParams {
     /// §7: the model's probability, then the n-gram on top, then the phrase on top.
     /// Returns (p after the n-gram stage, final p before the floor).
     pub fn blend(&self, entry: &Entry) -> (f64, f64) {
-        let mut p = entry.model_p as f64;
-        if entry.ngram.matched() {
-            let a = self.ngram_alpha(entry.entropy, entry.ngram.order);
-            p = (1.0 - a) * p + a * entry.ngram.q;
-        }
-        let after_ngram = p;
-        if entry.phrase.matched() {
-            let b = self.phrase_alpha(entry.entropy, entry.phrase.length);
-            p = (1.0 - b) * p + b * entry.phrase.q;
-        }
-        (after_ngram, p)
+        let ngram_weight = entry
+            .ngram
+            .matched()
+            .then(|| self.ngram_alpha(entry.entropy, entry.ngram.order));
+        let phrase_weight = entry
+            .phrase
+            .matched()
+            .then(|| self.phrase_alpha(entry.entropy, entry.phrase.length));
+        blend_with_weights(entry, ngram_weight, phrase_weight)
     }
 
     /// The entry's final NLL in nats.
     pub fn nll(&self, entry: &Entry) -> f64 {
         -self.blend(entry).1.max(PROBABILITY_FLOOR).ln()
     }
+}
+
+/// The sequential blend with the weights already known (`None`: that cache did not match).
+#[inline]
+pub fn blend_with_weights(
+    entry: &Entry,
+    ngram_weight: Option<f64>,
+    phrase_weight: Option<f64>,
+) -> (f64, f64) {
+    let mut p = entry.model_p as f64;
+    if let Some(a) = ngram_weight {
+        p = (1.0 - a) * p + a * entry.ngram.q;
+    }
+    let after_ngram = p;
+    if let Some(b) = phrase_weight {
+        p = (1.0 - b) * p + b * entry.phrase.q;
+    }
+    (after_ngram, p)
 }
 
 #[cfg(test)]

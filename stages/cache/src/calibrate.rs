@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::blend::{BlendParams, Entry};
+use crate::blend::{blend_with_weights, BlendParams, Entry, PROBABILITY_FLOOR};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CalibrationGrid {
@@ -61,28 +61,71 @@ pub fn calibrate(
     grid: &CalibrationGrid,
 ) -> CalibrationResult {
     let n = sample.len();
-    let pairs: Vec<(f64, f64)> = grid
-        .alpha_high
-        .iter()
-        .flat_map(|&a| grid.entropy_thresh.iter().map(move |&e| (a, e)))
-        .collect();
-    // Points in parallel; each point's sum is sequential, so the result does not depend
-    // on the thread count.
-    let points: Vec<GridPoint> = pairs
+    // The phrase weight does not depend on the grid, and the n-gram sigmoid depends only on
+    // entropy_thresh: compute them once (per threshold), not once per point. The float
+    // operations are the blend's own, so every objective is bit-identical to scoring each
+    // point with `BlendParams::nll`.
+    let phrase_weights: Vec<Option<f64>> = sample
         .par_iter()
-        .map(|&(alpha_high, entropy_thresh)| {
-            let params = BlendParams {
-                alpha_high,
-                entropy_thresh,
-                ..base.clone()
-            };
-            let total: f64 = sample.iter().map(|e| params.nll(e)).sum();
-            GridPoint {
-                alpha_high,
-                entropy_thresh,
-                objective: total / n.max(1) as f64,
-            }
+        .map(|e| {
+            e.phrase
+                .matched()
+                .then(|| base.phrase_alpha(e.entropy, e.phrase.length))
         })
+        .collect();
+    let mut by_threshold: Vec<Vec<GridPoint>> = Vec::new();
+    for &entropy_thresh in &grid.entropy_thresh {
+        let params = BlendParams {
+            entropy_thresh,
+            ..base.clone()
+        };
+        let sigmas: Vec<f64> = sample
+            .par_iter()
+            .map(|e| {
+                if e.ngram.matched() {
+                    params.ngram_sigma(e.entropy, e.ngram.order)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        // Points in parallel; each point's sum is sequential, so the result does not depend
+        // on the thread count.
+        let points = grid
+            .alpha_high
+            .par_iter()
+            .map(|&alpha_high| {
+                let params = BlendParams {
+                    alpha_high,
+                    ..params.clone()
+                };
+                let total: f64 = sample
+                    .iter()
+                    .zip(&sigmas)
+                    .zip(&phrase_weights)
+                    .map(|((e, &sigma), &phrase_weight)| {
+                        let ngram_weight = e
+                            .ngram
+                            .matched()
+                            .then(|| params.ngram_alpha_from_sigma(sigma, e.ngram.order));
+                        -blend_with_weights(e, ngram_weight, phrase_weight)
+                            .1
+                            .max(PROBABILITY_FLOOR)
+                            .ln()
+                    })
+                    .sum();
+                GridPoint {
+                    alpha_high,
+                    entropy_thresh,
+                    objective: total / n.max(1) as f64,
+                }
+            })
+            .collect();
+        by_threshold.push(points);
+    }
+    // Back to the record's loop order: alpha_high outer, entropy_thresh inner.
+    let points: Vec<GridPoint> = (0..grid.alpha_high.len())
+        .flat_map(|a| by_threshold.iter().map(move |row| row[a].clone()))
         .collect();
     let mut best = 0;
     for (i, point) in points.iter().enumerate() {
@@ -96,5 +139,60 @@ pub fn calibrate(
         objective: points[best].objective,
         entries: n,
         points,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ngram::NgramMatch;
+    use crate::phrase::PhraseMatch;
+
+    /// The shortcut must give exactly the objective of scoring each point directly.
+    #[test]
+    fn objectives_equal_direct_scoring_bit_for_bit() {
+        let sample: Vec<Entry> = (0..5000u32)
+            .map(|i| Entry {
+                model_p: 0.001 + (i % 97) as f32 / 100.0,
+                entropy: (i % 71) as f32 / 10.0,
+                ngram: NgramMatch {
+                    q: (i % 13) as f64 / 13.0,
+                    // Every third entry unmatched, the rest spread over orders 2..=16.
+                    order: if i % 3 == 0 { 0 } else { 2 + (i % 15) as u8 },
+                    ..NgramMatch::default()
+                },
+                phrase: PhraseMatch {
+                    q: (i % 7) as f64 / 7.0,
+                    length: [0u16, 16, 32, 48, 64][(i % 5) as usize],
+                    ..PhraseMatch::default()
+                },
+            })
+            .collect();
+        let base = BlendParams::default();
+        let grid = CalibrationGrid::default();
+        let result = calibrate(&sample, &base, &grid);
+        let mut i = 0;
+        for &alpha_high in &grid.alpha_high {
+            for &entropy_thresh in &grid.entropy_thresh {
+                let params = BlendParams {
+                    alpha_high,
+                    entropy_thresh,
+                    ..base.clone()
+                };
+                let direct: f64 =
+                    sample.iter().map(|e| params.nll(e)).sum::<f64>() / sample.len() as f64;
+                let point = &result.points[i];
+                assert_eq!(
+                    (point.alpha_high, point.entropy_thresh),
+                    (alpha_high, entropy_thresh)
+                );
+                assert_eq!(
+                    point.objective.to_bits(),
+                    direct.to_bits(),
+                    "({alpha_high}, {entropy_thresh})"
+                );
+                i += 1;
+            }
+        }
     }
 }
