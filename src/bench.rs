@@ -83,7 +83,23 @@ fn synthetic_stream(n: usize) -> Vec<u16> {
     tokens
 }
 
-pub fn run(dir: Option<PathBuf>, repeats: usize, tokens: usize, text_mb: usize) -> Result<()> {
+/// Which parts of the bench to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Shard import, status, cached run, SQL, text tokenization.
+    Spine,
+    /// The cache chain: cache, calibrate, pass2 (each stage's wall time and peak RSS).
+    Cache,
+    All,
+}
+
+pub fn run(
+    dir: Option<PathBuf>,
+    repeats: usize,
+    tokens: usize,
+    text_mb: usize,
+    section: Section,
+) -> Result<()> {
     let scratch = match dir {
         Some(d) => {
             std::fs::create_dir_all(&d)?;
@@ -100,6 +116,12 @@ pub fn run(dir: Option<PathBuf>, repeats: usize, tokens: usize, text_mb: usize) 
         scratch.display(),
         rayon::current_num_threads()
     );
+    if section != Section::Spine {
+        cache_chain(&scratch, repeats, tokens)?;
+    }
+    if section == Section::Cache {
+        return Ok(());
+    }
 
     // --- Shard import at the size of the real validation set ---------------------------
     let shard_dir = scratch.join("shards");
@@ -214,5 +236,163 @@ pub fn run(dir: Option<PathBuf>, repeats: usize, tokens: usize, text_mb: usize) 
             mb / seconds
         );
     }
+    Ok(())
+}
+
+/// A stream with the golden data's kind of repetition: documents of 200–2200 tokens, 60%
+/// of them copying a span of a shared 1M-token base text, the rest random.
+fn copy_span_stream(n: usize) -> Vec<u16> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let base: Vec<u16> = (0..1_000_000).map(|_| 4 + (next() % 1020) as u16).collect();
+    let mut tokens = Vec::with_capacity(n);
+    while tokens.len() < n {
+        tokens.push(1);
+        let len = 200 + (next() % 2000) as usize;
+        if next() % 10 < 6 {
+            let start = (next() as usize) % (base.len() - len);
+            tokens.extend_from_slice(&base[start..start + len]);
+        } else {
+            tokens.extend((0..len).map(|_| 4 + (next() % 1020) as u16));
+        }
+    }
+    tokens.truncate(n);
+    tokens
+}
+
+/// Runs this binary with `args` in `dir`; returns (wall seconds, the child's peak RSS in
+/// bytes), read with wait4 so that each figure is that one process's own.
+fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let child = Command::new(exe)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: zeroed rusage is a valid value, and wait4 only writes into the two
+    // out-pointers, which outlive the call.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let seconds = started.elapsed().as_secs_f64();
+    if waited != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr {
+            use std::io::Read;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        bail!("cachemoney {} failed: {}", args.join(" "), stderr.trim());
+    }
+    Ok((seconds, usage.ru_maxrss as u64 * 1024))
+}
+
+fn cache_chain(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
+    let dir = scratch.join("cache-chain");
+    std::fs::create_dir_all(dir.join("shards"))?;
+    let shard = dir.join("shards/fineweb_val_000000.bin");
+    let n = targets + 1;
+    if std::fs::metadata(&shard).map(|m| m.len()).unwrap_or(0)
+        != (text::shards::HEADER_BYTES + 2 * n) as u64
+    {
+        std::fs::write(&shard, text::shards::encode_shard(&copy_span_stream(n)))?;
+    }
+    let model = project_file(SP_MODEL)?;
+    // The bigram is estimated on the val stream itself: this bench times the cache, not
+    // the model, and a GPT's pass-1 has the same shape.
+    std::fs::write(
+        dir.join("pipeline.toml"),
+        format!(
+            r#"[nodes.tokens]
+stage = "tokenize"
+files.val = "shards/fineweb_val_*.bin"
+files.train = "shards/fineweb_val_*.bin"
+files.tokenizer = {model:?}
+params.source = "shards"
+params.val_truncate_multiple = 0
+
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+
+[nodes.scores]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+"#
+        ),
+    )?;
+    timed(&dir, &["run", "-q", "--until", "pass1"])?;
+    println!("cache chain on {targets} targets of a copy-span stream (median of {repeats}; peak RSS is the largest run's)");
+    let mut peak = 0u64;
+    for node in ["cache", "calibration", "scores"] {
+        let mut runs = Vec::new();
+        for _ in 0..repeats.max(1) {
+            let (seconds, rss) =
+                timed_with_rss(&dir, &["run", "-q", "--until", node, "--force", node])?;
+            runs.push(seconds);
+            peak = peak.max(rss);
+            println!(
+                "  {node:<12} run {seconds:>7.2} s  peak RSS {:>6.2} GB",
+                rss as f64 / 1e9
+            );
+        }
+        let manifest = Command::new(std::env::current_exe()?)
+            .args(["show", node, "--json"])
+            .current_dir(&dir)
+            .output()?;
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout)?;
+        let phases: Vec<String> = manifest["phase_seconds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{} {:.2}s",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        println!(
+            "{:<44} median {:>8.3} s   phases of the stored build: {}",
+            format!("stage {node}"),
+            median(runs),
+            phases.join(", ")
+        );
+        if node == "scores" {
+            let report = &manifest["report"];
+            println!(
+                "  BPB neural {:.4} -> n-gram {:.4} -> final {:.4}; {:.1} M entries/s through pass2",
+                report["neural_bpb"].as_f64().unwrap_or(f64::NAN),
+                report["ngram_bpb"].as_f64().unwrap_or(f64::NAN),
+                report["final_bpb"].as_f64().unwrap_or(f64::NAN),
+                report["entries"].as_f64().unwrap_or(0.0) / manifest["seconds"].as_f64().unwrap_or(f64::NAN) / 1e6
+            );
+        }
+    }
+    println!(
+        "{:<44} {:>6.2} GB",
+        "peak RSS over cache -> calibrate -> pass2",
+        peak as f64 / 1e9
+    );
     Ok(())
 }

@@ -114,6 +114,9 @@ enum Command {
         /// Megabytes of text for the tokenize throughput figure.
         #[arg(long, default_value_t = 100)]
         text_mb: usize,
+        /// Which part to measure.
+        #[arg(long, value_enum, default_value_t = cachemoney::bench::Section::All)]
+        section: cachemoney::bench::Section,
     },
 }
 
@@ -146,9 +149,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         repeat,
         tokens,
         text_mb,
+        section,
     } = cli.command
     {
-        cachemoney::bench::run(dir, repeat, tokens, text_mb)?;
+        cachemoney::bench::run(dir, repeat, tokens, text_mb, section)?;
         return Ok(ExitCode::SUCCESS);
     }
     let session = Session::open(&cli.pipeline)?;
