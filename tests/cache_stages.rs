@@ -210,6 +210,13 @@ fn a_bad_imported_pass1_table_is_refused_with_its_file_and_row() {
             vec![],
             "the pass-1 table is empty",
         ),
+        (
+            "short.parquet",
+            vec![1, 2, 3],
+            vec![0.5; 3],
+            vec![1.0; 3],
+            "the pass-1 table covers 3 of the",
+        ),
     ];
     for (name, position, model_p, entropy, expected) in cases {
         let schema = cachemoney_pass1_schema();

@@ -307,6 +307,21 @@ pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Tab
             ));
         }
     }
+    // Every target must be scored at least once (a sliding window scores some twice, as
+    // the record's tail does); a table covering a subset would give a BPB over a subset.
+    let mut covered = vec![false; val_bytes.len()];
+    for &p in &position {
+        covered[p as usize] = true;
+    }
+    if let Some(missing) = (1..val_bytes.len()).find(|&p| !covered[p]) {
+        let count = covered.iter().skip(1).filter(|&&c| c).count();
+        return Err(StageError::input(
+            path,
+            format!(
+                "the pass-1 table covers {count} of the {last} val targets (first missing position {missing}): it is shorter than, or from other tokens than, the val table"
+            ),
+        ));
+    }
     let has_bytes = read_column::<UInt8Type>(path, "bytes");
     let bytes = match has_bytes {
         Ok(b) => b,
