@@ -239,32 +239,6 @@ pub fn run(
     Ok(())
 }
 
-/// A stream with the golden data's kind of repetition: documents of 200–2200 tokens, 60%
-/// of them copying a span of a shared 1M-token base text, the rest random.
-fn copy_span_stream(n: usize) -> Vec<u16> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let base: Vec<u16> = (0..1_000_000).map(|_| 4 + (next() % 1020) as u16).collect();
-    let mut tokens = Vec::with_capacity(n);
-    while tokens.len() < n {
-        tokens.push(1);
-        let len = 200 + (next() % 2000) as usize;
-        if next() % 10 < 6 {
-            let start = (next() as usize) % (base.len() - len);
-            tokens.extend_from_slice(&base[start..start + len]);
-        } else {
-            tokens.extend((0..len).map(|_| 4 + (next() % 1020) as u16));
-        }
-    }
-    tokens.truncate(n);
-    tokens
-}
-
 /// Runs this binary with `args` in `dir`; returns (wall seconds, the child's peak RSS in
 /// bytes), read with wait4 so that each figure is that one process's own.
 fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
@@ -302,7 +276,10 @@ fn cache_chain(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
     if std::fs::metadata(&shard).map(|m| m.len()).unwrap_or(0)
         != (text::shards::HEADER_BYTES + 2 * n) as u64
     {
-        std::fs::write(&shard, text::shards::encode_shard(&copy_span_stream(n)))?;
+        std::fs::write(
+            &shard,
+            text::shards::encode_shard(&cache::synthetic::copy_span_stream(n)),
+        )?;
     }
     let model = project_file(SP_MODEL)?;
     // The bigram is estimated on the val stream itself: this bench times the cache, not

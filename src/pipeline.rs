@@ -127,9 +127,9 @@ impl Pipeline {
                 .as_ref()
                 .map(|p| at(Some(p.span())))
                 .unwrap_or_else(|| node_at.clone());
-            let params = stage.canonical_params(&raw_params).map_err(|e| {
-                anyhow!("{params_at}: node '{name}': {}", strip_node(&e.to_string()))
-            })?;
+            let params = stage
+                .canonical_params(&raw_params)
+                .map_err(|e| anyhow!("{params_at}: node '{name}': {e}"))?;
 
             let mut inputs = BTreeMap::new();
             for (input, upstream) in &def.inputs {
@@ -250,14 +250,6 @@ impl Pipeline {
             }
         }
         Ok(wanted)
-    }
-}
-
-fn strip_node(message: &str) -> &str {
-    // Stage errors say "node '<kind>': ..." when they cannot know the node's name.
-    match message.split_once("': ") {
-        Some((head, rest)) if head.starts_with("node '") => rest,
-        _ => message,
     }
 }
 

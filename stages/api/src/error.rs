@@ -8,7 +8,12 @@ pub enum StageError {
     #[error("{}: {message}", path.display())]
     Input { path: PathBuf, message: String },
 
-    /// Parameters or wiring of the node are wrong.
+    /// A parameter value is invalid (found while canonicalising, before the runner has
+    /// placed the stage in a node; it adds the node and the pipeline location).
+    #[error("{0}")]
+    InvalidParams(String),
+
+    /// Parameters or wiring of the node are wrong, found while running it.
     #[error("node '{node}': {message}")]
     Param { node: String, message: String },
 

@@ -18,7 +18,7 @@ pub use error::StageError;
 pub use parquet_io::{read_column, read_parquet, write_parquet, ParquetLayout, ROW_GROUP_ROWS};
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
@@ -169,7 +169,7 @@ impl StageReport {
 
 /// Parses `raw` (a JSON object, possibly empty) into `T`, rejecting unknown fields, and
 /// returns `T` re-serialised: the canonical form with defaults filled in.
-pub fn canonicalize<T>(kind: &str, raw: &Value) -> Result<Value, StageError>
+pub fn canonicalize<T>(raw: &Value) -> Result<Value, StageError>
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
@@ -178,17 +178,15 @@ where
     } else {
         raw.clone()
     };
-    let parsed: T = serde_json::from_value(raw).map_err(|e| StageError::Param {
-        node: kind.to_string(),
-        message: e.to_string(),
-    })?;
-    serde_json::to_value(parsed).map_err(|e| StageError::Param {
-        node: kind.to_string(),
-        message: e.to_string(),
-    })
+    let parsed: T =
+        serde_json::from_value(raw).map_err(|e| StageError::InvalidParams(e.to_string()))?;
+    serde_json::to_value(parsed).map_err(|e| StageError::InvalidParams(e.to_string()))
 }
 
-/// The file name shown in error messages: short, but enough to find the file.
-pub fn display_path(path: &Path) -> String {
-    path.display().to_string()
+/// Row ranges of at most [`ROW_GROUP_ROWS`] rows covering `0..len`, one Parquet row group
+/// (and one record batch) each; an empty table still gets one empty range, so its file
+/// carries the schema.
+pub fn row_groups(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len.div_ceil(ROW_GROUP_ROWS).max(1))
+        .map(move |i| (i * ROW_GROUP_ROWS).min(len)..((i + 1) * ROW_GROUP_ROWS).min(len))
 }

@@ -11,36 +11,12 @@ use cachemoney_cache::{
     PhraseTables,
 };
 
-fn synthetic(n: usize) -> Vec<u16> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let base: Vec<u16> = (0..1_000_000).map(|_| (next() % 1024) as u16).collect();
-    let mut tokens = Vec::with_capacity(n);
-    while tokens.len() < n {
-        tokens.push(1);
-        let len = 200 + (next() % 2000) as usize;
-        if next() % 10 < 6 {
-            let start = (next() as usize) % (base.len() - len);
-            tokens.extend_from_slice(&base[start..start + len]);
-        } else {
-            tokens.extend((0..len).map(|_| (next() % 1024) as u16));
-        }
-    }
-    tokens.truncate(n);
-    tokens
-}
-
 fn main() {
     let targets: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse().unwrap())
         .unwrap_or(62_021_632);
-    let tokens = synthetic(targets + 1);
+    let tokens = cachemoney_cache::synthetic::copy_span_stream(targets + 1);
     println!(
         "{} tokens, {} threads",
         tokens.len(),

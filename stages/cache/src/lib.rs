@@ -18,6 +18,7 @@ pub mod hash;
 pub mod ngram;
 pub mod phrase;
 pub mod stages;
+pub mod synthetic;
 
 pub use blend::{BlendParams, Entry};
 pub use calibrate::{calibrate, CalibrationGrid, CalibrationResult};

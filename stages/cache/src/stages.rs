@@ -16,8 +16,8 @@ use arrow::datatypes::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, write_parquet, ParquetLayout, Stage, StageContext, StageError,
-    StageReport, ROW_GROUP_ROWS,
+    canonicalize, read_column, row_groups, write_parquet, ParquetLayout, Stage, StageContext,
+    StageError, StageReport,
 };
 
 use crate::blend::{BlendParams, Entry, PROBABILITY_FLOOR};
@@ -84,11 +84,15 @@ impl CacheParams {
     }
 }
 
-fn param_error(kind: &str, message: impl std::fmt::Display) -> StageError {
+fn param_error(node: &str, message: impl std::fmt::Display) -> StageError {
     StageError::Param {
-        node: kind.to_string(),
+        node: node.to_string(),
         message: message.to_string(),
     }
+}
+
+fn invalid_params(message: impl std::fmt::Display) -> StageError {
+    StageError::InvalidParams(message.to_string())
 }
 
 pub struct CacheStage;
@@ -107,16 +111,10 @@ impl Stage for CacheStage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<CacheParams>(self.kind(), raw)?;
+        let canonical = canonicalize::<CacheParams>(raw)?;
         let params: CacheParams = serde_json::from_value(canonical.clone()).unwrap();
-        params
-            .ngram()
-            .validate()
-            .map_err(|e| param_error(self.kind(), e))?;
-        params
-            .phrase()
-            .validate()
-            .map_err(|e| param_error(self.kind(), e))?;
+        params.ngram().validate().map_err(invalid_params)?;
+        params.phrase().validate().map_err(invalid_params)?;
         Ok(canonical)
     }
 
@@ -162,8 +160,7 @@ impl Stage for CacheStage {
             vec![(0u64, 0f64); params.phrase_lengths.iter().max().copied().unwrap_or(0) + 1];
         let schema = matches_schema();
         let bar = ctx.progress(tokens.len() as u64, "cache lookups");
-        let batches = (0..tokens.len().div_ceil(ROW_GROUP_ROWS)).map(|chunk| {
-            let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(tokens.len());
+        let batches = row_groups(tokens.len()).map(|range| {
             let (ng, ph) = match (&reference, &causal) {
                 (Some((ngram, phrase)), _) => (
                     ngram.lookup_range(&tokens, range.clone()),
@@ -454,16 +451,16 @@ impl Stage for CalibrateStage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<CalibrateParams>(self.kind(), raw)?;
+        let canonical = canonicalize::<CalibrateParams>(raw)?;
         let p: CalibrateParams = serde_json::from_value(canonical.clone()).unwrap();
         if p.alpha_high.is_empty() || p.entropy_thresh.is_empty() {
-            return Err(param_error(self.kind(), "the calibration grid is empty"));
+            return Err(invalid_params("the calibration grid is empty"));
         }
         if !(0.0..=1.0).contains(&p.fraction) {
-            return Err(param_error(
-                self.kind(),
-                format!("fraction {} is outside 0..=1", p.fraction),
-            ));
+            return Err(invalid_params(format!(
+                "fraction {} is outside 0..=1",
+                p.fraction
+            )));
         }
         Ok(canonical)
     }
@@ -584,7 +581,7 @@ impl Stage for Pass2Stage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        canonicalize::<Pass2Params>(self.kind(), raw)
+        canonicalize::<Pass2Params>(raw)
     }
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
@@ -645,8 +642,7 @@ impl Stage for Pass2Stage {
             (0f64, 0f64, 0f64, 0u64);
         let n = scored.len();
         // Batches are made as the writer asks for them: scores never sit in memory whole.
-        let batches = (0..n.div_ceil(ROW_GROUP_ROWS)).map(|chunk| {
-            let range = chunk * ROW_GROUP_ROWS..((chunk + 1) * ROW_GROUP_ROWS).min(n);
+        let batches = row_groups(n).map(|range| {
             let entries = scored.entries(range.clone());
             let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
             let mut bits = Vec::with_capacity(range.len());

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, write_parquet, FileRole, ParquetLayout, Stage, StageContext,
-    StageError, StageReport, ROW_GROUP_ROWS,
+    canonicalize, read_column, row_groups, write_parquet, FileRole, ParquetLayout, Stage,
+    StageContext, StageError, StageReport,
 };
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,12 +87,9 @@ impl Stage for Pass1Stage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<Pass1Params>(self.kind(), raw)?;
+        let canonical = canonicalize::<Pass1Params>(raw)?;
         let params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
-        let bad = |message: String| StageError::Param {
-            node: self.kind().to_string(),
-            message,
-        };
+        let bad = StageError::InvalidParams;
         if !(params.temperature > 0.0 && params.temperature.is_finite()) {
             return Err(bad(format!(
                 "temperature {} must be positive",
@@ -185,11 +182,8 @@ impl Pass1Table {
     pub fn write(&self, path: &std::path::Path) -> Result<u64, StageError> {
         let schema = pass1_schema();
         let n = self.position.len();
-        let batches = (0..n.div_ceil(ROW_GROUP_ROWS).max(1)).map(|chunk| {
-            let (start, end) = (
-                (chunk * ROW_GROUP_ROWS).min(n),
-                ((chunk + 1) * ROW_GROUP_ROWS).min(n),
-            );
+        let batches = row_groups(n).map(|rows| {
+            let (start, end) = (rows.start, rows.end);
             let columns: Vec<ArrayRef> = vec![
                 Arc::new(Int64Array::from(self.position[start..end].to_vec())),
                 Arc::new(Float32Array::from(self.model_p[start..end].to_vec())),

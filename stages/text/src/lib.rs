@@ -107,12 +107,9 @@ impl Stage for TokenizeStage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<TokenizeParams>(self.kind(), raw)?;
+        let canonical = canonicalize::<TokenizeParams>(raw)?;
         let params: TokenizeParams = serde_json::from_value(canonical.clone()).unwrap();
-        let bad = |message: String| StageError::Param {
-            node: self.kind().to_string(),
-            message,
-        };
+        let bad = StageError::InvalidParams;
         if !(0.0..=1.0).contains(&params.val_fraction) {
             return Err(bad(format!(
                 "val_fraction {} is outside 0..=1",

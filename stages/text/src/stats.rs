@@ -35,7 +35,7 @@ impl Stage for TokenStatsStage {
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        canonicalize::<TokenStatsParams>(self.kind(), raw)
+        canonicalize::<TokenStatsParams>(raw)
     }
 
     fn input_names(&self) -> &'static [&'static str] {

@@ -111,10 +111,8 @@ impl TokenTable {
 
     pub fn write(&self, path: &Path) -> Result<u64, StageError> {
         let schema = Self::schema();
-        let rows = stage_api::ROW_GROUP_ROWS;
-        let batches = (0..self.len().div_ceil(rows).max(1)).map(|chunk| {
-            let start = (chunk * rows).min(self.len());
-            let end = ((chunk + 1) * rows).min(self.len());
+        let batches = stage_api::row_groups(self.len()).map(|rows| {
+            let (start, end) = (rows.start, rows.end);
             let columns: Vec<ArrayRef> = vec![
                 Arc::new(Int64Array::from_iter_values(start as i64..end as i64)),
                 Arc::new(UInt16Array::from(self.token[start..end].to_vec())),
