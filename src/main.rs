@@ -117,6 +117,10 @@ enum Command {
         /// Which part to measure.
         #[arg(long, value_enum, default_value_t = cachemoney::bench::Section::All)]
         section: cachemoney::bench::Section,
+        /// Time the engine on this shard's tokens (challenge format) instead of a
+        /// synthetic stream of --tokens.
+        #[arg(long)]
+        shard: Option<PathBuf>,
     },
 }
 
@@ -150,9 +154,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         tokens,
         text_mb,
         section,
+        shard,
     } = cli.command
     {
-        cachemoney::bench::run(dir, repeat, tokens, text_mb, section)?;
+        cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard)?;
         return Ok(ExitCode::SUCCESS);
     }
     let session = Session::open(&cli.pipeline)?;

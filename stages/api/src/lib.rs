@@ -15,7 +15,9 @@ mod error;
 mod parquet_io;
 
 pub use error::StageError;
-pub use parquet_io::{read_column, read_parquet, write_parquet, ParquetLayout, ROW_GROUP_ROWS};
+pub use parquet_io::{
+    read_column, read_parquet, write_parquet, write_parquet_parallel, ParquetLayout, ROW_GROUP_ROWS,
+};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

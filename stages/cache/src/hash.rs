@@ -54,6 +54,54 @@ pub fn context_hashes(tokens: &[u16], width: usize, primes: &[u32], out: &mut [u
     }
 }
 
+/// Hints the CPU to start loading `table[index]` into cache. Lookups are bound by memory
+/// latency (each probe is a random read from a 64 MB table); issuing the probes of a
+/// position a few positions ahead lets those misses overlap instead of queueing.
+#[inline(always)]
+pub fn prefetch(table: &[u32], index: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(slot) = table.get(index) {
+        // SAFETY: prefetching is a hint with no architectural effect; the pointer is
+        // in bounds anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (slot as *const u32).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, index);
+}
+
+/// Positions looked up per block: each block hashes all its positions at every order
+/// first (vectorised), then probes the tables with prefetching.
+pub const LOOKUP_BLOCK: usize = 4096;
+
+/// How many positions ahead the lookups prefetch.
+pub const PREFETCH_DISTANCE: usize = 8;
+
+/// Context hashes of width `width` for the positions `start..start + out.len()`; entries
+/// for positions below `width` (which have no such context) are left untouched.
+pub fn context_hashes_at(
+    tokens: &[u16],
+    start: usize,
+    width: usize,
+    primes: &[u32],
+    out: &mut [u32],
+) {
+    let first = start.max(width);
+    let end = start + out.len();
+    if first >= end {
+        return;
+    }
+    context_hashes(
+        &tokens[first - width..end],
+        width,
+        primes,
+        &mut out[first - start..],
+    );
+}
+
 /// Positions hashed per block when counting, to bound scratch memory.
 const BLOCK: usize = 1 << 20;
 

@@ -4,7 +4,10 @@
 
 use rayon::prelude::*;
 
-use crate::hash::{context_hash, count_keys, full_hash, PHRASE_PRIMES};
+use crate::hash::{
+    context_hash, context_hashes_at, count_keys, full_hash, prefetch, LOOKUP_BLOCK, PHRASE_PRIMES,
+    PREFETCH_DISTANCE,
+};
 use crate::{check_buckets, ConfigError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,15 +98,26 @@ impl PhraseTables {
         })
     }
 
+    /// §6: the longest length whose context count reaches `min_count` and whose full
+    /// count is positive (no leave-one-out, as the record).
     pub fn lookup(&self, tokens: &[u16], p: usize) -> PhraseMatch {
-        for &length in &self.config.lengths {
-            if p < length {
+        self.lookup_hashed(tokens[p], |k| {
+            let length = self.config.lengths[k];
+            (p >= length).then(|| context_hash(tokens, p, length, &PHRASE_PRIMES))
+        })
+    }
+
+    /// [`Self::lookup`] with the unmasked context hash of the `k`-th configured length
+    /// supplied by `context_of(k)` (None where the position has no context that long).
+    #[inline]
+    fn lookup_hashed(&self, target: u16, context_of: impl Fn(usize) -> Option<u32>) -> PhraseMatch {
+        for (k, &length) in self.config.lengths.iter().enumerate() {
+            let Some(h) = context_of(k) else {
                 continue;
-            }
-            let h = context_hash(tokens, p, length, &PHRASE_PRIMES);
+            };
             let context = self.ctx[(h & self.mask) as usize];
             let full =
-                self.full[(full_hash(h, tokens[p], length, &PHRASE_PRIMES) & self.mask) as usize];
+                self.full[(full_hash(h, target, length, &PHRASE_PRIMES) & self.mask) as usize];
             if context >= self.config.min_count && full > 0 {
                 let q = (full.min(context) as f64 / context.max(1) as f64).clamp(0.0, 1.0);
                 return PhraseMatch {
@@ -121,23 +135,96 @@ impl PhraseTables {
         self.lookup_range(tokens, 0..tokens.len())
     }
 
-    /// Lookups for `positions`, in parallel, in position order.
+    /// Lookups for `positions`, in parallel, in position order; equal to [`Self::lookup`]
+    /// at each position (tested), but hashed in bulk and prefetched.
     pub fn lookup_range(
         &self,
         tokens: &[u16],
         positions: std::ops::Range<usize>,
     ) -> Vec<PhraseMatch> {
-        positions
-            .into_par_iter()
-            .with_min_len(4096)
-            .map(|p| self.lookup(tokens, p))
-            .collect()
+        let mut out = vec![PhraseMatch::default(); positions.len()];
+        out.par_chunks_mut(LOOKUP_BLOCK)
+            .enumerate()
+            .for_each(|(block, out)| {
+                self.lookup_block(tokens, positions.start + block * LOOKUP_BLOCK, out)
+            });
+        out
+    }
+
+    /// The n-gram lookups' scheme (see `NgramTables::lookup_block`): hash the block at
+    /// every length, then probe with the next positions' buckets already on their way.
+    fn lookup_block(&self, tokens: &[u16], start: usize, out: &mut [PhraseMatch]) {
+        let lengths = &self.config.lengths;
+        let len = out.len();
+        let mut hashes = vec![0u32; lengths.len() * len];
+        for (&length, row) in lengths.iter().zip(hashes.chunks_mut(len.max(1))) {
+            context_hashes_at(tokens, start, length, &PHRASE_PRIMES, row);
+        }
+        let hash = |k: usize, i: usize| hashes[k * len + i];
+        let prefetch_position = |i: usize, count: usize| {
+            let p = start + i;
+            for (k, &length) in lengths.iter().enumerate().take(count) {
+                if p < length {
+                    continue;
+                }
+                let h = hash(k, i);
+                prefetch(&self.ctx, (h & self.mask) as usize);
+                let full_key = full_hash(h, tokens[p], length, &PHRASE_PRIMES) & self.mask;
+                prefetch(&self.full, full_key as usize);
+            }
+        };
+        for i in 0..len.min(PREFETCH_DISTANCE) {
+            prefetch_position(i, lengths.len());
+        }
+        let mut probed = lengths.len();
+        for (i, slot) in out.iter_mut().enumerate() {
+            if i + PREFETCH_DISTANCE < len {
+                prefetch_position(i + PREFETCH_DISTANCE, probed + 1);
+            }
+            let p = start + i;
+            let found = self.lookup_hashed(tokens[p], |k| (p >= lengths[k]).then(|| hash(k, i)));
+            probed = if found.matched() {
+                lengths
+                    .iter()
+                    .position(|&l| l == found.length as usize)
+                    .map_or(lengths.len(), |k| k + 1)
+            } else {
+                lengths.len()
+            };
+            *slot = found;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_lookups_equal_single_lookups() {
+        // A stream that repeats with variations, small tables (collisions), and ranges
+        // that start inside the first contexts and cross block edges.
+        let base: Vec<u16> = (0..300u32).map(|i| ((i * 7919) % 1024) as u16).collect();
+        let tokens: Vec<u16> = (0..3 * LOOKUP_BLOCK + 123)
+            .map(|i| {
+                if i % 97 == 0 {
+                    5
+                } else {
+                    base[(i * 3 / 2) % base.len()]
+                }
+            })
+            .collect();
+        let config = PhraseConfig {
+            buckets: 1 << 10,
+            ..PhraseConfig::default()
+        };
+        let tables = PhraseTables::build(&tokens, &config).unwrap();
+        for range in [0..tokens.len(), 40..LOOKUP_BLOCK + 77, 100..100] {
+            let bulk = tables.lookup_range(&tokens, range.clone());
+            let single: Vec<PhraseMatch> = range.map(|p| tables.lookup(&tokens, p)).collect();
+            assert_eq!(bulk, single);
+        }
+    }
 
     /// Appendix B: on any stream, exactly positions 0..15 are unmatched.
     #[test]

@@ -16,8 +16,8 @@ use arrow::datatypes::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, row_groups, write_parquet, ParquetLayout, Stage, StageContext,
-    StageError, StageReport,
+    canonicalize, read_column, write_parquet, write_parquet_parallel, ParquetLayout, Stage,
+    StageContext, StageError, StageReport,
 };
 
 use crate::blend::{BlendParams, Entry, PROBABILITY_FLOOR};
@@ -103,7 +103,7 @@ impl Stage for CacheStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -160,41 +160,58 @@ impl Stage for CacheStage {
             vec![(0u64, 0f64); params.phrase_lengths.iter().max().copied().unwrap_or(0) + 1];
         let schema = matches_schema();
         let bar = ctx.progress(tokens.len() as u64, "cache lookups");
-        let batches = row_groups(tokens.len()).map(|range| {
-            let (ng, ph) = match (&reference, &causal) {
-                (Some((ngram, phrase)), _) => (
-                    ngram.lookup_range(&tokens, range.clone()),
-                    phrase.lookup_range(&tokens, range.clone()),
-                ),
-                (_, Some((ngram, phrase))) => (
-                    ngram[range.clone()].to_vec(),
-                    phrase[range.clone()].to_vec(),
-                ),
-                _ => unreachable!("one mode is set"),
-            };
-            // Statistics over targets 1..T (position 0 is never scored).
-            for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
-                if range.start + i == 0 {
-                    continue;
-                }
-                if n.matched() {
-                    ngram_stats[n.order as usize].0 += 1;
-                    ngram_stats[n.order as usize].1 += n.q;
-                }
-                if p.matched() {
-                    phrase_stats[p.length as usize].0 += 1;
-                    phrase_stats[p.length as usize].1 += p.q;
-                }
-            }
-            bar.inc(range.len() as u64);
-            matches_batch(&schema, range.start, &ng, &ph)
-        });
-        write_parquet(
+        let (ngram_len, phrase_len) = (ngram_stats.len(), phrase_stats.len());
+        let per_group = write_parquet_parallel(
             &ctx.output("matches.parquet"),
             schema.clone(),
-            batches,
+            tokens.len(),
             &ParquetLayout::delta(&["position"]),
+            |range| {
+                let (ng, ph) = match (&reference, &causal) {
+                    (Some((ngram, phrase)), _) => (
+                        ngram.lookup_range(&tokens, range.clone()),
+                        phrase.lookup_range(&tokens, range.clone()),
+                    ),
+                    (_, Some((ngram, phrase))) => (
+                        ngram[range.clone()].to_vec(),
+                        phrase[range.clone()].to_vec(),
+                    ),
+                    _ => unreachable!("one mode is set"),
+                };
+                // Statistics over targets 1..T (position 0 is never scored).
+                let mut ngram_part = vec![(0u64, 0f64); ngram_len];
+                let mut phrase_part = vec![(0u64, 0f64); phrase_len];
+                for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
+                    if range.start + i == 0 {
+                        continue;
+                    }
+                    if n.matched() {
+                        ngram_part[n.order as usize].0 += 1;
+                        ngram_part[n.order as usize].1 += n.q;
+                    }
+                    if p.matched() {
+                        phrase_part[p.length as usize].0 += 1;
+                        phrase_part[p.length as usize].1 += p.q;
+                    }
+                }
+                bar.inc(range.len() as u64);
+                Ok((
+                    matches_batch(&schema, range.start, &ng, &ph),
+                    (ngram_part, phrase_part),
+                ))
+            },
         )?;
+        // Partial sums reduced in row-group order: the same on any number of threads.
+        for (ngram_part, phrase_part) in per_group {
+            for (total, part) in ngram_stats.iter_mut().zip(ngram_part) {
+                total.0 += part.0;
+                total.1 += part.1;
+            }
+            for (total, part) in phrase_stats.iter_mut().zip(phrase_part) {
+                total.0 += part.0;
+                total.1 += part.1;
+            }
+        }
         bar.finish_and_clear();
         report.phase("lookups_and_write", started);
 
@@ -443,7 +460,7 @@ impl Stage for CalibrateStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -573,7 +590,7 @@ impl Stage for Pass2Stage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -638,45 +655,58 @@ impl Stage for Pass2Stage {
             Field::new("bits", DataType::Float64, false),
             Field::new("bytes", DataType::UInt8, false),
         ]));
-        let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
-            (0f64, 0f64, 0f64, 0u64);
         let n = scored.len();
-        // Batches are made as the writer asks for them: scores never sit in memory whole.
-        let batches = row_groups(n).map(|range| {
-            let entries = scored.entries(range.clone());
-            let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
-            let mut bits = Vec::with_capacity(range.len());
-            for (i, &(p_ngram, p_final)) in range.clone().zip(&blended) {
-                let entry = &entries[i - range.start];
-                neural_nll -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
-                ngram_nll -= p_ngram.max(PROBABILITY_FLOOR).ln();
-                let nll = -p_final.max(PROBABILITY_FLOOR).ln();
-                final_nll += nll;
-                total_bytes += scored.bytes[i] as u64;
-                bits.push(nll / std::f64::consts::LN_2);
-            }
-            let positions = &scored.position[range.clone()];
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(Int64Array::from(positions.to_vec())),
-                Arc::new(UInt16Array::from_iter_values(
-                    positions.iter().map(|&p| tokens[p as usize]),
-                )),
-                Arc::new(Float32Array::from_iter_values(
-                    entries.iter().map(|e| e.model_p),
-                )),
-                Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
-                Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
-                Arc::new(Float64Array::from(bits)),
-                Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
-            ];
-            RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
-        });
-        write_parquet(
+        // Row groups are blended and encoded in parallel; each returns its partial sums
+        // (neural, after n-gram, final NLL in nats; bytes), reduced below in group order.
+        let partials = write_parquet_parallel(
             &ctx.output("scores.parquet"),
             schema.clone(),
-            batches,
+            n,
             &ParquetLayout::delta(&["position"]),
+            |range| {
+                let entries = scored.entries(range.clone());
+                let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
+                let (mut neural, mut ngram, mut fin, mut bytes) = (0f64, 0f64, 0f64, 0u64);
+                let mut bits = Vec::with_capacity(range.len());
+                for ((entry, &(p_ngram, p_final)), &b) in entries
+                    .iter()
+                    .zip(&blended)
+                    .zip(&scored.bytes[range.clone()])
+                {
+                    neural -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
+                    ngram -= p_ngram.max(PROBABILITY_FLOOR).ln();
+                    let nll = -p_final.max(PROBABILITY_FLOOR).ln();
+                    fin += nll;
+                    bytes += b as u64;
+                    bits.push(nll / std::f64::consts::LN_2);
+                }
+                let positions = &scored.position[range.clone()];
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(Int64Array::from(positions.to_vec())),
+                    Arc::new(UInt16Array::from_iter_values(
+                        positions.iter().map(|&p| tokens[p as usize]),
+                    )),
+                    Arc::new(Float32Array::from_iter_values(
+                        entries.iter().map(|e| e.model_p),
+                    )),
+                    Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
+                    Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
+                    Arc::new(Float64Array::from(bits)),
+                    Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
+                ];
+                let batch =
+                    RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+                Ok((batch, (neural, ngram, fin, bytes)))
+            },
         )?;
+        let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
+            (0f64, 0f64, 0f64, 0u64);
+        for (neural, ngram, fin, bytes) in partials {
+            neural_nll += neural;
+            ngram_nll += ngram;
+            final_nll += fin;
+            total_bytes += bytes;
+        }
         report.phase("blend_and_write", started);
         let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
         let summary = serde_json::json!({

@@ -79,7 +79,7 @@ impl Stage for Pass1Stage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
