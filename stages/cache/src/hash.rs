@@ -80,6 +80,20 @@ pub const LOOKUP_BLOCK: usize = 4096;
 /// How many positions ahead the lookups prefetch.
 pub const PREFETCH_DISTANCE: usize = 8;
 
+/// Lookups for `positions` in parallel, one [`LOOKUP_BLOCK`] at a time:
+/// `lookup_block(first_position, out)` fills one block's results.
+pub fn lookups_in_blocks<T: Clone + Default + Send>(
+    positions: std::ops::Range<usize>,
+    lookup_block: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::default(); positions.len()];
+    out.par_chunks_mut(LOOKUP_BLOCK)
+        .enumerate()
+        .for_each(|(block, out)| lookup_block(positions.start + block * LOOKUP_BLOCK, out));
+    out
+}
+
 /// Context hashes of width `width` for the positions `start..start + out.len()`; entries
 /// for positions below `width` (which have no such context) are left untouched.
 pub fn context_hashes_at(

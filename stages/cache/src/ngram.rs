@@ -8,8 +8,8 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes_at, count_keys, full_hash, prefetch, LOOKUP_BLOCK, NGRAM_PRIMES,
-    PREFETCH_DISTANCE,
+    context_hash, context_hashes_at, count_keys, full_hash, lookups_in_blocks, prefetch,
+    NGRAM_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::{check_buckets, ConfigError};
 
@@ -199,13 +199,9 @@ impl NgramTables {
         tokens: &[u16],
         positions: std::ops::Range<usize>,
     ) -> Vec<NgramMatch> {
-        let mut out = vec![NgramMatch::default(); positions.len()];
-        out.par_chunks_mut(LOOKUP_BLOCK)
-            .enumerate()
-            .for_each(|(block, out)| {
-                self.lookup_block(tokens, positions.start + block * LOOKUP_BLOCK, out)
-            });
-        out
+        lookups_in_blocks(positions, |start, out| {
+            self.lookup_block(tokens, start, out)
+        })
     }
 
     fn lookup_block(&self, tokens: &[u16], start: usize, out: &mut [NgramMatch]) {
@@ -262,6 +258,7 @@ impl NgramTables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::LOOKUP_BLOCK;
 
     fn stream(n: usize) -> Vec<u16> {
         let base: Vec<u16> = (0..97u32).map(|i| ((i * 37 + 11) % 50) as u16).collect();

@@ -5,8 +5,8 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes_at, count_keys, full_hash, prefetch, LOOKUP_BLOCK, PHRASE_PRIMES,
-    PREFETCH_DISTANCE,
+    context_hash, context_hashes_at, count_keys, full_hash, lookups_in_blocks, prefetch,
+    PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::{check_buckets, ConfigError};
 
@@ -142,13 +142,9 @@ impl PhraseTables {
         tokens: &[u16],
         positions: std::ops::Range<usize>,
     ) -> Vec<PhraseMatch> {
-        let mut out = vec![PhraseMatch::default(); positions.len()];
-        out.par_chunks_mut(LOOKUP_BLOCK)
-            .enumerate()
-            .for_each(|(block, out)| {
-                self.lookup_block(tokens, positions.start + block * LOOKUP_BLOCK, out)
-            });
-        out
+        lookups_in_blocks(positions, |start, out| {
+            self.lookup_block(tokens, start, out)
+        })
     }
 
     /// The n-gram lookups' scheme (see `NgramTables::lookup_block`): hash the block at
@@ -199,6 +195,7 @@ impl PhraseTables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::LOOKUP_BLOCK;
 
     #[test]
     fn block_lookups_equal_single_lookups() {
