@@ -7,6 +7,7 @@ pub mod config;
 pub mod export;
 pub mod model;
 pub mod optim;
+pub mod score;
 pub mod train;
 
 pub use config::{GptConfig, ShapeError};
@@ -320,6 +321,38 @@ print(sum(v.numel() for v in t.values()), len(t), tuple(t["qo_bank"].shape), tup
         let err = export::load_into(&other, &path).unwrap_err();
         assert!(err.contains("not a readable safetensors file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Pass 1 agrees with one plain forward over the first window, and its values are
+    /// probabilities and entropies of the tempered distribution.
+    #[test]
+    fn pass1_matches_a_direct_forward_and_is_tempered() {
+        let _seeded = seeded(5);
+        let config = small();
+        let (_vs, model) = randomised(&config);
+        let tokens: Vec<u16> = (0..100).map(|i| ((i * 37) % 1024) as u16).collect();
+        let scores = score::score(&model, &tokens, 8, 3, 0.85, |_| {});
+        let entries: usize = score::windows(99, 32, 8)
+            .iter()
+            .map(|w| w.len - w.first_scored)
+            .sum();
+        assert_eq!(scores.position.len(), entries);
+        assert_eq!(&scores.position[..32], &(1..=32).collect::<Vec<i64>>()[..]);
+        let x = Tensor::from_slice(&tokens[..32].iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .view([1, 32]);
+        let log_p = (model.forward(&x) / 0.85).log_softmax(-1, Kind::Float);
+        for j in [0usize, 7, 31] {
+            let direct = log_p
+                .double_value(&[0, j as i64, tokens[j + 1] as i64])
+                .exp();
+            assert!((scores.model_p[j] as f64 - direct).abs() < 1e-6, "j {j}");
+        }
+        let max_entropy = (1024f32).ln();
+        assert!(scores.model_p.iter().all(|&p| p > 0.0 && p <= 1.0));
+        assert!(scores
+            .entropy
+            .iter()
+            .all(|&h| h >= 0.0 && h <= max_entropy + 1e-4));
     }
 
     #[test]

@@ -161,6 +161,10 @@ impl Gpt {
         &self.config
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.tok_emb.device()
+    }
+
     /// Logits `[batch, n, vocab]` for token windows `[batch, n]` (i64, n ≤ seq_len); every
     /// window starts afresh (BigramHash row and SmearGate history reset, §2.4–§2.5).
     pub fn forward(&self, tokens: &Tensor) -> Tensor {

@@ -1,0 +1,162 @@
+//! Pass 1 (algorithm.md §4): the model slides over the val stream in windows of `n_ctx`
+//! with a stride; each window scores only its last `stride` targets (the first window
+//! scores all of its own), so every target is predicted with at least `n_ctx − stride`
+//! tokens of context. For each scored entry: the probability of the true token and the
+//! entropy of the whole next-token distribution, both after the temperature.
+
+use tch::{Kind, Tensor};
+
+use crate::model::Gpt;
+
+/// One window: inputs `tok[start .. start + len]`, targets `tok[start + 1 ..= start + len]`,
+/// scored at local indices `first_scored .. len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: usize,
+    pub len: usize,
+    pub first_scored: usize,
+}
+
+/// §4.1 for a stream with `targets` = len(val) − 1 targets: starts 0, stride, 2·stride, …
+/// while below `targets`; all kept, including the short tail windows that re-score the
+/// last `stride` targets (the record's tail quirk, §4.2).
+pub fn windows(targets: usize, n_ctx: usize, stride: usize) -> Vec<Window> {
+    (0..targets)
+        .step_by(stride.max(1))
+        .map(|start| {
+            let len = (start + n_ctx).min(targets) - start;
+            let first_scored = if start == 0 {
+                0
+            } else {
+                len.saturating_sub(stride)
+            };
+            Window {
+                start,
+                len,
+                first_scored,
+            }
+        })
+        .collect()
+}
+
+/// Per-entry values in pass-1 order (by window, then by position in the window).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Scores {
+    /// The global target position p (the target is `tok[p]`).
+    pub position: Vec<i64>,
+    pub model_p: Vec<f32>,
+    /// Nats, of the tempered distribution.
+    pub entropy: Vec<f32>,
+}
+
+/// Runs the model over `tokens` (the whole val stream) window by window, `batch` windows
+/// at a time. Windows are the model's `seq_len` long (the record's n_ctx is its training
+/// length, and the RoPE base is fixed by it), zero-padded at the tail (causal attention
+/// makes the padding invisible to the scored positions). `progress` is told how many
+/// windows are done.
+pub fn score(
+    model: &Gpt,
+    tokens: &[u16],
+    stride: usize,
+    batch: usize,
+    temperature: f64,
+    mut progress: impl FnMut(usize),
+) -> Scores {
+    let device = model.device();
+    let n_ctx = model.config().seq_len as usize;
+    let targets = tokens.len().saturating_sub(1);
+    let all = windows(targets, n_ctx, stride);
+    let mut out = Scores::default();
+    tch::no_grad(|| {
+        for group in all.chunks(batch.max(1)) {
+            let mut inputs = vec![0i64; group.len() * n_ctx];
+            for (row, w) in group.iter().enumerate() {
+                for j in 0..w.len {
+                    inputs[row * n_ctx + j] = tokens[w.start + j] as i64;
+                }
+            }
+            let x = Tensor::from_slice(&inputs)
+                .view([group.len() as i64, n_ctx as i64])
+                .to_device(device);
+            let z = model.forward(&x).to_kind(Kind::Float) / temperature;
+            let log_p = z.log_softmax(-1, Kind::Float);
+            let entropy =
+                -(log_p.exp() * &log_p).sum_dim_intlist([-1].as_slice(), false, Kind::Float);
+            let log_p = log_p.to_device(tch::Device::Cpu);
+            let entropy = entropy.to_device(tch::Device::Cpu);
+            for (row, w) in group.iter().enumerate() {
+                let scored = w.first_scored as i64..w.len as i64;
+                let targets: Vec<i64> = scored
+                    .clone()
+                    .map(|j| tokens[w.start + j as usize + 1] as i64)
+                    .collect();
+                let count = targets.len() as i64;
+                let rows = log_p
+                    .get(row as i64)
+                    .narrow(0, w.first_scored as i64, count);
+                let picked = rows
+                    .gather(1, &Tensor::from_slice(&targets).unsqueeze(1), false)
+                    .exp()
+                    .squeeze_dim(1);
+                let h = entropy
+                    .get(row as i64)
+                    .narrow(0, w.first_scored as i64, count);
+                out.position
+                    .extend(scored.map(|j| (w.start + j as usize + 1) as i64));
+                out.model_p
+                    .extend(Vec::<f32>::try_from(&picked).expect("f32 values"));
+                out.entropy
+                    .extend(Vec::<f32>::try_from(&h).expect("f32 values"));
+            }
+            progress(group.len());
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_window_set_has_the_record_totals() {
+        let targets = 62_021_632;
+        let all = windows(targets, 2048, 64);
+        assert_eq!(all.len(), 969_088);
+        let entries: usize = all.iter().map(|w| w.len - w.first_scored).sum();
+        assert_eq!(entries, 62_023_616);
+        // 31 short tail windows, each re-scoring the last 64 targets.
+        let short: Vec<&Window> = all.iter().filter(|w| w.len < 2048).collect();
+        assert_eq!(short.len(), 31);
+        assert!(short
+            .iter()
+            .all(|w| w.start + w.first_scored + 1 == targets - 63));
+    }
+
+    #[test]
+    fn every_target_is_scored_and_only_the_tail_twice() {
+        for (targets, n_ctx, stride) in [
+            (1000, 128, 16),
+            (1001, 128, 16),
+            (50, 128, 16),
+            (300, 64, 64),
+        ] {
+            let mut times = vec![0usize; targets + 1];
+            for w in windows(targets, n_ctx, stride) {
+                for j in w.first_scored..w.len {
+                    times[w.start + j + 1] += 1;
+                }
+            }
+            assert_eq!(times[0], 0);
+            assert!(
+                times[1..].iter().all(|&t| t >= 1),
+                "{targets} {n_ctx} {stride}"
+            );
+            let repeated = times.iter().position(|&t| t > 1).unwrap_or(targets + 1);
+            assert!(
+                repeated + stride > targets || repeated > targets,
+                "{targets}: {repeated}"
+            );
+        }
+    }
+}
