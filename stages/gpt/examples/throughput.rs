@@ -1,0 +1,75 @@
+//! Training and pass-1 throughput of the GPT on this machine's CPU (or CUDA when
+//! present), for the record's shape and the small demo shape.
+//!
+//! ./dev run is not needed: `cargo run --release -p cachemoney-gpt --example throughput`
+//! (after `./dev setup`).
+
+use std::time::Instant;
+
+use cachemoney_gpt::{score, Gpt, GptConfig, TokenStream, TrainConfig, Trainer};
+use tch::{nn, Device};
+
+fn main() {
+    let device = Device::cuda_if_available();
+    let shapes = [
+        (
+            "demo (4 layers, d 128, seq 256)",
+            GptConfig {
+                layers: 4,
+                d_model: 128,
+                heads: 4,
+                kv_heads: 2,
+                seq_len: 256,
+                rope_train_len: 256,
+                ..GptConfig::default()
+            },
+            8,
+        ),
+        (
+            "record (6 layers, d 256, seq 2048)",
+            GptConfig::default(),
+            2,
+        ),
+    ];
+    let tokens: Vec<u16> = (0..200_000u32)
+        .map(|i| ((i * 7919) % 1024) as u16)
+        .collect();
+    println!(
+        "device {device:?}, {} torch threads",
+        tch::get_num_threads()
+    );
+    for (label, config, batch) in shapes {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(device);
+        let model = Gpt::new(&vs.root(), &config).unwrap();
+        let mut trainer = Trainer::new(&vs, &TrainConfig::default());
+        let mut stream = TokenStream::new(&tokens);
+        let steps = 5;
+        let (x, y) = stream.next_batch(batch, config.seq_len);
+        trainer.step(&model, &x.to_device(device), &y.to_device(device), 1.0);
+        let started = Instant::now();
+        for _ in 0..steps {
+            let (x, y) = stream.next_batch(batch, config.seq_len);
+            trainer.step(&model, &x.to_device(device), &y.to_device(device), 1.0);
+        }
+        let seconds = started.elapsed().as_secs_f64() / steps as f64;
+        let per_step = (batch * config.seq_len) as f64;
+        println!(
+            "{label}: train step {:.3} s for {} tokens = {:.0} tokens/s",
+            seconds,
+            per_step,
+            per_step / seconds
+        );
+        let stride = 64;
+        let val = &tokens[..(config.seq_len as usize * 4).min(tokens.len())];
+        let started = Instant::now();
+        let scores = score::score(&model, val, stride, 8, 0.85, |_| {});
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "{label}: pass-1 {} entries (stride {stride}) in {:.2} s = {:.0} entries/s",
+            scores.position.len(),
+            seconds,
+            scores.position.len() as f64 / seconds
+        );
+    }
+}
