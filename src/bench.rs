@@ -446,10 +446,15 @@ fn engine(tokens: &[u16], repeats: usize) -> Result<()> {
         };
         // Chunk sums reduced in chunk order: the same total on any thread count.
         let (s, nll) = stopwatch(|| {
-            let chunks: Vec<f64> = (1..tokens.len().max(1))
-                .collect::<Vec<_>>()
-                .par_chunks(1 << 16)
-                .map(|ps| ps.iter().map(|&p| params.nll(&entry(p))).sum::<f64>())
+            const CHUNK: usize = 1 << 16;
+            let chunks: Vec<f64> = (0..targets.div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    let first = 1 + c * CHUNK;
+                    (first..(first + CHUNK).min(targets + 1))
+                        .map(|p| params.nll(&entry(p)))
+                        .sum::<f64>()
+                })
                 .collect();
             chunks.iter().sum::<f64>()
         });

@@ -78,7 +78,6 @@ impl TokenStream {
 }
 
 pub struct Trainer {
-    names: Vec<String>,
     params: Vec<Tensor>,
     groups: [Vec<Tensor>; 3],
     muon: Muon,
@@ -108,7 +107,6 @@ impl Trainer {
         let params: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
         Trainer {
             ema: Ema::new(&params, config.ema_decay),
-            names: named.into_iter().map(|(n, _)| n).collect(),
             params,
             groups,
             muon,
@@ -143,17 +141,8 @@ impl Trainer {
         loss.double_value(&[])
     }
 
-    pub fn steps_taken(&self) -> usize {
-        self.step
-    }
-
     /// Replaces the weights by their EMA (the record's final weights).
     pub fn finish(&self) {
         self.ema.apply(&self.params);
-    }
-
-    /// Variable names in the order the trainer holds them (sorted).
-    pub fn names(&self) -> &[String] {
-        &self.names
     }
 }
