@@ -371,6 +371,12 @@ pub fn stages() {
         if !stage.input_names().is_empty() {
             println!("  inputs: {}", stage.input_names().join(", "));
         }
+        if !stage.optional_input_names().is_empty() {
+            println!(
+                "  optional inputs: {}",
+                stage.optional_input_names().join(", ")
+            );
+        }
         for role in stage.file_roles() {
             println!(
                 "  files.{:<10} {}{}",

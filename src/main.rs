@@ -125,6 +125,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix filters: `cachemoney sql … | head` ends quietly instead of
+    // panicking on a closed pipe.
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new()

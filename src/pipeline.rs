@@ -133,11 +133,21 @@ impl Pipeline {
 
             let mut inputs = BTreeMap::new();
             for (input, upstream) in &def.inputs {
-                if !stage.input_names().contains(&input.as_str()) {
+                let mut takes = stage
+                    .input_names()
+                    .iter()
+                    .chain(stage.optional_input_names());
+                if !takes.any(|known| known == input) {
                     bail!(
                         "{}: node '{name}': stage '{stage_name}' has no input '{input}' (it takes: {})",
                         at(Some(upstream.span())),
-                        list_or_none(stage.input_names().iter().copied())
+                        list_or_none(
+                            stage
+                                .input_names()
+                                .iter()
+                                .chain(stage.optional_input_names())
+                                .copied()
+                        )
                     );
                 }
                 if !file.nodes.contains_key(upstream.get_ref()) {

@@ -373,7 +373,7 @@ fn build(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let files = describe_outputs(&scratch)?;
+    let files = describe_outputs(&scratch, &report.volatile_files)?;
     if files.is_empty() {
         bail!("stage '{}' wrote no output", node.stage);
     }
@@ -395,7 +395,15 @@ fn build(
     Ok((scratch, manifest))
 }
 
-fn describe_outputs(dir: &std::path::Path) -> Result<BTreeMap<String, OutputFile>> {
+fn describe_outputs(
+    dir: &std::path::Path,
+    volatile: &[String],
+) -> Result<BTreeMap<String, OutputFile>> {
+    for name in volatile {
+        if !dir.join(name).is_file() {
+            bail!("the stage declared '{name}' volatile but did not write it");
+        }
+    }
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -420,6 +428,7 @@ fn describe_outputs(dir: &std::path::Path) -> Result<BTreeMap<String, OutputFile
         } else {
             (None, None)
         };
+        let is_volatile = volatile.contains(&name);
         files.insert(
             name,
             OutputFile {
@@ -427,6 +436,7 @@ fn describe_outputs(dir: &std::path::Path) -> Result<BTreeMap<String, OutputFile
                 bytes,
                 rows,
                 schema,
+                volatile: is_volatile,
             },
         );
     }

@@ -39,6 +39,10 @@ pub struct OutputFile {
     /// `[column, arrow type]` pairs for Parquet tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Vec<(String, String)>>,
+    /// Not reproducible by nature (timings): verified like any file, but left out of the
+    /// content hash (see `StageReport::volatile_files`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub volatile: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,10 +67,11 @@ pub struct Manifest {
 }
 
 /// The hash of an artifact's content: its file names and their hashes, nothing else.
+/// Volatile files (timings) are left out: they differ on every run by nature.
 pub fn content_hash(files: &BTreeMap<String, OutputFile>) -> String {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"cachemoney.content.v1\n");
-    for (name, file) in files {
+    for (name, file) in files.iter().filter(|(_, f)| !f.volatile) {
         hasher.update(name.as_bytes());
         hasher.update(b"\0");
         hasher.update(file.blake3.as_bytes());

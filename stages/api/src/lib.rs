@@ -51,6 +51,12 @@ pub trait Stage: Send + Sync {
     fn input_names(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Upstream artifacts a node may connect or not (say, `pass1`'s `model`, which only
+    /// `model = "gpt"` reads); the stage checks in `run` that it got what its parameters
+    /// need.
+    fn optional_input_names(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn file_roles(&self) -> &'static [FileRole] {
         &[]
     }
@@ -154,6 +160,11 @@ pub struct StageReport {
     /// Wall-clock seconds per phase, in the order they ran. Kept apart from `summary`
     /// because timings are never reproducible.
     pub phase_seconds: Vec<(String, f64)>,
+    /// Output files whose bytes are not reproducible by nature (per-step timings): the
+    /// runner records and verifies them but leaves them out of the content hash, so they
+    /// neither break early cut-off nor fail `audit`. Everything else must be
+    /// deterministic.
+    pub volatile_files: Vec<String>,
 }
 
 impl StageReport {

@@ -10,12 +10,16 @@
 //! - `model = "import"`: a Parquet table exported from someone's own eval (PyTorch, say),
 //!   validated before use.
 //!
-//! The trained GPT (`model = "gpt"`) comes with the neural stages.
+//! - `model = "gpt"`: the record's GPT from a `train` artifact (the node's `model` input),
+//!   slid over the val stream as §4 says. It runs in the libtorch worker
+//!   (`neural::worker`); this crate only validates its parameters, and the
+//!   worker writes the same table through [`Pass1Table::write`].
 
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt8Array};
 use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
+use neural::{run_in_worker, Device, GptPass1Options, Task};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,6 +33,7 @@ use stage_api::{
 pub enum Model {
     Bigram,
     Import,
+    Gpt,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +45,15 @@ pub struct Pass1Params {
     pub temperature: f64,
     /// Bigram: the pseudo-count added to every (previous, next) pair.
     pub add_k: f64,
+    /// GPT: targets scored per window after the first (the record's 64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stride: Option<usize>,
+    /// GPT: windows per forward pass (the record's 32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// GPT: `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
 }
 
 impl Default for Pass1Params {
@@ -48,6 +62,9 @@ impl Default for Pass1Params {
             model: Model::Bigram,
             temperature: 0.85,
             add_k: 0.1,
+            stride: None,
+            batch: None,
+            device: None,
         }
     }
 }
@@ -88,8 +105,24 @@ impl Stage for Pass1Stage {
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
         let canonical = canonicalize::<Pass1Params>(raw)?;
-        let params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
+        let mut params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
         let bad = StageError::InvalidParams;
+        // The GPT's options exist only for it: written for another model they would
+        // silently do nothing, so they are refused; for the GPT their defaults are filled
+        // in, so that writing one explicitly keeps the recipe.
+        if params.model == Model::Gpt {
+            let defaults = GptPass1Options::default();
+            params.stride.get_or_insert(defaults.stride);
+            params.batch.get_or_insert(defaults.batch);
+            params.device.get_or_insert(defaults.device);
+            if params.stride == Some(0) || params.batch == Some(0) {
+                return Err(bad("stride and batch must be at least 1".into()));
+            }
+        } else if params.stride.is_some() || params.batch.is_some() || params.device.is_some() {
+            return Err(bad(
+                "stride, batch and device apply only to model = \"gpt\"".into(),
+            ));
+        }
         if !(params.temperature > 0.0 && params.temperature.is_finite()) {
             return Err(bad(format!(
                 "temperature {} must be positive",
@@ -99,11 +132,15 @@ impl Stage for Pass1Stage {
         if !(params.add_k > 0.0 && params.add_k.is_finite()) {
             return Err(bad(format!("add_k {} must be positive", params.add_k)));
         }
-        Ok(canonical)
+        serde_json::to_value(params).map_err(|e| bad(e.to_string()))
     }
 
     fn input_names(&self) -> &'static [&'static str] {
         &["tokens"]
+    }
+
+    fn optional_input_names(&self) -> &'static [&'static str] {
+        &["model"]
     }
 
     fn file_roles(&self) -> &'static [FileRole] {
@@ -112,6 +149,25 @@ impl Stage for Pass1Stage {
 
     fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
         let params: Pass1Params = ctx.params_as()?;
+        match (params.model, ctx.inputs.contains_key("model")) {
+            (Model::Gpt, true) if !ctx.files("table").is_empty() => {
+                return Err(param_error(ctx, "files.table is for model = \"import\""))
+            }
+            (Model::Gpt, true) => return run_in_worker(Task::Pass1, ctx),
+            (Model::Gpt, false) => {
+                return Err(param_error(
+                    ctx,
+                    "model = \"gpt\" needs inputs.model (a train node)",
+                ))
+            }
+            (_, true) => {
+                return Err(param_error(
+                    ctx,
+                    "inputs.model is only read by model = \"gpt\"",
+                ))
+            }
+            (_, false) => {}
+        }
         let tokens = ctx.input("tokens")?;
         let val_path = tokens.file("val.parquet");
         let val = read_column::<UInt16Type>(&val_path, "token")?;
@@ -134,6 +190,7 @@ impl Stage for Pass1Stage {
                 bigram_pass1(&train, &val, &val_bytes, vocab_size, &params)
                     .map_err(|m| StageError::input(&train_path, m))?
             }
+            Model::Gpt => unreachable!("handled by the worker above"),
             Model::Import => {
                 let path = match ctx.files("table") {
                     [one] => one,
@@ -148,7 +205,8 @@ impl Stage for Pass1Stage {
             }
         };
         let entries = table.position.len();
-        let nll: f64 = table.model_p.par_iter().map(|&p| -(p as f64).ln()).sum();
+        // In order, so the figure does not depend on the thread count.
+        let nll: f64 = table.model_p.iter().map(|&p| -(p as f64).ln()).sum();
         let bytes: u64 = table.bytes.iter().map(|&b| b as u64).sum();
         table.write(&ctx.output("pass1.parquet"))?;
         Ok(StageReport::default()

@@ -1,0 +1,196 @@
+//! The neural stages as the runner sees them: `train`, and the GPT source of `pass1`.
+//!
+//! The compute lives in `cachemoney-gpt`, which links libtorch. Linking libtorch into the
+//! `cachemoney` binary would make every command (`status`, `sql`, `show`) load a 1 GB
+//! library first (0.25 s) and refuse to start wherever libtorch is missing, for the sake
+//! of two stages. So the binary stays libtorch-free, and these stages run in a worker
+//! process, `cachemoney-gpt`, that sits next to it (see [`worker`]). What is here, free
+//! of libtorch: the parameters and their validation (a wrong shape is reported before
+//! anything runs), and the process boundary.
+
+pub mod config;
+pub mod worker;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{canonicalize, Stage, StageContext, StageError, StageReport};
+
+pub use config::{GptConfig, ShapeError};
+pub use worker::{run_in_worker, Request, Response, Task};
+
+/// Where the neural stages compute. Part of the recipe: CUDA kernels round differently
+/// from CPU ones, so a CPU artifact must never stand in for a CUDA run (and `audit`
+/// must compare like with like).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// How the learning rate winds down (§3.3).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `steps` steps, the last `warmdown_steps` of them linearly down to 0: the same
+    /// steps on every machine, so the run is reproducible.
+    Steps,
+    /// The record's rule: stop at `max_seconds` of training time, winding down over the
+    /// last `warmdown_steps` steps' worth of time. How far it gets depends on the
+    /// machine, so its artifacts are not reproducible (and `audit` will say so).
+    Wallclock,
+}
+
+/// Parameters of the `train` stage. Defaults are the record's optimiser (§3.4–§3.7);
+/// the model shape defaults to the record's too, and the demo pipeline picks a small one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainParams {
+    pub model: GptConfig,
+    /// Sequences of `model.seq_len` tokens per optimiser step.
+    pub batch: i64,
+    pub schedule: Schedule,
+    /// The step cap (with `schedule = "wallclock"`, the run may stop earlier).
+    pub steps: usize,
+    pub warmdown_steps: usize,
+    /// Training-time cap for `schedule = "wallclock"` (the record's 600 s).
+    pub max_seconds: f64,
+    pub seed: i64,
+    pub matrix_lr: f64,
+    pub tied_embed_lr: f64,
+    pub scalar_lr: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub ema_decay: f64,
+    pub momentum_warmup_steps: usize,
+    /// Validation BPB (non-overlapping `seq_len` windows of val, temperature 1) at step
+    /// 0, every `val_every` steps and at the end; 0 means start and end only.
+    pub val_every: usize,
+    /// Caps the val tokens used for those checks (0: all), so long val sets do not
+    /// dominate training time.
+    pub val_tokens: usize,
+    pub device: Device,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            model: GptConfig::default(),
+            batch: 48,
+            schedule: Schedule::Steps,
+            steps: 15_676,
+            warmdown_steps: 3_500,
+            max_seconds: 600.0,
+            seed: 1337,
+            matrix_lr: 0.025,
+            tied_embed_lr: 0.035,
+            scalar_lr: 0.025,
+            weight_decay: 0.04,
+            grad_clip: 0.3,
+            ema_decay: 0.997,
+            momentum_warmup_steps: 1_500,
+            val_every: 4_000,
+            val_tokens: 0,
+            device: Device::Cpu,
+        }
+    }
+}
+
+impl TrainParams {
+    fn check(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        if self.batch < 1 {
+            return Err(format!("batch {} must be at least 1", self.batch));
+        }
+        if self.steps < 1 {
+            return Err("steps must be at least 1".into());
+        }
+        if !(self.max_seconds > 0.0 && self.max_seconds.is_finite()) {
+            return Err(format!("max_seconds {} must be positive", self.max_seconds));
+        }
+        for (name, value) in [
+            ("matrix_lr", self.matrix_lr),
+            ("tied_embed_lr", self.tied_embed_lr),
+            ("scalar_lr", self.scalar_lr),
+            ("grad_clip", self.grad_clip),
+        ] {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(format!("{name} {value} must be positive"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(format!("ema_decay {} must be in [0, 1)", self.ema_decay));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(format!(
+                "weight_decay {} must be non-negative",
+                self.weight_decay
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `train`: tokens.train → `model.safetensors` (FP16), `config.json`, `train_log`.
+pub struct TrainStage;
+
+impl Stage for TrainStage {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "train tokens -> the record's GPT (FP16 safetensors, config.json, train_log), via libtorch"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let canonical = canonicalize::<TrainParams>(raw)?;
+        let params: TrainParams = serde_json::from_value(canonical.clone())
+            .map_err(|e| StageError::InvalidParams(e.to_string()))?;
+        params.check().map_err(StageError::InvalidParams)?;
+        Ok(canonical)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        run_in_worker(Task::Train, ctx)
+    }
+
+    fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
+        let val = report.get("final_val_bpb")?.as_f64()?;
+        let steps = report.get("steps")?.as_u64()?;
+        let compressed = report.get("compressed_model_bytes")?.as_u64()?;
+        Some(format!(
+            "trained {steps} steps: val BPB {val:.4} (EMA weights, fp16); model {compressed} bytes xz-compressed"
+        ))
+    }
+}
+
+/// The GPT-specific parameters of `pass1` (`model = "gpt"`), §4.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct GptPass1Options {
+    /// Targets scored per window after the first (the record's 64); windows are the
+    /// model's `seq_len` long.
+    pub stride: usize,
+    /// Windows per forward pass (the record's 32).
+    pub batch: usize,
+    pub device: Device,
+}
+
+impl Default for GptPass1Options {
+    fn default() -> Self {
+        GptPass1Options {
+            stride: 64,
+            batch: 32,
+            device: Device::Cpu,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The process boundary between the runner and the libtorch worker.
+//!
+//! The stage hands its whole [`StageContext`] to `cachemoney-gpt` as one JSON [`Request`]
+//! on the worker's stdin; the worker writes its outputs into the same scratch directory
+//! the runner gave the stage and answers with one JSON [`Response`] on stdout. stderr is
+//! inherited, so the worker's progress bars draw on the user's terminal. Nothing about
+//! the artifact store crosses: the worker sees input directories and an output directory,
+//! exactly what an in-process stage sees, and the runner hashes and commits as usual.
+//! Ctrl-C reaches both processes (same process group); the scratch directory is swept
+//! by the next run like any other interrupted stage's.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{InputArtifact, StageContext, StageError, StageReport};
+
+/// The worker binary's file name; it is looked for next to the running executable.
+pub const WORKER: &str = "cachemoney-gpt";
+
+/// Overrides where the worker is looked for (say, a CUDA build on a GPU machine). Only a
+/// location: it never enters a recipe.
+pub const WORKER_ENV: &str = "CACHEMONEY_GPT_WORKER";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Train,
+    Pass1,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub task: Task,
+    pub node: String,
+    pub params: Value,
+    /// Input name → (directory, content hash).
+    pub inputs: BTreeMap<String, (PathBuf, String)>,
+    pub files: BTreeMap<String, Vec<PathBuf>>,
+    pub out_dir: PathBuf,
+    pub show_progress: bool,
+    /// The runner's thread count, which the worker gives libtorch.
+    pub threads: usize,
+}
+
+impl Request {
+    pub fn from_context(task: Task, ctx: &StageContext, threads: usize) -> Request {
+        Request {
+            task,
+            node: ctx.node.clone(),
+            params: ctx.params.clone(),
+            inputs: ctx
+                .inputs
+                .iter()
+                .map(|(name, a)| (name.clone(), (a.dir.clone(), a.content_hash.clone())))
+                .collect(),
+            files: ctx.files.clone(),
+            out_dir: ctx.out_dir.clone(),
+            show_progress: ctx.show_progress,
+            threads,
+        }
+    }
+
+    /// The context the worker runs the stage with: the one the runner built.
+    pub fn context(&self) -> StageContext {
+        StageContext {
+            node: self.node.clone(),
+            params: self.params.clone(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|(name, (dir, hash))| {
+                    (
+                        name.clone(),
+                        InputArtifact {
+                            dir: dir.clone(),
+                            content_hash: hash.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            files: self.files.clone(),
+            out_dir: self.out_dir.clone(),
+            show_progress: self.show_progress,
+        }
+    }
+}
+
+/// A [`StageError`] on the wire: its kind and its parts, so that the runner prints the
+/// same one line it would for an in-process stage.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum WireError {
+    Input { path: PathBuf, message: String },
+    Params { message: String },
+    Param { node: String, message: String },
+    Format { path: PathBuf, message: String },
+}
+
+impl From<StageError> for WireError {
+    fn from(e: StageError) -> WireError {
+        match e {
+            StageError::Input { path, message } => WireError::Input { path, message },
+            StageError::Io { path, source } => WireError::Input {
+                path,
+                message: source.to_string(),
+            },
+            StageError::InvalidParams(message) => WireError::Params { message },
+            StageError::Param { node, message } => WireError::Param { node, message },
+            StageError::Format { path, message } => WireError::Format { path, message },
+        }
+    }
+}
+
+impl From<WireError> for StageError {
+    fn from(e: WireError) -> StageError {
+        match e {
+            WireError::Input { path, message } => StageError::Input { path, message },
+            WireError::Params { message } => StageError::InvalidParams(message),
+            WireError::Param { node, message } => StageError::Param { node, message },
+            WireError::Format { path, message } => StageError::Format { path, message },
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Done {
+        summary: serde_json::Map<String, Value>,
+        phase_seconds: Vec<(String, f64)>,
+        volatile_files: Vec<String>,
+    },
+    Failed(WireError),
+}
+
+impl From<Result<StageReport, StageError>> for Response {
+    fn from(result: Result<StageReport, StageError>) -> Response {
+        match result {
+            Ok(report) => Response::Done {
+                summary: report.summary,
+                phase_seconds: report.phase_seconds,
+                volatile_files: report.volatile_files,
+            },
+            Err(e) => Response::Failed(e.into()),
+        }
+    }
+}
+
+/// Where the worker is: `$CACHEMONEY_GPT_WORKER`, else next to this executable.
+pub fn worker_path() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(WORKER_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this program: {e}"))?;
+    Ok(exe.with_file_name(WORKER))
+}
+
+/// Runs `task` for `ctx` in the worker process and returns its report.
+pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, StageError> {
+    let fail = |message: String| StageError::Param {
+        node: ctx.node.clone(),
+        message,
+    };
+    let worker = worker_path().map_err(fail)?;
+    if !worker.is_file() {
+        return Err(fail(format!(
+            "the libtorch worker {} is missing; build it with `cargo build --release --bins` (./dev run does) or point {WORKER_ENV} at one",
+            worker.display()
+        )));
+    }
+    let request = Request::from_context(task, ctx, rayon::current_num_threads());
+    let mut child = Command::new(&worker)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", worker.display())))?;
+    let body = serde_json::to_vec(&request).expect("requests serialise");
+    // A worker that dies at start (libtorch missing) closes stdin early: its exit status
+    // below says more than the broken pipe would.
+    let _ = child.stdin.take().expect("piped").write_all(&body);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("waiting for {}: {e}", worker.display())))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str::<Response>(line).ok())
+    {
+        Some(Response::Done {
+            summary,
+            phase_seconds,
+            volatile_files,
+        }) if output.status.success() => Ok(StageReport {
+            summary,
+            phase_seconds,
+            volatile_files,
+        }),
+        Some(Response::Failed(e)) => Err(e.into()),
+        _ => Err(fail(format!(
+            "the libtorch worker {} ended ({}) without a report{}",
+            worker.display(),
+            output.status,
+            if exit_code_means_loader_failure(&output.status) {
+                "; is libtorch installed (./dev setup)?"
+            } else {
+                ""
+            }
+        ))),
+    }
+}
+
+/// The dynamic loader exits with 127 when a shared library (libtorch) is missing.
+fn exit_code_means_loader_failure(status: &std::process::ExitStatus) -> bool {
+    status.code() == Some(127)
+}
+
+/// The worker's side: reads a request from stdin.
+pub fn read_request(mut input: impl std::io::Read) -> Result<Request, String> {
+    let mut body = String::new();
+    input
+        .read_to_string(&mut body)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    serde_json::from_str(&body).map_err(|e| format!("not a worker request: {e}"))
+}
+
+/// The worker's side: the one line the runner reads back.
+pub fn write_response(response: &Response, mut out: impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string(response).expect("serialises")
+    )
+}
