@@ -40,7 +40,6 @@ const MODEL_SOURCES: &[&str] = &[
 
 /// Runs one request: the entry point of the `cachemoney-gpt` worker.
 pub fn run(request: &Request) -> Result<StageReport, StageError> {
-    tch::set_num_threads(request.threads.max(1) as i32);
     let ctx = request.context();
     match request.task {
         Task::Train => train(&ctx),
@@ -71,25 +70,19 @@ fn vocab_size(tokens: &InputArtifact) -> Result<usize, StageError> {
     Ok(read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len())
 }
 
-fn check_vocab(
+/// Says what is wrong when a model's vocabulary is not the tokens'.
+fn vocab_mismatch(
     config: &GptConfig,
     tokens: &InputArtifact,
-    config_path: Option<&Path>,
-) -> Result<(), StageError> {
+) -> Result<Option<String>, StageError> {
     let vocab = vocab_size(tokens)?;
-    if config.vocab_size as usize != vocab {
-        let vocab_path = tokens.file("vocab.parquet");
-        let message = format!(
-            "the model's vocab_size is {}, but the tokens' vocabulary ({}) has {vocab} entries",
+    Ok((config.vocab_size as usize != vocab).then(|| {
+        format!(
+            "vocab_size is {}, but the tokens' vocabulary ({}) has {vocab} entries",
             config.vocab_size,
-            vocab_path.display()
-        );
-        return Err(match config_path {
-            Some(path) => StageError::input(path, message),
-            None => StageError::InvalidParams(format!("model.{message}")),
-        });
-    }
-    Ok(())
+            tokens.file("vocab.parquet").display()
+        )
+    }))
 }
 
 /// Mean NLL (nats, temperature 1) and bytes over non-overlapping `seq_len` windows of
@@ -196,8 +189,11 @@ fn xz_size(path: &Path) -> Result<u64, StageError> {
 
 fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     let params: TrainParams = ctx.params_as()?;
+    tch::set_num_threads(params.threads as i32);
     let tokens = ctx.input("tokens")?;
-    check_vocab(&params.model, tokens, None)?;
+    if let Some(message) = vocab_mismatch(&params.model, tokens)? {
+        return Err(param_error(ctx, format!("params.model.{message}")));
+    }
     let train_path = tokens.file("train.parquet");
     let train_tokens = read_column::<UInt16Type>(&train_path, "token")?;
     if train_tokens.len() < 2 {
@@ -366,7 +362,12 @@ fn load_model(
     config
         .validate()
         .map_err(|e| StageError::input(&config_path, e.to_string()))?;
-    check_vocab(&config, tokens, Some(&config_path))?;
+    if let Some(message) = vocab_mismatch(&config, tokens)? {
+        return Err(StageError::input(
+            &config_path,
+            format!("the model's {message}"),
+        ));
+    }
     let vs = nn::VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &config)
         .map_err(|e| StageError::input(&config_path, e.to_string()))?;
@@ -389,7 +390,9 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         stride: params.stride.unwrap_or(64),
         batch: params.batch.unwrap_or(32),
         device: params.device.unwrap_or_default(),
+        threads: params.threads.unwrap_or(neural::DEFAULT_TORCH_THREADS),
     };
+    tch::set_num_threads(options.threads as i32);
     let tokens = ctx.input("tokens")?;
     let val_path = tokens.file("val.parquet");
     let val = read_column::<UInt16Type>(&val_path, "token")?;

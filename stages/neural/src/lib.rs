@@ -71,6 +71,9 @@ pub struct TrainParams {
     /// dominate training time.
     pub val_tokens: usize,
     pub device: Device,
+    /// libtorch's CPU threads. Part of the recipe, unlike the runner's `--threads`:
+    /// libtorch splits its reductions by thread count, so the bits depend on it.
+    pub threads: usize,
 }
 
 impl Default for TrainParams {
@@ -93,6 +96,7 @@ impl Default for TrainParams {
             val_every: 4_000,
             val_tokens: 0,
             device: Device::Cpu,
+            threads: DEFAULT_TORCH_THREADS,
         }
     }
 }
@@ -102,6 +106,9 @@ impl TrainParams {
         self.model.validate().map_err(|e| e.to_string())?;
         if self.batch < 1 {
             return Err(format!("batch {} must be at least 1", self.batch));
+        }
+        if self.threads < 1 {
+            return Err("threads must be at least 1".into());
         }
         if self.steps < 1 {
             return Err("steps must be at least 1".into());
@@ -174,6 +181,11 @@ impl Stage for TrainStage {
     }
 }
 
+/// libtorch threads when a node does not say: the laptop-class machine this tool is
+/// built on has two cores. A fixed default (rather than "all cores") keeps a recipe's
+/// bytes the same on every machine.
+pub const DEFAULT_TORCH_THREADS: usize = 2;
+
 /// The GPT-specific parameters of `pass1` (`model = "gpt"`), §4.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct GptPass1Options {
@@ -183,6 +195,8 @@ pub struct GptPass1Options {
     /// Windows per forward pass (the record's 32).
     pub batch: usize,
     pub device: Device,
+    /// libtorch's CPU threads (see [`TrainParams::threads`]).
+    pub threads: usize,
 }
 
 impl Default for GptPass1Options {
@@ -191,6 +205,7 @@ impl Default for GptPass1Options {
             stride: 64,
             batch: 32,
             device: Device::Cpu,
+            threads: DEFAULT_TORCH_THREADS,
         }
     }
 }

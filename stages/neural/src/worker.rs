@@ -42,12 +42,10 @@ pub struct Request {
     pub files: BTreeMap<String, Vec<PathBuf>>,
     pub out_dir: PathBuf,
     pub show_progress: bool,
-    /// The runner's thread count, which the worker gives libtorch.
-    pub threads: usize,
 }
 
 impl Request {
-    pub fn from_context(task: Task, ctx: &StageContext, threads: usize) -> Request {
+    pub fn from_context(task: Task, ctx: &StageContext) -> Request {
         Request {
             task,
             node: ctx.node.clone(),
@@ -60,7 +58,6 @@ impl Request {
             files: ctx.files.clone(),
             out_dir: ctx.out_dir.clone(),
             show_progress: ctx.show_progress,
-            threads,
         }
     }
 
@@ -172,7 +169,7 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
             worker.display()
         )));
     }
-    let request = Request::from_context(task, ctx, rayon::current_num_threads());
+    let request = Request::from_context(task, ctx);
     let mut child = Command::new(&worker)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -54,6 +54,9 @@ pub struct Pass1Params {
     /// GPT: `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
+    /// GPT: libtorch's CPU threads; part of the recipe because the bits depend on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 impl Default for Pass1Params {
@@ -65,6 +68,7 @@ impl Default for Pass1Params {
             stride: None,
             batch: None,
             device: None,
+            threads: None,
         }
     }
 }

@@ -1,0 +1,311 @@
+//! The neural stages end to end through the real binary and its libtorch worker: a tiny
+//! GPT is trained on the small test corpus, scored by pass-1 and fed to the cache
+//! stages; reruns are reproducible; bad models and bad wiring fail with one line.
+
+mod common;
+
+use common::Project;
+
+/// A GPT small enough to train in seconds on the 300-entry test vocabulary.
+fn tiny_model(vocab: usize) -> String {
+    format!(
+        "{{ vocab_size = {vocab}, layers = 2, d_model = 32, heads = 2, kv_heads = 1, seq_len = 32, rope_dims = 8, xsa_last = 1, bigram_rows = 64, bigram_dim = 16 }}"
+    )
+}
+
+fn neural_pipeline(model: &str, steps: usize) -> String {
+    Project::small_pipeline(300)
+        + &format!(
+            r#"
+[nodes.model]
+stage = "train"
+inputs.tokens = "tokens"
+params.model = {model}
+params.batch = 4
+params.steps = {steps}
+params.warmdown_steps = 10
+params.val_every = 10
+params.val_tokens = 2000
+params.threads = 1
+
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.model = "model"
+params.model = "gpt"
+params.stride = 8
+params.batch = 16
+
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+params.ngram_buckets = 65536
+params.phrase_buckets = 65536
+
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+
+[nodes.scores]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+"#
+        )
+}
+
+fn manifest(project: &Project, stage: &str) -> serde_json::Value {
+    let dir = project.path().join("artifacts").join(stage);
+    let mut found: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("manifest.json"))
+        .filter(|p| p.is_file())
+        .collect();
+    assert_eq!(found.len(), 1, "one {stage} artifact expected");
+    serde_json::from_str(&std::fs::read_to_string(found.pop().unwrap()).unwrap()).unwrap()
+}
+
+#[test]
+fn a_trained_gpt_feeds_pass1_and_the_cache_stages_reproducibly() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 30));
+    project.ok(&["run", "--quiet"]);
+
+    let train = manifest(&project, "train");
+    let report = &train["report"];
+    assert_eq!(report["steps"], 30);
+    assert_eq!(report["tokens_seen"], 30 * 4 * 32);
+    let initial = report["initial_val_bpb"].as_f64().unwrap();
+    let last = report["final_val_bpb"].as_f64().unwrap();
+    assert!(
+        last < initial,
+        "training did not lower val BPB: {initial} → {last}"
+    );
+    assert_eq!(report["within_budget"], true);
+    assert!(report["compressed_model_bytes"].as_u64().unwrap() > 0);
+    let files = train["files"].as_object().unwrap();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "train_log.parquet",
+        "train_timing.parquet",
+    ] {
+        assert!(files.contains_key(name), "{name} missing: {files:?}");
+    }
+    assert_eq!(files["train_timing.parquet"]["volatile"], true);
+    assert!(files["train_log.parquet"].get("volatile").is_none());
+
+    // The log has one row per step, a validation point every 10 steps, and its timings
+    // join on the step.
+    let log = project.sql(
+        "SELECT count(*) AS steps, count(val_bpb) AS checks, max(tokens_seen) AS seen, min(lr_multiplier) AS lowest FROM train_log",
+    );
+    assert_eq!(log.lines().nth(1).unwrap(), "30,3,3840,0.1");
+    let timed = project
+        .sql("SELECT count(*) FROM train_log JOIN train_timing USING (step) WHERE seconds > 0");
+    assert_eq!(timed.lines().nth(1).unwrap(), "30");
+
+    // pass-1 scores every val target once, plus the tail windows' repeats (§4.2).
+    let pass1 = manifest(&project, "pass1");
+    let val_tokens = project.sql("SELECT count(*) FROM tokens.val");
+    let targets: u64 = val_tokens.lines().nth(1).unwrap().parse::<u64>().unwrap() - 1;
+    let entries = pass1["report"]["entries"].as_u64().unwrap();
+    assert!(
+        entries >= targets && entries < targets + 32,
+        "{entries} entries for {targets} targets"
+    );
+    let distinct = project.sql("SELECT count(DISTINCT position), min(position), max(position), min(model_p) > 0, max(model_p) <= 1 FROM pass1");
+    assert_eq!(
+        distinct.lines().nth(1).unwrap(),
+        format!("{targets},1,{targets},true,true")
+    );
+    let neural = pass1["report"]["neural_bpb"].as_f64().unwrap();
+    assert!(neural.is_finite() && neural > 0.0);
+
+    // The same recipe rebuilt gives the same bytes: training is seeded and deterministic,
+    // and the wall-clock table does not count. Downstream stays as it was.
+    let forced = project.ok(&["run", "--force", "model", "--force", "pass1"]);
+    assert!(
+        forced.contains("model          train        rebuilt, identical"),
+        "{forced}"
+    );
+    assert!(
+        forced.contains("pass1          pass1        rebuilt, identical"),
+        "{forced}"
+    );
+    assert!(
+        forced.contains("scores         pass2        reused"),
+        "{forced}"
+    );
+}
+
+/// `--threads` sizes the runner's pool; libtorch's threads are a parameter of the
+/// neural stages (its reductions split by thread count), so the flag changes no bytes.
+#[test]
+fn the_neural_stages_do_not_depend_on_the_runners_thread_count() {
+    let hashes: Vec<String> = ["1", "2"]
+        .iter()
+        .map(|threads| {
+            let project = Project::small();
+            project.write_pipeline(&neural_pipeline(&tiny_model(300), 12));
+            project.ok(&["--threads", threads, "run", "--quiet", "--until", "pass1"]);
+            format!(
+                "{} {}",
+                manifest(&project, "train")["content_hash"],
+                manifest(&project, "pass1")["content_hash"]
+            )
+        })
+        .collect();
+    assert_eq!(hashes[0], hashes[1]);
+}
+
+#[test]
+fn impossible_shapes_and_vocabulary_mismatches_are_refused_before_anything_is_written() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(
+        "{ vocab_size = 300, d_model = 30, heads = 4, kv_heads = 2 }",
+        5,
+    ));
+    let line = project.fails(&["run"]);
+    assert!(
+        line.contains("pipeline.toml:") && line.contains("heads (4) do not divide d_model (30)"),
+        "{line}"
+    );
+    assert!(project.store_snapshot().values().all(|h| h.is_empty()));
+
+    // The default vocab_size (1024) against a 300-entry tokenizer.
+    project.write_pipeline(&neural_pipeline(
+        "{ layers = 1, d_model = 32, heads = 2, kv_heads = 1, seq_len = 32, rope_dims = 8, xsa_last = 1 }",
+        5,
+    ));
+    let line = project.fails(&["run", "--quiet"]);
+    assert!(
+        line.contains("node 'model'")
+            && line.contains("vocab_size is 1024")
+            && line.contains("vocab.parquet")
+            && line.contains("has 300 entries"),
+        "{line}"
+    );
+    assert!(!project.path().join("artifacts/train").exists());
+}
+
+#[test]
+fn a_model_trained_on_another_vocabulary_is_refused_by_pass1() {
+    let project = Project::small();
+    // The model is trained on a 300-entry tokenizer and scored on a 400-entry one.
+    let pipeline = neural_pipeline(&tiny_model(300), 3).replace(
+        "[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"",
+        "[nodes.other_tokens]\nstage = \"tokenize\"\nfiles.corpus = [\"corpus/*.jsonl\"]\nparams.vocab_size = 400\nparams.val_fraction = 0.25\n\n[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"other_tokens\"",
+    );
+    project.write_pipeline(&pipeline);
+    let line = project.fails(&["run", "--quiet", "--until", "pass1"]);
+    assert!(
+        line.contains("config.json")
+            && line.contains("vocab_size is 300")
+            && line.contains("has 400 entries"),
+        "{line}"
+    );
+    assert!(!project.path().join("artifacts/pass1").exists());
+    assert!(project.path().join("artifacts/train").exists());
+    let tmp = project.path().join("artifacts/.tmp");
+    assert!(
+        std::fs::read_dir(&tmp).map_or(true, |mut d| d.next().is_none()),
+        "scratch left behind"
+    );
+}
+
+#[test]
+fn a_corrupt_model_file_is_named_and_nothing_downstream_is_built() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 3));
+    project.ok(&["run", "--quiet", "--until", "model"]);
+    let train = manifest(&project, "train");
+    let dir = project
+        .path()
+        .join("artifacts/train")
+        .join(train["recipe"].as_str().unwrap());
+    let model = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&model, bytes).unwrap();
+    let line = project.fails(&["run", "--quiet", "--until", "pass1"]);
+    assert!(
+        line.contains("input 'model'")
+            && line.contains("model.safetensors")
+            && line.contains("corrupt"),
+        "{line}"
+    );
+    assert!(!project.path().join("artifacts/pass1").exists());
+}
+
+#[test]
+fn pass1_wiring_mistakes_are_one_line_errors() {
+    let project = Project::small();
+    let gpt_without_model = neural_pipeline(&tiny_model(300), 3).replace(
+        "inputs.model = \"model\"\nparams.model = \"gpt\"",
+        "params.model = \"gpt\"",
+    );
+    project.write_pipeline(&gpt_without_model);
+    let line = project.fails(&["run", "--quiet", "--until", "pass1"]);
+    assert!(line.contains("needs inputs.model"), "{line}");
+
+    let stride_for_bigram = neural_pipeline(&tiny_model(300), 3).replace(
+        "inputs.model = \"model\"\nparams.model = \"gpt\"",
+        "params.model = \"bigram\"",
+    );
+    project.write_pipeline(&stride_for_bigram);
+    let line = project.fails(&["run", "--quiet"]);
+    assert!(
+        line.contains("pipeline.toml:") && line.contains("apply only to model = \"gpt\""),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_missing_worker_is_a_clear_error() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 3));
+    let out = project
+        .cmd()
+        .args(["run", "--quiet", "--until", "model"])
+        .env("CACHEMONEY_GPT_WORKER", "/nonexistent/cachemoney-gpt")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("libtorch worker /nonexistent/cachemoney-gpt is missing"),
+        "{stderr}"
+    );
+    assert!(!project.path().join("artifacts/train").exists());
+}
+
+/// The README's main command runs the repository's own pipeline.toml: it must at least
+/// load (every node's stage, parameters and wiring valid) and list every stage.
+#[test]
+fn the_default_pipeline_loads_with_its_neural_nodes() {
+    let project = Project::empty();
+    let root = common::repo_root();
+    std::fs::copy(root.join("pipeline.toml"), project.path().join("pipeline.toml")).unwrap();
+    std::os::unix::fs::symlink(root.join("data"), project.path().join("data")).unwrap();
+    let status = project.ok(&["status"]);
+    for (node, stage) in [
+        ("tokens", "tokenize"),
+        ("model", "train"),
+        ("pass1", "pass1"),
+        ("pass1_bigram", "pass1"),
+        ("scores", "pass2"),
+    ] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(node) && l.contains(stage) && l.contains("missing")),
+            "{node} ({stage}) not listed as missing:\n{status}"
+        );
+    }
+}
