@@ -142,3 +142,82 @@ fn a_lock_left_by_a_killed_run_does_not_block_the_next() {
     p.ok(&["run", "-q"]);
     content_hash(&p);
 }
+
+/// Processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+/// `kill -9` of `cachemoney` while its libtorch worker trains: the worker dies with it
+/// (it would otherwise go on training into a swept directory), nothing partial is
+/// visible, and the rerun builds the model.
+#[test]
+fn killing_a_run_kills_its_training_worker_too() {
+    let p = Project::small();
+    let pipeline = Project::small_pipeline(300)
+        + r#"
+[nodes.model]
+stage = "train"
+inputs.tokens = "tokens"
+params.model = { vocab_size = 300, layers = 2, d_model = 32, heads = 2, kv_heads = 1, seq_len = 32, rope_dims = 8, xsa_last = 1, bigram_rows = 64, bigram_dim = 16 }
+params.batch = 4
+params.steps = 100000
+params.val_every = 0
+params.val_tokens = 2000
+"#;
+    p.write_pipeline(&pipeline);
+    let mut run = spawn(&p, &["run", "--quiet"]);
+    let started = Instant::now();
+    let worker = loop {
+        if let Some(&w) = children_of(run.id()).first() {
+            break w;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no worker started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let it get into training.
+    std::thread::sleep(Duration::from_secs(2));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let killed = Instant::now();
+    while std::path::Path::new(&format!("/proc/{worker}")).exists()
+        && std::fs::read_to_string(format!("/proc/{worker}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "worker {worker} outlived its parent"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !p.path().join("artifacts/train").exists() || {
+            std::fs::read_dir(p.path().join("artifacts/train"))
+                .unwrap()
+                .flatten()
+                .all(|e| e.path().join("manifest.json").exists())
+        }
+    );
+    // A short run of the same node now succeeds and sweeps the scratch directory.
+    p.write_pipeline(&pipeline.replace("params.steps = 100000", "params.steps = 3"));
+    let out = p.ok(&["run"]);
+    assert!(out.contains("model          train        built"), "{out}");
+}

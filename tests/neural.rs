@@ -291,7 +291,11 @@ fn a_missing_worker_is_a_clear_error() {
 fn the_default_pipeline_loads_with_its_neural_nodes() {
     let project = Project::empty();
     let root = common::repo_root();
-    std::fs::copy(root.join("pipeline.toml"), project.path().join("pipeline.toml")).unwrap();
+    std::fs::copy(
+        root.join("pipeline.toml"),
+        project.path().join("pipeline.toml"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(root.join("data"), project.path().join("data")).unwrap();
     let status = project.ok(&["status"]);
     for (node, stage) in [
@@ -307,5 +311,26 @@ fn the_default_pipeline_loads_with_its_neural_nodes() {
                 .any(|l| l.starts_with(node) && l.contains(stage) && l.contains("missing")),
             "{node} ({stage}) not listed as missing:\n{status}"
         );
+    }
+}
+
+/// Without a GPU, asking for one is a one-line error before any training; with one, the
+/// same pipeline trains on it.
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 3).replace(
+        "params.threads = 1",
+        "params.threads = 1\nparams.device = \"cuda\"",
+    ));
+    let out = project.run(&["run", "--quiet", "--until", "model"]);
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("node 'model'")
+                && stderr.contains("device = \"cuda\" but libtorch sees no CUDA device here"),
+            "{stderr}"
+        );
+        assert!(!project.path().join("artifacts/train").exists());
     }
 }

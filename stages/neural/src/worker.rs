@@ -170,10 +170,13 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
         )));
     }
     let request = Request::from_context(task, ctx);
-    let mut child = Command::new(&worker)
+    let mut command = Command::new(&worker);
+    command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    die_with_parent(&mut command);
+    let mut child = command
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", worker.display())))?;
     let body = serde_json::to_vec(&request).expect("requests serialise");
@@ -211,6 +214,26 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
         ))),
     }
 }
+
+/// Ctrl-C reaches the worker through the process group, but `kill -9` of `cachemoney`
+/// alone would leave it training into a scratch directory the next run sweeps. On Linux
+/// the kernel kills it when its parent dies.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe, which is all pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
 
 /// The dynamic loader exits with 127 when a shared library (libtorch) is missing.
 fn exit_code_means_loader_failure(status: &std::process::ExitStatus) -> bool {

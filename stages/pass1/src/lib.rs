@@ -104,7 +104,7 @@ impl Stage for Pass1Stage {
     }
 
     fn summary(&self) -> &'static str {
-        "val tokens (+ a model) -> per-entry model_p and entropy"
+        "val tokens (+ a model) -> per-entry model_p and entropy; model = bigram, import, or gpt (with inputs.model and stride, batch, device, threads)"
     }
 
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
