@@ -44,6 +44,52 @@ impl Session {
         }
     }
 
+    /// `cachemoney audit`: returns whether every audited node rebuilt identically.
+    pub fn audit(&self, nodes: &[String], options: &RunOptions, json: bool) -> Result<bool> {
+        let started = std::time::Instant::now();
+        let mut header = !json && !options.quiet;
+        let outcomes = crate::audit::audit(&self.context(), nodes, options, |o| {
+            if json || options.quiet {
+                return;
+            }
+            if std::mem::take(&mut header) {
+                println!(
+                    "{:<14} {:<12} {:<10} {:>8}",
+                    "node", "stage", "audit", "seconds"
+                );
+            }
+            println!(
+                "{:<14} {:<12} {:<10} {:>7.2}s  content {}{}",
+                o.node,
+                o.stage,
+                if o.identical { "identical" } else { "DIFFERS" },
+                o.seconds,
+                short(&o.content_hash),
+                if o.identical {
+                    String::new()
+                } else {
+                    format!(" → {}", short(&o.rebuilt_content_hash))
+                }
+            );
+            for difference in &o.differences {
+                println!("  {difference}");
+            }
+        })?;
+        let differing = outcomes.iter().filter(|o| !o.identical).count();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&outcomes)?);
+        } else if !options.quiet || differing > 0 {
+            println!(
+                "{} node(s) audited in {:.1}s: {} identical, {} differ",
+                outcomes.len(),
+                started.elapsed().as_secs_f64(),
+                outcomes.len() - differing,
+                differing
+            );
+        }
+        Ok(differing == 0)
+    }
+
     pub fn run(&self, options: &RunOptions) -> Result<()> {
         let outcomes = runner::run(&self.context(), options)?;
         if !options.quiet {

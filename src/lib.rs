@@ -6,6 +6,7 @@
 //! or a tokenizer is lives in the stage crates under `stages/`. Conversely, stages know
 //! nothing of recipes, manifests or locks.
 
+pub mod audit;
 pub mod bench;
 pub mod commands;
 pub mod filehash;

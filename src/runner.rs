@@ -319,7 +319,7 @@ fn sizes_match(dir: &std::path::Path, manifest: &Manifest) -> bool {
 /// Runs one stage into a scratch directory and describes the result. Returns the scratch
 /// directory and the manifest to commit.
 #[allow(clippy::too_many_arguments)]
-fn build(
+pub(crate) fn build(
     ctx: &RunContext,
     node: &Node,
     ingredients: &Ingredients,
