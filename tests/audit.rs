@@ -17,25 +17,7 @@ fn pipeline() -> String {
 stage = "pass1"
 inputs.tokens = "tokens"
 params.model = "bigram"
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-params.ngram_buckets = 65536
-params.phrase_buckets = 65536
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
-"#
+"# + &Project::cache_chain(65536)
 }
 
 fn only_artifact(project: &Project, stage: &str) -> std::path::PathBuf {

@@ -12,26 +12,9 @@ fn cache_pipeline(pass1: &str) -> String {
 stage = "pass1"
 inputs.tokens = "tokens"
 {pass1}
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-params.ngram_buckets = 65536
-params.phrase_buckets = 32768
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
 "#
         )
+        + &Project::cache_chain(32768)
 }
 
 fn value(p: &Project, query: &str) -> String {

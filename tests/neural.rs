@@ -35,26 +35,9 @@ inputs.model = "model"
 params.model = "gpt"
 params.stride = 8
 params.batch = 16
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-params.ngram_buckets = 65536
-params.phrase_buckets = 65536
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
 "#
         )
+        + &Project::cache_chain(65536)
 }
 
 fn manifest(project: &Project, stage: &str) -> serde_json::Value {

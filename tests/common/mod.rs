@@ -96,6 +96,32 @@ inputs.tokens = "tokens"
         )
     }
 
+    /// The cache → calibrate → pass2 nodes over nodes `tokens` and `pass1`, with tables
+    /// small enough for the test corpus.
+    pub fn cache_chain(phrase_buckets: usize) -> String {
+        format!(
+            r#"
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+params.ngram_buckets = 65536
+params.phrase_buckets = {phrase_buckets}
+
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+
+[nodes.scores]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+"#
+        )
+    }
+
     pub fn empty() -> Project {
         Project {
             dir: tempfile::tempdir().unwrap(),

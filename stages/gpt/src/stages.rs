@@ -394,15 +394,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
     };
     tch::set_num_threads(options.threads as i32);
     let tokens = ctx.input("tokens")?;
-    let val_path = tokens.file("val.parquet");
-    let val = read_column::<UInt16Type>(&val_path, "token")?;
-    let val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
-    if val.len() < 2 {
-        return Err(StageError::input(
-            &val_path,
-            "fewer than 2 val tokens: nothing to score",
-        ));
-    }
+    let (val, val_bytes) = pass1::read_val(tokens)?;
     let device = device(ctx, options.device)?;
     let mut report = StageReport::default();
     let started = Instant::now();
@@ -444,17 +436,11 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         model_p: scores.model_p,
         entropy: scores.entropy,
     };
-    let nll: f64 = table.model_p.iter().map(|&p| -(p as f64).ln()).sum();
-    let bytes: u64 = table.bytes.iter().map(|&b| b as u64).sum();
     table.write(&ctx.output("pass1.parquet"))?;
     report.phase("write", started);
+    let summary = table.summary();
+    report.summary = summary.summary;
     Ok(report
-        .with("entries", table.position.len() as u64)
-        .with("bytes", bytes)
-        .with(
-            "neural_bpb",
-            nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
-        )
         .with("model", "gpt")
         .with("windows", windows as u64)
         .with("n_ctx", n_ctx as u64)

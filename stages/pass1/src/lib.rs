@@ -24,8 +24,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, row_groups, write_parquet, FileRole, ParquetLayout, Stage,
-    StageContext, StageError, StageReport,
+    canonicalize, read_column, row_groups, write_parquet, FileRole, InputArtifact, ParquetLayout,
+    Stage, StageContext, StageError, StageReport,
 };
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -173,15 +173,7 @@ impl Stage for Pass1Stage {
             (_, false) => {}
         }
         let tokens = ctx.input("tokens")?;
-        let val_path = tokens.file("val.parquet");
-        let val = read_column::<UInt16Type>(&val_path, "token")?;
-        let val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
-        if val.len() < 2 {
-            return Err(StageError::input(
-                &val_path,
-                "fewer than 2 val tokens: nothing to score",
-            ));
-        }
+        let (val, val_bytes) = read_val(tokens)?;
         let table = match params.model {
             Model::Bigram => {
                 if !ctx.files("table").is_empty() {
@@ -208,19 +200,9 @@ impl Stage for Pass1Stage {
                 import_pass1(path, &val_bytes)?
             }
         };
-        let entries = table.position.len();
-        // In order, so the figure does not depend on the thread count.
-        let nll: f64 = table.model_p.iter().map(|&p| -(p as f64).ln()).sum();
-        let bytes: u64 = table.bytes.iter().map(|&b| b as u64).sum();
+        let report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
-        Ok(StageReport::default()
-            .with("entries", entries as u64)
-            .with("bytes", bytes)
-            .with(
-                "neural_bpb",
-                nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
-            )
-            .with("model", serde_json::to_value(params.model).unwrap()))
+        Ok(report.with("model", serde_json::to_value(params.model).unwrap()))
     }
 }
 
@@ -229,6 +211,21 @@ fn param_error(ctx: &StageContext, message: &str) -> StageError {
         node: ctx.node.clone(),
         message: message.to_string(),
     }
+}
+
+/// The val stream of a `tokenize` artifact and each token's bytes; fewer than two
+/// tokens leave nothing to score.
+pub fn read_val(tokens: &InputArtifact) -> Result<(Vec<u16>, Vec<u8>), StageError> {
+    let val_path = tokens.file("val.parquet");
+    let val = read_column::<UInt16Type>(&val_path, "token")?;
+    let val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
+    if val.len() < 2 {
+        return Err(StageError::input(
+            &val_path,
+            "fewer than 2 val tokens: nothing to score",
+        ));
+    }
+    Ok((val, val_bytes))
 }
 
 /// A pass-1 table in memory.
@@ -241,6 +238,20 @@ pub struct Pass1Table {
 }
 
 impl Pass1Table {
+    /// Entries, bytes and the neural BPB, summed in order (a parallel float sum would
+    /// depend on the thread count).
+    pub fn summary(&self) -> StageReport {
+        let nll: f64 = self.model_p.iter().map(|&p| -(p as f64).ln()).sum();
+        let bytes: u64 = self.bytes.iter().map(|&b| b as u64).sum();
+        StageReport::default()
+            .with("entries", self.position.len() as u64)
+            .with("bytes", bytes)
+            .with(
+                "neural_bpb",
+                nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
+            )
+    }
+
     pub fn write(&self, path: &std::path::Path) -> Result<u64, StageError> {
         let schema = pass1_schema();
         let n = self.position.len();
