@@ -20,10 +20,11 @@ pub fn write_fp16(vs: &nn::VarStore, path: &Path) -> Result<(), TchError> {
 
 /// Loads a float16 (or any float) safetensors file into `vs`, casting to each variable's
 /// own dtype: the weights the record evaluates are fp16-rounded EMA weights (§3.10).
-/// Every variable must be present with its shape.
+/// Every variable must be present with its shape. Errors do not repeat the path: the
+/// caller names the file.
 pub fn load_into(vs: &nn::VarStore, path: &Path) -> Result<(), String> {
     let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| format!("{}: not a readable safetensors file: {e}", path.display()))?
+        .map_err(|e| format!("not a readable safetensors file: {e}"))?
         .into_iter()
         .collect();
     let variables = vs.variables();
@@ -33,11 +34,10 @@ pub fn load_into(vs: &nn::VarStore, path: &Path) -> Result<(), String> {
         let variable = &variables[name];
         let tensor = stored
             .get(name)
-            .ok_or_else(|| format!("{}: tensor '{name}' is missing", path.display()))?;
+            .ok_or_else(|| format!("tensor '{name}' is missing"))?;
         if tensor.size() != variable.size() {
             return Err(format!(
-                "{}: tensor '{name}' has shape {:?}, the model expects {:?}",
-                path.display(),
+                "tensor '{name}' has shape {:?}, the model expects {:?}",
                 tensor.size(),
                 variable.size()
             ));

@@ -247,7 +247,8 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
 
     let bar = ctx.progress(params.steps as u64, "training steps");
     let mut log: Vec<LogRow> = Vec::with_capacity(params.steps);
-    let mut val_points = vec![(0u32, validate(&model))];
+    let initial_val_bpb = validate(&model);
+    let mut last_val_bpb = initial_val_bpb;
     let mut training_seconds = 0.0f64;
     let mut steps_done = 0usize;
     for step in 0..params.steps {
@@ -278,9 +279,8 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
             || (params.schedule == Schedule::Wallclock && training_seconds >= params.max_seconds);
         let val_bpb =
             if last || (params.val_every > 0 && steps_done.is_multiple_of(params.val_every)) {
-                let bpb = validate(&model);
-                val_points.push((steps_done as u32, bpb));
-                Some(bpb)
+                last_val_bpb = validate(&model);
+                Some(last_val_bpb)
             } else {
                 None
             };
@@ -303,7 +303,6 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     // The final weights are the EMA, stored in fp16; the figure that counts is measured
     // on exactly those (loaded back from the file), as the record's round-trip check.
     let started = Instant::now();
-    let pre_ema_bpb = val_points.last().expect("at least the final point").1;
     trainer.finish();
     let model_path = ctx.output("model.safetensors");
     export::write_fp16(&vs, &model_path).map_err(|e| StageError::format(&model_path, e))?;
@@ -332,8 +331,8 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
         .with("steps", steps_done as u64)
         .with("tokens_seen", tokens_seen)
         .with("final_loss", log.last().map_or(f64::NAN, |r| r.loss))
-        .with("initial_val_bpb", val_points[0].1)
-        .with("pre_ema_val_bpb", pre_ema_bpb)
+        .with("initial_val_bpb", initial_val_bpb)
+        .with("pre_ema_val_bpb", last_val_bpb)
         .with("final_val_bpb", final_val_bpb)
         .with("model_bytes", model_bytes)
         .with("compressed_model_bytes", compressed)
@@ -372,26 +371,13 @@ fn load_model(
     let gpt = Gpt::new(&vs.root(), &config)
         .map_err(|e| StageError::input(&config_path, e.to_string()))?;
     export::load_into(&vs, &model.file("model.safetensors"))
-        .map_err(|m| StageError::input(model.file("model.safetensors"), strip_path(&m)))?;
+        .map_err(|m| StageError::input(model.file("model.safetensors"), m))?;
     Ok((vs, gpt))
-}
-
-/// `export::load_into` names the file itself; the stage error names it again.
-fn strip_path(message: &str) -> String {
-    message
-        .split_once(": ")
-        .map_or(message, |(_, rest)| rest)
-        .to_string()
 }
 
 fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
     let params: Pass1Params = ctx.params_as()?;
-    let options = neural::GptPass1Options {
-        stride: params.stride.unwrap_or(64),
-        batch: params.batch.unwrap_or(32),
-        device: params.device.unwrap_or_default(),
-        threads: params.threads.unwrap_or(neural::DEFAULT_TORCH_THREADS),
-    };
+    let options = params.gpt_options();
     tch::set_num_threads(options.threads as i32);
     let tokens = ctx.input("tokens")?;
     let (val, val_bytes) = pass1::read_val(tokens)?;

@@ -59,6 +59,19 @@ pub struct Pass1Params {
     pub threads: Option<usize>,
 }
 
+impl Pass1Params {
+    /// The GPT's options, defaults filled in where the node does not set them.
+    pub fn gpt_options(&self) -> GptPass1Options {
+        let defaults = GptPass1Options::default();
+        GptPass1Options {
+            stride: self.stride.unwrap_or(defaults.stride),
+            batch: self.batch.unwrap_or(defaults.batch),
+            device: self.device.unwrap_or(defaults.device),
+            threads: self.threads.unwrap_or(defaults.threads),
+        }
+    }
+}
+
 impl Default for Pass1Params {
     fn default() -> Self {
         Pass1Params {
@@ -115,16 +128,21 @@ impl Stage for Pass1Stage {
         // silently do nothing, so they are refused; for the GPT their defaults are filled
         // in, so that writing one explicitly keeps the recipe.
         if params.model == Model::Gpt {
-            let defaults = GptPass1Options::default();
-            params.stride.get_or_insert(defaults.stride);
-            params.batch.get_or_insert(defaults.batch);
-            params.device.get_or_insert(defaults.device);
-            if params.stride == Some(0) || params.batch == Some(0) {
-                return Err(bad("stride and batch must be at least 1".into()));
+            let options = params.gpt_options();
+            if options.stride == 0 || options.batch == 0 || options.threads == 0 {
+                return Err(bad("stride, batch and threads must be at least 1".into()));
             }
-        } else if params.stride.is_some() || params.batch.is_some() || params.device.is_some() {
+            params.stride = Some(options.stride);
+            params.batch = Some(options.batch);
+            params.device = Some(options.device);
+            params.threads = Some(options.threads);
+        } else if params.stride.is_some()
+            || params.batch.is_some()
+            || params.device.is_some()
+            || params.threads.is_some()
+        {
             return Err(bad(
-                "stride, batch and device apply only to model = \"gpt\"".into(),
+                "stride, batch, device and threads apply only to model = \"gpt\"".into(),
             ));
         }
         if !(params.temperature > 0.0 && params.temperature.is_finite()) {
@@ -408,6 +426,34 @@ pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Tab
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GPT's options are all filled in (so writing a default keeps the recipe),
+    /// checked, and refused for the other models.
+    #[test]
+    fn gpt_options_are_canonical_and_only_for_the_gpt() {
+        let stage = Pass1Stage;
+        let implicit = stage
+            .canonical_params(&serde_json::json!({ "model": "gpt" }))
+            .unwrap();
+        let explicit = stage
+            .canonical_params(&serde_json::json!({
+                "model": "gpt", "stride": 64, "batch": 32, "device": "cpu", "threads": 2
+            }))
+            .unwrap();
+        assert_eq!(implicit, explicit);
+        assert_eq!(implicit["threads"], 2);
+        for zero in ["stride", "batch", "threads"] {
+            let raw = serde_json::json!({ "model": "gpt", zero: 0 });
+            assert!(stage.canonical_params(&raw).is_err(), "{zero} = 0 accepted");
+        }
+        for option in ["stride", "batch", "threads"] {
+            let raw = serde_json::json!({ "model": "bigram", option: 4 });
+            let err = stage.canonical_params(&raw).unwrap_err().to_string();
+            assert!(err.contains("apply only to model = \"gpt\""), "{err}");
+        }
+        let bigram = stage.canonical_params(&Value::Null).unwrap();
+        assert!(bigram.get("threads").is_none(), "{bigram}");
+    }
 
     #[test]
     fn bigram_probabilities_are_a_tempered_distribution() {
