@@ -119,11 +119,11 @@ pub fn blend_with_weights(
 ) -> (f64, f64) {
     let mut p = entry.model_p as f64;
     if let Some(a) = ngram_weight {
-        p = (1.0 - a) * p + a * entry.ngram.q;
+        p = (1.0 - a) * p + a * entry.ngram.q();
     }
     let after_ngram = p;
     if let Some(b) = phrase_weight {
-        p = (1.0 - b) * p + b * entry.phrase.q;
+        p = (1.0 - b) * p + b * entry.phrase.q();
     }
     (after_ngram, p)
 }

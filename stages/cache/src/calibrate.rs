@@ -156,15 +156,15 @@ mod tests {
                 model_p: 0.001 + (i % 97) as f32 / 100.0,
                 entropy: (i % 71) as f32 / 10.0,
                 ngram: NgramMatch {
-                    q: (i % 13) as f64 / 13.0,
                     // Every third entry unmatched, the rest spread over orders 2..=16.
                     order: if i % 3 == 0 { 0 } else { 2 + (i % 15) as u8 },
-                    ..NgramMatch::default()
+                    context: 13,
+                    full: i % 13,
                 },
                 phrase: PhraseMatch {
-                    q: (i % 7) as f64 / 7.0,
                     length: [0u16, 16, 32, 48, 64][(i % 5) as usize],
-                    ..PhraseMatch::default()
+                    context: 7,
+                    full: i % 7,
                 },
             })
             .collect();

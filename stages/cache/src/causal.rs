@@ -11,7 +11,9 @@
 
 use rayon::prelude::*;
 
-use crate::hash::{context_hash, context_hashes, full_hash, NGRAM_PRIMES, PHRASE_PRIMES};
+use crate::hash::{
+    context_hash, context_hashes, full_hash, zeroed_table, NGRAM_PRIMES, PHRASE_PRIMES,
+};
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 use crate::ConfigError;
@@ -21,8 +23,8 @@ const BLOCK: usize = 1 << 20;
 /// Per position of one order: (context count before p, full count before p).
 fn counts_before(tokens: &[u16], width: usize, buckets: usize) -> Vec<(u32, u32)> {
     let mask = (buckets - 1) as u32;
-    let mut ctx = vec![0u32; buckets];
-    let mut full = vec![0u32; buckets];
+    let mut ctx = zeroed_table(buckets);
+    let mut full = zeroed_table(buckets);
     let mut out = vec![(0u32, 0u32); tokens.len()];
     if tokens.len() <= width {
         return out;
@@ -73,7 +75,6 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
                         return;
                     }
                     *slot = NgramMatch {
-                        q: (full.min(context) as f64 / context.max(1) as f64).clamp(0.0, 1.0),
                         order: order as u8,
                         context,
                         full,
@@ -92,8 +93,8 @@ pub fn phrase_lookups(
 ) -> Result<Vec<PhraseMatch>, ConfigError> {
     config.validate()?;
     let mask = (config.buckets - 1) as u32;
-    let mut ctx = vec![0u32; config.buckets];
-    let mut full = vec![0u32; config.buckets];
+    let mut ctx = zeroed_table(config.buckets);
+    let mut full = zeroed_table(config.buckets);
     let mut result = vec![PhraseMatch::default(); tokens.len()];
     let mut keys = Vec::with_capacity(config.lengths.len());
     for p in 0..tokens.len() {
@@ -113,7 +114,6 @@ pub fn phrase_lookups(
             let (context, full_count) = (ctx[ctx_key], full[full_key]);
             if context >= config.min_count && full_count > 0 {
                 result[p] = PhraseMatch {
-                    q: (full_count.min(context) as f64 / context.max(1) as f64).clamp(0.0, 1.0),
                     length: length as u16,
                     context,
                     full: full_count,

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::hash::{
     context_hash, context_hashes_at, count_keys, full_hash, lookups_in_blocks, prefetch,
-    PHRASE_PRIMES, PREFETCH_DISTANCE,
+    zeroed_table, PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::{check_buckets, ConfigError};
 
@@ -40,7 +40,6 @@ impl PhraseConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PhraseMatch {
-    pub q: f64,
     /// 0 when unmatched.
     pub length: u16,
     /// Context and full counts at the matched length (no leave-one-out; 0 when unmatched).
@@ -51,6 +50,12 @@ pub struct PhraseMatch {
 impl PhraseMatch {
     pub fn matched(&self) -> bool {
         self.length != 0
+    }
+
+    /// The cache's probability of the target, `full / context` (§6).
+    #[inline]
+    pub fn q(&self) -> f64 {
+        crate::ngram::cache_q(self.context, self.full)
     }
 }
 
@@ -81,8 +86,8 @@ impl PhraseTables {
                 )
             })
             .collect();
-        let mut ctx = vec![0u32; config.buckets];
-        let mut full = vec![0u32; config.buckets];
+        let mut ctx = zeroed_table(config.buckets);
+        let mut full = zeroed_table(config.buckets);
         for (is_full, table) in partial {
             let target = if is_full { &mut full } else { &mut ctx };
             target
@@ -119,9 +124,7 @@ impl PhraseTables {
             let full =
                 self.full[(full_hash(h, target, length, &PHRASE_PRIMES) & self.mask) as usize];
             if context >= self.config.min_count && full > 0 {
-                let q = (full.min(context) as f64 / context.max(1) as f64).clamp(0.0, 1.0);
                 return PhraseMatch {
-                    q,
                     length: length as u16,
                     context,
                     full,

@@ -11,7 +11,7 @@ use arrow::array::{
     UInt16Array, UInt32Array, UInt64Array, UInt8Array,
 };
 use arrow::datatypes::{
-    DataType, Field, Float32Type, Float64Type, Int64Type, Schema, UInt16Type, UInt8Type,
+    DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt32Type, UInt8Type,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -187,11 +187,11 @@ impl Stage for CacheStage {
                     }
                     if n.matched() {
                         ngram_part[n.order as usize].0 += 1;
-                        ngram_part[n.order as usize].1 += n.q;
+                        ngram_part[n.order as usize].1 += n.q();
                     }
                     if p.matched() {
                         phrase_part[p.length as usize].0 += 1;
-                        phrase_part[p.length as usize].1 += p.q;
+                        phrase_part[p.length as usize].1 += p.q();
                     }
                 }
                 bar.inc(range.len() as u64);
@@ -286,11 +286,11 @@ fn matches_batch(
             start as i64..(start + ng.len()) as i64,
         )),
         Arc::new(UInt8Array::from_iter_values(ng.iter().map(|m| m.order))),
-        Arc::new(Float64Array::from_iter_values(ng.iter().map(|m| m.q))),
+        Arc::new(Float64Array::from_iter_values(ng.iter().map(|m| m.q()))),
         Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.context))),
         Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.full))),
         Arc::new(UInt16Array::from_iter_values(ph.iter().map(|m| m.length))),
-        Arc::new(Float64Array::from_iter_values(ph.iter().map(|m| m.q))),
+        Arc::new(Float64Array::from_iter_values(ph.iter().map(|m| m.q()))),
         Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.context))),
         Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.full))),
     ];
@@ -343,9 +343,11 @@ struct Scored {
     entropy: Vec<f32>,
     bytes: Vec<u8>,
     ngram_order: Vec<u8>,
-    ngram_q: Vec<f64>,
+    ngram_context: Vec<u32>,
+    ngram_full: Vec<u32>,
     phrase_length: Vec<u16>,
-    phrase_q: Vec<f64>,
+    phrase_context: Vec<u32>,
+    phrase_full: Vec<u32>,
 }
 
 impl Scored {
@@ -360,14 +362,14 @@ impl Scored {
             model_p: self.model_p[row],
             entropy: self.entropy[row],
             ngram: NgramMatch {
-                q: self.ngram_q[i],
                 order: self.ngram_order[i],
-                ..NgramMatch::default()
+                context: self.ngram_context[i],
+                full: self.ngram_full[i],
             },
             phrase: PhraseMatch {
-                q: self.phrase_q[i],
                 length: self.phrase_length[i],
-                ..PhraseMatch::default()
+                context: self.phrase_context[i],
+                full: self.phrase_full[i],
             },
         }
     }
@@ -386,9 +388,11 @@ fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
         entropy: read_column::<Float32Type>(&pass1, "entropy")?,
         bytes: read_column::<UInt8Type>(&pass1, "bytes")?,
         ngram_order: read_column::<UInt8Type>(&matches, "ngram_order")?,
-        ngram_q: read_column::<Float64Type>(&matches, "ngram_q")?,
+        ngram_context: read_column::<UInt32Type>(&matches, "ngram_context")?,
+        ngram_full: read_column::<UInt32Type>(&matches, "ngram_full")?,
         phrase_length: read_column::<UInt16Type>(&matches, "phrase_length")?,
-        phrase_q: read_column::<Float64Type>(&matches, "phrase_q")?,
+        phrase_context: read_column::<UInt32Type>(&matches, "phrase_context")?,
+        phrase_full: read_column::<UInt32Type>(&matches, "phrase_full")?,
     };
     if scored.len() == 0 {
         return Err(StageError::input(&pass1, "the pass-1 table is empty"));

@@ -153,7 +153,7 @@ fn check_case(case: &str) {
             "{case} ngram at {p}"
         );
         if n.matched() {
-            assert_eq!(n.q, ng_q[p], "{case} ngram q at {p}");
+            assert_eq!(n.q(), ng_q[p], "{case} ngram q at {p}");
         }
         assert_eq!(
             (ph.matched(), ph.length as i64),
@@ -161,7 +161,7 @@ fn check_case(case: &str) {
             "{case} phrase at {p}"
         );
         if ph.matched() {
-            assert_eq!(ph.q, ph_q[p], "{case} phrase q at {p}");
+            assert_eq!(ph.q(), ph_q[p], "{case} phrase q at {p}");
         }
     }
     let ngram_hits = (1..tokens.len())
