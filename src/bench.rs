@@ -329,17 +329,49 @@ inputs.tokens = "tokens"
 inputs.pass1 = "pass1"
 inputs.cache = "cache"
 inputs.calibration = "calibration"
+
+[nodes.cache_normalised]
+stage = "cache"
+inputs.tokens = "tokens"
+params.mode = "causal-normalised"
+
+[nodes.calibration_normalised]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_normalised"
+
+[nodes.scores_normalised]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_normalised"
+inputs.calibration = "calibration_normalised"
 "#
         ),
     )?;
     timed(&dir, &["run", "-q", "--until", "pass1"])?;
     println!("cache chain on {targets} targets of a copy-span stream (median of {repeats}; peak RSS is the largest run's)");
+    for (mode, nodes) in [
+        ("reference", ["cache", "calibration", "scores"]),
+        (
+            "causal-normalised",
+            ["cache_normalised", "calibration_normalised", "scores_normalised"],
+        ),
+    ] {
+        println!("mode {mode}");
+        chain_of_nodes(&dir, repeats, &nodes)?;
+    }
+    Ok(())
+}
+
+/// Runs each node of one cache chain `repeats` times; prints wall times, phases, peak RSS.
+fn chain_of_nodes(dir: &Path, repeats: usize, nodes: &[&str]) -> Result<()> {
     let mut peak = 0u64;
-    for node in ["cache", "calibration", "scores"] {
+    for &node in nodes {
         let mut runs = Vec::new();
         for _ in 0..repeats.max(1) {
             let (seconds, rss) =
-                timed_with_rss(&dir, &["run", "-q", "--until", node, "--force", node])?;
+                timed_with_rss(dir, &["run", "-q", "--until", node, "--force", node])?;
             runs.push(seconds);
             peak = peak.max(rss);
             println!(
@@ -349,7 +381,7 @@ inputs.calibration = "calibration"
         }
         let manifest = Command::new(std::env::current_exe()?)
             .args(["show", node, "--json"])
-            .current_dir(&dir)
+            .current_dir(dir)
             .output()?;
         let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout)?;
         let phases: Vec<String> = manifest["phase_seconds"]
@@ -370,7 +402,7 @@ inputs.calibration = "calibration"
             median(runs),
             phases.join(", ")
         );
-        if node == "scores" {
+        if node.starts_with("scores") {
             let report = &manifest["report"];
             println!(
                 "  BPB neural {:.4} -> n-gram {:.4} -> final {:.4}; {:.1} M entries/s through pass2",
@@ -466,6 +498,14 @@ fn engine(tokens: &[u16], repeats: usize) -> Result<()> {
         let (s, causal) = stopwatch(|| cache::causal::phrase_lookups(tokens, &phrase_config));
         causal?;
         record("causal phrase pass", s);
+        let (s, normalised) =
+            stopwatch(|| cache::normalised::ngram_lookups(tokens, &ngram_config));
+        normalised?;
+        record("causal-normalised n-gram pass", s);
+        let (s, normalised) =
+            stopwatch(|| cache::normalised::phrase_lookups(tokens, &phrase_config));
+        normalised?;
+        record("causal-normalised phrase pass", s);
     }
     let med = |label: &str| {
         times

@@ -132,6 +132,96 @@ impl Session {
         Ok(())
     }
 
+    /// `cachemoney compare`: the BPB of every built `pass2` node side by side, grouped by
+    /// the pass-1 they score, so the leaky reference number and the honest ones are read
+    /// off one table.
+    pub fn compare(&self, json: bool) -> Result<()> {
+        let resolved = self.context().resolve()?;
+        let mut rows = Vec::new();
+        let mut unbuilt = Vec::new();
+        for node in self.pipeline.nodes.iter().filter(|n| n.stage == "pass2") {
+            let r = resolved.iter().find(|r| r.node == node.name);
+            let manifest = match r.map(|r| (&r.state, &r.recipe)) {
+                Some((NodeState::Cached { .. }, Some(recipe))) => {
+                    self.store.manifest(&node.stage, recipe)?
+                }
+                _ => None,
+            };
+            let Some(manifest) = manifest else {
+                unbuilt.push(node.name.clone());
+                continue;
+            };
+            let pass1 = node.inputs.get("pass1").cloned().unwrap_or_default();
+            let model = self
+                .pipeline
+                .node(&pass1)
+                .ok()
+                .and_then(|n| n.params.get("model").and_then(|m| m.as_str()))
+                .unwrap_or("?")
+                .to_string();
+            let report = &manifest.report;
+            let number = |key: &str| report.get(key).and_then(|v| v.as_f64());
+            rows.push(serde_json::json!({
+                "node": node.name,
+                "pass1": pass1,
+                "model": model,
+                "mode": report.get("mode").and_then(|v| v.as_str()).unwrap_or("?"),
+                "neural_bpb": number("neural_bpb"),
+                "ngram_bpb": number("ngram_bpb"),
+                "final_bpb": number("final_bpb"),
+                "alpha_high": number("alpha_high"),
+                "entropy_thresh": number("entropy_thresh"),
+                "entries": report.get("entries"),
+            }));
+        }
+        if rows.is_empty() {
+            bail!(
+                "no pass2 node of {} is built yet; run `cachemoney run` first",
+                self.pipeline.path.display()
+            );
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            return Ok(());
+        }
+        let mut groups: Vec<&str> = rows.iter().filter_map(|r| r["pass1"].as_str()).collect();
+        groups.dedup();
+        let bpb = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+        let param = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x}"));
+        for (i, pass1) in groups.iter().enumerate() {
+            let group: Vec<&serde_json::Value> =
+                rows.iter().filter(|r| r["pass1"] == *pass1).collect();
+            if i > 0 {
+                println!();
+            }
+            println!(
+                "pass-1 '{pass1}' (model {}, {} entries)",
+                group[0]["model"].as_str().unwrap_or("?"),
+                group[0]["entries"]
+            );
+            println!(
+                "  {:<18} {:<18} {:>9} {:>12} {:>9} {:>10} {:>14}",
+                "mode", "node", "neural", "after n-gram", "final", "alpha_high", "entropy_thresh"
+            );
+            for r in group {
+                println!(
+                    "  {:<18} {:<18} {:>9} {:>12} {:>9} {:>10} {:>14}",
+                    r["mode"].as_str().unwrap_or("?"),
+                    r["node"].as_str().unwrap_or("?"),
+                    bpb(&r["neural_bpb"]),
+                    bpb(&r["ngram_bpb"]),
+                    bpb(&r["final_bpb"]),
+                    param(&r["alpha_high"]),
+                    param(&r["entropy_thresh"]),
+                );
+            }
+        }
+        if !unbuilt.is_empty() {
+            println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
+        }
+        Ok(())
+    }
+
     fn resolved_node(&self, node: &str) -> Result<Resolved> {
         self.pipeline.node(node)?;
         let resolved = self.context().resolve()?;

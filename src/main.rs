@@ -90,6 +90,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Every built pass2 node's BPB side by side (neural, after n-gram, final) with its
+    /// cache mode and calibrated blend, grouped by the pass-1 it scores.
+    Compare {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rehash every stored file and compare with its manifest.
     Verify,
     /// Rebuild nodes from their stored inputs and compare with the stored bytes.
@@ -203,6 +210,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain { node, json } => session.explain(&node, json)?,
         Command::Show { node, rows, json } => session.show(&node, rows, json)?,
         Command::Sql { query, format } => session.sql(query.as_deref(), format)?,
+        Command::Compare { json } => session.compare(json)?,
         Command::Verify => {
             if !session.verify(cli.quiet)? {
                 return Ok(ExitCode::FAILURE);

@@ -285,7 +285,7 @@ fn causal_mode_reuses_everything_upstream_and_scores_worse_than_the_leaky_refere
 
 #[test]
 fn the_cache_chain_gives_identical_bytes_with_one_and_two_threads() {
-    for mode in ["reference", "causal"] {
+    for mode in ["reference", "causal", "causal-normalised"] {
         let pipeline = cache_pipeline("params.model = \"bigram\"").replace(
             "params.ngram_buckets = 65536",
             &format!("params.ngram_buckets = 65536\nparams.mode = \"{mode}\""),
@@ -301,4 +301,99 @@ fn the_cache_chain_gives_identical_bytes_with_one_and_two_threads() {
             .collect();
         assert_eq!(hashes[0], hashes[1], "mode {mode}");
     }
+}
+
+/// A cache → calibrate → pass2 chain named `cache_{name}`, `calibration_{name}`,
+/// `scores_{name}` in `mode`, on the node `pass1`.
+fn mode_chain(name: &str, mode: &str) -> String {
+    format!(
+        r#"
+[nodes.cache_{name}]
+stage = "cache"
+inputs.tokens = "tokens"
+params.mode = "{mode}"
+params.ngram_buckets = 65536
+params.phrase_buckets = 32768
+
+[nodes.calibration_{name}]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_{name}"
+
+[nodes.scores_{name}]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_{name}"
+inputs.calibration = "calibration_{name}"
+"#
+    )
+}
+
+#[test]
+fn compare_shows_every_mode_on_one_pass1_and_normalised_picks_orders_without_the_target() {
+    let p = Project::small();
+    p.write_pipeline(&format!(
+        "{}{}{}",
+        cache_pipeline("params.model = \"bigram\""),
+        mode_chain("causal", "causal"),
+        mode_chain("normalised", "causal-normalised")
+    ));
+    p.ok(&["run"]);
+    let out = p.ok(&["compare"]);
+    assert!(out.contains("pass-1 'pass1' (model bigram"), "{out}");
+    for (mode, node) in [
+        ("reference", "scores"),
+        ("causal", "scores_causal"),
+        ("causal-normalised", "scores_normalised"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(mode) && l.contains(node)),
+            "{mode}: {out}"
+        );
+    }
+    // The JSON rows carry each node's own summary.
+    let rows: serde_json::Value = serde_json::from_str(&p.ok(&["compare", "--json"])).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let neural = &rows[0]["neural_bpb"];
+    assert!(rows.iter().all(|r| &r["neural_bpb"] == neural));
+    let normalised = rows.iter().find(|r| r["mode"] == "causal-normalised").unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "scores_normalised", "--json"])).unwrap();
+    assert_eq!(normalised["final_bpb"], manifest["report"]["final_bpb"]);
+
+    // Causal mode skips an order whose full count is 0 (it looks at the target);
+    // normalised mode keeps the order its context earned and gives the target q = 0.
+    assert_eq!(
+        value(
+            &p,
+            "SELECT count(*) FROM cache_causal.matches WHERE ngram_order > 0 AND ngram_full = 0"
+        ),
+        "0"
+    );
+    let zero_q: u64 = value(
+        &p,
+        "SELECT count(*) FROM cache_normalised.matches WHERE ngram_order > 0 AND ngram_full = 0",
+    )
+    .parse()
+    .unwrap();
+    assert!(zero_q > 0);
+    // Exact counts: a context is never followed by its target more often than it occurred.
+    assert_eq!(
+        value(
+            &p,
+            "SELECT count(*) FROM cache_normalised.matches WHERE ngram_full > ngram_context OR phrase_full > phrase_context"
+        ),
+        "0"
+    );
+}
+
+#[test]
+fn compare_before_anything_is_built_says_what_to_do() {
+    let p = Project::small();
+    p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
+    let err = p.fails(&["compare"]);
+    assert!(err.contains("no pass2 node") && err.contains("cachemoney run"), "{err}");
 }

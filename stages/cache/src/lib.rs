@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod causal;
 pub mod hash;
 pub mod ngram;
+pub mod normalised;
 pub mod phrase;
 pub mod stages;
 pub mod synthetic;

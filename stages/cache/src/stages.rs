@@ -25,8 +25,7 @@ use crate::calibrate::{calibrate, CalibrationGrid};
 use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
 use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
 
-/// Which tables and lookups the cache uses (`spec/honest-modes.md`). The normalised
-/// causal mode is still to come.
+/// Which tables and lookups the cache uses (`spec/honest-modes.md`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -34,6 +33,9 @@ pub enum Mode {
     Reference,
     /// Each position looked up in tables of the positions before it, then added.
     Causal,
+    /// Causal, with the order chosen by the context alone and exact next-token counts of
+    /// that context as the cache's distribution: the blend sums to 1 over the vocabulary.
+    CausalNormalised,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +150,17 @@ impl Stage for CacheStage {
                 let phrase =
                     crate::causal::phrase_lookups(&tokens, &params.phrase()).map_err(node_error)?;
                 report.phase("phrase_causal_pass", started);
+                (None, Some((ngram, phrase)))
+            }
+            Mode::CausalNormalised => {
+                let started = Instant::now();
+                let ngram = crate::normalised::ngram_lookups(&tokens, &params.ngram())
+                    .map_err(node_error)?;
+                report.phase("ngram_exact_pass", started);
+                let started = Instant::now();
+                let phrase = crate::normalised::phrase_lookups(&tokens, &params.phrase())
+                    .map_err(node_error)?;
+                report.phase("phrase_exact_pass", started);
                 (None, Some((ngram, phrase)))
             }
         };
