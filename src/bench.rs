@@ -355,7 +355,11 @@ inputs.calibration = "calibration_normalised"
         ("reference", ["cache", "calibration", "scores"]),
         (
             "causal-normalised",
-            ["cache_normalised", "calibration_normalised", "scores_normalised"],
+            [
+                "cache_normalised",
+                "calibration_normalised",
+                "scores_normalised",
+            ],
         ),
     ] {
         println!("mode {mode}");
@@ -498,8 +502,7 @@ fn engine(tokens: &[u16], repeats: usize) -> Result<()> {
         let (s, causal) = stopwatch(|| cache::causal::phrase_lookups(tokens, &phrase_config));
         causal?;
         record("causal phrase pass", s);
-        let (s, normalised) =
-            stopwatch(|| cache::normalised::ngram_lookups(tokens, &ngram_config));
+        let (s, normalised) = stopwatch(|| cache::normalised::ngram_lookups(tokens, &ngram_config));
         normalised?;
         record("causal-normalised n-gram pass", s);
         let (s, normalised) =

@@ -137,19 +137,36 @@ impl Session {
     /// off one table.
     pub fn compare(&self, json: bool) -> Result<()> {
         let resolved = self.context().resolve()?;
+        let report_of = |node: &str| -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+            let Some(r) = resolved.iter().find(|r| r.node == node) else {
+                return Ok(None);
+            };
+            Ok(match (&r.state, &r.recipe) {
+                (NodeState::Cached { .. }, Some(recipe)) => {
+                    self.store.manifest(&r.stage, recipe)?.map(|m| m.report)
+                }
+                _ => None,
+            })
+        };
         let mut rows = Vec::new();
         let mut unbuilt = Vec::new();
         for node in self.pipeline.nodes.iter().filter(|n| n.stage == "pass2") {
-            let r = resolved.iter().find(|r| r.node == node.name);
-            let manifest = match r.map(|r| (&r.state, &r.recipe)) {
-                Some((NodeState::Cached { .. }, Some(recipe))) => {
-                    self.store.manifest(&node.stage, recipe)?
-                }
-                _ => None,
-            };
-            let Some(manifest) = manifest else {
+            let Some(report) = report_of(&node.name)? else {
                 unbuilt.push(node.name.clone());
                 continue;
+            };
+            // An implied-mass audit of the same chain (same calibration), if built.
+            let mass = match self.pipeline.nodes.iter().find(|n| {
+                n.stage == "audit-mass"
+                    && n.inputs.get("calibration") == node.inputs.get("calibration")
+            }) {
+                Some(audit) => report_of(&audit.name)?,
+                None => None,
+            };
+            let mass_number = |key: &str| {
+                mass.as_ref()
+                    .and_then(|m| m.get(key))
+                    .and_then(|v| v.as_f64())
             };
             let pass1 = node.inputs.get("pass1").cloned().unwrap_or_default();
             let model = self
@@ -159,7 +176,6 @@ impl Session {
                 .and_then(|n| n.params.get("model").and_then(|m| m.as_str()))
                 .unwrap_or("?")
                 .to_string();
-            let report = &manifest.report;
             let number = |key: &str| report.get(key).and_then(|v| v.as_f64());
             rows.push(serde_json::json!({
                 "node": node.name,
@@ -172,6 +188,10 @@ impl Session {
                 "alpha_high": number("alpha_high"),
                 "entropy_thresh": number("entropy_thresh"),
                 "entries": report.get("entries"),
+                "mass_mean": mass_number("mass_mean"),
+                "mass_max": mass_number("mass_max"),
+                "sample_bpb": mass_number("sample_bpb"),
+                "normalised_sample_bpb": mass_number("normalised_sample_bpb"),
             }));
         }
         if rows.is_empty() {
@@ -200,12 +220,22 @@ impl Session {
                 group[0]["entries"]
             );
             println!(
-                "  {:<18} {:<18} {:>9} {:>12} {:>9} {:>10} {:>14}",
-                "mode", "node", "neural", "after n-gram", "final", "alpha_high", "entropy_thresh"
+                "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
+                "mode",
+                "node",
+                "neural",
+                "after n-gram",
+                "final",
+                "alpha_high",
+                "entropy_thresh",
+                "mass mean",
+                "renorm BPB"
             );
             for r in group {
+                let mass =
+                    |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
                 println!(
-                    "  {:<18} {:<18} {:>9} {:>12} {:>9} {:>10} {:>14}",
+                    "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
                     r["mode"].as_str().unwrap_or("?"),
                     r["node"].as_str().unwrap_or("?"),
                     bpb(&r["neural_bpb"]),
@@ -213,9 +243,12 @@ impl Session {
                     bpb(&r["final_bpb"]),
                     param(&r["alpha_high"]),
                     param(&r["entropy_thresh"]),
+                    mass(&r["mass_mean"]),
+                    mass(&r["normalised_sample_bpb"]),
                 );
             }
         }
+        println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node ('-': none built)");
         if !unbuilt.is_empty() {
             println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
         }

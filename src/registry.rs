@@ -21,6 +21,7 @@ impl Registry {
         registry.register(Box::new(cache::stages::CacheStage));
         registry.register(Box::new(cache::stages::CalibrateStage));
         registry.register(Box::new(cache::stages::Pass2Stage));
+        registry.register(Box::new(cache::stages::AuditMassStage));
         registry
     }
 

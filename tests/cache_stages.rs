@@ -89,7 +89,11 @@ fn the_bigram_chain_prints_a_waterfall_that_sql_reproduces() {
 #[test]
 fn an_imported_pass1_table_gives_the_same_scores_as_the_model_that_made_it() {
     let p = Project::small();
-    p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
+    // No sampled distributions: an imported table cannot have them, and the artifacts
+    // must be byte-identical for the reuse below.
+    p.write_pipeline(&cache_pipeline(
+        "params.model = \"bigram\"\nparams.mass_sample = 0",
+    ));
     p.ok(&["run"]);
     let bigram = summary(&p);
     // Export the bigram's pass-1 table as a user's own eval would, then import it.
@@ -359,7 +363,10 @@ fn compare_shows_every_mode_on_one_pass1_and_normalised_picks_orders_without_the
     assert_eq!(rows.len(), 3);
     let neural = &rows[0]["neural_bpb"];
     assert!(rows.iter().all(|r| &r["neural_bpb"] == neural));
-    let normalised = rows.iter().find(|r| r["mode"] == "causal-normalised").unwrap();
+    let normalised = rows
+        .iter()
+        .find(|r| r["mode"] == "causal-normalised")
+        .unwrap();
     let manifest: serde_json::Value =
         serde_json::from_str(&p.ok(&["show", "scores_normalised", "--json"])).unwrap();
     assert_eq!(normalised["final_bpb"], manifest["report"]["final_bpb"]);
@@ -395,5 +402,84 @@ fn compare_before_anything_is_built_says_what_to_do() {
     let p = Project::small();
     p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
     let err = p.fails(&["compare"]);
-    assert!(err.contains("no pass2 node") && err.contains("cachemoney run"), "{err}");
+    assert!(
+        err.contains("no pass2 node") && err.contains("cachemoney run"),
+        "{err}"
+    );
+}
+
+fn mass_node(name: &str, chain: &str) -> String {
+    format!(
+        r#"
+[nodes.{name}]
+stage = "audit-mass"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache{chain}"
+inputs.calibration = "calibration{chain}"
+"#
+    )
+}
+
+#[test]
+fn implied_mass_is_one_for_causal_normalised_and_more_for_the_reference() {
+    let p = Project::small();
+    p.write_pipeline(&format!(
+        "{}{}{}{}{}{}",
+        cache_pipeline("params.model = \"bigram\"\nparams.mass_sample = 300"),
+        mode_chain("causal", "causal"),
+        mode_chain("normalised", "causal-normalised"),
+        mass_node("mass_reference", ""),
+        mass_node("mass_causal", "_causal"),
+        mass_node("mass_normalised", "_normalised"),
+    ));
+    let out = p.ok(&["run"]);
+    assert!(out.contains("implied mass (causal-normalised)"), "{out}");
+    let report = |node: &str| -> serde_json::Value {
+        let manifest: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", node, "--json"])).unwrap();
+        manifest["report"].clone()
+    };
+    let normalised = report("mass_normalised");
+    assert_eq!(normalised["samples"], 300);
+    for key in ["mass_min", "mass_max", "mass_mean"] {
+        let mass = normalised[key].as_f64().unwrap();
+        assert!((mass - 1.0).abs() < 1e-6, "{key} {mass}");
+    }
+    let reference = report("mass_reference");
+    assert!(
+        reference["mass_mean"].as_f64().unwrap() > 1.0,
+        "{reference}"
+    );
+    assert!(reference["mass_max"].as_f64().unwrap() > 1.5, "{reference}");
+    // Renormalising can only cost bits when the mass exceeds 1.
+    assert!(
+        reference["normalised_sample_bpb"].as_f64().unwrap()
+            > reference["sample_bpb"].as_f64().unwrap()
+    );
+    let causal = report("mass_causal");
+    assert!(causal["mass_mean"].as_f64().unwrap() > 1.0, "{causal}");
+    // The per-position table: the true token's probability is pass2's, position by position.
+    assert_eq!(
+        value(
+            &p,
+            "SELECT count(*) FROM mass_normalised.mass m JOIN scores_normalised.scores s USING (position) WHERE m.p_target = s.p_final"
+        ),
+        "300"
+    );
+}
+
+#[test]
+fn an_imported_pass1_has_no_distributions_and_the_mass_audit_says_so() {
+    let p = Project::small();
+    p.write_pipeline(&format!(
+        "{}{}",
+        cache_pipeline("params.model = \"bigram\"\nparams.mass_sample = 0"),
+        mass_node("mass_reference", ""),
+    ));
+    let err = p.fails(&["run"]);
+    assert!(
+        err.contains("distributions.parquet") && err.contains("kept no distributions"),
+        "{err}"
+    );
 }

@@ -15,6 +15,7 @@ pub mod blend;
 pub mod calibrate;
 pub mod causal;
 pub mod hash;
+pub mod mass;
 pub mod ngram;
 pub mod normalised;
 pub mod phrase;

@@ -162,7 +162,13 @@ impl NgramTables {
     /// §5.1: the highest order whose leave-one-out context count reaches `min_count` and
     /// whose leave-one-out target count is positive.
     pub fn lookup(&self, tokens: &[u16], p: usize) -> NgramMatch {
-        self.lookup_hashed(tokens[p], |order| {
+        self.lookup_as_if(tokens, p, tokens[p])
+    }
+
+    /// [`Self::lookup`] with `target` in place of the token at p: what the record's rule
+    /// gives candidate `target` (for the implied-mass audit).
+    pub fn lookup_as_if(&self, tokens: &[u16], p: usize, target: u16) -> NgramMatch {
+        self.lookup_hashed(target, |order| {
             let width = order - 1;
             (p >= width).then(|| context_hash(tokens, p, width, &NGRAM_PRIMES))
         })

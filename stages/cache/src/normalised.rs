@@ -34,7 +34,7 @@ use crate::ConfigError;
 
 const MERSENNE_61: u64 = (1 << 61) - 1;
 /// The fingerprints' bases: fixed, so the counts (and every artifact) are reproducible.
-const BASE_KEY: u64 = 0x0A3B_1C5D_7E9F_2468 % MERSENNE_61;
+pub(crate) const BASE_KEY: u64 = 0x0A3B_1C5D_7E9F_2468 % MERSENNE_61;
 const BASE_PARTITION: u64 = 0x1F2E_3D4C_5B6A_7988 % MERSENNE_61;
 const PARTITION_BITS: u32 = 12;
 
@@ -66,15 +66,15 @@ fn pow_mod(base: u64, exponent: usize) -> u64 {
 
 /// A rolling polynomial fingerprint of the last `width` tokens (token + 1, so that
 /// token 0 is not the zero polynomial).
-struct Rolling {
+pub(crate) struct Rolling {
     base: u64,
     /// base^(width − 1): the weight of the token leaving the window.
     top: u64,
-    value: u64,
+    pub(crate) value: u64,
 }
 
 impl Rolling {
-    fn new(window: &[u16], base: u64) -> Rolling {
+    pub(crate) fn new(window: &[u16], base: u64) -> Rolling {
         let value = window
             .iter()
             .fold(0, |h, &t| add_mod(mul_mod(h, base), t as u64 + 1));
@@ -87,7 +87,7 @@ impl Rolling {
 
     /// Slide by one token: `leaving` drops out at the old end, `entering` comes in.
     #[inline(always)]
-    fn slide(&mut self, leaving: u16, entering: u16) {
+    pub(crate) fn slide(&mut self, leaving: u16, entering: u16) {
         let without = add_mod(
             self.value,
             MERSENNE_61 - mul_mod(leaving as u64 + 1, self.top),
@@ -231,21 +231,18 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
         for (width, counts) in group.iter().copied().zip(counts_for(tokens, group)) {
             if let Some((context_width, context_counts)) = previous.take() {
                 let order = context_width + 1;
-                result
-                    .par_iter_mut()
-                    .enumerate()
-                    .for_each(|(p, slot)| {
-                        let context = context_counts[p];
-                        if context >= config.min_count && p >= context_width {
-                            *slot = NgramMatch {
-                                order: order as u8,
-                                context,
-                                // The context and its target: the window one longer, ending
-                                // one later.
-                                full: counts[p + 1],
-                            };
-                        }
-                    });
+                result.par_iter_mut().enumerate().for_each(|(p, slot)| {
+                    let context = context_counts[p];
+                    if context >= config.min_count && p >= context_width {
+                        *slot = NgramMatch {
+                            order: order as u8,
+                            context,
+                            // The context and its target: the window one longer, ending
+                            // one later.
+                            full: counts[p + 1],
+                        };
+                    }
+                });
             }
             previous = Some((width, counts));
         }
@@ -352,7 +349,7 @@ mod tests {
             }
             let width = m.order as usize - 1;
             let context = &tokens[p - width..p];
-            let mut next_tokens = vec![0u32; 12];
+            let mut next_tokens = [0u32; 12];
             for e in width..p {
                 if &tokens[e - width..e] == context {
                     next_tokens[tokens[e] as usize] += 1;

@@ -106,7 +106,12 @@ impl PhraseTables {
     /// §6: the longest length whose context count reaches `min_count` and whose full
     /// count is positive (no leave-one-out, as the record).
     pub fn lookup(&self, tokens: &[u16], p: usize) -> PhraseMatch {
-        self.lookup_hashed(tokens[p], |k| {
+        self.lookup_as_if(tokens, p, tokens[p])
+    }
+
+    /// [`Self::lookup`] with `target` in place of the token at p.
+    pub fn lookup_as_if(&self, tokens: &[u16], p: usize, target: u16) -> PhraseMatch {
+        self.lookup_hashed(target, |k| {
             let length = self.config.lengths[k];
             (p >= length).then(|| context_hash(tokens, p, length, &PHRASE_PRIMES))
         })

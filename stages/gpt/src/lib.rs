@@ -337,7 +337,19 @@ print(sum(v.numel() for v in t.values()), len(t), tuple(t["qo_bank"].shape), tup
         let config = small();
         let (_vs, model) = randomised(&config);
         let tokens: Vec<u16> = (0..100).map(|i| ((i * 37) % 1024) as u16).collect();
-        let scores = score::score(&model, &tokens, 8, 3, 0.85, |_| {});
+        let scores = score::score(&model, &tokens, 8, 3, 0.85, &[5, 40, 99], |_| {});
+        // The kept distributions sum to 1 and agree with model_p at the true token.
+        assert_eq!(
+            scores.distributions.iter().map(|d| d.0).collect::<Vec<_>>(),
+            [5, 40, 99]
+        );
+        for (position, probs) in &scores.distributions {
+            let sum: f64 = probs.iter().map(|&p| p as f64).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "{position}: {sum}");
+            let row = scores.position.iter().position(|p| p == position).unwrap();
+            let true_token = tokens[*position as usize] as usize;
+            assert!((probs[true_token] - scores.model_p[row]).abs() < 1e-6);
+        }
         let entries: usize = score::windows(99, 32, 8)
             .iter()
             .map(|w| w.len - w.first_scored)

@@ -47,6 +47,9 @@ pub struct Scores {
     pub model_p: Vec<f32>,
     /// Nats, of the tempered distribution.
     pub entropy: Vec<f32>,
+    /// The whole tempered distribution at the requested sample positions (the first time
+    /// each is scored), sorted by position.
+    pub distributions: Vec<(i64, Vec<f32>)>,
 }
 
 /// Runs the model over `tokens` (the whole val stream) window by window, `batch` windows
@@ -60,8 +63,10 @@ pub fn score(
     stride: usize,
     batch: usize,
     temperature: f64,
+    sample: &[i64],
     mut progress: impl FnMut(usize),
 ) -> Scores {
+    let mut wanted: std::collections::BTreeSet<i64> = sample.iter().copied().collect();
     let device = model.device();
     let n_ctx = model.config().seq_len as usize;
     let targets = tokens.len().saturating_sub(1);
@@ -101,6 +106,14 @@ pub fn score(
                 let h = entropy
                     .get(row as i64)
                     .narrow(0, w.first_scored as i64, count);
+                for j in scored.clone() {
+                    let position = (w.start + j as usize + 1) as i64;
+                    if wanted.remove(&position) {
+                        let probs = log_p.get(row as i64).get(j).exp();
+                        out.distributions
+                            .push((position, Vec::<f32>::try_from(&probs).expect("f32 values")));
+                    }
+                }
                 out.position
                     .extend(scored.map(|j| (w.start + j as usize + 1) as i64));
                 out.model_p
@@ -111,6 +124,7 @@ pub fn score(
             progress(group.len());
         }
     });
+    out.distributions.sort_by_key(|(position, _)| *position);
     out
 }
 

@@ -397,6 +397,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         options.stride,
         options.batch,
         params.temperature,
+        &pass1::mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed),
         |done| bar.inc(done as u64),
     );
     bar.finish_and_clear();
@@ -421,8 +422,10 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         position: scores.position,
         model_p: scores.model_p,
         entropy: scores.entropy,
+        distributions: scores.distributions,
     };
     table.write(&ctx.output("pass1.parquet"))?;
+    table.write_distributions(&ctx.output("distributions.parquet"))?;
     report.phase("write", started);
     let summary = table.summary();
     report.summary = summary.summary;

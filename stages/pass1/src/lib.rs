@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt8Array};
+use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array};
 use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
 use neural::{run_in_worker, Device, GptPass1Options, Task};
 use rayon::prelude::*;
@@ -57,6 +57,12 @@ pub struct Pass1Params {
     /// GPT: libtorch's CPU threads; part of the recipe because the bits depend on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// How many target positions keep the model's whole (tempered) next-token
+    /// distribution, in `distributions.parquet`, for the implied-mass audit (0: none).
+    /// Not available for `model = "import"`, whose table has only the true token.
+    pub mass_sample: usize,
+    /// Seeds which positions those are.
+    pub mass_seed: u64,
 }
 
 impl Pass1Params {
@@ -82,6 +88,8 @@ impl Default for Pass1Params {
             batch: None,
             device: None,
             threads: None,
+            mass_sample: 4096,
+            mass_seed: 1337,
         }
     }
 }
@@ -113,7 +121,8 @@ impl Stage for Pass1Stage {
     }
 
     fn version(&self) -> u32 {
-        2
+        // 3: distributions.parquet for the implied-mass audit.
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -220,6 +229,7 @@ impl Stage for Pass1Stage {
         };
         let report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
+        table.write_distributions(&ctx.output("distributions.parquet"))?;
         Ok(report.with("model", serde_json::to_value(params.model).unwrap()))
     }
 }
@@ -253,6 +263,46 @@ pub struct Pass1Table {
     pub model_p: Vec<f32>,
     pub entropy: Vec<f32>,
     pub bytes: Vec<u8>,
+    /// The whole tempered next-token distribution at a few target positions (see
+    /// [`mass_sample_positions`]), sorted by position.
+    pub distributions: Vec<(i64, Vec<f32>)>,
+}
+
+/// `distributions.parquet`: one row per (sampled position, candidate token).
+pub fn distributions_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("candidate", DataType::UInt16, false),
+        Field::new("model_p", DataType::Float32, false),
+    ]))
+}
+
+/// The `count` target positions in 1..=targets whose distributions pass-1 keeps: those
+/// with the smallest keyed hash, so the sample is fixed by the seed, spread over the whole
+/// stream, and the same for every model. Sorted.
+pub fn mass_sample_positions(targets: usize, count: usize, seed: u64) -> Vec<i64> {
+    use std::collections::BinaryHeap;
+    let key = |p: u64| {
+        // splitmix64's finaliser over (seed, p).
+        let mut z =
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ p.wrapping_add(0x632B_E59B_D9B4_E019);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut smallest: BinaryHeap<(u64, i64)> = BinaryHeap::with_capacity(count + 1);
+    for p in 1..=targets as i64 {
+        let k = (key(p as u64), p);
+        if smallest.len() < count {
+            smallest.push(k);
+        } else if smallest.peek().is_some_and(|top| k < *top) {
+            smallest.pop();
+            smallest.push(k);
+        }
+    }
+    let mut positions: Vec<i64> = smallest.into_iter().map(|(_, p)| p).collect();
+    positions.sort_unstable();
+    positions
 }
 
 impl Pass1Table {
@@ -268,6 +318,25 @@ impl Pass1Table {
                 "neural_bpb",
                 nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
             )
+    }
+
+    /// Writes `distributions.parquet` (possibly with no rows: the model kept none).
+    pub fn write_distributions(&self, path: &std::path::Path) -> Result<u64, StageError> {
+        let schema = distributions_schema();
+        let batches = self.distributions.iter().map(|(position, probs)| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(vec![*position; probs.len()])),
+                Arc::new(UInt16Array::from_iter_values(0..probs.len() as u16)),
+                Arc::new(Float32Array::from(probs.clone())),
+            ];
+            RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+        });
+        write_parquet(
+            path,
+            schema.clone(),
+            batches,
+            &ParquetLayout::delta(&["position"]),
+        )
     }
 
     pub fn write(&self, path: &std::path::Path) -> Result<u64, StageError> {
@@ -345,6 +414,12 @@ pub fn bigram_pass1(
         })
         .collect();
     let mut table = Pass1Table::default();
+    for p in mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed) {
+        let prev = val[p as usize - 1] as usize;
+        if prev < v {
+            table.distributions.push((p, rows[prev].0.clone()));
+        }
+    }
     for p in 1..val.len() {
         let (prev, token) = (val[p - 1] as usize, val[p] as usize);
         if prev >= v || token >= v {
@@ -420,6 +495,7 @@ pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Tab
         model_p,
         entropy,
         bytes,
+        distributions: Vec::new(),
     })
 }
 
