@@ -244,25 +244,22 @@ pub fn next_token_histograms(
                 .collect();
             mine.sort_unstable();
             let mut window_of: HashMap<&[u16], usize> = HashMap::new();
+            let mut windows: Vec<&[u16]> = Vec::new();
             let mut by_fingerprint: HashMap<u64, Vec<usize>> = HashMap::new();
             let mut window_index = Vec::with_capacity(mine.len());
             for &(p, _) in &mine {
                 let window = &tokens[p - width..p];
-                let next = window_of.len();
-                let index = *window_of.entry(window).or_insert(next);
-                if index == next {
+                let index = *window_of.entry(window).or_insert_with(|| {
+                    windows.push(window);
                     let fingerprint = Rolling::new(window, BASE_KEY).value;
-                    by_fingerprint.entry(fingerprint).or_default().push(index);
-                }
+                    by_fingerprint
+                        .entry(fingerprint)
+                        .or_default()
+                        .push(windows.len() - 1);
+                    windows.len() - 1
+                });
                 window_index.push(index);
             }
-            let windows: Vec<&[u16]> = {
-                let mut w = vec![&tokens[0..0]; window_of.len()];
-                for (window, &i) in &window_of {
-                    w[i] = window;
-                }
-                w
-            };
             let mut running = vec![vec![0u32; vocab]; windows.len()];
             let mut out = Vec::with_capacity(mine.len());
             let mut next = 0;
