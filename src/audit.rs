@@ -42,8 +42,11 @@ pub fn audit(
     options: &RunOptions,
     mut on_outcome: impl FnMut(&AuditOutcome),
 ) -> Result<Vec<AuditOutcome>> {
+    let mut wanted = std::collections::BTreeSet::new();
     for node in nodes {
-        ctx.pipeline.node(node)?;
+        for named in ctx.pipeline.nodes_named(node)? {
+            wanted.insert(named.name.clone());
+        }
     }
     let resolved = ctx.resolve()?;
     let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -58,7 +61,7 @@ pub fn audit(
     }
     let selected: Vec<&runner::Resolved> = resolved
         .iter()
-        .filter(|r| nodes.is_empty() || nodes.contains(&r.node))
+        .filter(|r| nodes.is_empty() || wanted.contains(&r.node))
         .collect();
     for r in &selected {
         if !manifests.contains_key(&r.node) {

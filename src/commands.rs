@@ -22,9 +22,13 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(pipeline_path: &Path) -> Result<Session> {
+    /// Loads the pipeline, expanded for `seeds` (the `--seeds` flag) or else for the
+    /// file's own `seeds` key, if either is given.
+    pub fn open(pipeline_path: &Path, seeds: Option<&[u64]>) -> Result<Session> {
         let registry = Registry::with_builtin_stages();
         let pipeline = Pipeline::load(pipeline_path, &registry)?;
+        let seeds = seeds.map_or_else(|| pipeline.seeds_in_file.clone(), <[u64]>::to_vec);
+        let pipeline = pipeline.for_seeds(&seeds, &registry)?;
         let store = Store::open(&pipeline.store_dir);
         let hasher = FileHasher::load(store.file_hash_cache_path());
         Ok(Session {
@@ -48,18 +52,23 @@ impl Session {
     pub fn audit(&self, nodes: &[String], options: &RunOptions, json: bool) -> Result<bool> {
         let started = std::time::Instant::now();
         let mut header = !json && !options.quiet;
+        let width = self.pipeline.name_width();
         let outcomes = crate::audit::audit(&self.context(), nodes, options, |o| {
             if json || options.quiet {
                 return;
             }
             if std::mem::take(&mut header) {
                 println!(
-                    "{:<14} {:<12} {:<10} {:>8}",
-                    "node", "stage", "audit", "seconds"
+                    "{:<width$} {:<12} {:<10} {:>8}",
+                    "node",
+                    "stage",
+                    "audit",
+                    "seconds",
+                    width = width
                 );
             }
             println!(
-                "{:<14} {:<12} {:<10} {:>7.2}s  content {}{}",
+                "{:<width$} {:<12} {:<10} {:>7.2}s  content {}{}",
                 o.node,
                 o.stage,
                 if o.identical { "identical" } else { "DIFFERS" },
@@ -69,7 +78,8 @@ impl Session {
                     String::new()
                 } else {
                     format!(" → {}", short(&o.rebuilt_content_hash))
-                }
+                },
+                width = width
             );
             for difference in &o.differences {
                 println!("  {difference}");
@@ -109,7 +119,31 @@ impl Session {
                 built
             );
         }
+        if !self.pipeline.seeds.is_empty() {
+            let rows = self.seed_rows()?;
+            let batch = crate::seeds::to_batch(&rows);
+            let mut parquet = Vec::new();
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(&mut parquet, batch.schema(), None)?;
+            writer.write(&batch)?;
+            writer.close()?;
+            let lock = self.store.lock(options.wait)?;
+            self.store.set_seeds_table(&lock, &parquet)?;
+            if !options.quiet {
+                println!(
+                    "\nseeds table ({}; mean and sample std over {} seeds):",
+                    self.store.seeds_table_path().display(),
+                    self.pipeline.seeds.len()
+                );
+                crate::seeds::print(&rows, &self.pipeline.seeds);
+            }
+        }
         Ok(())
+    }
+
+    fn seed_rows(&self) -> Result<Vec<crate::seeds::SeedRow>> {
+        let resolved = self.context().resolve()?;
+        crate::seeds::seed_rows(&self.pipeline, &self.registry, &self.store, &resolved)
     }
 
     pub fn status(&self, json: bool) -> Result<()> {
@@ -118,7 +152,8 @@ impl Session {
             println!("{}", serde_json::to_string_pretty(&resolved)?);
             return Ok(());
         }
-        println!("{:<14} {:<12} {:<8} detail", "node", "stage", "state");
+        let width = self.pipeline.name_width();
+        println!("{:<width$} {:<12} {:<8} detail", "node", "stage", "state");
         for r in &resolved {
             let (state, detail) = match &r.state {
                 NodeState::Cached { content_hash } => {
@@ -127,7 +162,7 @@ impl Session {
                 NodeState::Stale { reasons } => ("stale", reasons.join("; ")),
                 NodeState::Missing { reason } => ("missing", reason.clone()),
             };
-            println!("{:<14} {:<12} {:<8} {}", r.node, r.stage, state, detail);
+            println!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
         }
         Ok(())
     }
@@ -375,8 +410,38 @@ impl Session {
             .worker_threads(rayon::current_num_threads().max(1))
             .enable_all()
             .build()?;
+        // The seeds table: this pipeline's, if it is expanded for seeds; else the last
+        // multi-seed run's, as `run --seeds` wrote it.
+        let seeds = if !self.pipeline.seeds.is_empty() {
+            Some(crate::seeds::to_batch(&crate::seeds::seed_rows(
+                &self.pipeline,
+                &self.registry,
+                &self.store,
+                &resolved,
+            )?))
+        } else {
+            let path = self.store.seeds_table_path();
+            match std::fs::File::open(&path) {
+                Ok(file) => {
+                    let batches = ParquetRecordBatchReaderBuilder::try_new(file)
+                        .and_then(|b| b.build())
+                        .map_err(|e| anyhow!("{}: unreadable seeds table: {e}", path.display()))?
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| anyhow!("{}: unreadable seeds table: {e}", path.display()))?;
+                    let schema = batches.first().map(|b| b.schema());
+                    match schema {
+                        Some(schema) => Some(arrow::compute::concat_batches(&schema, &batches)?),
+                        None => None,
+                    }
+                }
+                Err(_) => None,
+            }
+        };
         runtime.block_on(async {
-            let session = SqlSession::open(&self.store, &resolved).await?;
+            let mut session = SqlSession::open(&self.store, &resolved).await?;
+            if let Some(batch) = seeds {
+                session.register_batch("seeds", "(run --seeds)", batch)?;
+            }
             match query {
                 Some(q) => {
                     println!("{}", sql::execute(&session, q, format).await?);

@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod recipe;
 pub mod registry;
 pub mod runner;
+pub mod seeds;
 pub mod sql;
 pub mod store;

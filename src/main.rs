@@ -33,6 +33,12 @@ struct Cli {
     #[arg(long, global = true)]
     threads: Option<usize>,
 
+    /// Run seeds (comma-separated): every node that depends on the training seed is run
+    /// once per seed, as NODE_seedN; the rest is shared. Overrides the pipeline's `seeds`.
+    /// `run` then writes the `seeds` table (per-seed metrics, mean, sample std).
+    #[arg(long, global = true, value_delimiter = ',', value_name = "SEEDS")]
+    seeds: Option<Vec<u64>>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -194,7 +200,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let session = Session::open(&cli.pipeline)?;
+    let session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;
     match cli.command {
         Command::Run { until, force, wait } => {
             let options = RunOptions {

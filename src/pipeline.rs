@@ -32,6 +32,7 @@ use crate::registry::Registry;
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
     store: Option<String>,
+    seeds: Option<Spanned<Vec<u64>>>,
     #[serde(default)]
     nodes: BTreeMap<String, Spanned<NodeFile>>,
 }
@@ -66,6 +67,15 @@ pub struct Node {
     pub inputs: BTreeMap<String, String>,
     /// File role → files, sorted by path.
     pub files: BTreeMap<String, Vec<PathBuf>>,
+    /// Set on the per-seed copies that [`Pipeline::for_seeds`] makes.
+    pub variant: Option<SeedVariant>,
+}
+
+/// Which node of `pipeline.toml` a per-seed copy was made from, and for which seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedVariant {
+    pub base: String,
+    pub seed: u64,
 }
 
 #[derive(Debug)]
@@ -74,6 +84,10 @@ pub struct Pipeline {
     pub store_dir: PathBuf,
     /// In topological order; ties broken by name.
     pub nodes: Vec<Node>,
+    /// The file's `seeds` key (empty if none). [`Pipeline::for_seeds`] expands them.
+    pub seeds_in_file: Vec<u64>,
+    /// The run seeds this pipeline was expanded for (empty: not expanded).
+    pub seeds: Vec<u64>,
 }
 
 impl Pipeline {
@@ -105,6 +119,14 @@ impl Pipeline {
         if file.nodes.is_empty() {
             bail!("{}: no [nodes.NAME] table: nothing to run", path.display());
         }
+        let seeds_in_file = match &file.seeds {
+            Some(seeds) => {
+                check_seeds(seeds.get_ref())
+                    .map_err(|e| anyhow!("{}: seeds: {e}", at(Some(seeds.span()))))?;
+                seeds.get_ref().clone()
+            }
+            None => Vec::new(),
+        };
 
         let mut nodes = BTreeMap::new();
         for (name, spanned) in &file.nodes {
@@ -217,6 +239,7 @@ impl Pipeline {
                     params,
                     inputs,
                     files,
+                    variant: None,
                 },
             );
         }
@@ -233,7 +256,133 @@ impl Pipeline {
             path: path.to_path_buf(),
             store_dir,
             nodes: order.into_iter().map(|n| nodes[&n].clone()).collect(),
+            seeds_in_file,
+            seeds: Vec::new(),
         })
+    }
+
+    /// The pipeline run once per run seed, as one DAG: every node whose stage has a run
+    /// seed ([`stage_api::Stage::run_seed_param`], the training seed) and everything
+    /// downstream of one is copied per seed as `NODE_seedN`, with that seed set; nodes
+    /// that do not depend on a run seed (tokenizing, the cache tables) stay single and
+    /// shared. Content addressing does the rest: a seed whose copies were built before is
+    /// reused, and the base seed's copy is the very artifact the plain pipeline builds.
+    pub fn for_seeds(self, seeds: &[u64], registry: &Registry) -> Result<Pipeline> {
+        if seeds.is_empty() {
+            return Ok(self);
+        }
+        check_seeds(seeds).map_err(|e| anyhow!("--seeds: {e}"))?;
+        let seed_param = |node: &Node| {
+            registry
+                .get(&node.stage)
+                .expect("validated when loading")
+                .run_seed_param()
+        };
+        // Nodes are in topological order, so one sweep finds everything downstream.
+        let mut seeded = BTreeSet::new();
+        for node in &self.nodes {
+            if seed_param(node).is_some() || node.inputs.values().any(|up| seeded.contains(up)) {
+                seeded.insert(node.name.clone());
+            }
+        }
+        if seeded.is_empty() {
+            let with_seed: Vec<&str> = registry
+                .kinds()
+                .into_iter()
+                .filter(|k| registry.get(k).and_then(|s| s.run_seed_param()).is_some())
+                .collect();
+            bail!(
+                "{}: no node has a run seed to vary (stages with one: {}); --seeds needs one",
+                self.path.display(),
+                with_seed.join(", ")
+            );
+        }
+        let variant_name = |name: &str, seed: u64| format!("{name}_seed{seed}");
+        let mut nodes: Vec<Node> = self
+            .nodes
+            .iter()
+            .filter(|n| !seeded.contains(&n.name))
+            .cloned()
+            .collect();
+        for &seed in seeds {
+            for node in self.nodes.iter().filter(|n| seeded.contains(&n.name)) {
+                let name = variant_name(&node.name, seed);
+                if self.nodes.iter().any(|n| n.name == name) {
+                    bail!(
+                        "{}: node '{name}' clashes with the copy of '{}' for seed {seed}; rename it",
+                        self.path.display(),
+                        node.name
+                    );
+                }
+                let mut params = node.params.clone();
+                if let Some(key) = seed_param(node) {
+                    params[key] = Value::from(seed);
+                    params = registry
+                        .get(&node.stage)
+                        .expect("validated when loading")
+                        .canonical_params(&params)
+                        .map_err(|e| anyhow!("node '{name}': seed {seed}: {e}"))?;
+                }
+                let inputs = node
+                    .inputs
+                    .iter()
+                    .map(|(input, up)| {
+                        let up = if seeded.contains(up) {
+                            variant_name(up, seed)
+                        } else {
+                            up.clone()
+                        };
+                        (input.clone(), up)
+                    })
+                    .collect();
+                nodes.push(Node {
+                    name,
+                    stage: node.stage.clone(),
+                    params,
+                    inputs,
+                    files: node.files.clone(),
+                    variant: Some(SeedVariant {
+                        base: node.name.clone(),
+                        seed,
+                    }),
+                });
+            }
+        }
+        let by_name: BTreeMap<String, Node> =
+            nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let order = topological_order(&by_name).expect("copies keep the DAG acyclic");
+        Ok(Pipeline {
+            nodes: order.into_iter().map(|n| by_name[&n].clone()).collect(),
+            seeds: seeds.to_vec(),
+            ..self
+        })
+    }
+
+    /// The width of the node column in listings: 14, or the longest name.
+    pub fn name_width(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| n.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(14)
+    }
+
+    /// The nodes a name on the command line means: the node itself, or, in a pipeline
+    /// expanded for seeds, every seed's copy of it.
+    pub fn nodes_named(&self, name: &str) -> Result<Vec<&Node>> {
+        if let Some(node) = self.nodes.iter().find(|n| n.name == name) {
+            return Ok(vec![node]);
+        }
+        let copies: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|n| n.variant.as_ref().is_some_and(|v| v.base == name))
+            .collect();
+        if copies.is_empty() {
+            self.node(name)?;
+        }
+        Ok(copies)
     }
 
     pub fn node(&self, name: &str) -> Result<&Node> {
@@ -250,10 +399,14 @@ impl Pipeline {
         })
     }
 
-    /// `name` and everything it depends on, in run order.
+    /// `name` (every seed's copy of it, if it has copies) and everything it depends on.
     pub fn ancestors_of(&self, name: &str) -> Result<BTreeSet<String>> {
         let mut wanted = BTreeSet::new();
-        let mut stack = vec![self.node(name)?.name.clone()];
+        let mut stack: Vec<String> = self
+            .nodes_named(name)?
+            .into_iter()
+            .map(|n| n.name.clone())
+            .collect();
         while let Some(n) = stack.pop() {
             if wanted.insert(n.clone()) {
                 stack.extend(self.node(&n)?.inputs.values().cloned());
@@ -261,6 +414,17 @@ impl Pipeline {
         }
         Ok(wanted)
     }
+}
+
+fn check_seeds(seeds: &[u64]) -> std::result::Result<(), String> {
+    if seeds.is_empty() {
+        return Err("the list is empty".into());
+    }
+    let distinct: BTreeSet<&u64> = seeds.iter().collect();
+    if distinct.len() != seeds.len() {
+        return Err(format!("{seeds:?} names a seed twice"));
+    }
+    Ok(())
 }
 
 fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {

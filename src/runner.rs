@@ -189,8 +189,12 @@ pub struct Outcome {
 }
 
 pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
+    // On a pipeline expanded for seeds, `--force model` means every seed's copy.
+    let mut forced_nodes = BTreeSet::new();
     for forced in &options.force {
-        ctx.pipeline.node(forced)?;
+        for node in ctx.pipeline.nodes_named(forced)? {
+            forced_nodes.insert(node.name.clone());
+        }
     }
     let selected = match &options.until {
         Some(target) => ctx.pipeline.ancestors_of(target)?,
@@ -202,6 +206,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         eprintln!("removed {swept} unfinished artifact(s) left by an interrupted run");
     }
 
+    let width = ctx.pipeline.name_width();
     let mut content: BTreeMap<String, String> = BTreeMap::new();
     let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
@@ -218,7 +223,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         let existing = ctx.store.manifest(&node.stage, &recipe)?;
         let dir = ctx.store.artifact_dir(&node.stage, &recipe);
         let intact = existing.as_ref().is_some_and(|m| sizes_match(&dir, m));
-        let forced = options.force.contains(&node.name);
+        let forced = forced_nodes.contains(&node.name);
 
         let (manifest, action, seconds) = if let (Some(manifest), true, false) =
             (existing.clone(), intact, forced)
@@ -282,7 +287,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         )?;
         if !options.quiet {
             println!(
-                "{:<14} {:<12} {:<20} {:>8}  content {}",
+                "{:<width$} {:<12} {:<20} {:>8}  content {}",
                 node.name,
                 node.stage,
                 action,
@@ -291,7 +296,8 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                 } else {
                     String::new()
                 },
-                short(&manifest.content_hash)
+                short(&manifest.content_hash),
+                width = width
             );
         }
         outcomes.push(Outcome {

@@ -139,6 +139,29 @@ impl SqlSession {
         Ok(SqlSession { ctx, tables })
     }
 
+    /// Adds a table that is not a node's output (say, `seeds`), under `name`.
+    pub fn register_batch(&mut self, name: &str, origin: &str, batch: RecordBatch) -> Result<()> {
+        let columns = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().to_string()))
+            .collect();
+        let rows = batch.num_rows() as u64;
+        self.ctx.register_table(
+            name,
+            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+        )?;
+        self.tables.push(TableInfo {
+            name: name.into(),
+            aliases: vec![],
+            node: origin.into(),
+            rows: Some(rows),
+            columns,
+        });
+        Ok(())
+    }
+
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         let options = SQLOptions::new()
             .with_allow_ddl(false)

@@ -4,6 +4,7 @@
 //! artifacts/
 //!   <stage>/<recipe>/          one finished artifact: its files and manifest.json
 //!   refs/<node>.json           the last recipe each pipeline node resolved to (for `status`)
+//!   seeds.parquet              the `seeds` table of the last `run --seeds` (per-seed metrics)
 //!   .tmp/                      work in progress; never read, swept at the next run
 //!   .cache/file-hashes.json    content hashes of raw inputs, keyed by (path, size, mtime, inode)
 //!   .lock                      held (flock) by the one process that may write
@@ -287,6 +288,15 @@ impl Store {
     pub fn set_node_ref(&self, _lock: &StoreLock, node: &str, node_ref: &NodeRef) -> Result<()> {
         let path = self.root.join("refs").join(format!("{node}.json"));
         write_atomic(&path, &serde_json::to_vec_pretty(node_ref)?)
+    }
+
+    /// The `seeds` table of the last `run --seeds` (see [`crate::seeds`]).
+    pub fn seeds_table_path(&self) -> PathBuf {
+        self.root.join("seeds.parquet")
+    }
+
+    pub fn set_seeds_table(&self, _lock: &StoreLock, parquet: &[u8]) -> Result<()> {
+        write_atomic(&self.seeds_table_path(), parquet)
     }
 
     pub fn file_hash_cache_path(&self) -> PathBuf {

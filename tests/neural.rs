@@ -317,3 +317,99 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         assert!(!project.path().join("artifacts/train").exists());
     }
 }
+
+/// `run --seeds`: the training seed's subgraph is copied per seed, the rest is built once
+/// and shared, and the `seeds` table holds each seed's numbers with their mean and sample
+/// standard deviation, read from the very artifacts it names.
+#[test]
+fn run_seeds_trains_once_per_seed_shares_the_rest_and_tabulates_the_spread() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 20));
+    let out = project.ok(&["run", "--seeds", "7,8"]);
+    let (nodes, _) = out
+        .split_once("seeds table")
+        .expect("the run prints the seeds table");
+    let built = |node: &str| {
+        nodes
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(node))
+            .count()
+    };
+    for shared in ["tokens", "token_stats", "cache"] {
+        assert_eq!(built(shared), 1, "{shared} once:\n{out}");
+    }
+    for seeded in ["model", "pass1", "calibration", "scores"] {
+        assert_eq!(built(seeded), 0, "{seeded} has only copies:\n{out}");
+        for seed in [7, 8] {
+            assert_eq!(built(&format!("{seeded}_seed{seed}")), 1, "{out}");
+        }
+    }
+    let explained = project.ok(&["explain", "model_seed8", "--json", "--seeds", "7,8"]);
+    let explained: serde_json::Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(explained["ingredients"]["params"]["seed"], 8);
+
+    let rows = project.sql(
+        "SELECT kind, seed, value FROM seeds WHERE node = 'scores' AND metric = 'final_bpb' ORDER BY kind, seed",
+    );
+    let rows: Vec<Vec<&str>> = rows
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| (r[0], r[1])).collect::<Vec<_>>(),
+        [("mean", ""), ("seed", "7"), ("seed", "8"), ("std", "")]
+    );
+    let value = |i: usize| rows[i][2].parse::<f64>().unwrap();
+    let (mean, seven, eight, std) = (value(0), value(1), value(2), value(3));
+    assert_ne!(seven, eight, "two training seeds gave the same model");
+    assert!((mean - (seven + eight) / 2.0).abs() < 1e-12);
+    assert!((std - (seven - eight).abs() / 2f64.sqrt()).abs() < 1e-12);
+    let shown = project.ok(&["show", "scores_seed7", "--json", "--seeds", "7,8"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["report"]["final_bpb"].as_f64().unwrap(), seven);
+    let metrics = project.sql("SELECT DISTINCT node || '.' || metric AS m FROM seeds ORDER BY m");
+    for expected in [
+        "model.final_val_bpb",
+        "pass1.neural_bpb",
+        "scores.final_bpb",
+    ] {
+        assert!(metrics.contains(expected), "{metrics}");
+    }
+
+    // A third seed builds only its own copies; the first two are reused.
+    let out = project.ok(&["run", "--seeds", "7,8,9"]);
+    let action = |node: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(node))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default().to_string())
+    };
+    assert_eq!(action("model_seed7").as_deref(), Some("reused"), "{out}");
+    assert_eq!(action("model_seed9").as_deref(), Some("built"), "{out}");
+    assert_eq!(action("cache").as_deref(), Some("reused"), "{out}");
+    let nine = project.sql("SELECT count(*) FROM seeds WHERE seed = 9 AND value IS NOT NULL");
+    assert_ne!(nine.lines().nth(1).unwrap(), "0");
+    // gc keeps what the seeds point to when told the seeds.
+    let gc = project.ok(&["gc", "--dry-run", "--seeds", "7,8,9"]);
+    assert!(gc.contains("would free 0 artifact(s)"), "{gc}");
+}
+
+#[test]
+fn seeds_that_cannot_apply_are_one_line_errors() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 20));
+    let twice = project.fails(&["status", "--seeds", "3,3"]);
+    assert!(
+        twice.contains("--seeds: [3, 3] names a seed twice"),
+        "{twice}"
+    );
+    project.write_pipeline(&Project::small_pipeline(300));
+    let none = project.fails(&["run", "--seeds", "1,2"]);
+    assert!(
+        none.contains("no node has a run seed to vary (stages with one: train)"),
+        "{none}"
+    );
+    project.write_pipeline(&("seeds = []\n".to_string() + &Project::small_pipeline(300)));
+    let empty = project.fails(&["status"]);
+    assert!(empty.contains("seeds: the list is empty"), "{empty}");
+}

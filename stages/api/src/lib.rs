@@ -69,6 +69,21 @@ pub trait Stage: Send + Sync {
     fn headline(&self, _report: &serde_json::Map<String, Value>) -> Option<String> {
         None
     }
+
+    /// The parameter that seeds this stage's randomness *as a run* (the record's `SEED`
+    /// for training), which `cachemoney run --seeds` sets to each seed in turn. A seed
+    /// that defines the data (a train/val split, a sample of positions) is not one: runs
+    /// with different run seeds must be comparable on the same data.
+    fn run_seed_param(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Numeric keys of this stage's report worth comparing across runs (a BPB, a
+    /// calibrated parameter), in reading order; `run --seeds` tabulates them per seed
+    /// with their mean and standard deviation.
+    fn metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// A named group of raw input files a stage accepts.

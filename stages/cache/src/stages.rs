@@ -656,6 +656,10 @@ impl Stage for Pass2Stage {
         ))
     }
 
+    fn metrics(&self) -> &'static [&'static str] {
+        &["ngram_bpb", "final_bpb", "alpha_high", "entropy_thresh"]
+    }
+
     fn input_names(&self) -> &'static [&'static str] {
         &["tokens", "pass1", "cache", "calibration"]
     }
@@ -792,6 +796,10 @@ impl Stage for AuditMassStage {
             get("sample_bpb")?,
             get("normalised_sample_bpb")?,
         ))
+    }
+
+    fn metrics(&self) -> &'static [&'static str] {
+        &["mass_mean", "normalised_sample_bpb"]
     }
 
     fn input_names(&self) -> &'static [&'static str] {

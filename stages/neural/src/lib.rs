@@ -179,6 +179,14 @@ impl Stage for TrainStage {
             "trained {steps} steps: val BPB {val:.4} (EMA weights, fp16); model {compressed} bytes xz-compressed"
         ))
     }
+
+    fn run_seed_param(&self) -> Option<&'static str> {
+        Some("seed")
+    }
+
+    fn metrics(&self) -> &'static [&'static str] {
+        &["final_val_bpb"]
+    }
 }
 
 /// libtorch threads when a node does not say: the laptop-class machine this tool is

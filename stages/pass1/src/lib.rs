@@ -129,6 +129,10 @@ impl Stage for Pass1Stage {
         "val tokens (+ a model) -> per-entry model_p and entropy; model = bigram, import, or gpt (with inputs.model and stride, batch, device, threads)"
     }
 
+    fn metrics(&self) -> &'static [&'static str] {
+        &["neural_bpb"]
+    }
+
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
         let canonical = canonicalize::<Pass1Params>(raw)?;
         let mut params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
