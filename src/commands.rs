@@ -452,6 +452,33 @@ impl Session {
         })
     }
 
+    /// `cachemoney report`: the HTML page of figures (see [`crate::report`]).
+    pub fn report(&self, out: &Path, quiet: bool) -> Result<()> {
+        let resolved = self.context().resolve()?;
+        let seed_rows = if self.pipeline.seeds.is_empty() {
+            Vec::new()
+        } else {
+            crate::seeds::seed_rows(&self.pipeline, &self.registry, &self.store, &resolved)?
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(rayon::current_num_threads().max(1))
+            .enable_all()
+            .build()?;
+        let (html, figures) = runtime.block_on(async {
+            let session = SqlSession::open(&self.store, &resolved).await?;
+            crate::report::build(&self.pipeline, &self.store, &resolved, &session, &seed_rows).await
+        })?;
+        crate::report::write(out, &html)?;
+        if !quiet {
+            println!(
+                "wrote {} ({figures} figures, {} KB); open it in a browser",
+                out.display(),
+                html.len().div_ceil(1024)
+            );
+        }
+        Ok(())
+    }
+
     pub fn verify(&self, quiet: bool) -> Result<bool> {
         let manifests = self.store.all_manifests()?;
         let mut problems = Vec::new();

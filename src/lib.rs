@@ -13,6 +13,7 @@ pub mod filehash;
 pub mod pipeline;
 pub mod recipe;
 pub mod registry;
+pub mod report;
 pub mod runner;
 pub mod seeds;
 pub mod sql;

@@ -103,6 +103,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write one self-contained HTML page of figures over the built artifacts.
+    ///
+    /// BPB waterfalls per chain, calibration grids as heat maps, match rate and BPB by
+    /// n-gram order and phrase length, training curves, the implied-mass distribution,
+    /// and the seeds table in a multi-seed run. Inline SVG, nothing fetched: it opens
+    /// offline. Each figure shows the SQL and artifacts it came from.
+    Report {
+        /// Where to write the page.
+        #[arg(long, short = 'o', default_value = "report.html")]
+        out: PathBuf,
+    },
     /// Rehash every stored file and compare with its manifest.
     Verify,
     /// Rebuild nodes from their stored inputs and compare with the stored bytes.
@@ -217,6 +228,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Show { node, rows, json } => session.show(&node, rows, json)?,
         Command::Sql { query, format } => session.sql(query.as_deref(), format)?,
         Command::Compare { json } => session.compare(json)?,
+        Command::Report { out } => session.report(&out, cli.quiet)?,
         Command::Verify => {
             if !session.verify(cli.quiet)? {
                 return Ok(ExitCode::FAILURE);

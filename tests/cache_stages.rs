@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Project;
+use common::{mass_node, mode_chain, Project};
 
 fn cache_pipeline(pass1: &str) -> String {
     Project::small_pipeline(300)
@@ -307,33 +307,6 @@ fn the_cache_chain_gives_identical_bytes_with_one_and_two_threads() {
     }
 }
 
-/// A cache → calibrate → pass2 chain named `cache_{name}`, `calibration_{name}`,
-/// `scores_{name}` in `mode`, on the node `pass1`.
-fn mode_chain(name: &str, mode: &str) -> String {
-    format!(
-        r#"
-[nodes.cache_{name}]
-stage = "cache"
-inputs.tokens = "tokens"
-params.mode = "{mode}"
-params.ngram_buckets = 65536
-params.phrase_buckets = 32768
-
-[nodes.calibration_{name}]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_{name}"
-
-[nodes.scores_{name}]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_{name}"
-inputs.calibration = "calibration_{name}"
-"#
-    )
-}
-
 #[test]
 fn compare_shows_every_mode_on_one_pass1_and_normalised_picks_orders_without_the_target() {
     let p = Project::small();
@@ -406,19 +379,6 @@ fn compare_before_anything_is_built_says_what_to_do() {
         err.contains("no pass2 node") && err.contains("cachemoney run"),
         "{err}"
     );
-}
-
-fn mass_node(name: &str, chain: &str) -> String {
-    format!(
-        r#"
-[nodes.{name}]
-stage = "audit-mass"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache{chain}"
-inputs.calibration = "calibration{chain}"
-"#
-    )
 }
 
 #[test]

@@ -4,41 +4,7 @@
 
 mod common;
 
-use common::Project;
-
-/// A GPT small enough to train in seconds on the 300-entry test vocabulary.
-fn tiny_model(vocab: usize) -> String {
-    format!(
-        "{{ vocab_size = {vocab}, layers = 2, d_model = 32, heads = 2, kv_heads = 1, seq_len = 32, rope_dims = 8, xsa_last = 1, bigram_rows = 64, bigram_dim = 16 }}"
-    )
-}
-
-fn neural_pipeline(model: &str, steps: usize) -> String {
-    Project::small_pipeline(300)
-        + &format!(
-            r#"
-[nodes.model]
-stage = "train"
-inputs.tokens = "tokens"
-params.model = {model}
-params.batch = 4
-params.steps = {steps}
-params.warmdown_steps = 10
-params.val_every = 10
-params.val_tokens = 2000
-params.threads = 1
-
-[nodes.pass1]
-stage = "pass1"
-inputs.tokens = "tokens"
-inputs.model = "model"
-params.model = "gpt"
-params.stride = 8
-params.batch = 16
-"#
-        )
-        + &Project::cache_chain(65536)
-}
+use common::{neural_pipeline, tiny_model, Project};
 
 fn manifest(project: &Project, stage: &str) -> serde_json::Value {
     let dir = project.path().join("artifacts").join(stage);

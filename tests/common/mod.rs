@@ -211,3 +211,78 @@ inputs.calibration = "calibration"
         self.ok(&["sql", "--format", "csv", query])
     }
 }
+
+/// One more cache → calibrate → pass2 chain over `tokens` and `pass1`, in cache `mode`,
+/// as nodes `cache_NAME`, `calibration_NAME`, `scores_NAME`.
+pub fn mode_chain(name: &str, mode: &str) -> String {
+    format!(
+        r#"
+[nodes.cache_{name}]
+stage = "cache"
+inputs.tokens = "tokens"
+params.mode = "{mode}"
+params.ngram_buckets = 65536
+params.phrase_buckets = 32768
+
+[nodes.calibration_{name}]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_{name}"
+
+[nodes.scores_{name}]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache_{name}"
+inputs.calibration = "calibration_{name}"
+"#
+    )
+}
+
+/// An `audit-mass` node over the chain whose nodes end in `chain` ("" or "_NAME").
+pub fn mass_node(name: &str, chain: &str) -> String {
+    format!(
+        r#"
+[nodes.{name}]
+stage = "audit-mass"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache{chain}"
+inputs.calibration = "calibration{chain}"
+"#
+    )
+}
+
+/// A GPT small enough to train in seconds on the 300-entry test vocabulary.
+pub fn tiny_model(vocab: usize) -> String {
+    format!(
+        "{{ vocab_size = {vocab}, layers = 2, d_model = 32, heads = 2, kv_heads = 1, seq_len = 32, rope_dims = 8, xsa_last = 1, bigram_rows = 64, bigram_dim = 16 }}"
+    )
+}
+
+pub fn neural_pipeline(model: &str, steps: usize) -> String {
+    Project::small_pipeline(300)
+        + &format!(
+            r#"
+[nodes.model]
+stage = "train"
+inputs.tokens = "tokens"
+params.model = {model}
+params.batch = 4
+params.steps = {steps}
+params.warmdown_steps = 10
+params.val_every = 10
+params.val_tokens = 2000
+params.threads = 1
+
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.model = "model"
+params.model = "gpt"
+params.stride = 8
+params.batch = 16
+"#
+        )
+        + &Project::cache_chain(65536)
+}
