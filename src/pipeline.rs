@@ -516,6 +516,72 @@ mod tests {
     use super::*;
 
     #[test]
+    fn for_seeds_copies_what_depends_on_the_training_seed_and_shares_the_rest() {
+        let text = r#"
+[nodes.tokens]
+stage = "tokenize"
+files.corpus = ["Cargo.toml"]
+[nodes.model]
+stage = "train"
+inputs.tokens = "tokens"
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.model = "model"
+params.model = "gpt"
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+"#;
+        let registry = Registry::with_builtin_stages();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml");
+        let pipeline = Pipeline::parse(&root, text, &registry).unwrap();
+        let expanded = pipeline.for_seeds(&[7, 9], &registry).unwrap();
+        let names: Vec<&str> = expanded.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "tokens",
+                "cache",
+                "model_seed7",
+                "model_seed9",
+                "pass1_seed7",
+                "pass1_seed9",
+                "calibration_seed7",
+                "calibration_seed9"
+            ]
+        );
+        let node = |name: &str| expanded.node(name).unwrap();
+        assert_eq!(node("model_seed9").params["seed"], 9);
+        assert_eq!(node("pass1_seed9").inputs["model"], "model_seed9");
+        assert_eq!(node("pass1_seed9").inputs["tokens"], "tokens");
+        assert_eq!(node("calibration_seed7").inputs["cache"], "cache");
+        assert_eq!(
+            node("calibration_seed7").variant,
+            Some(SeedVariant {
+                base: "calibration".into(),
+                seed: 7
+            })
+        );
+        assert_eq!(node("cache").variant, None);
+        let copies: Vec<&str> = expanded
+            .nodes_named("pass1")
+            .unwrap()
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(copies, ["pass1_seed7", "pass1_seed9"]);
+        assert!(expanded
+            .ancestors_of("calibration")
+            .unwrap()
+            .contains("model_seed9"));
+    }
+
+    #[test]
     fn line_and_column_are_one_based() {
         assert_eq!(line_column("ab\ncd", 4), (2, 2));
         assert_eq!(line_column("ab", 0), (1, 1));
