@@ -431,7 +431,7 @@ fn render<'a>(
         escape(&pipeline.path.display().to_string()),
         env!("CARGO_PKG_VERSION"),
     );
-    html.push_str("<h2>Summary</h2>\n<table>\n<tr><th>chain</th><th>mode</th><th>pass-1</th><th>neural</th><th>after n-gram</th><th>final</th><th>alpha_high</th><th>entropy_thresh</th><th>mass mean</th><th>renormalised BPB</th></tr>\n");
+    html.push_str("<h2>Summary</h2>\n<table class=\"summary\">\n<tr><th>chain</th><th>mode</th><th>pass-1</th><th>neural</th><th>after n-gram</th><th>final</th><th>alpha_high</th><th>entropy_thresh</th><th>mass mean</th><th>renormalised BPB</th></tr>\n");
     let cell =
         |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |x| format!("{x:.digits$}"));
     for chain in chains {
@@ -573,6 +573,7 @@ h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #eee; text-align: right; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
+.summary td:nth-child(3), .summary th:nth-child(3) { text-align: left; }
 .row { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; width: min-content; }
 figure svg { display: block; }
