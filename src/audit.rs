@@ -30,6 +30,10 @@ pub struct AuditOutcome {
     pub rebuilt_content_hash: String,
     /// Where the rebuild differs (empty when identical).
     pub differences: Vec<String>,
+    /// Report entries that describe the build (the code's size) and differ: shown, not
+    /// counted as differences.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub seconds: f64,
 }
 
@@ -99,7 +103,7 @@ pub fn audit(
         )
         .with_context(|| format!("auditing node '{}' ({})", r.node, r.stage))?;
         let seconds = started.elapsed().as_secs_f64();
-        let differences = compare(&dirs[&r.node], stored, &scratch, &rebuilt);
+        let (differences, notes) = compare(&dirs[&r.node], stored, &scratch, &rebuilt);
         std::fs::remove_dir_all(&scratch).ok();
         let outcome = AuditOutcome {
             node: r.node.clone(),
@@ -108,6 +112,7 @@ pub fn audit(
             content_hash: stored.content_hash.clone(),
             rebuilt_content_hash: rebuilt.content_hash.clone(),
             differences,
+            notes,
             seconds,
         };
         on_outcome(&outcome);
@@ -117,13 +122,15 @@ pub fn audit(
 }
 
 /// Everything that differs between the stored artifact and its rebuild: the files the
-/// content hash covers, and the stage's report.
+/// content hash covers, and the stage's report; and, apart, the report entries that
+/// describe the build and differ.
 fn compare(
     stored_dir: &Path,
     stored: &Manifest,
     rebuilt_dir: &Path,
     rebuilt: &Manifest,
-) -> Vec<String> {
+) -> (Vec<String>, Vec<String>) {
+    let mut notes = Vec::new();
     let mut differences = Vec::new();
     let names: std::collections::BTreeSet<&String> =
         stored.files.keys().chain(rebuilt.files.keys()).collect();
@@ -171,14 +178,21 @@ fn compare(
     {
         let (a, b) = (stored.report.get(key), rebuilt.report.get(key));
         if a != b {
-            differences.push(format!(
+            let line = format!(
                 "report {key}: stored {}, rebuilt {}",
                 a.map_or("(none)".into(), |v| v.to_string()),
                 b.map_or("(none)".into(), |v| v.to_string())
-            ));
+            );
+            // The rebuild's list counts too: a manifest written before the stage declared
+            // the entry volatile does not list it.
+            if stored.volatile_report.contains(key) || rebuilt.volatile_report.contains(key) {
+                notes.push(format!("{line} (describes the build, not compared)"));
+            } else {
+                differences.push(line);
+            }
         }
     }
-    differences
+    (differences, notes)
 }
 
 /// The first differing byte of two files.

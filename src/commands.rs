@@ -84,6 +84,9 @@ impl Session {
             for difference in &o.differences {
                 println!("  {difference}");
             }
+            for note in &o.notes {
+                println!("  note: {note}");
+            }
         })?;
         let differing = outcomes.iter().filter(|o| !o.identical).count();
         if json {
@@ -120,7 +123,7 @@ impl Session {
             );
         }
         if !self.pipeline.seeds.is_empty() {
-            let rows = self.seed_rows()?;
+            let rows = self.seed_rows(&self.context().resolve()?)?;
             let batch = crate::seeds::to_batch(&rows);
             let mut parquet = Vec::new();
             let mut writer =
@@ -141,9 +144,9 @@ impl Session {
         Ok(())
     }
 
-    fn seed_rows(&self) -> Result<Vec<crate::seeds::SeedRow>> {
-        let resolved = self.context().resolve()?;
-        crate::seeds::seed_rows(&self.pipeline, &self.registry, &self.store, &resolved)
+    /// The seeds table's rows; none unless the pipeline is expanded for seeds.
+    fn seed_rows(&self, resolved: &[Resolved]) -> Result<Vec<crate::seeds::SeedRow>> {
+        crate::seeds::seed_rows(&self.pipeline, &self.registry, &self.store, resolved)
     }
 
     pub fn status(&self, json: bool) -> Result<()> {
@@ -406,19 +409,11 @@ impl Session {
 
     pub fn sql(&self, query: Option<&str>, format: Format) -> Result<()> {
         let resolved = self.context().resolve()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(rayon::current_num_threads().max(1))
-            .enable_all()
-            .build()?;
+        let runtime = sql_runtime()?;
         // The seeds table: this pipeline's, if it is expanded for seeds; else the last
         // multi-seed run's, as `run --seeds` wrote it.
         let seeds = if !self.pipeline.seeds.is_empty() {
-            Some(crate::seeds::to_batch(&crate::seeds::seed_rows(
-                &self.pipeline,
-                &self.registry,
-                &self.store,
-                &resolved,
-            )?))
+            Some(crate::seeds::to_batch(&self.seed_rows(&resolved)?))
         } else {
             let path = self.store.seeds_table_path();
             match std::fs::File::open(&path) {
@@ -455,15 +450,8 @@ impl Session {
     /// `cachemoney report`: the HTML page of figures (see [`crate::report`]).
     pub fn report(&self, out: &Path, quiet: bool) -> Result<()> {
         let resolved = self.context().resolve()?;
-        let seed_rows = if self.pipeline.seeds.is_empty() {
-            Vec::new()
-        } else {
-            crate::seeds::seed_rows(&self.pipeline, &self.registry, &self.store, &resolved)?
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(rayon::current_num_threads().max(1))
-            .enable_all()
-            .build()?;
+        let seed_rows = self.seed_rows(&resolved)?;
+        let runtime = sql_runtime()?;
         let (html, figures) = runtime.block_on(async {
             let session = SqlSession::open(&self.store, &resolved).await?;
             crate::report::build(&self.pipeline, &self.store, &resolved, &session, &seed_rows).await
@@ -621,6 +609,14 @@ async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
         buffer.clear();
     }
     Ok(())
+}
+
+/// DataFusion runs on tokio; its pool is sized like the stages' (`--threads`).
+fn sql_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(rayon::current_num_threads().max(1))
+        .enable_all()
+        .build()?)
 }
 
 /// `cachemoney stages`.

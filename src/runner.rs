@@ -392,6 +392,7 @@ pub(crate) fn build(
         content_hash: content_hash(&files),
         files,
         report: report.summary,
+        volatile_report: report.volatile_keys,
         phase_seconds: report.phase_seconds,
         created_at: now_rfc3339(),
         seconds,

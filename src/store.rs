@@ -60,6 +60,9 @@ pub struct Manifest {
     pub report: serde_json::Map<String, Value>,
     pub created_at: String,
     pub seconds: f64,
+    /// Report entries that describe the build, not the inputs (`StageReport::volatile_keys`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volatile_report: Vec<String>,
     /// The stage's own phase timings, e.g. `train_bpe`, `encode_and_write`.
     #[serde(default)]
     pub phase_seconds: Vec<(String, f64)>,

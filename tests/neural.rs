@@ -379,3 +379,47 @@ fn seeds_that_cannot_apply_are_one_line_errors() {
     let empty = project.fails(&["status"]);
     assert!(empty.contains("seeds: the list is empty"), "{empty}");
 }
+
+/// The code's size (`code_bytes`, counted against the record's artifact budget) is a fact
+/// about the build, not a function of the recipe: a model reused by newer code keeps the
+/// size of the code that trained it. `audit` shows such an entry but does not fail on it;
+/// any other report entry that differs still fails the audit.
+#[test]
+fn audit_notes_build_facts_but_fails_on_other_report_differences() {
+    let project = Project::small();
+    project.write_pipeline(&neural_pipeline(&tiny_model(300), 20));
+    project.ok(&["run", "--quiet", "--until", "model"]);
+    let train = manifest(&project, "train");
+    assert_eq!(
+        train["volatile_report"],
+        serde_json::json!(["code_bytes", "artifact_bytes", "within_budget"])
+    );
+    let path = project
+        .path()
+        .join("artifacts/train")
+        .join(train["recipe"].as_str().unwrap())
+        .join("manifest.json");
+    let rewrite = |key: &str, value: serde_json::Value| {
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        m["report"][key] = value;
+        std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    };
+    // As if an older version of the model code (1 byte shorter) had trained it.
+    let code_bytes = train["report"]["code_bytes"].as_u64().unwrap();
+    rewrite("code_bytes", (code_bytes - 1).into());
+    let out = project.ok(&["audit", "model"]);
+    assert!(out.contains("identical"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "note: report code_bytes: stored {}, rebuilt {code_bytes} (describes the build, not compared)",
+            code_bytes - 1
+        )),
+        "{out}"
+    );
+    rewrite("final_val_bpb", 0.5.into());
+    let out = project.run(&["audit", "model"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("report final_val_bpb: stored 0.5, rebuilt"), "{stdout}");
+}

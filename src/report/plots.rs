@@ -4,6 +4,7 @@
 //! sets them, so the report needs no font files and looks native wherever it is opened.
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -114,6 +115,20 @@ fn step_colour(from: f64, to: f64) -> RGBColor {
     } else {
         INCREASE
     }
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The series' names in the upper right corner, over a translucent box.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font((FONT, 12))
+        .draw()
+        .map_err(plot_error)
 }
 
 /// One calibration cell: the objective (mean nats on the calibration entries) at one
@@ -278,15 +293,7 @@ pub fn lines(
                     .map_err(plot_error)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font((FONT, 12))
-            .draw()
-            .map_err(plot_error)?;
-        Ok(())
+        legend(&mut chart)
     })
 }
 
@@ -366,15 +373,7 @@ pub fn log_histogram(title: &str, x_desc: &str, series: &[Series]) -> Result<Str
                     Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.mix(0.55).filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font((FONT, 12))
-            .draw()
-            .map_err(plot_error)?;
-        Ok(())
+        legend(&mut chart)
     })
 }
 

@@ -180,12 +180,23 @@ pub struct StageReport {
     /// neither break early cut-off nor fail `audit`. Everything else must be
     /// deterministic.
     pub volatile_files: Vec<String>,
+    /// Report entries that describe the build rather than the recipe's inputs (the size
+    /// of the code that ran, counted against the record's artifact budget): recorded like
+    /// any entry, but `audit` does not hold a rebuild by newer code to them.
+    pub volatile_keys: Vec<String>,
 }
 
 impl StageReport {
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.summary.insert(key.to_string(), value.into());
         self
+    }
+
+    /// Like [`StageReport::with`], for an entry that describes the build (see
+    /// [`StageReport::volatile_keys`]).
+    pub fn with_volatile(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.volatile_keys.push(key.to_string());
+        self.with(key, value)
     }
 
     /// Records how long `phase` took since `started`.

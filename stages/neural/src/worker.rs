@@ -130,6 +130,8 @@ pub enum Response {
         summary: serde_json::Map<String, Value>,
         phase_seconds: Vec<(String, f64)>,
         volatile_files: Vec<String>,
+        #[serde(default)]
+        volatile_keys: Vec<String>,
     },
     Failed(WireError),
 }
@@ -141,6 +143,7 @@ impl From<Result<StageReport, StageError>> for Response {
                 summary: report.summary,
                 phase_seconds: report.phase_seconds,
                 volatile_files: report.volatile_files,
+                volatile_keys: report.volatile_keys,
             },
             Err(e) => Response::Failed(e.into()),
         }
@@ -196,10 +199,12 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
             summary,
             phase_seconds,
             volatile_files,
+            volatile_keys,
         }) if output.status.success() => Ok(StageReport {
             summary,
             phase_seconds,
             volatile_files,
+            volatile_keys,
         }),
         Some(Response::Failed(e)) => Err(e.into()),
         _ => Err(fail(format!(
