@@ -421,5 +421,8 @@ fn audit_notes_build_facts_but_fails_on_other_report_differences() {
     let out = project.run(&["audit", "model"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("report final_val_bpb: stored 0.5, rebuilt"), "{stdout}");
+    assert!(
+        stdout.contains("report final_val_bpb: stored 0.5, rebuilt"),
+        "{stdout}"
+    );
 }

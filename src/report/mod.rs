@@ -241,7 +241,8 @@ pub async fn build(
             }
             by_order[slot].0.push(rate);
             by_order[slot].1.push(bpb);
-            queries[slot] = query;
+            queries[slot].push_str(&query);
+            queries[slot].push_str(";\n");
         }
     }
     let mut figures = Vec::new();
@@ -313,13 +314,16 @@ pub async fn build(
     // 4. Training curves.
     let mut loss = Vec::new();
     let mut val = Vec::new();
-    let mut query = String::new();
+    // One query per series; the caption shows them all.
+    let mut queries = String::new();
     for model in of_stage("train") {
-        query = format!(
+        let query = format!(
             "SELECT step, loss, val_bpb FROM \"{}\".\"train_log\" ORDER BY step",
             model.node
         );
         let batches = sql.query(&query).await?;
+        queries.push_str(&query);
+        queries.push_str(";\n");
         let step = floats(&batches, "step")?;
         let l = floats(&batches, "loss")?;
         let v = floats(&batches, "val_bpb")?;
@@ -353,7 +357,7 @@ pub async fn build(
             )?,
             caption: "Cross-entropy of each training batch, per step, for every trained model."
                 .into(),
-            query: Some(query.clone()),
+            query: Some(queries.clone()),
         });
         if val.iter().any(|s| !s.points.is_empty()) {
             figures.push(Figure {
@@ -367,7 +371,7 @@ pub async fn build(
                 )?,
                 caption: "The EMA weights' BPB on the validation sample at every val_every steps."
                     .into(),
-                query: Some(query),
+                query: Some(queries),
             });
         }
     }
@@ -380,10 +384,12 @@ pub async fn build(
 
     // 5. Implied mass.
     let mut masses = Vec::new();
-    let mut query = String::new();
+    let mut queries = String::new();
     for audit in &audits {
-        query = format!("SELECT mass FROM \"{}\".\"mass\"", audit.node);
+        let query = format!("SELECT mass FROM \"{}\".\"mass\"", audit.node);
         let batches = sql.query(&query).await?;
+        queries.push_str(&query);
+        queries.push_str(";\n");
         masses.push(Series {
             name: format!("{} ({})", audit.node, audit.mode()),
             points: floats(&batches, "mass")?
@@ -399,7 +405,7 @@ pub async fn build(
             id: "implied-mass".into(),
             svg: plots::log_histogram("Implied mass Σ_v p(v)", "Σ_v p(v) (log scale)", &masses)?,
             caption: "At the sampled positions, every candidate token's final probability summed. A distribution sums to 1; the reference mode's sums are why its BPB is not a compression rate.".into(),
-            query: Some(query),
+            query: Some(queries),
         });
     }
     sections.push(Section {
