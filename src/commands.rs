@@ -634,6 +634,12 @@ pub fn stages() {
                 stage.optional_input_names().join(", ")
             );
         }
+        if let Some(param) = stage.run_seed_param() {
+            println!("  run seed: params.{param} (set per seed by --seeds)");
+        }
+        if !stage.metrics().is_empty() {
+            println!("  metrics: {}", stage.metrics().join(", "));
+        }
         for role in stage.file_roles() {
             println!(
                 "  files.{:<10} {}{}",

@@ -254,4 +254,13 @@ fn stages_lists_kinds_and_defaults() {
         "{out}"
     );
     assert!(out.contains("token-stats (v1)"), "{out}");
+    // What `run --seeds` varies and tabulates.
+    assert!(
+        out.contains("  run seed: params.seed (set per seed by --seeds)\n  metrics: final_val_bpb"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  metrics: ngram_bpb, final_bpb, alpha_high, entropy_thresh"),
+        "{out}"
+    );
 }
