@@ -51,13 +51,7 @@ fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 /// chains drawn side by side compare by eye.
 pub fn waterfall(title: &str, neural: f64, ngram: f64, fin: f64, top: f64) -> Result<String> {
     svg((360, 300), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 16))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(-0.5f64..3.5f64, 0f64..top)
-            .map_err(plot_error)?;
+        let mut chart = titled_chart(root, title, (30, 45), -0.5f64..3.5f64, 0f64..top)?;
         let labels = ["neural", "n-gram", "phrase", "final"];
         chart
             .configure_mesh()
@@ -117,6 +111,24 @@ fn step_colour(from: f64, to: f64) -> RGBColor {
     }
 }
 
+/// A chart with the report's caption style and margins, `label_areas` (x, y) pixels for
+/// the axes' labels, over the given ranges.
+fn titled_chart<'a, 'b: 'a>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    label_areas: (u32, u32),
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Chart<'a, 'b>> {
+    ChartBuilder::on(root)
+        .caption(title, (FONT, 16))
+        .margin(10)
+        .x_label_area_size(label_areas.0)
+        .y_label_area_size(label_areas.1)
+        .build_cartesian_2d(x, y)
+        .map_err(plot_error)
+}
+
 type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// The series' names in the upper right corner, over a translucent box.
@@ -156,16 +168,13 @@ pub fn heatmap(title: &str, cells: &[GridCell]) -> Result<String> {
     });
     let span = if hi > lo { hi - lo } else { 1.0 };
     svg((420, 340), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 16))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(
-                -0.5f64..thresholds.len() as f64 - 0.5,
-                -0.5f64..alphas.len() as f64 - 0.5,
-            )
-            .map_err(plot_error)?;
+        let mut chart = titled_chart(
+            root,
+            title,
+            (40, 50),
+            -0.5f64..thresholds.len() as f64 - 0.5,
+            -0.5f64..alphas.len() as f64 - 0.5,
+        )?;
         let tick = |axis: &[f64], x: f64| {
             let i = x.round();
             if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < axis.len() {
@@ -252,13 +261,7 @@ pub fn lines(
     let y_hi = if y_hi > 0.0 { y_hi * 1.1 } else { 1.0 };
     let markers = series.iter().map(|s| s.points.len()).max().unwrap_or(0) <= 40;
     svg((560, 340), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 16))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(x_lo - pad..x_hi + pad, 0f64..y_hi)
-            .map_err(plot_error)?;
+        let mut chart = titled_chart(root, title, (40, 55), x_lo - pad..x_hi + pad, 0f64..y_hi)?;
         let mut mesh = chart.configure_mesh();
         mesh.x_desc(x_desc).y_desc(y_desc);
         let formatter = |x: &f64| match categories {
@@ -337,13 +340,13 @@ pub fn log_histogram(title: &str, x_desc: &str, series: &[Series]) -> Result<Str
         .collect();
     let top = counts.iter().flatten().fold(0f64, |a, &b| a.max(b)) * 1.1;
     svg((560, 340), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 16))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(lo - BIN..hi + BIN, 0f64..top.max(1e-9))
-            .map_err(plot_error)?;
+        let mut chart = titled_chart(
+            root,
+            title,
+            (40, 55),
+            lo - BIN..hi + BIN,
+            0f64..top.max(1e-9),
+        )?;
         chart
             .configure_mesh()
             .x_desc(x_desc)
