@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! store = "artifacts"            # optional, relative to this file
+//! seeds = [1337, 42, 2024]       # optional: run the training seed's subgraph per seed
 //!
 //! [nodes.tokens]
 //! stage = "tokenize"
