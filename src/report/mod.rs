@@ -96,7 +96,6 @@ pub async fn build(
             pipeline.path.display()
         );
     }
-    let find = |node: &str| built.iter().find(|b| b.node == node);
     let audits = of_stage("audit-mass");
     let audit_of = |chain: &Built| {
         audits
@@ -105,16 +104,30 @@ pub async fn build(
             .copied()
     };
 
-    let mut sections = Vec::new();
+    let sections = vec![
+        waterfalls(&chains)?,
+        calibration_grids(&chains, &built, sql).await?,
+        by_order_and_length(&chains, sql).await?,
+        training_curves(&of_stage("train"), sql).await?,
+        implied_mass(&audits, sql).await?,
+    ];
 
-    // 1. Waterfalls.
+    let figures: usize = sections.iter().map(|s| s.figures.len()).sum();
+    Ok((
+        render(pipeline, &chains, &audit_of, seed_rows, &sections),
+        figures,
+    ))
+}
+
+/// The BPB waterfall of every chain, on one scale.
+fn waterfalls(chains: &[&Built]) -> Result<Section> {
     let top = chains
         .iter()
         .filter_map(|c| c.number("neural_bpb"))
         .fold(0f64, f64::max)
         * 1.15;
     let mut figures = Vec::new();
-    for chain in &chains {
+    for chain in chains {
         let (Some(neural), Some(ngram), Some(fin)) = (
             chain.number("neural_bpb"),
             chain.number("ngram_bpb"),
@@ -135,18 +148,28 @@ pub async fn build(
             query: None,
         });
     }
-    sections.push(Section {
+    Ok(Section {
         title: "BPB waterfall per chain",
         intro: "Bits per byte of the model alone, the change the n-gram blend makes, the change the phrase blend makes, and the final figure (green: fewer bits). Same y scale for every chain. Only a causal-normalised chain's number is a real compression rate; the others' distributions do not sum to 1 (see the implied mass below).".into(),
         figures,
         missing: None,
-    });
+    })
+}
 
-    // 2. Calibration grids.
+/// Each chain's calibration grid as a heat map.
+async fn calibration_grids(
+    chains: &[&Built<'_>],
+    built: &[Built<'_>],
+    sql: &SqlSession,
+) -> Result<Section> {
     let mut figures = Vec::new();
     let mut seen = Vec::new();
-    for chain in &chains {
-        let Some(calibration) = chain.inputs.get("calibration").and_then(|c| find(c)) else {
+    for chain in chains {
+        let Some(calibration) = chain
+            .inputs
+            .get("calibration")
+            .and_then(|c| built.iter().find(|b| b.node == c))
+        else {
             continue;
         };
         if seen.contains(&calibration.node) {
@@ -189,17 +212,19 @@ pub async fn build(
             query: Some(query),
         });
     }
-    sections.push(Section {
+    Ok(Section {
         title: "Calibration grid",
         intro: "The online alpha calibration (algorithm.md §8) scores each (alpha_high, entropy_thresh) pair on the first entries and keeps the lowest mean loss; darker is better. A chosen point on the grid's edge says the grid may be too narrow.".into(),
         figures,
         missing: None,
-    });
+    })
+}
 
-    // 3. By n-gram order and phrase length.
+/// Share of entries and final BPB by n-gram order and by phrase length.
+async fn by_order_and_length(chains: &[&Built<'_>], sql: &SqlSession) -> Result<Section> {
     let mut by_order: [(Vec<Series>, Vec<Series>); 2] = Default::default();
     let mut queries = [String::new(), String::new()];
-    for chain in &chains {
+    for chain in chains {
         let Some(cache) = chain.inputs.get("cache") else {
             continue;
         };
@@ -304,19 +329,21 @@ pub async fn build(
             query: Some(queries[slot].clone()),
         });
     }
-    sections.push(Section {
+    Ok(Section {
         title: "By n-gram order and phrase length",
         intro: "How often each order or phrase length is the one used, and how many bits its entries cost after blending. In the reference mode high orders match almost everywhere on repeated text, because each position's own continuation is in the tables.".into(),
         figures,
         missing: None,
-    });
+    })
+}
 
-    // 4. Training curves.
+/// Training loss and validation-BPB curves of every trained model.
+async fn training_curves(models: &[&Built<'_>], sql: &SqlSession) -> Result<Section> {
     let mut loss = Vec::new();
     let mut val = Vec::new();
     // One query per series; the caption shows them all.
     let mut queries = String::new();
-    for model in of_stage("train") {
+    for model in models {
         let query = format!(
             "SELECT step, loss, val_bpb FROM \"{}\".\"train_log\" ORDER BY step",
             model.node
@@ -375,17 +402,19 @@ pub async fn build(
             });
         }
     }
-    sections.push(Section {
+    Ok(Section {
         title: "Training",
         intro: "The GPT's loss curve (one line per seed in a multi-seed run).".into(),
         missing: figures.is_empty().then(|| "No trained model is built in this pipeline (pass-1 uses a bigram or an imported table).".into()),
         figures,
-    });
+    })
+}
 
-    // 5. Implied mass.
+/// The implied-mass distribution of every audit-mass node.
+async fn implied_mass(audits: &[&Built<'_>], sql: &SqlSession) -> Result<Section> {
     let mut masses = Vec::new();
     let mut queries = String::new();
-    for audit in &audits {
+    for audit in audits {
         let query = format!("SELECT mass FROM \"{}\".\"mass\"", audit.node);
         let batches = sql.query(&query).await?;
         queries.push_str(&query);
@@ -408,18 +437,12 @@ pub async fn build(
             query: Some(queries),
         });
     }
-    sections.push(Section {
+    Ok(Section {
         title: "Implied mass",
         intro: "The audit-mass nodes evaluate each mode's probability for all 1,024 candidates at a seeded sample of positions.".into(),
         missing: figures.is_empty().then(|| "No audit-mass node is built in this pipeline.".into()),
         figures,
-    });
-
-    let figures: usize = sections.iter().map(|s| s.figures.len()).sum();
-    Ok((
-        render(pipeline, &chains, &audit_of, seed_rows, &sections),
-        figures,
-    ))
+    })
 }
 
 fn render<'a>(
