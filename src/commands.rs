@@ -124,14 +124,9 @@ impl Session {
         }
         if !self.pipeline.seeds.is_empty() {
             let rows = self.seed_rows(&self.context().resolve()?)?;
-            let batch = crate::seeds::to_batch(&rows);
-            let mut parquet = Vec::new();
-            let mut writer =
-                parquet::arrow::ArrowWriter::try_new(&mut parquet, batch.schema(), None)?;
-            writer.write(&batch)?;
-            writer.close()?;
             let lock = self.store.lock(options.wait)?;
-            self.store.set_seeds_table(&lock, &parquet)?;
+            self.store
+                .set_seeds_table(&lock, crate::seeds::to_batch(&rows))?;
             if !options.quiet {
                 println!(
                     "\nseeds table ({}; mean and sample std over {} seeds):",
@@ -413,29 +408,21 @@ impl Session {
         // The seeds table: this pipeline's, if it is expanded for seeds; else the last
         // multi-seed run's, as `run --seeds` wrote it.
         let seeds = if !self.pipeline.seeds.is_empty() {
-            Some(crate::seeds::to_batch(&self.seed_rows(&resolved)?))
+            Some(vec![crate::seeds::to_batch(&self.seed_rows(&resolved)?)])
         } else {
             let path = self.store.seeds_table_path();
-            match std::fs::File::open(&path) {
-                Ok(file) => {
-                    let batches = ParquetRecordBatchReaderBuilder::try_new(file)
-                        .and_then(|b| b.build())
-                        .map_err(|e| anyhow!("{}: unreadable seeds table: {e}", path.display()))?
-                        .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| anyhow!("{}: unreadable seeds table: {e}", path.display()))?;
-                    let schema = batches.first().map(|b| b.schema());
-                    match schema {
-                        Some(schema) => Some(arrow::compute::concat_batches(&schema, &batches)?),
-                        None => None,
-                    }
-                }
-                Err(_) => None,
+            match path.is_file() {
+                true => Some(stage_api::read_parquet(&path)?),
+                false => None,
             }
         };
         runtime.block_on(async {
             let mut session = SqlSession::open(&self.store, &resolved).await?;
-            if let Some(batch) = seeds {
-                session.register_batch("seeds", "(run --seeds)", batch)?;
+            if let Some(batches) = seeds {
+                let schema = batches
+                    .first()
+                    .map_or_else(|| crate::seeds::to_batch(&[]).schema(), |b| b.schema());
+                session.register_batches("seeds", "(run --seeds)", schema, batches)?;
             }
             match query {
                 Some(q) => {

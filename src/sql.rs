@@ -140,18 +140,21 @@ impl SqlSession {
     }
 
     /// Adds a table that is not a node's output (say, `seeds`), under `name`.
-    pub fn register_batch(&mut self, name: &str, origin: &str, batch: RecordBatch) -> Result<()> {
-        let columns = batch
-            .schema()
+    pub fn register_batches(
+        &mut self,
+        name: &str,
+        origin: &str,
+        schema: arrow::datatypes::SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
+        let columns = schema
             .fields()
             .iter()
             .map(|f| (f.name().clone(), f.data_type().to_string()))
             .collect();
-        let rows = batch.num_rows() as u64;
-        self.ctx.register_table(
-            name,
-            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
-        )?;
+        let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+        self.ctx
+            .register_table(name, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         self.tables.push(TableInfo {
             name: name.into(),
             aliases: vec![],

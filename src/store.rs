@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -298,8 +299,13 @@ impl Store {
         self.root.join("seeds.parquet")
     }
 
-    pub fn set_seeds_table(&self, _lock: &StoreLock, parquet: &[u8]) -> Result<()> {
-        write_atomic(&self.seeds_table_path(), parquet)
+    /// Written like a stage's table (fixed Parquet properties, fsynced), then renamed into
+    /// place, so a reader sees the old table or the new one.
+    pub fn set_seeds_table(&self, _lock: &StoreLock, table: RecordBatch) -> Result<()> {
+        let path = self.seeds_table_path();
+        let tmp = path.with_extension(format!("parquet.tmp-{}", std::process::id()));
+        stage_api::write_parquet(&tmp, table.schema(), [table], &Default::default())?;
+        fs::rename(&tmp, &path).with_context(|| format!("{}: cannot replace", path.display()))
     }
 
     pub fn file_hash_cache_path(&self) -> PathBuf {

@@ -358,6 +358,12 @@ fn run_seeds_trains_once_per_seed_shares_the_rest_and_tabulates_the_spread() {
     // gc keeps what the seeds point to when told the seeds.
     let gc = project.ok(&["gc", "--dry-run", "--seeds", "7,8,9"]);
     assert!(gc.contains("would free 0 artifact(s)"), "{gc}");
+    // A damaged seeds table is named, in one line, by the command that reads it.
+    let table = project.path().join("artifacts/seeds.parquet");
+    std::fs::write(&table, b"not parquet").unwrap();
+    let err = project.fails(&["sql", "SELECT 1"]);
+    assert!(err.contains("seeds.parquet"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 #[test]
