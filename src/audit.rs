@@ -53,13 +53,16 @@ pub fn audit(
         }
     }
     let resolved = ctx.resolve()?;
-    let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
+    // Built nodes, damaged ones included: a damaged artifact still makes a claim (its
+    // manifest), which the audit compares with both the stored bytes and a rebuild.
+    let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
     for r in &resolved {
-        if let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) {
-            if let Some(manifest) = ctx.store.manifest(&r.stage, recipe)? {
-                dirs.insert(r.node.clone(), ctx.store.artifact_dir(&r.stage, recipe));
-                manifests.insert(r.node.clone(), manifest);
+        if let (NodeState::Cached { .. } | NodeState::Damaged { .. }, Some(recipe)) =
+            (&r.state, &r.recipe)
+        {
+            if let Ok(Some(manifest)) = ctx.store.manifest(&r.stage, recipe) {
+                let dir = ctx.store.artifact_dir(&r.stage, recipe);
+                upstream.insert(r.node.clone(), (dir, manifest));
             }
         }
     }
@@ -68,12 +71,13 @@ pub fn audit(
         .filter(|r| nodes.is_empty() || wanted.contains(&r.node))
         .collect();
     for r in &selected {
-        if !manifests.contains_key(&r.node) {
+        if !upstream.contains_key(&r.node) {
             bail!(
                 "node '{}' is not built with its current recipe ({}); `cachemoney run` first, then audit",
                 r.node,
                 match &r.state {
                     NodeState::Stale { .. } => "stale",
+                    NodeState::Damaged { .. } => "its manifest is unreadable",
                     _ => "missing",
                 }
             );
@@ -85,25 +89,23 @@ pub fn audit(
     let mut outcomes = Vec::new();
     for r in selected {
         let node = ctx.pipeline.node(&r.node)?;
-        let stored = &manifests[&r.node];
-        let ingredients = r
-            .ingredients
-            .clone()
-            .expect("cached nodes have ingredients");
+        let (stored_dir, stored) = &upstream[&r.node];
+        let ingredients = r.ingredients.clone().expect("built nodes have ingredients");
         let started = Instant::now();
         let (scratch, rebuilt) = runner::build(
             ctx,
-            node,
-            &ingredients,
-            &stored.recipe,
-            &dirs,
-            &manifests,
-            &lock,
-            options,
+            &runner::BuildRequest {
+                node,
+                ingredients: &ingredients,
+                recipe: &stored.recipe,
+                upstream: &upstream,
+                lock: &lock,
+                show_progress: options.show_progress,
+            },
         )
         .with_context(|| format!("auditing node '{}' ({})", r.node, r.stage))?;
         let seconds = started.elapsed().as_secs_f64();
-        let (differences, notes) = compare(&dirs[&r.node], stored, &scratch, &rebuilt);
+        let (differences, notes) = compare(&r.node, stored_dir, stored, &scratch, &rebuilt);
         std::fs::remove_dir_all(&scratch).ok();
         let outcome = AuditOutcome {
             node: r.node.clone(),
@@ -121,10 +123,12 @@ pub fn audit(
     Ok(outcomes)
 }
 
-/// Everything that differs between the stored artifact and its rebuild: the files the
-/// content hash covers, and the stage's report; and, apart, the report entries that
+/// Everything that differs between the stored artifact and its rebuild: the stored bytes
+/// against the manifest (every file, rehashed), the files the content hash covers
+/// against the rebuild, and the stage's report; and, apart, the report entries that
 /// describe the build and differ.
 fn compare(
+    node: &str,
     stored_dir: &Path,
     stored: &Manifest,
     rebuilt_dir: &Path,
@@ -135,30 +139,58 @@ fn compare(
     let names: std::collections::BTreeSet<&String> =
         stored.files.keys().chain(rebuilt.files.keys()).collect();
     for name in names {
+        // What is on disk now, not what the manifest says was written.
+        let on_disk = stored
+            .files
+            .get(name)
+            .map(|_| hash_file(&stored_dir.join(name)).ok());
+        let stored_intact = |s: &crate::store::OutputFile| {
+            on_disk.as_ref().and_then(|h| h.as_deref()) == Some(s.blake3.as_str())
+        };
         match (stored.files.get(name), rebuilt.files.get(name)) {
+            (Some(s), _) if s.volatile && !stored_intact(s) => differences.push(format!(
+                "{name}: the stored file {} (volatile, so not compared with the rebuild)",
+                describe_damage(node, on_disk.as_ref().and_then(|h| h.as_deref()), s)
+            )),
             (Some(s), _) if s.volatile => {}
             (_, Some(r)) if r.volatile => {}
             (Some(_), None) => differences.push(format!("{name}: not written by the rebuild")),
             (None, Some(_)) => {
                 differences.push(format!("{name}: written by the rebuild, not stored"))
             }
-            (Some(s), Some(r)) if s.blake3 == r.blake3 => {}
+            (Some(s), Some(r)) if s.blake3 == r.blake3 && stored_intact(s) => {}
             (Some(s), Some(r)) => {
                 let stored_path = stored_dir.join(name);
-                let mut line = format!(
-                    "{name}: blake3 {} stored, {} rebuilt",
-                    short(&s.blake3),
-                    short(&r.blake3)
-                );
-                if hash_file(&stored_path).ok().as_deref() != Some(s.blake3.as_str()) {
-                    line.push_str(
-                        " (and the stored file no longer matches its manifest: run `cachemoney verify`)",
-                    );
-                }
-                let located = if name.ends_with(".parquet") {
-                    first_table_difference(&stored_path, &rebuilt_dir.join(name))
+                let mut line = if s.blake3 == r.blake3 {
+                    format!(
+                        "{name}: the rebuild matches the manifest, but the stored file {}",
+                        describe_damage(node, on_disk.as_ref().and_then(|h| h.as_deref()), s)
+                    )
                 } else {
-                    first_byte_difference(&stored_path, &rebuilt_dir.join(name))
+                    format!(
+                        "{name}: blake3 {} stored, {} rebuilt",
+                        short(&s.blake3),
+                        short(&r.blake3)
+                    )
+                };
+                if s.blake3 != r.blake3 && !stored_intact(s) {
+                    line.push_str(&format!(
+                        " (and the stored file {})",
+                        describe_damage(node, on_disk.as_ref().and_then(|h| h.as_deref()), s)
+                    ));
+                }
+                if on_disk.as_ref().is_some_and(Option::is_none) {
+                    differences.push(line);
+                    continue;
+                }
+                let rebuilt_path = rebuilt_dir.join(name);
+                let located = if name.ends_with(".parquet") {
+                    first_table_difference(&stored_path, &rebuilt_path).or_else(|_| {
+                        // A damaged footer makes the stored table unreadable: bytes, then.
+                        first_byte_difference(&stored_path, &rebuilt_path)
+                    })
+                } else {
+                    first_byte_difference(&stored_path, &rebuilt_path)
                 };
                 match located {
                     Ok(Some(place)) => line.push_str(&format!("; {place}")),
@@ -193,6 +225,23 @@ fn compare(
         }
     }
     (differences, notes)
+}
+
+/// How a stored file departs from its manifest entry (`on_disk`: its blake3 now, `None`
+/// when it cannot be read).
+fn describe_damage(
+    node: &str,
+    on_disk: Option<&str>,
+    recorded: &crate::store::OutputFile,
+) -> String {
+    match on_disk {
+        None => format!("is missing or unreadable; repair it with `cachemoney run --force {node}`"),
+        Some(hash) => format!(
+            "no longer matches its manifest (blake3 {} on disk, {} recorded); repair it with `cachemoney run --force {node}`",
+            short(hash),
+            short(&recorded.blake3)
+        ),
+    }
 }
 
 /// The first differing byte of two files.

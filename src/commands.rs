@@ -6,19 +6,19 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::filehash::FileHasher;
 use crate::pipeline::Pipeline;
 use crate::recipe::{short, Ingredients};
 use crate::registry::Registry;
 use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
 use crate::sql::{self, Format, SqlSession};
-use crate::store::{verify_artifact, Manifest, Store};
+use crate::store::{verify_artifact, Manifest, Store, Stored};
 
 pub struct Session {
     pub pipeline: Pipeline,
     pub registry: Registry,
     pub store: Store,
-    pub hasher: FileHasher,
+    /// What stages may plan to allocate (`--memory-limit`).
+    pub memory_limit: u64,
 }
 
 impl Session {
@@ -30,12 +30,11 @@ impl Session {
         let seeds = seeds.map_or_else(|| pipeline.seeds_in_file.clone(), <[u64]>::to_vec);
         let pipeline = pipeline.for_seeds(&seeds, &registry)?;
         let store = Store::open(&pipeline.store_dir);
-        let hasher = FileHasher::load(store.file_hash_cache_path());
         Ok(Session {
             pipeline,
             registry,
             store,
-            hasher,
+            memory_limit: u64::MAX,
         })
     }
 
@@ -44,7 +43,7 @@ impl Session {
             pipeline: &self.pipeline,
             registry: &self.registry,
             store: &self.store,
-            hasher: &self.hasher,
+            memory_limit: self.memory_limit,
         }
     }
 
@@ -114,7 +113,10 @@ impl Session {
                     }
                 }
             }
-            let built = outcomes.iter().filter(|o| o.action != "reused").count();
+            let built = outcomes
+                .iter()
+                .filter(|o| o.action != runner::Action::Reused)
+                .count();
             println!(
                 "{} node(s): {} reused, {} built",
                 outcomes.len(),
@@ -159,6 +161,10 @@ impl Session {
                 }
                 NodeState::Stale { reasons } => ("stale", reasons.join("; ")),
                 NodeState::Missing { reason } => ("missing", reason.clone()),
+                NodeState::Damaged { problems } => (
+                    "damaged",
+                    format!("{}; `cachemoney run` rebuilds it", problems.join("; ")),
+                ),
             };
             println!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
         }
@@ -185,7 +191,13 @@ impl Session {
         let mut unbuilt = Vec::new();
         for node in self.pipeline.nodes.iter().filter(|n| n.stage == "pass2") {
             let Some(report) = report_of(&node.name)? else {
-                unbuilt.push(node.name.clone());
+                let damaged = resolved
+                    .iter()
+                    .any(|r| r.node == node.name && matches!(r.state, NodeState::Damaged { .. }));
+                unbuilt.push(match damaged {
+                    true => format!("{} (damaged: `cachemoney status` says why)", node.name),
+                    false => node.name.clone(),
+                });
                 continue;
             };
             // An implied-mass audit of the same chain (same calibration), if built.
@@ -303,6 +315,7 @@ impl Session {
             let reason = match &r.state {
                 NodeState::Stale { reasons } => reasons.join("; "),
                 NodeState::Missing { reason } => reason.clone(),
+                NodeState::Damaged { problems } => problems.join("; "),
                 NodeState::Cached { .. } => String::new(),
             };
             bail!("node '{node}': its recipe is not known yet ({reason}); run `cachemoney run --until {node}` first");
@@ -320,32 +333,45 @@ impl Session {
             }
             NodeState::Stale { reasons } => format!("stale: {}", reasons.join("; ")),
             NodeState::Missing { reason } => format!("missing: {reason}"),
+            NodeState::Damaged { problems } => format!("damaged: {}", problems.join("; ")),
         };
         println!("state    {state}");
         Ok(())
     }
 
-    /// The manifest of a node's current artifact, or of its last build if it is stale.
-    fn manifest_for(&self, node: &str) -> Result<(Manifest, bool)> {
+    /// The node's current artifact, or its last build if it is stale: the manifest,
+    /// whether it is current, and what is wrong with its files (empty when intact).
+    fn artifact_for(&self, node: &str) -> Result<(Manifest, bool, Vec<String>)> {
         let r = self.resolved_node(node)?;
-        if let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) {
-            if let Some(m) = self.store.manifest(&r.stage, recipe)? {
-                return Ok((m, true));
-            }
+        let mut candidates = Vec::new();
+        if let Some(recipe) = &r.recipe {
+            candidates.push((r.stage.clone(), recipe.clone(), true));
         }
         if let Some(previous) = self.store.node_ref(node) {
-            if let Some(m) = self
-                .store
-                .manifest(&previous.ingredients.stage, &previous.recipe)?
-            {
-                return Ok((m, false));
+            candidates.push((previous.ingredients.stage, previous.recipe, false));
+        }
+        for (stage, recipe, current) in candidates {
+            match self.store.lookup(&stage, &recipe) {
+                Stored::Absent => continue,
+                Stored::Intact(manifest) => return Ok((manifest, current, Vec::new())),
+                Stored::Damaged {
+                    manifest: Some(manifest),
+                    problems,
+                } => return Ok((manifest, current, problems)),
+                Stored::Damaged {
+                    manifest: None,
+                    problems,
+                } => bail!(
+                    "node '{node}': {}; rebuild it with `cachemoney run --force {node}`",
+                    problems.join("; ")
+                ),
             }
         }
         bail!("node '{node}' has no artifact yet; run `cachemoney run --until {node}`")
     }
 
     pub fn show(&self, node: &str, rows: usize, json: bool) -> Result<()> {
-        let (manifest, current) = self.manifest_for(node)?;
+        let (manifest, current, problems) = self.artifact_for(node)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&manifest)?);
             return Ok(());
@@ -385,17 +411,20 @@ impl Session {
                 short(&file.blake3)
             );
         }
+        if !problems.is_empty() {
+            bail!(
+                "node '{node}': its artifact is damaged, so no rows are shown: {}; rebuild it with `cachemoney run --force {node}`",
+                problems.join("; ")
+            );
+        }
         for (name, file) in &manifest.files {
             let Some(schema) = &file.schema else { continue };
             let columns: Vec<String> = schema.iter().map(|(c, t)| format!("{c} {t}")).collect();
             println!("\n{name}: {}", columns.join(", "));
             if rows > 0 {
-                let reader =
-                    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(dir.join(name))?)?
-                        .with_batch_size(rows)
-                        .with_limit(rows)
-                        .build()?;
-                let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+                let path = dir.join(name);
+                let batches = first_rows(&path, rows)
+                    .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
                 println!("{}", sql::format_batches(&batches, Format::Table)?);
             }
         }
@@ -455,10 +484,14 @@ impl Session {
     }
 
     pub fn verify(&self, quiet: bool) -> Result<bool> {
-        let manifests = self.store.all_manifests()?;
-        let mut problems = Vec::new();
+        let listing = self.store.list();
+        let mut problems: Vec<String> = listing
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path.display(), p.message))
+            .collect();
         let mut files = 0;
-        for (dir, manifest) in &manifests {
+        for (dir, manifest) in &listing.artifacts {
             files += manifest.files.len();
             problems.extend(verify_artifact(dir, manifest));
         }
@@ -469,54 +502,123 @@ impl Session {
             if !quiet {
                 println!(
                     "ok: {} artifact(s), {files} file(s), every hash matches its manifest",
-                    manifests.len()
+                    listing.artifacts.len()
                 );
             }
             Ok(true)
         } else {
             eprintln!(
-                "{} problem(s) in {} artifact(s); rebuild affected nodes with `cachemoney run --force NODE`",
+                "{} problem(s) in {} artifact(s); rebuild damaged nodes with `cachemoney run --force NODE`, remove entries that are not artifacts with `cachemoney gc`",
                 problems.len(),
-                manifests.len()
+                listing.artifacts.len()
             );
             Ok(false)
         }
     }
 
-    pub fn gc(&self, dry_run: bool) -> Result<()> {
-        let lock = self.store.lock(false)?;
+    /// `cachemoney gc`: removes what no node of the pipeline points to, except each
+    /// node's `keep` most recent other builds and anything younger than `grace`, so an
+    /// edit of `pipeline.toml` followed by `gc` does not delete a model that took hours;
+    /// and removes what is not an artifact at all (corrupt manifests, stray files).
+    pub fn gc(&self, options: &GcOptions) -> Result<()> {
+        let lock = self.store.lock(options.wait)?;
         self.store.sweep_tmp(&lock)?;
         let resolved = self.context().resolve()?;
         let live: std::collections::BTreeSet<String> =
             resolved.iter().filter_map(|r| r.recipe.clone()).collect();
-        let mut freed = 0u64;
-        let mut removed = 0;
-        for (_, manifest) in self.store.all_manifests()? {
-            if live.contains(&manifest.recipe) {
-                continue;
+        let listing = self.store.list();
+        let verb = if options.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        for problem in &listing.problems {
+            println!("{verb} {} ({})", problem.path.display(), problem.message);
+            if !options.dry_run {
+                self.store.remove_path(&lock, &problem.path)?;
             }
-            let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
-            println!(
-                "{} {}/{} (built by node '{}', {} bytes)",
-                if dry_run { "would remove" } else { "removed" },
-                manifest.stage,
-                short(&manifest.recipe),
-                manifest.node,
-                bytes
-            );
-            if !dry_run {
-                self.store
-                    .remove(&lock, &manifest.stage, &manifest.recipe)?;
+        }
+        let now = std::time::SystemTime::now();
+        // Per node that built them, the unreferenced artifacts newest first.
+        let mut by_node: std::collections::BTreeMap<&str, Vec<&Manifest>> = Default::default();
+        for (_, manifest) in &listing.artifacts {
+            if !live.contains(&manifest.recipe) {
+                by_node.entry(&manifest.node).or_default().push(manifest);
             }
-            freed += bytes;
-            removed += 1;
+        }
+        let (mut freed, mut removed) = (0u64, 0usize);
+        let (mut kept_recent, mut kept_young, mut kept_bytes) = (0usize, 0usize, 0u64);
+        for manifests in by_node.values_mut() {
+            manifests.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            for (rank, manifest) in manifests.iter().enumerate() {
+                let bytes: u64 = manifest.files.values().map(|f| f.bytes).sum();
+                let age = crate::store::age_of(&manifest.created_at, now);
+                if rank < options.keep {
+                    kept_recent += 1;
+                    kept_bytes += bytes;
+                    continue;
+                }
+                if age.is_some_and(|age| age < options.grace) {
+                    kept_young += 1;
+                    kept_bytes += bytes;
+                    continue;
+                }
+                println!(
+                    "{verb} {}/{} (built by node '{}' at {}, {} bytes)",
+                    manifest.stage,
+                    short(&manifest.recipe),
+                    manifest.node,
+                    manifest.created_at,
+                    bytes
+                );
+                if !options.dry_run {
+                    self.store
+                        .remove(&lock, &manifest.stage, &manifest.recipe)?;
+                }
+                freed += bytes;
+                removed += 1;
+            }
+        }
+        if !options.dry_run {
+            self.store.hasher().forget_missing();
+            self.store.hasher().save()?;
         }
         println!(
             "{} {removed} artifact(s), {freed} bytes",
-            if dry_run { "would free" } else { "freed" }
+            if options.dry_run {
+                "would free"
+            } else {
+                "freed"
+            }
         );
+        if kept_recent + kept_young > 0 {
+            println!(
+                "kept {} unreferenced artifact(s), {kept_bytes} bytes: {kept_recent} as their node's last {} build(s) (--keep), {kept_young} younger than {} (--grace); `cachemoney gc --keep 0 --grace 0` removes them too",
+                kept_recent + kept_young,
+                options.keep,
+                crate::store::format_duration(options.grace),
+            );
+        }
         Ok(())
     }
+}
+
+/// What `gc` keeps besides what the pipeline points to.
+pub struct GcOptions {
+    pub dry_run: bool,
+    pub wait: bool,
+    /// Per node, this many most recent unreferenced builds.
+    pub keep: usize,
+    /// Anything built less than this long ago.
+    pub grace: std::time::Duration,
+}
+
+fn first_rows(path: &Path, rows: usize) -> Result<Vec<arrow::array::RecordBatch>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?
+        .with_batch_size(rows)
+        .with_limit(rows)
+        .build()?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 fn print_ingredients(node: &str, recipe: &str, ingredients: &Ingredients, pipeline: &Pipeline) {
@@ -547,17 +649,62 @@ fn print_ingredients(node: &str, recipe: &str, ingredients: &Ingredients, pipeli
     println!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
 }
 
-async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
-    let interactive = std::io::stdin().is_terminal();
-    if interactive {
-        println!(
-            "cachemoney sql: {} tables; \\d lists them, \\q quits, statements end with ';'",
-            session.tables.len()
-        );
+/// Gathers input lines into statements: a backslash command is one line, SQL runs when a
+/// line ends with `;`.
+#[derive(Default)]
+struct StatementBuffer {
+    text: String,
+    /// The line the statement in progress started on (1-based).
+    first_line: usize,
+    lines: usize,
+}
+
+impl StatementBuffer {
+    fn is_empty(&self) -> bool {
+        self.text.is_empty()
     }
+
+    /// Adds a line; returns a complete statement and the line it started on.
+    fn push(&mut self, line: &str) -> Option<(String, usize)> {
+        self.lines += 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() || (self.text.is_empty() && trimmed.starts_with("--")) {
+            return None;
+        }
+        if self.text.is_empty() {
+            self.first_line = self.lines;
+        } else {
+            self.text.push('\n');
+        }
+        self.text.push_str(trimmed);
+        let complete = self.text.starts_with('\\') || self.text.ends_with(';');
+        complete.then(|| self.take()).flatten()
+    }
+
+    /// What is left, as a statement (input ended without its `;`).
+    fn take(&mut self) -> Option<(String, usize)> {
+        let text = std::mem::take(&mut self.text);
+        (!text.trim().is_empty()).then_some((text, self.first_line))
+    }
+}
+
+fn is_quit(line: &str) -> bool {
+    matches!(line.trim(), "\\q" | "exit" | "quit")
+}
+
+/// `cachemoney sql` without a query: a prompt on a terminal; otherwise a script read from
+/// standard input, which stops at the first error (so a failing script fails).
+async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        return script(session, format).await;
+    }
+    println!(
+        "cachemoney sql: {} tables; \\d lists them, \\q quits, statements end with ';'",
+        session.tables.len()
+    );
     let mut editor =
         rustyline::DefaultEditor::new().map_err(|e| anyhow!("cannot start the prompt: {e}"))?;
-    let mut buffer = String::new();
+    let mut buffer = StatementBuffer::default();
     loop {
         let prompt = if buffer.is_empty() {
             "cachemoney> "
@@ -567,34 +714,57 @@ async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
         let line = match editor.readline(prompt) {
             Ok(line) => line,
             Err(rustyline::error::ReadlineError::Interrupted) => {
-                buffer.clear();
+                buffer = StatementBuffer::default();
                 continue;
             }
             Err(rustyline::error::ReadlineError::Eof) => break,
             Err(e) => bail!("prompt failed: {e}"),
         };
-        let trimmed = line.trim();
-        if buffer.is_empty() && (trimmed == "\\q" || trimmed == "exit" || trimmed == "quit") {
+        if buffer.is_empty() && is_quit(&line) {
             break;
         }
-        if trimmed.is_empty() {
+        let Some((statement, _)) = buffer.push(&line) else {
             continue;
-        }
-        if !buffer.is_empty() {
-            buffer.push('\n');
-        }
-        buffer.push_str(trimmed);
-        let complete = buffer.starts_with('\\') || buffer.ends_with(';');
-        if !complete {
-            continue;
-        }
-        let _ = editor.add_history_entry(buffer.as_str());
-        match sql::execute(session, &buffer, format).await {
+        };
+        let _ = editor.add_history_entry(statement.as_str());
+        match sql::execute(session, &statement, format).await {
             Ok(text) => println!("{text}"),
-            Err(e) => println!("error: {e:#}"),
+            Err(e) => eprintln!("error: {e:#}"),
         }
-        buffer.clear();
     }
+    Ok(())
+}
+
+async fn script(session: &SqlSession, format: Format) -> Result<()> {
+    use std::io::BufRead;
+    let mut buffer = StatementBuffer::default();
+    let mut statements = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| anyhow!("standard input: {e}"))?;
+        if buffer.is_empty() && is_quit(&line) {
+            break;
+        }
+        statements.extend(buffer.push(&line));
+        for (statement, first_line) in statements.drain(..) {
+            run_statement(session, &statement, first_line, format).await?;
+        }
+    }
+    if let Some((statement, first_line)) = buffer.take() {
+        run_statement(session, &statement, first_line, format).await?;
+    }
+    Ok(())
+}
+
+async fn run_statement(
+    session: &SqlSession,
+    statement: &str,
+    first_line: usize,
+    format: Format,
+) -> Result<()> {
+    let text = sql::execute(session, statement, format)
+        .await
+        .map_err(|e| anyhow!("standard input, line {first_line}: {e:#}"))?;
+    println!("{text}");
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod bench;
 pub mod commands;
 pub mod filehash;
+pub mod memory;
 pub mod pipeline;
 pub mod recipe;
 pub mod registry;

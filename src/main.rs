@@ -29,9 +29,17 @@ struct Cli {
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
 
-    /// Worker threads for stages (default: all cores). Outputs do not depend on it.
-    #[arg(long, global = true)]
-    threads: Option<usize>,
+    /// Worker threads for stages (default: all cores; 1 to 1024). Outputs do not depend
+    /// on it.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
+
+    /// Memory a stage may plan to use, as bytes or with a unit (512M, 8G); stages that
+    /// allocate large tables refuse up front when their estimate exceeds it. Default:
+    /// what the machine has available (MemAvailable, the cgroup's limit and the
+    /// address-space limit, whichever is least).
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
 
     /// Run seeds (comma-separated): every node that depends on the training seed is run
     /// once per seed, as NODE_seedN; the rest is shared. Overrides the pipeline's `seeds`.
@@ -119,10 +127,11 @@ enum Command {
     /// Rebuild nodes from their stored inputs and compare with the stored bytes.
     ///
     /// `verify` shows that files were not changed after they were written; `audit` shows
-    /// that the code writes them again: each node is re-executed into a scratch directory
-    /// and its files compared with its manifest. A difference names the file and, for a
-    /// table, the column and first row that differ, with both values. Exits 1 if any
-    /// node differs. The store is not changed.
+    /// that the code writes them again: each node is re-executed into a scratch directory,
+    /// its stored files are rehashed against the manifest, and the rebuild is compared
+    /// with both. A difference names the file and, for a table, the column and first row
+    /// that differ, with both values. Exits 1 if any node differs. The store is not
+    /// changed.
     Audit {
         /// Nodes to audit (in pipeline order); each must be built.
         #[arg(required_unless_present = "all")]
@@ -138,10 +147,24 @@ enum Command {
         json: bool,
     },
     /// Delete artifacts that no node of the pipeline currently points to.
+    ///
+    /// By default it keeps, per node, the most recent build it no longer points to
+    /// (`--keep`) and anything built in the last day (`--grace`), and says what it kept;
+    /// `--keep 0 --grace 0` removes every unreferenced artifact. Entries that are not
+    /// artifacts (a corrupt manifest, a stray file) are removed too.
     Gc {
         /// Only list what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// If another run holds the store, wait for it instead of failing.
+        #[arg(long)]
+        wait: bool,
+        /// Per node, keep this many of its most recent unreferenced builds.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        keep: usize,
+        /// Keep anything built less than this long ago (90s, 30m, 24h, 7d, 0).
+        #[arg(long, default_value = "1d", value_parser = cachemoney::store::parse_duration, value_name = "AGE")]
+        grace: std::time::Duration,
     },
     /// List the stage kinds this binary knows, with their parameters' defaults.
     Stages,
@@ -178,10 +201,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.into())
             .build_global()
-            .expect("thread pool is configured once");
+        {
+            eprintln!("error: --threads {threads}: cannot start the thread pool: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     match dispatch(cli) {
         Ok(code) => code,
@@ -191,6 +217,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    cachemoney::memory::parse_size(text)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -211,7 +241,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;
+    let mut session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;
+    session.memory_limit = match cli.memory_limit {
+        Some(limit) => limit,
+        None => cachemoney::memory::available_bytes(),
+    };
     match cli.command {
         Command::Run { until, force, wait } => {
             let options = RunOptions {
@@ -251,7 +285,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Gc { dry_run } => session.gc(dry_run)?,
+        Command::Gc {
+            dry_run,
+            wait,
+            keep,
+            grace,
+        } => session.gc(&commands::GcOptions {
+            dry_run,
+            wait,
+            keep,
+            grace,
+        })?,
         Command::Stages | Command::Bench { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)

@@ -13,13 +13,11 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 use stage_api::{InputArtifact, StageContext};
 
-use crate::filehash::FileHasher;
 use crate::pipeline::{Node, Pipeline};
 use crate::recipe::{short, FileIngredient, Ingredients};
 use crate::registry::Registry;
 use crate::store::{
-    content_hash, hash_file, now_rfc3339, verify_artifact, Manifest, NodeRef, OutputFile, Store,
-    StoreLock,
+    content_hash, hash_file, now_rfc3339, Manifest, NodeRef, OutputFile, Store, StoreLock, Stored,
 };
 
 /// Where a node stands relative to the store.
@@ -32,6 +30,9 @@ pub enum NodeState {
     Stale { reasons: Vec<String> },
     /// Never built with anything like the current pipeline.
     Missing { reason: String },
+    /// Its current recipe is stored, but the files no longer match the manifest (or the
+    /// manifest is unreadable): nothing is read from it; `run` rebuilds it.
+    Damaged { problems: Vec<String> },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,7 +51,8 @@ pub struct RunContext<'a> {
     pub pipeline: &'a Pipeline,
     pub registry: &'a Registry,
     pub store: &'a Store,
-    pub hasher: &'a FileHasher,
+    /// Handed to stages, which refuse a plan that needs more (`--memory-limit`).
+    pub memory_limit: u64,
 }
 
 impl RunContext<'_> {
@@ -64,7 +66,7 @@ impl RunContext<'_> {
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
-                    blake3: self.hasher.hash(path)?,
+                    blake3: self.store.hasher().hash(path)?,
                 });
             }
             files.insert(role.clone(), list);
@@ -109,6 +111,7 @@ impl RunContext<'_> {
             if let Some(upstream) = blocked.first() {
                 let upstream_state = match &states[*upstream] {
                     NodeState::Stale { .. } => "stale",
+                    NodeState::Damaged { .. } => "damaged",
                     _ => "not built",
                 };
                 let state = match previous {
@@ -131,14 +134,21 @@ impl RunContext<'_> {
             }
             let ingredients = self.ingredients(node, &content)?;
             let recipe = ingredients.recipe();
-            let state = match self.store.manifest(&node.stage, &recipe)? {
-                Some(manifest) => {
+            let state = match self.store.lookup(&node.stage, &recipe) {
+                Stored::Intact(manifest) => {
                     content.insert(node.name.clone(), manifest.content_hash.clone());
                     NodeState::Cached {
                         content_hash: manifest.content_hash,
                     }
                 }
-                None => match previous {
+                Stored::Damaged { manifest, problems } => {
+                    // The manifest's claim still defines what downstream was built from.
+                    if let Some(manifest) = manifest {
+                        content.insert(node.name.clone(), manifest.content_hash);
+                    }
+                    NodeState::Damaged { problems }
+                }
+                Stored::Absent => match previous {
                     Some(old) => {
                         let mut reasons = ingredients.differences_from(&old.ingredients);
                         if reasons.is_empty() {
@@ -164,7 +174,7 @@ impl RunContext<'_> {
                 state,
             });
         }
-        self.hasher.save().ok();
+        self.store.hasher().save().ok();
         Ok(resolved)
     }
 }
@@ -177,12 +187,42 @@ pub struct RunOptions {
     pub show_progress: bool,
 }
 
+/// What `run` did with one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Its recipe was stored and every file matched the manifest.
+    Reused,
+    /// Not stored: built.
+    Built,
+    /// Forced, and the rebuild gave the stored bytes.
+    RebuiltIdentical,
+    /// The stored copy was damaged (or forced over a damaged one); replaced by the
+    /// rebuild, whose bytes match the manifest's claim.
+    Repaired,
+    /// A rebuild with the same recipe gave other bytes: the stage is not deterministic,
+    /// or the stored copy was damaged in a way that changed its claim.
+    Changed,
+}
+
+impl Action {
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Reused => "reused",
+            Action::Built => "built",
+            Action::RebuiltIdentical => "rebuilt, identical",
+            Action::Repaired => "rebuilt, repaired",
+            Action::Changed => "rebuilt, CHANGED",
+        }
+    }
+}
+
 /// What happened to one node in a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub node: String,
     pub stage: String,
-    pub action: &'static str,
+    pub action: Action,
     pub recipe: String,
     pub content_hash: String,
     pub seconds: f64,
@@ -208,8 +248,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
 
     let width = ctx.pipeline.name_width();
     let mut content: BTreeMap<String, String> = BTreeMap::new();
-    let mut dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
+    let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
     let mut outcomes = Vec::new();
     for node in ctx
         .pipeline
@@ -218,61 +257,70 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         .filter(|n| selected.contains(&n.name))
     {
         let ingredients = ctx.ingredients(node, &content)?;
-        ctx.hasher.save().ok();
+        ctx.store.hasher().save().ok();
         let recipe = ingredients.recipe();
-        let existing = ctx.store.manifest(&node.stage, &recipe)?;
         let dir = ctx.store.artifact_dir(&node.stage, &recipe);
-        let intact = existing.as_ref().is_some_and(|m| sizes_match(&dir, m));
+        let stored = ctx.store.lookup(&node.stage, &recipe);
         let forced = forced_nodes.contains(&node.name);
-
-        let (manifest, action, seconds) = if let (Some(manifest), true, false) =
-            (existing.clone(), intact, forced)
-        {
-            (manifest, "reused", 0.0)
-        } else {
-            if existing.is_some() && !intact && !options.quiet {
-                eprintln!(
-                    "{}: files do not match the manifest; rebuilding",
-                    dir.display()
-                );
-            }
-            let started = Instant::now();
-            let built = build(
-                ctx,
-                node,
-                &ingredients,
-                &recipe,
-                &dirs,
-                &manifests,
-                &lock,
-                options,
-            )
-            .with_context(|| format!("node '{}' ({}) failed", node.name, node.stage))?;
-            let seconds = started.elapsed().as_secs_f64();
-            match existing {
-                Some(old) if intact && old.content_hash == built.1.content_hash => {
-                    if verify_artifact(&dir, &old).is_empty() {
-                        std::fs::remove_dir_all(&built.0).ok();
-                        (old, "rebuilt, identical", seconds)
-                    } else {
-                        // Same recipe, same fresh bytes, but the stored copy was damaged.
-                        ctx.store.commit(&lock, &built.0, &built.1)?;
-                        (built.1, "rebuilt, repaired", seconds)
+        let (manifest, action, seconds) = match stored {
+            Stored::Intact(manifest) if !forced => (manifest, Action::Reused, 0.0),
+            stored => {
+                if let Stored::Damaged { problems, .. } = &stored {
+                    if !options.quiet {
+                        eprintln!(
+                            "node '{}': its stored artifact is damaged ({}); rebuilding",
+                            node.name,
+                            problems.join("; ")
+                        );
                     }
                 }
-                Some(old) if intact => {
-                    eprintln!(
-                        "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): the stage is not deterministic",
-                        node.name,
-                        short(&old.content_hash),
-                        short(&built.1.content_hash)
-                    );
-                    ctx.store.commit(&lock, &built.0, &built.1)?;
-                    (built.1, "rebuilt, CHANGED", seconds)
-                }
-                _ => {
-                    ctx.store.commit(&lock, &built.0, &built.1)?;
-                    (built.1, "built", seconds)
+                let started = Instant::now();
+                let (scratch, built) = build(
+                    ctx,
+                    &BuildRequest {
+                        node,
+                        ingredients: &ingredients,
+                        recipe: &recipe,
+                        upstream: &upstream,
+                        lock: &lock,
+                        show_progress: options.show_progress,
+                    },
+                )
+                .with_context(|| format!("node '{}' ({}) failed", node.name, node.stage))?;
+                let seconds = started.elapsed().as_secs_f64();
+                let action = match &stored {
+                    Stored::Absent => Action::Built,
+                    Stored::Intact(old) if old.content_hash == built.content_hash => {
+                        Action::RebuiltIdentical
+                    }
+                    Stored::Damaged {
+                        manifest: Some(old),
+                        ..
+                    } if old.content_hash == built.content_hash => Action::Repaired,
+                    Stored::Damaged { manifest: None, .. } => Action::Repaired,
+                    Stored::Intact(old)
+                    | Stored::Damaged {
+                        manifest: Some(old),
+                        ..
+                    } => {
+                        eprintln!(
+                            "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): the stage is not deterministic",
+                            node.name,
+                            short(&old.content_hash),
+                            short(&built.content_hash)
+                        );
+                        Action::Changed
+                    }
+                };
+                match (action, stored) {
+                    (Action::RebuiltIdentical, Stored::Intact(old)) => {
+                        std::fs::remove_dir_all(&scratch).ok();
+                        (old, action, seconds)
+                    }
+                    _ => {
+                        ctx.store.commit(&lock, &scratch, &built)?;
+                        (built, action, seconds)
+                    }
                 }
             }
         };
@@ -290,7 +338,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                 "{:<width$} {:<12} {:<20} {:>8}  content {}",
                 node.name,
                 node.stage,
-                action,
+                action.label(),
                 if seconds > 0.0 {
                     format!("{seconds:.2}s")
                 } else {
@@ -309,43 +357,42 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
             seconds,
         });
         content.insert(node.name.clone(), manifest.content_hash.clone());
-        dirs.insert(node.name.clone(), dir);
-        manifests.insert(node.name.clone(), manifest);
+        upstream.insert(node.name.clone(), (dir, manifest));
     }
     Ok(outcomes)
 }
 
-fn sizes_match(dir: &std::path::Path, manifest: &Manifest) -> bool {
-    manifest
-        .files
-        .iter()
-        .all(|(name, file)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == file.bytes))
+/// One stage run to do: the node, what goes into its recipe, and the built artifacts of
+/// its upstream nodes (by node name: directory and manifest).
+pub(crate) struct BuildRequest<'a> {
+    pub node: &'a Node,
+    pub ingredients: &'a Ingredients,
+    pub recipe: &'a str,
+    pub upstream: &'a BTreeMap<String, (PathBuf, Manifest)>,
+    pub lock: &'a StoreLock,
+    pub show_progress: bool,
 }
 
 /// Runs one stage into a scratch directory and describes the result. Returns the scratch
 /// directory and the manifest to commit.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn build(
-    ctx: &RunContext,
-    node: &Node,
-    ingredients: &Ingredients,
-    recipe: &str,
-    dirs: &BTreeMap<String, PathBuf>,
-    manifests: &BTreeMap<String, Manifest>,
-    lock: &StoreLock,
-    options: &RunOptions,
-) -> Result<(PathBuf, Manifest)> {
+pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf, Manifest)> {
+    let BuildRequest {
+        node,
+        ingredients,
+        recipe,
+        lock,
+        ..
+    } = *request;
     let stage = ctx
         .registry
         .get(&node.stage)
         .expect("validated when loading");
-    // Inputs are rehashed before use: a tampered artifact must not poison what is built
+    // Inputs are checked before use: a tampered artifact must not poison what is built
     // from it (bazel #6126).
     let mut inputs = BTreeMap::new();
     for (input, upstream) in &node.inputs {
-        let dir = &dirs[upstream];
-        let manifest = &manifests[upstream];
-        let problems = verify_artifact(dir, manifest);
+        let (dir, manifest) = &request.upstream[upstream];
+        let problems = ctx.store.check_files(dir, manifest);
         if let Some(first) = problems.first() {
             bail!(
                 "input '{input}' (node '{upstream}') is corrupt: {first}; rebuild it with `cachemoney run --force {upstream}`"
@@ -368,7 +415,8 @@ pub(crate) fn build(
         inputs,
         files: node.files.clone(),
         out_dir: scratch.clone(),
-        show_progress: options.show_progress,
+        show_progress: request.show_progress,
+        memory_limit: ctx.memory_limit,
     };
     let started = Instant::now();
     let report = match stage.run(&stage_ctx) {

@@ -41,6 +41,23 @@ pub struct TableInfo {
 pub struct SqlSession {
     ctx: SessionContext,
     pub tables: Vec<TableInfo>,
+    /// Names a query may use but cannot read, with why: tables of damaged artifacts, or
+    /// a file DataFusion could not open. A query that names one fails with the reason;
+    /// every other query runs.
+    unavailable: BTreeMap<String, String>,
+    /// Every readable table name (qualified and aliases) → the file behind it, for
+    /// errors raised while reading.
+    files: BTreeMap<String, String>,
+}
+
+/// One Parquet output of a node, as the session sees it.
+struct Entry {
+    node: String,
+    stem: String,
+    path: std::path::PathBuf,
+    info: crate::store::OutputFile,
+    /// Why it cannot be read, if it cannot.
+    problem: Option<String>,
 }
 
 impl SqlSession {
@@ -49,68 +66,93 @@ impl SqlSession {
         let ctx = SessionContext::new_with_config(config);
         let catalog = ctx.catalog("datafusion").expect("default catalog exists");
 
-        // (node, table stem, path, manifest file entry)
         let mut entries = Vec::new();
+        let mut unavailable = BTreeMap::new();
         let mut current_recipes = BTreeMap::new();
         for r in resolved {
-            let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
-                continue;
+            let Some(recipe) = &r.recipe else { continue };
+            let problems = match &r.state {
+                NodeState::Cached { .. } => Vec::new(),
+                NodeState::Damaged { problems } => problems.clone(),
+                _ => continue,
             };
             current_recipes.insert(recipe.clone(), r.node.clone());
-            let Some(manifest) = store.manifest(&r.stage, recipe)? else {
-                continue;
-            };
-            for (file, info) in &manifest.files {
-                if let Some(stem) = file.strip_suffix(".parquet") {
-                    entries.push((
-                        r.node.clone(),
-                        stem.to_string(),
-                        store.artifact_dir(&r.stage, recipe).join(file),
-                        info.clone(),
-                    ));
+            let manifest = match store.manifest(&r.stage, recipe) {
+                Ok(Some(manifest)) => manifest,
+                Ok(None) => continue,
+                Err(e) => {
+                    unavailable.insert(r.node.clone(), repair_hint(&r.node, &format!("{e:#}")));
+                    continue;
                 }
+            };
+            let dir = store.artifact_dir(&r.stage, recipe);
+            for (file, info) in &manifest.files {
+                let Some(stem) = file.strip_suffix(".parquet") else {
+                    continue;
+                };
+                let path = dir.join(file);
+                // A damaged artifact's files are all withheld: which one is damaged says
+                // nothing about whether the others were written by the same build.
+                let problem = (!problems.is_empty()).then(|| problems.join("; "));
+                entries.push(Entry {
+                    node: r.node.clone(),
+                    stem: stem.to_string(),
+                    path,
+                    info: info.clone(),
+                    problem,
+                });
             }
         }
-        let mut stem_count: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut node_tables: BTreeMap<&str, usize> = BTreeMap::new();
-        for (node, stem, _, _) in &entries {
-            *stem_count.entry(stem.as_str()).or_default() += 1;
-            *node_tables.entry(node.as_str()).or_default() += 1;
+        let mut stem_count: BTreeMap<String, usize> = BTreeMap::new();
+        let mut node_tables: BTreeMap<String, usize> = BTreeMap::new();
+        for e in &entries {
+            *stem_count.entry(e.stem.clone()).or_default() += 1;
+            *node_tables.entry(e.node.clone()).or_default() += 1;
         }
         let mut tables = Vec::new();
-        for (node, stem, path, info) in &entries {
-            if catalog.schema(node).is_none() {
-                catalog.register_schema(node, Arc::new(MemorySchemaProvider::new()))?;
+        let mut files = BTreeMap::new();
+        for mut entry in entries {
+            let qualified = format!("{}.{}", entry.node, entry.stem);
+            let path_text = entry.path.to_string_lossy().into_owned();
+            if entry.problem.is_none() {
+                if let Err(e) = register(&ctx, &catalog, &entry, &path_text).await {
+                    entry.problem = Some(format!("{path_text}: {}", first_line(&e.to_string())));
+                }
             }
-            let path_text = path.to_string_lossy();
-            let qualified = format!("{node}.{stem}");
-            ctx.register_parquet(
-                TableReference::partial(node.as_str(), stem.as_str()),
-                path_text.as_ref(),
-                ParquetReadOptions::default(),
-            )
-            .await?;
+            let mut names = vec![qualified.clone()];
+            if stem_count[&entry.stem] == 1 {
+                names.push(entry.stem.clone());
+            }
+            if node_tables[&entry.node] == 1 && !stem_count.contains_key(&entry.node) {
+                names.push(entry.node.clone());
+            }
             let mut aliases = Vec::new();
-            let mut candidates = Vec::new();
-            if stem_count[stem.as_str()] == 1 {
-                candidates.push(stem.as_str());
-            }
-            if node_tables[node.as_str()] == 1 && !stem_count.contains_key(node.as_str()) {
-                candidates.push(node.as_str());
-            }
-            for name in candidates {
-                if name != "artifacts" && !ctx.table_exist(name)? {
-                    let provider = ctx.table_provider(qualified.as_str()).await?;
-                    ctx.register_table(name, provider)?;
-                    aliases.push(name.to_string());
+            for name in names {
+                if name == "artifacts" || name == "seeds" {
+                    continue;
+                }
+                if let Some(problem) = &entry.problem {
+                    unavailable.insert(name.clone(), repair_hint(&entry.node, problem));
+                } else {
+                    if name != qualified {
+                        if ctx.table_exist(name.as_str())? {
+                            continue;
+                        }
+                        let provider = ctx.table_provider(qualified.as_str()).await?;
+                        ctx.register_table(name.as_str(), provider)?;
+                    }
+                    files.insert(name.clone(), path_text.clone());
+                }
+                if name != qualified {
+                    aliases.push(name);
                 }
             }
             tables.push(TableInfo {
                 name: qualified,
                 aliases,
-                node: node.clone(),
-                rows: info.rows,
-                columns: info.schema.clone().unwrap_or_default(),
+                node: entry.node.clone(),
+                rows: entry.info.rows,
+                columns: entry.info.schema.clone().unwrap_or_default(),
             });
         }
 
@@ -136,7 +178,12 @@ impl SqlSession {
             rows: Some(rows),
             columns,
         });
-        Ok(SqlSession { ctx, tables })
+        Ok(SqlSession {
+            ctx,
+            tables,
+            unavailable,
+            files,
+        })
     }
 
     /// Adds a table that is not a node's output (say, `seeds`), under `name`.
@@ -166,6 +213,24 @@ impl SqlSession {
     }
 
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        // The tables the statement names: refused up front if unreadable, and named in
+        // any error raised while reading them.
+        let referenced = self.referenced_tables(sql);
+        for name in &referenced {
+            if let Some(reason) = self.unavailable.get(name) {
+                bail!("table '{name}' cannot be read: {reason}");
+            }
+        }
+        let reading = || {
+            let files: Vec<String> = referenced
+                .iter()
+                .filter_map(|name| self.files.get(name).map(|f| format!("'{name}' ({f})")))
+                .collect();
+            match files.is_empty() {
+                true => String::new(),
+                false => format!(" [reading {}]", files.join(", ")),
+            }
+        };
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -181,7 +246,21 @@ impl SqlSession {
         frame
             .collect()
             .await
-            .map_err(|e| anyhow!("{}", first_line(&e.to_string())))
+            .map_err(|e| anyhow!("{}{}", first_line(&e.to_string()), reading()))
+    }
+
+    /// The table names `sql` refers to, as written (`node.table` or `table`); empty if it
+    /// does not parse (DataFusion then reports the syntax error itself).
+    fn referenced_tables(&self, sql: &str) -> Vec<String> {
+        let state = self.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let Ok(statement) = state.sql_to_statement(sql, &dialect) else {
+            return Vec::new();
+        };
+        state
+            .resolve_table_references(&statement)
+            .map(|refs| refs.iter().map(|r| r.to_string()).collect())
+            .unwrap_or_default()
     }
 
     pub fn describe(&self, name: &str) -> Result<&TableInfo> {
@@ -190,6 +269,28 @@ impl SqlSession {
             .find(|t| t.name == name || t.aliases.iter().any(|a| a == name))
             .ok_or_else(|| anyhow!("no table named '{name}' (\\d lists them)"))
     }
+}
+
+async fn register(
+    ctx: &SessionContext,
+    catalog: &Arc<dyn datafusion::catalog::CatalogProvider>,
+    entry: &Entry,
+    path: &str,
+) -> Result<()> {
+    if catalog.schema(&entry.node).is_none() {
+        catalog.register_schema(&entry.node, Arc::new(MemorySchemaProvider::new()))?;
+    }
+    ctx.register_parquet(
+        TableReference::partial(entry.node.as_str(), entry.stem.as_str()),
+        path,
+        ParquetReadOptions::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+fn repair_hint(node: &str, problem: &str) -> String {
+    format!("{problem}; rebuild it with `cachemoney run --force {node}`")
 }
 
 fn is_write_error(message: &str) -> bool {
@@ -203,7 +304,7 @@ fn first_line(message: &str) -> String {
 }
 
 fn artifacts_table(store: &Store, current: &BTreeMap<String, String>) -> Result<RecordBatch> {
-    let manifests = store.all_manifests()?;
+    let manifests = store.list().artifacts;
     let schema = Arc::new(Schema::new(vec![
         Field::new("node", DataType::Utf8, true),
         Field::new("stage", DataType::Utf8, false),

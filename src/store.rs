@@ -6,7 +6,7 @@
 //!   refs/<node>.json           the last recipe each pipeline node resolved to (for `status`)
 //!   seeds.parquet              the `seeds` table of the last `run --seeds` (per-seed metrics)
 //!   .tmp/                      work in progress; never read, swept at the next run
-//!   .cache/file-hashes.json    content hashes of raw inputs, keyed by (path, size, mtime, inode)
+//!   .cache/file-hashes.json    blake3 of raw inputs and stored files, by (path, size, mtime, ctime, inode)
 //!   .lock                      held (flock) by the one process that may write
 //! ```
 //!
@@ -15,6 +15,11 @@
 //! last, so a directory with a manifest is complete, and a crash leaves only `.tmp/`
 //! litter. The lock is an OS file lock, so a killed run cannot leave a lock behind; the
 //! PID written into the lock file only serves the error message of a second run.
+//!
+//! Every reader checks what it reads: a stored file whose bytes no longer match its
+//! manifest is reported (file, problem, the command that repairs it) and never read. The
+//! check costs one `stat` per file, because blake3s are memoised by the file's identity
+//! (see [`crate::filehash`]); a file that changed in any way is rehashed.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -27,6 +32,7 @@ use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::filehash::FileHasher;
 use crate::recipe::Ingredients;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -103,6 +109,59 @@ pub struct NodeRef {
 
 pub struct Store {
     root: PathBuf,
+    hasher: FileHasher,
+}
+
+/// An artifact as the store holds it, checked against its manifest.
+#[derive(Debug)]
+pub enum Stored {
+    /// No artifact with that recipe.
+    Absent,
+    /// Every file matches the manifest.
+    Intact(Manifest),
+    /// Present, but not to be read: an unreadable manifest (`manifest` is `None`) or
+    /// files that are missing or differ from it. Each problem names a file.
+    Damaged {
+        manifest: Option<Manifest>,
+        problems: Vec<String>,
+    },
+}
+
+/// Something in the store that is not a finished artifact: a directory with a corrupt
+/// or missing manifest, a stray file. Listed by `verify`, removed by `gc`.
+#[derive(Debug, Clone)]
+pub struct StoreProblem {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Every finished artifact in the store, and whatever else was found beside them.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub artifacts: Vec<(PathBuf, Manifest)>,
+    pub problems: Vec<StoreProblem>,
+}
+
+/// Node names become file names (`refs/NODE.json`) and SQL identifiers; the pipeline
+/// refuses other names when it loads, and the store refuses them again rather than
+/// build a path from one.
+pub fn is_valid_node_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= MAX_NODE_NAME
+}
+
+pub const MAX_NODE_NAME: usize = 63;
+
+/// A file name a manifest may list: one plain path component.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
 }
 
 /// Held while a process may write to the store; released on drop or process death.
@@ -112,7 +171,14 @@ pub struct StoreLock {
 
 impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        let root = root.into();
+        let hasher = FileHasher::load(root.join(".cache").join("file-hashes.json"));
+        Store { root, hasher }
+    }
+
+    /// The memo of file hashes (raw inputs and stored files alike).
+    pub fn hasher(&self) -> &FileHasher {
+        &self.hasher
     }
 
     pub fn root(&self) -> &Path {
@@ -141,24 +207,38 @@ impl Store {
     pub fn lock(&self, wait: bool) -> Result<StoreLock> {
         self.ensure_layout()?;
         let path = self.root.join(".lock");
-        let mut file = OpenOptions::new()
+        // On a read-only store the lock is taken on a read-only descriptor (flock needs
+        // no write access), so a run that has nothing to write still works there.
+        let (mut file, writable) = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("{}: cannot open lock file", path.display()))?;
+        {
+            Ok(file) => (file, true),
+            Err(e) if path.exists() && e.kind() != std::io::ErrorKind::NotFound => (
+                File::open(&path)
+                    .with_context(|| format!("{}: cannot open lock file", path.display()))?,
+                false,
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("{}: cannot open lock file", path.display()))
+            }
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
+                let holder = match holder.trim() {
+                    "" => "a process that has not said who it is yet",
+                    text => text,
+                };
                 if !wait {
                     bail!(
-                        "{}: the store is locked by another cachemoney run ({}); wait for it to finish or pass --wait",
+                        "{}: the store is locked by another cachemoney run ({holder}); wait for it to finish or pass --wait",
                         path.display(),
-                        if holder.is_empty() { "unknown process" } else { holder }
                     );
                 }
                 eprintln!("waiting for the store lock held by {holder} ...");
@@ -171,10 +251,12 @@ impl Store {
         }
         // Record who holds it, for the message a second run prints. A lock file left by
         // a killed run is harmless: the OS dropped its lock with the process.
-        file.set_len(0)?;
-        let mut writer = &file;
-        write!(writer, "pid {} since {}", std::process::id(), now_rfc3339())?;
-        writer.flush()?;
+        if writable {
+            file.set_len(0)?;
+            let mut writer = &file;
+            write!(writer, "pid {} since {}", std::process::id(), now_rfc3339())?;
+            writer.flush()?;
+        }
         Ok(StoreLock { _file: file })
     }
 
@@ -216,6 +298,38 @@ impl Store {
         read_manifest(&self.artifact_dir(stage, recipe))
     }
 
+    /// The artifact with this recipe, checked file by file against its manifest (a `stat`
+    /// per file while the memoised hashes hold).
+    pub fn lookup(&self, stage: &str, recipe: &str) -> Stored {
+        let dir = self.artifact_dir(stage, recipe);
+        match read_manifest(&dir) {
+            Ok(None) => Stored::Absent,
+            Err(e) => Stored::Damaged {
+                manifest: None,
+                problems: vec![format!("{e:#}")],
+            },
+            Ok(Some(manifest)) => {
+                let problems = self.check_files(&dir, &manifest);
+                if problems.is_empty() {
+                    Stored::Intact(manifest)
+                } else {
+                    Stored::Damaged {
+                        manifest: Some(manifest),
+                        problems,
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is wrong with an artifact's files, by memoised hashes; empty when intact.
+    pub fn check_files(&self, dir: &Path, manifest: &Manifest) -> Vec<String> {
+        let problems = check_files_with(dir, manifest, |path| self.hasher.hash(path));
+        // Readers hold no lock: losing a memo update only costs a rehash later.
+        self.hasher.save().ok();
+        problems
+    }
+
     /// Writes `manifest` into `scratch`, fsyncs, and renames it into place. If the same
     /// recipe is already stored (a forced rebuild), the old artifact is replaced.
     pub fn commit(
@@ -248,50 +362,120 @@ impl Store {
                 .with_context(|| format!("{}: cannot move into place", target.display()))?;
         }
         sync_dir(&stage_dir)?;
+        // The files were hashed when they were described: remember those hashes under
+        // their final paths, so the first reader does not hash gigabytes again.
+        for (name, file) in &manifest.files {
+            self.hasher.remember(&target.join(name), &file.blake3)?;
+        }
+        self.hasher.save()?;
         Ok(target)
     }
 
     /// Deletes an artifact: first renamed out of sight, then removed.
     pub fn remove(&self, _lock: &StoreLock, stage: &str, recipe: &str) -> Result<()> {
-        let dir = self.artifact_dir(stage, recipe);
-        let trash = self
-            .root
-            .join(".tmp")
-            .join(format!("gc-{recipe}-{}", std::process::id()));
-        fs::rename(&dir, &trash).with_context(|| format!("{}: cannot remove", dir.display()))?;
-        fs::remove_dir_all(&trash).with_context(|| format!("{}: cannot remove", trash.display()))
+        self.remove_path(_lock, &self.artifact_dir(stage, recipe))
     }
 
-    /// Every finished artifact in the store.
-    pub fn all_manifests(&self) -> Result<Vec<(PathBuf, Manifest)>> {
-        let mut found = Vec::new();
-        let Ok(stages) = fs::read_dir(&self.root) else {
-            return Ok(found);
+    /// Deletes a directory or file of the store (an artifact, or what `verify` lists as
+    /// a problem): renamed out of sight first, so no reader sees it half removed.
+    pub fn remove_path(&self, _lock: &StoreLock, path: &Path) -> Result<()> {
+        if !path.starts_with(&self.root) || path == self.root {
+            bail!(
+                "{}: not inside the store {}",
+                path.display(),
+                self.root.display()
+            );
+        }
+        let trash = self.root.join(".tmp").join(format!(
+            "gc-{}-{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        fs::rename(path, &trash).with_context(|| format!("{}: cannot remove", path.display()))?;
+        let removed = if trash.is_dir() {
+            fs::remove_dir_all(&trash)
+        } else {
+            fs::remove_file(&trash)
         };
+        removed.with_context(|| format!("{}: cannot remove", trash.display()))
+    }
+
+    /// Every finished artifact in the store, and every entry that is not one (a corrupt
+    /// manifest, a directory without one, a stray file): one bad entry never hides the
+    /// others.
+    pub fn list(&self) -> Listing {
+        let mut listing = Listing::default();
+        let Ok(stages) = fs::read_dir(&self.root) else {
+            return listing;
+        };
+        let problem = |path: PathBuf, message: String| StoreProblem { path, message };
         for stage in stages.flatten() {
             let name = stage.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name == "refs" || !stage.path().is_dir() {
+            let path = stage.path();
+            if name.starts_with('.') || name == "refs" || name == "seeds.parquet" {
                 continue;
             }
-            for artifact in fs::read_dir(stage.path())?.flatten() {
+            if !path.is_dir() {
+                listing.problems.push(problem(
+                    path,
+                    "stray file in the store (not part of any artifact)".into(),
+                ));
+                continue;
+            }
+            let entries = match fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    listing
+                        .problems
+                        .push(problem(path, format!("cannot list: {e}")));
+                    continue;
+                }
+            };
+            for artifact in entries.flatten() {
                 let dir = artifact.path();
-                if let Some(manifest) = read_manifest(&dir)? {
-                    found.push((dir, manifest));
+                if !dir.is_dir() {
+                    listing.problems.push(problem(
+                        dir,
+                        "stray file in the store (not part of any artifact)".into(),
+                    ));
+                    continue;
+                }
+                match read_manifest(&dir) {
+                    Ok(Some(manifest)) => listing.artifacts.push((dir, manifest)),
+                    Ok(None) => listing.problems.push(problem(
+                        dir,
+                        "directory without a manifest (not a finished artifact)".into(),
+                    )),
+                    Err(e) => listing.problems.push(problem(dir, format!("{e:#}"))),
                 }
             }
         }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(found)
+        listing.artifacts.sort_by(|a, b| a.0.cmp(&b.0));
+        listing.problems.sort_by(|a, b| a.path.cmp(&b.path));
+        listing
+    }
+
+    fn node_ref_path(&self, node: &str) -> Result<PathBuf> {
+        if !is_valid_node_name(node) {
+            bail!("node name '{node}' is not a valid node name; refusing to build a path from it");
+        }
+        Ok(self.root.join("refs").join(format!("{node}.json")))
     }
 
     pub fn node_ref(&self, node: &str) -> Option<NodeRef> {
-        let text = fs::read(self.root.join("refs").join(format!("{node}.json"))).ok()?;
+        let text = fs::read(self.node_ref_path(node).ok()?).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
+    /// Records what `node` resolved to; written only when it changed, so a run that
+    /// changes nothing writes nothing (and works on a read-only store).
     pub fn set_node_ref(&self, _lock: &StoreLock, node: &str, node_ref: &NodeRef) -> Result<()> {
-        let path = self.root.join("refs").join(format!("{node}.json"));
-        write_atomic(&path, &serde_json::to_vec_pretty(node_ref)?)
+        let path = self.node_ref_path(node)?;
+        let bytes = serde_json::to_vec_pretty(node_ref)?;
+        if fs::read(&path).is_ok_and(|old| old == bytes) {
+            return Ok(());
+        }
+        write_atomic(&path, &bytes)
     }
 
     /// The `seeds` table of the last `run --seeds` (see [`crate::seeds`]).
@@ -315,17 +499,36 @@ impl Store {
 
 fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     let path = dir.join(MANIFEST);
-    match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .with_context(|| format!("{}: corrupt manifest", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    let manifest: Manifest = match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: corrupt manifest ({e}); `cachemoney gc` removes it",
+                path.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    if let Some(bad) = manifest.files.keys().find(|name| !is_plain_file_name(name)) {
+        bail!(
+            "{}: corrupt manifest (file name '{bad}' is not a plain file name); `cachemoney gc` removes it",
+            path.display()
+        );
     }
+    Ok(Some(manifest))
 }
 
-/// Problems found by rehashing an artifact's files against its manifest.
+/// Problems found by rehashing an artifact's files against its manifest, ignoring any
+/// memo: what `verify` and `audit` use.
 pub fn verify_artifact(dir: &Path, manifest: &Manifest) -> Vec<String> {
+    check_files_with(dir, manifest, hash_file)
+}
+
+fn check_files_with(
+    dir: &Path,
+    manifest: &Manifest,
+    hash: impl Fn(&Path) -> Result<String>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, recorded) in &manifest.files {
         let path = dir.join(name);
@@ -337,7 +540,7 @@ pub fn verify_artifact(dir: &Path, manifest: &Manifest) -> Vec<String> {
                 meta.len(),
                 recorded.bytes
             )),
-            Ok(_) => match hash_file(&path) {
+            Ok(_) => match hash(&path) {
                 Ok(hash) if hash == recorded.blake3 => {}
                 Ok(hash) => problems.push(format!(
                     "{}: content hash {} differs from the manifest's {} (modified after it was written)",
@@ -379,6 +582,68 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot fsync directory", dir.display()))
 }
 
+/// How long ago `created_at` (as [`now_rfc3339`] writes it) was; `None` if unreadable.
+pub fn age_of(created_at: &str, now: SystemTime) -> Option<std::time::Duration> {
+    let b = created_at.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| created_at.get(range)?.parse::<i64>().ok();
+    let (y, m, d) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hh, mm, ss) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let days = days_from_civil(y, m as u32, d as u32);
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(std::time::Duration::from_secs((now - secs).max(0) as u64))
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d` or `0`.
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (say 90s, 30m, 24h, 7d or 0)"))?;
+    let seconds = match unit {
+        "" if n == 0 => 0,
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a duration (say 90s, 30m, 24h, 7d or 0)"
+            ))
+        }
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+pub fn format_duration(duration: std::time::Duration) -> String {
+    let s = duration.as_secs();
+    match s {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of `civil_from_days`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 pub fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -417,6 +682,24 @@ mod tests {
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_781), (2026, 11, 24));
+        for days in [-1000, 0, 59, 60, 20_781, 30_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn ages_and_durations() {
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(20_781 * 86_400 + 3600);
+        assert_eq!(
+            age_of("2026-11-24T00:00:00Z", now),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(age_of("yesterday", now), None);
+        assert_eq!(parse_duration("24h").unwrap().as_secs(), 86_400);
+        assert_eq!(parse_duration("0").unwrap().as_secs(), 0);
+        assert!(parse_duration("5 weeks").is_err());
+        assert_eq!(format_duration(parse_duration("7d").unwrap()), "7d");
     }
 
     #[test]

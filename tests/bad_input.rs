@@ -253,14 +253,17 @@ fn a_tampered_artifact_is_found_by_verify_and_refused_as_an_input() {
         "{stderr}"
     );
 
-    let line = p.fails(&["run", "--force", "token_stats"]);
+    // A stage is never handed a corrupt input: `audit`, which rebuilds from the stored
+    // inputs without repairing them, is refused.
+    let line = p.fails(&["audit", "token_stats"]);
     assert!(
         line.contains("input 'tokens' (node 'tokens') is corrupt") && line.contains("val.parquet"),
         "{line}"
     );
     assert!(line.contains("cachemoney run --force tokens"), "{line}");
 
-    // The advertised repair works.
-    p.ok(&["run", "--force", "tokens"]);
+    // `run` repairs the damaged upstream before building from it.
+    let out = p.ok(&["run", "--force", "token_stats"]);
+    assert!(out.contains("rebuilt, repaired"), "{out}");
     assert!(p.ok(&["verify"]).contains("ok:"));
 }

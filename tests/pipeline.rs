@@ -221,9 +221,10 @@ fn gc_removes_only_what_no_node_points_to() {
     p.ok(&["run"]);
     p.write_pipeline(&Project::small_pipeline(280));
     p.ok(&["run"]);
-    let dry = p.ok(&["gc", "--dry-run"]);
+    // By default `gc` keeps each node's last unreferenced build; these flags remove all.
+    let dry = p.ok(&["gc", "--dry-run", "--keep", "0", "--grace", "0"]);
     assert!(dry.contains("would free 2 artifact(s)"), "{dry}");
-    p.ok(&["gc"]);
+    p.ok(&["gc", "--keep", "0", "--grace", "0"]);
     let left = p.sql("SELECT count(*) AS n FROM artifacts");
     assert_eq!(left.lines().nth(1).unwrap(), "2");
     assert!(p.ok(&["run"]).contains("2 reused"));

@@ -13,6 +13,11 @@ pub enum StageError {
     #[error("{0}")]
     InvalidParams(String),
 
+    /// One parameter's value is invalid; `param` is its path in the node's `params`
+    /// (`seed`, `model.layers`), which the runner uses to point at its line.
+    #[error("params.{param}: {message}")]
+    InvalidParam { param: String, message: String },
+
     /// Parameters or wiring of the node are wrong, found while running it.
     #[error("node '{node}': {message}")]
     Param { node: String, message: String },
@@ -42,6 +47,13 @@ impl StageError {
         StageError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        StageError::InvalidParam {
+            param: param.into(),
+            message: message.into(),
         }
     }
 

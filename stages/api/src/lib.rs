@@ -121,6 +121,9 @@ pub struct StageContext {
     pub out_dir: PathBuf,
     /// Whether progress bars may be drawn.
     pub show_progress: bool,
+    /// Bytes the stage may plan to allocate (`--memory-limit`; by default what the
+    /// machine has available). See [`StageContext::check_memory`].
+    pub memory_limit: u64,
 }
 
 impl StageContext {
@@ -155,6 +158,24 @@ impl StageContext {
         );
         bar.set_message(format!("{}: {message}", self.node));
         bar
+    }
+
+    /// Refuses, before allocating, a plan whose estimated peak exceeds the memory limit:
+    /// an allocation failure aborts the process without a word, and swapping or the OOM
+    /// killer are no better. `what` names the big allocation and the parameters that
+    /// size it.
+    pub fn check_memory(&self, estimate_bytes: u64, what: &str) -> Result<(), StageError> {
+        if estimate_bytes <= self.memory_limit {
+            return Ok(());
+        }
+        Err(StageError::Param {
+            node: self.node.clone(),
+            message: format!(
+                "{what} need about {}, but only {} is available; lower those parameters, or raise --memory-limit if the estimate is wrong",
+                human_bytes(estimate_bytes),
+                human_bytes(self.memory_limit)
+            ),
+        })
     }
 
     /// Parameters as a concrete type; call after [`Stage::canonical_params`].
@@ -207,19 +228,80 @@ impl StageReport {
 }
 
 /// Parses `raw` (a JSON object, possibly empty) into `T`, rejecting unknown fields, and
-/// returns `T` re-serialised: the canonical form with defaults filled in.
+/// returns `T` re-serialised: the canonical form with defaults filled in. A value of the
+/// wrong type is reported with the parameter's path (`params.seed: invalid type: …`).
 pub fn canonicalize<T>(raw: &Value) -> Result<Value, StageError>
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
+    let parsed: T = parse_params(raw)?;
+    serde_json::to_value(parsed).map_err(|e| StageError::InvalidParams(e.to_string()))
+}
+
+/// `raw` as `T`, errors naming the parameter they are about.
+pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, StageError> {
     let raw = if raw.is_null() {
         Value::Object(Default::default())
     } else {
         raw.clone()
     };
-    let parsed: T =
-        serde_json::from_value(raw).map_err(|e| StageError::InvalidParams(e.to_string()))?;
-    serde_json::to_value(parsed).map_err(|e| StageError::InvalidParams(e.to_string()))
+    serde_path_to_error::deserialize(raw).map_err(|e| {
+        let message = e.inner().to_string();
+        let mut param = e.path().to_string();
+        // An unknown key is reported at its parent; name the key itself.
+        if let Some(key) = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            param = match param.as_str() {
+                "." | "" => key.to_string(),
+                parent => format!("{parent}.{key}"),
+            };
+        }
+        match param.as_str() {
+            "." | "" => StageError::InvalidParams(message),
+            _ => StageError::invalid_param(param, message),
+        }
+    })
+}
+
+/// Checks that a size parameter lies in `range`, saying why the bound is what it is.
+pub fn check_param<T>(
+    param: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    why: &str,
+) -> Result<(), StageError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(StageError::invalid_param(
+        param,
+        format!(
+            "{value} is outside {}..={} ({why})",
+            range.start(),
+            range.end()
+        ),
+    ))
+}
+
+/// `1.5 GB`, `512.0 MB`: sizes as people read them in messages.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Row ranges of at most [`ROW_GROUP_ROWS`] rows covering `0..len`, one Parquet row group

@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod causal;
 pub mod hash;
 pub mod mass;
+pub mod memory;
 pub mod ngram;
 pub mod normalised;
 pub mod phrase;
@@ -32,18 +33,25 @@ pub use phrase::{PhraseConfig, PhraseMatch, PhraseTables};
 pub enum ConfigError {
     #[error("{what} = {value} is not a power of two")]
     NotPowerOfTwo { what: &'static str, value: usize },
+    #[error("{what} = {value} is more than {MAX_BUCKETS} (2^31), the most a table can hold: bucket indices are 32-bit and counts are 4 bytes each")]
+    TooManyBuckets { what: &'static str, value: usize },
     #[error("n-gram orders {min}..={max} are outside 2..=16 (the record has 16 primes)")]
     Orders { min: usize, max: usize },
     #[error(
-        "phrase lengths must be non-empty, distinct, in 1..=48·k, listed longest first; got {0:?}"
+        "phrase lengths must be non-empty, distinct, in 1..=4096, listed longest first; got {0:?}"
     )]
     PhraseLengths(Vec<usize>),
 }
 
+/// The most buckets a count table may have: bucket indices are masked 32-bit hashes.
+pub const MAX_BUCKETS: usize = 1 << 31;
+
 fn check_buckets(what: &'static str, value: usize) -> Result<(), ConfigError> {
-    if value.is_power_of_two() && value <= 1 << 31 {
-        Ok(())
-    } else {
+    if value > MAX_BUCKETS {
+        Err(ConfigError::TooManyBuckets { what, value })
+    } else if !value.is_power_of_two() {
         Err(ConfigError::NotPowerOfTwo { what, value })
+    } else {
+        Ok(())
     }
 }

@@ -31,7 +31,8 @@ impl Default for PhraseConfig {
 impl PhraseConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let descending = self.lengths.windows(2).all(|w| w[0] > w[1]);
-        if self.lengths.is_empty() || !descending || self.lengths.contains(&0) {
+        let too_long = self.lengths.iter().any(|&l| l > MAX_PHRASE_LENGTH);
+        if self.lengths.is_empty() || !descending || self.lengths.contains(&0) || too_long {
             return Err(ConfigError::PhraseLengths(self.lengths.clone()));
         }
         check_buckets("phrase buckets", self.buckets)
@@ -65,6 +66,9 @@ pub struct PhraseTables {
     pub ctx: Vec<u32>,
     pub full: Vec<u32>,
 }
+
+/// The longest phrase a table may key on (the record's longest is 64).
+pub const MAX_PHRASE_LENGTH: usize = 4096;
 
 impl PhraseTables {
     pub fn build(tokens: &[u16], config: &PhraseConfig) -> Result<PhraseTables, ConfigError> {

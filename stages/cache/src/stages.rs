@@ -127,6 +127,22 @@ impl Stage for CacheStage {
     fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
         let params: CacheParams = ctx.params_as()?;
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        ctx.check_memory(
+            crate::memory::cache_stage_peak_bytes(
+                params.mode,
+                tokens.len() as u64,
+                &params.ngram(),
+                &params.phrase(),
+                rayon::current_num_threads() as u64,
+            ),
+            &format!(
+                "the {:?} cache over {} tokens with ngram_buckets = {} and phrase_buckets = {}",
+                params.mode,
+                tokens.len(),
+                params.ngram_buckets,
+                params.phrase_buckets
+            ),
+        )?;
         let mut report = StageReport::default();
         let node_error = |e: crate::ConfigError| param_error(&ctx.node, e);
         // Either tables to look positions up in (reference), or all lookups at once
@@ -495,6 +511,9 @@ fn calibration_of(ctx: &StageContext) -> Result<Calibration, StageError> {
 
 pub struct CalibrateStage;
 
+/// The most values per calibration grid axis.
+const MAX_GRID_VALUES: usize = 1000;
+
 impl Stage for CalibrateStage {
     fn kind(&self) -> &'static str {
         "calibrate"
@@ -513,6 +532,20 @@ impl Stage for CalibrateStage {
         let p: CalibrateParams = serde_json::from_value(canonical.clone()).unwrap();
         if p.alpha_high.is_empty() || p.entropy_thresh.is_empty() {
             return Err(invalid_params("the calibration grid is empty"));
+        }
+        for (param, values) in [
+            ("alpha_high", &p.alpha_high),
+            ("entropy_thresh", &p.entropy_thresh),
+        ] {
+            if values.len() > MAX_GRID_VALUES {
+                return Err(StageError::invalid_param(
+                    param,
+                    format!(
+                        "{} values are more than {MAX_GRID_VALUES} (each grid point is a pass over the calibration entries)",
+                        values.len()
+                    ),
+                ));
+            }
         }
         if !(0.0..=1.0).contains(&p.fraction) {
             return Err(invalid_params(format!(

@@ -102,6 +102,55 @@ impl Default for TrainParams {
 }
 
 impl TrainParams {
+    /// The stated bounds of every size parameter: beyond them a run would take days or
+    /// allocate more than any machine this runs on has.
+    fn check_sizes(&self) -> Result<(), StageError> {
+        use stage_api::check_param;
+        let steps = "a step count";
+        check_param("batch", self.batch, 1..=4096, "sequences per step")?;
+        check_param("steps", self.steps, 1..=100_000_000, steps)?;
+        check_param(
+            "warmdown_steps",
+            self.warmdown_steps,
+            0..=100_000_000,
+            steps,
+        )?;
+        check_param(
+            "momentum_warmup_steps",
+            self.momentum_warmup_steps,
+            0..=100_000_000,
+            steps,
+        )?;
+        check_param("val_every", self.val_every, 0..=100_000_000, steps)?;
+        check_param("val_tokens", self.val_tokens, 0..=1 << 40, "a token count")?;
+        check_param("threads", self.threads, 1..=256, "libtorch CPU threads")?;
+        let m = &self.model;
+        check_param("model.layers", m.layers, 1..=64, "the record has 6")?;
+        check_param("model.d_model", m.d_model, 1..=8192, "the record has 256")?;
+        check_param("model.heads", m.heads, 1..=256, "the record has 4")?;
+        check_param("model.kv_heads", m.kv_heads, 1..=256, "the record has 2")?;
+        check_param(
+            "model.seq_len",
+            m.seq_len,
+            1..=65_536,
+            "the record has 2048",
+        )?;
+        check_param(
+            "model.bigram_rows",
+            m.bigram_rows,
+            2..=1 << 24,
+            "the record has 10240",
+        )?;
+        check_param(
+            "model.bigram_dim",
+            m.bigram_dim,
+            1..=8192,
+            "the record has 128",
+        )?;
+        check_param("model.mlp_mult", m.mlp_mult, 1..=64, "the record has 3")?;
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), String> {
         self.model.validate().map_err(|e| e.to_string())?;
         if self.batch < 1 {
@@ -159,6 +208,7 @@ impl Stage for TrainStage {
         let canonical = canonicalize::<TrainParams>(raw)?;
         let params: TrainParams = serde_json::from_value(canonical.clone())
             .map_err(|e| StageError::InvalidParams(e.to_string()))?;
+        params.check_sizes()?;
         params.check().map_err(StageError::InvalidParams)?;
         Ok(canonical)
     }

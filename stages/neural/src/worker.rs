@@ -42,6 +42,12 @@ pub struct Request {
     pub files: BTreeMap<String, Vec<PathBuf>>,
     pub out_dir: PathBuf,
     pub show_progress: bool,
+    #[serde(default = "unlimited")]
+    pub memory_limit: u64,
+}
+
+fn unlimited() -> u64 {
+    u64::MAX
 }
 
 impl Request {
@@ -58,6 +64,7 @@ impl Request {
             files: ctx.files.clone(),
             out_dir: ctx.out_dir.clone(),
             show_progress: ctx.show_progress,
+            memory_limit: ctx.memory_limit,
         }
     }
 
@@ -82,6 +89,7 @@ impl Request {
             files: self.files.clone(),
             out_dir: self.out_dir.clone(),
             show_progress: self.show_progress,
+            memory_limit: self.memory_limit,
         }
     }
 }
@@ -106,6 +114,9 @@ impl From<StageError> for WireError {
                 message: source.to_string(),
             },
             StageError::InvalidParams(message) => WireError::Params { message },
+            e @ StageError::InvalidParam { .. } => WireError::Params {
+                message: e.to_string(),
+            },
             StageError::Param { node, message } => WireError::Param { node, message },
             StageError::Format { path, message } => WireError::Format { path, message },
         }

@@ -99,6 +99,10 @@ const BIGRAM_MAX_VOCAB: usize = 8192;
 
 pub struct Pass1Stage;
 
+/// The most positions whose full distribution pass-1 keeps (4,096 by default): 65,536
+/// distributions over a 1,024-token vocabulary are 67M rows already.
+pub const MAX_MASS_SAMPLE: usize = 65_536;
+
 const FILE_ROLES: &[FileRole] = &[FileRole {
     name: "table",
     required: false,
@@ -157,6 +161,19 @@ impl Stage for Pass1Stage {
             return Err(bad(
                 "stride, batch, device and threads apply only to model = \"gpt\"".into(),
             ));
+        }
+        stage_api::check_param(
+            "mass_sample",
+            params.mass_sample,
+            0..=MAX_MASS_SAMPLE,
+            "each sampled position keeps a whole distribution over the vocabulary",
+        )?;
+        if let (Some(stride), Some(batch), Some(threads)) =
+            (params.stride, params.batch, params.threads)
+        {
+            stage_api::check_param("stride", stride, 1..=65_536, "at most a window's length")?;
+            stage_api::check_param("batch", batch, 1..=4096, "windows per forward pass")?;
+            stage_api::check_param("threads", threads, 1..=256, "libtorch CPU threads")?;
         }
         if !(params.temperature > 0.0 && params.temperature.is_finite()) {
             return Err(bad(format!(

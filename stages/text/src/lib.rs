@@ -109,18 +109,23 @@ impl Stage for TokenizeStage {
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
         let canonical = canonicalize::<TokenizeParams>(raw)?;
         let params: TokenizeParams = serde_json::from_value(canonical.clone()).unwrap();
-        let bad = StageError::InvalidParams;
+        stage_api::check_param(
+            "vocab_size",
+            params.vocab_size,
+            1..=65536,
+            "tokens are stored as u16",
+        )?;
+        stage_api::check_param(
+            "val_truncate_multiple",
+            params.val_truncate_multiple,
+            0..=1 << 24,
+            "a window length",
+        )?;
         if !(0.0..=1.0).contains(&params.val_fraction) {
-            return Err(bad(format!(
-                "val_fraction {} is outside 0..=1",
-                params.val_fraction
-            )));
-        }
-        if params.vocab_size == 0 || params.vocab_size > 65536 {
-            return Err(bad(format!(
-                "vocab_size {} is outside 1..=65536 (tokens are stored as u16)",
-                params.vocab_size
-            )));
+            return Err(StageError::invalid_param(
+                "val_fraction",
+                format!("{} is outside 0..=1", params.val_fraction),
+            ));
         }
         Ok(canonical)
     }

@@ -29,6 +29,9 @@ use toml::Spanned;
 
 use crate::registry::Registry;
 
+mod source;
+use source::{node_name_problem, toml_to_json, Source};
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
@@ -120,6 +123,7 @@ impl Pipeline {
         if file.nodes.is_empty() {
             bail!("{}: no [nodes.NAME] table: nothing to run", path.display());
         }
+        let source = Source::parse(text);
         let seeds_in_file = match &file.seeds {
             Some(seeds) => {
                 check_seeds(seeds.get_ref())
@@ -132,6 +136,10 @@ impl Pipeline {
         let mut nodes = BTreeMap::new();
         for (name, spanned) in &file.nodes {
             let node_at = at(Some(spanned.span()));
+            if let Some(problem) = node_name_problem(name) {
+                let span = source.key_span(&["nodes", name]).or(Some(spanned.span()));
+                bail!("{}: {problem}", at(span));
+            }
             let def = spanned.get_ref();
             let stage_name = def.stage.get_ref();
             let stage = registry.get(stage_name).ok_or_else(|| {
@@ -141,18 +149,32 @@ impl Pipeline {
                     registry.kinds().join(", ")
                 )
             })?;
-            let raw_params = match &def.params {
-                Some(p) => serde_json::to_value(p.get_ref())?,
-                None => Value::Object(Default::default()),
-            };
             let params_at = def
                 .params
                 .as_ref()
                 .map(|p| at(Some(p.span())))
                 .unwrap_or_else(|| node_at.clone());
-            let params = stage
-                .canonical_params(&raw_params)
-                .map_err(|e| anyhow!("{params_at}: node '{name}': {e}"))?;
+            let param_at = |param: &str| match source.param_span(name, param) {
+                Some(span) => at(Some(span)),
+                None => params_at.clone(),
+            };
+            let raw_params = match &def.params {
+                Some(p) => toml_to_json(&toml::Value::Table(p.get_ref().clone()), "").map_err(
+                    |(param, message)| {
+                        anyhow!(
+                            "{}: node '{name}': params.{param}: {message}",
+                            param_at(&param)
+                        )
+                    },
+                )?,
+                None => Value::Object(Default::default()),
+            };
+            let params = stage.canonical_params(&raw_params).map_err(|e| match &e {
+                stage_api::StageError::InvalidParam { param, .. } => {
+                    anyhow!("{}: node '{name}': {e}", param_at(param))
+                }
+                _ => anyhow!("{params_at}: node '{name}': {e}"),
+            })?;
 
             let mut inputs = BTreeMap::new();
             for (input, upstream) in &def.inputs {
@@ -190,14 +212,13 @@ impl Pipeline {
 
             let mut files = BTreeMap::new();
             for (role, patterns) in &def.files {
-                let Some(role_def) = stage.file_roles().iter().find(|r| r.name == role) else {
+                if !stage.file_roles().iter().any(|r| r.name == role) {
                     bail!(
                         "{}: node '{name}': stage '{stage_name}' has no file role '{role}' (it takes: {})",
                         at(Some(patterns.span())),
                         list_or_none(stage.file_roles().iter().map(|r| r.name))
                     );
-                };
-                let _ = role_def;
+                }
                 let patterns = match patterns.get_ref() {
                     OneOrMany::One(p) => vec![p.clone()],
                     OneOrMany::Many(ps) => ps.clone(),
@@ -308,6 +329,13 @@ impl Pipeline {
         for &seed in seeds {
             for node in self.nodes.iter().filter(|n| seeded.contains(&n.name)) {
                 let name = variant_name(&node.name, seed);
+                if let Some(problem) = node_name_problem(&name) {
+                    bail!(
+                        "{}: the copy of node '{}' for seed {seed}: {problem}",
+                        self.path.display(),
+                        node.name
+                    );
+                }
                 if self.nodes.iter().any(|n| n.name == name) {
                     bail!(
                         "{}: node '{name}' clashes with the copy of '{}' for seed {seed}; rename it",
