@@ -1,0 +1,287 @@
+//! `cache`: val tokens → per-position n-gram and phrase matches and per-order statistics.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt16Array, UInt32Array,
+    UInt64Array, UInt8Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, UInt16Type};
+use serde_json::Value;
+use stage_api::{
+    canonicalize, read_column, write_parquet, write_parquet_parallel, ParquetLayout, Stage,
+    StageContext, StageError, StageReport,
+};
+
+use super::*;
+use crate::ngram::{NgramMatch, NgramTables};
+use crate::phrase::{PhraseMatch, PhraseTables};
+
+pub struct CacheStage;
+
+impl Stage for CacheStage {
+    fn kind(&self) -> &'static str {
+        "cache"
+    }
+
+    fn version(&self) -> u32 {
+        2
+    }
+
+    fn summary(&self) -> &'static str {
+        "val tokens -> per-position n-gram and phrase matches, per-order statistics"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let canonical = canonicalize::<CacheParams>(raw)?;
+        let params: CacheParams = serde_json::from_value(canonical.clone()).unwrap();
+        params.ngram().validate().map_err(invalid_params)?;
+        params.phrase().validate().map_err(invalid_params)?;
+        Ok(canonical)
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let params: CacheParams = ctx.params_as()?;
+        let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        ctx.check_memory(
+            crate::memory::cache_stage_peak_bytes(
+                params.mode,
+                tokens.len() as u64,
+                &params.ngram(),
+                &params.phrase(),
+                rayon::current_num_threads() as u64,
+            ),
+            &format!(
+                "the {:?} cache over {} tokens with ngram_buckets = {} and phrase_buckets = {}",
+                params.mode,
+                tokens.len(),
+                params.ngram_buckets,
+                params.phrase_buckets
+            ),
+        )?;
+        let mut report = StageReport::default();
+        let node_error = |e: crate::ConfigError| param_error(&ctx.node, e);
+        // Either tables to look positions up in (reference), or all lookups at once
+        // (causal, where a lookup is part of the single pass that builds the tables).
+        let (reference, causal) = match params.mode {
+            Mode::Reference => {
+                let started = Instant::now();
+                let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_build", started);
+                let started = Instant::now();
+                let phrase = PhraseTables::build(&tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_build", started);
+                (Some((ngram, phrase)), None)
+            }
+            Mode::Causal => {
+                let started = Instant::now();
+                let ngram =
+                    crate::causal::ngram_lookups(&tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_causal_pass", started);
+                let started = Instant::now();
+                let phrase =
+                    crate::causal::phrase_lookups(&tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_causal_pass", started);
+                (None, Some((ngram, phrase)))
+            }
+            Mode::CausalNormalised => {
+                let started = Instant::now();
+                let ngram = crate::normalised::ngram_lookups(&tokens, &params.ngram())
+                    .map_err(node_error)?;
+                report.phase("ngram_exact_pass", started);
+                let started = Instant::now();
+                let phrase = crate::normalised::phrase_lookups(&tokens, &params.phrase())
+                    .map_err(node_error)?;
+                report.phase("phrase_exact_pass", started);
+                (None, Some((ngram, phrase)))
+            }
+        };
+
+        // Lookups chunk by chunk, straight into Parquet, so that in reference mode the
+        // per-position results are never all in memory at once.
+        let started = Instant::now();
+        let mut ngram_stats = vec![(0u64, 0f64); params.ngram_max_order + 1];
+        let mut phrase_stats =
+            vec![(0u64, 0f64); params.phrase_lengths.iter().max().copied().unwrap_or(0) + 1];
+        let schema = matches_schema();
+        let bar = ctx.progress(tokens.len() as u64, "cache lookups");
+        let (ngram_len, phrase_len) = (ngram_stats.len(), phrase_stats.len());
+        let per_group = write_parquet_parallel(
+            &ctx.output("matches.parquet"),
+            schema.clone(),
+            tokens.len(),
+            &ParquetLayout::delta(&["position"]),
+            |range| {
+                let (ng, ph) = match (&reference, &causal) {
+                    (Some((ngram, phrase)), _) => (
+                        ngram.lookup_range(&tokens, range.clone()),
+                        phrase.lookup_range(&tokens, range.clone()),
+                    ),
+                    (_, Some((ngram, phrase))) => (
+                        ngram[range.clone()].to_vec(),
+                        phrase[range.clone()].to_vec(),
+                    ),
+                    _ => unreachable!("one mode is set"),
+                };
+                // Statistics over targets 1..T (position 0 is never scored).
+                let mut ngram_part = vec![(0u64, 0f64); ngram_len];
+                let mut phrase_part = vec![(0u64, 0f64); phrase_len];
+                for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
+                    if range.start + i == 0 {
+                        continue;
+                    }
+                    if n.matched() {
+                        ngram_part[n.order as usize].0 += 1;
+                        ngram_part[n.order as usize].1 += n.q();
+                    }
+                    if p.matched() {
+                        phrase_part[p.length as usize].0 += 1;
+                        phrase_part[p.length as usize].1 += p.q();
+                    }
+                }
+                bar.inc(range.len() as u64);
+                Ok((
+                    matches_batch(&schema, range.start, &ng, &ph),
+                    (ngram_part, phrase_part),
+                ))
+            },
+        )?;
+        // Partial sums reduced in row-group order: the same on any number of threads.
+        for (ngram_part, phrase_part) in per_group {
+            for (total, part) in ngram_stats.iter_mut().zip(ngram_part) {
+                total.0 += part.0;
+                total.1 += part.1;
+            }
+            for (total, part) in phrase_stats.iter_mut().zip(phrase_part) {
+                total.0 += part.0;
+                total.1 += part.1;
+            }
+        }
+        bar.finish_and_clear();
+        report.phase("lookups_and_write", started);
+
+        // Per-order and per-length statistics. Bucket occupancy is a property of the
+        // finished tables, which only the reference mode keeps; in causal mode it is null.
+        let insertions = |width: usize| tokens.len().saturating_sub(width) as f64;
+        let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
+        let mut rows = Vec::new();
+        let ngram_orders = params.ngram_min_order..=params.ngram_max_order;
+        for (order, &(matched, q_sum)) in ngram_stats
+            .iter()
+            .enumerate()
+            .filter(|(o, _)| ngram_orders.contains(o))
+        {
+            rows.push(StatsRow {
+                kind: "ngram",
+                size: order as u16,
+                matched,
+                mean_q: q_sum / matched.max(1) as f64,
+                buckets_used: reference
+                    .as_ref()
+                    .and_then(|(ngram, _)| used(ngram.ctx_table(order))),
+                insertions_per_bucket: insertions(order - 1) / params.ngram_buckets as f64,
+            });
+        }
+        let phrase_used = reference.as_ref().and_then(|(_, phrase)| used(&phrase.ctx));
+        for &length in &params.phrase_lengths {
+            let (matched, q_sum) = phrase_stats[length];
+            rows.push(StatsRow {
+                kind: "phrase",
+                size: length as u16,
+                matched,
+                mean_q: q_sum / matched.max(1) as f64,
+                buckets_used: phrase_used,
+                insertions_per_bucket: insertions(length) / params.phrase_buckets as f64,
+            });
+        }
+        write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
+        write_json(&ctx.output("cache.json"), &params)?;
+        let ngram_matched: u64 = ngram_stats.iter().map(|s| s.0).sum();
+        let phrase_matched: u64 = phrase_stats.iter().map(|s| s.0).sum();
+        Ok(report
+            .with("mode", serde_json::to_value(params.mode).unwrap())
+            .with("positions", tokens.len() as u64)
+            .with("ngram_matched", ngram_matched)
+            .with("phrase_matched", phrase_matched))
+    }
+}
+
+fn matches_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("ngram_order", DataType::UInt8, false),
+        Field::new("ngram_q", DataType::Float64, false),
+        Field::new("ngram_context", DataType::UInt32, false),
+        Field::new("ngram_full", DataType::UInt32, false),
+        Field::new("phrase_length", DataType::UInt16, false),
+        Field::new("phrase_q", DataType::Float64, false),
+        Field::new("phrase_context", DataType::UInt32, false),
+        Field::new("phrase_full", DataType::UInt32, false),
+    ]))
+}
+
+fn matches_batch(
+    schema: &Arc<Schema>,
+    start: usize,
+    ng: &[NgramMatch],
+    ph: &[PhraseMatch],
+) -> RecordBatch {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            start as i64..(start + ng.len()) as i64,
+        )),
+        Arc::new(UInt8Array::from_iter_values(ng.iter().map(|m| m.order))),
+        Arc::new(Float64Array::from_iter_values(ng.iter().map(|m| m.q()))),
+        Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.context))),
+        Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.full))),
+        Arc::new(UInt16Array::from_iter_values(ph.iter().map(|m| m.length))),
+        Arc::new(Float64Array::from_iter_values(ph.iter().map(|m| m.q()))),
+        Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.context))),
+        Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.full))),
+    ];
+    RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+}
+
+/// One row of `cache_stats`: an n-gram order or a phrase length.
+struct StatsRow {
+    kind: &'static str,
+    size: u16,
+    matched: u64,
+    mean_q: f64,
+    /// Null in causal mode, which keeps no finished tables.
+    buckets_used: Option<u64>,
+    insertions_per_bucket: f64,
+}
+
+fn write_stats(path: &Path, rows: &[StatsRow]) -> Result<u64, StageError> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("size", DataType::UInt16, false),
+        Field::new("matched", DataType::UInt64, false),
+        Field::new("mean_q", DataType::Float64, false),
+        Field::new("buckets_used", DataType::UInt64, true),
+        Field::new("insertions_per_bucket", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
+        Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.size))),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.matched),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.mean_q),
+        )),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.buckets_used))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.insertions_per_bucket),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+    write_parquet(path, schema, [batch], &ParquetLayout::default())
+}

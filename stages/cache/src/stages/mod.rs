@@ -1,0 +1,231 @@
+//! The pipeline stages around the engine, one file each: `cache` (tokens → per-position
+//! matches), `calibrate` (pass-1 + matches → grid and chosen blend), `pass2` (→ per-entry
+//! scores and the BPB waterfall) and `audit-mass` (the implied-mass audit). This module
+//! holds what they share: the cache's parameters, the calibrated blend they hand on, and
+//! reading pass-1 entries beside their matches.
+
+mod audit_mass;
+mod cache;
+mod calibrate;
+mod pass2;
+
+pub use audit_mass::{AuditMassParams, AuditMassStage};
+pub use cache::CacheStage;
+pub use calibrate::{CalibrateParams, CalibrateStage};
+pub use pass2::{Pass2Params, Pass2Stage};
+
+use std::path::Path;
+
+use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
+use serde::{Deserialize, Serialize};
+use stage_api::{read_column, StageContext, StageError};
+
+use crate::blend::{BlendParams, Entry};
+use crate::ngram::{NgramConfig, NgramMatch};
+use crate::phrase::{PhraseConfig, PhraseMatch};
+
+/// Which tables and lookups the cache uses (`spec/honest-modes.md`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// algorithm.md as the record ran it: tables over all positions, leave-one-out.
+    Reference,
+    /// Each position looked up in tables of the positions before it, then added.
+    Causal,
+    /// Causal, with the order chosen by the context alone and exact next-token counts of
+    /// that context as the cache's distribution: the blend sums to 1 over the vocabulary.
+    CausalNormalised,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheParams {
+    pub mode: Mode,
+    pub ngram_min_order: usize,
+    pub ngram_max_order: usize,
+    pub ngram_buckets: usize,
+    pub ngram_min_count: u32,
+    pub phrase_lengths: Vec<usize>,
+    pub phrase_buckets: usize,
+    pub phrase_min_count: u32,
+}
+
+impl Default for CacheParams {
+    fn default() -> Self {
+        let (n, p) = (NgramConfig::default(), PhraseConfig::default());
+        CacheParams {
+            mode: Mode::Reference,
+            ngram_min_order: n.min_order,
+            ngram_max_order: n.max_order,
+            ngram_buckets: n.buckets,
+            ngram_min_count: n.min_count,
+            phrase_lengths: p.lengths,
+            phrase_buckets: p.buckets,
+            phrase_min_count: p.min_count,
+        }
+    }
+}
+
+impl CacheParams {
+    fn ngram(&self) -> NgramConfig {
+        NgramConfig {
+            min_order: self.ngram_min_order,
+            max_order: self.ngram_max_order,
+            buckets: self.ngram_buckets,
+            min_count: self.ngram_min_count,
+        }
+    }
+
+    fn phrase(&self) -> PhraseConfig {
+        PhraseConfig {
+            lengths: self.phrase_lengths.clone(),
+            buckets: self.phrase_buckets,
+            min_count: self.phrase_min_count,
+        }
+    }
+}
+
+fn param_error(node: &str, message: impl std::fmt::Display) -> StageError {
+    StageError::Param {
+        node: node.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn invalid_params(message: impl std::fmt::Display) -> StageError {
+    StageError::InvalidParams(message.to_string())
+}
+
+/// Pass-1 entries and the cache's per-position matches, as columns; an [`Entry`] is
+/// assembled only when needed, so that a 62M-entry run never holds all entries at once.
+struct Scored {
+    position: Vec<i64>,
+    model_p: Vec<f32>,
+    entropy: Vec<f32>,
+    bytes: Vec<u8>,
+    ngram_order: Vec<u8>,
+    ngram_context: Vec<u32>,
+    ngram_full: Vec<u32>,
+    phrase_length: Vec<u16>,
+    phrase_context: Vec<u32>,
+    phrase_full: Vec<u32>,
+}
+
+impl Scored {
+    fn len(&self) -> usize {
+        self.position.len()
+    }
+
+    /// Entry `row` of pass 1 with the matches at its target position.
+    fn entry(&self, row: usize) -> Entry {
+        let i = self.position[row] as usize;
+        Entry {
+            model_p: self.model_p[row],
+            entropy: self.entropy[row],
+            ngram: NgramMatch {
+                order: self.ngram_order[i],
+                context: self.ngram_context[i],
+                full: self.ngram_full[i],
+            },
+            phrase: PhraseMatch {
+                length: self.phrase_length[i],
+                context: self.phrase_context[i],
+                full: self.phrase_full[i],
+            },
+        }
+    }
+
+    fn entries(&self, rows: std::ops::Range<usize>) -> Vec<Entry> {
+        rows.map(|row| self.entry(row)).collect()
+    }
+}
+
+fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
+    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+    let matches = ctx.input("cache")?.file("matches.parquet");
+    let scored = Scored {
+        position: read_column::<Int64Type>(&pass1, "position")?,
+        model_p: read_column::<Float32Type>(&pass1, "model_p")?,
+        entropy: read_column::<Float32Type>(&pass1, "entropy")?,
+        bytes: read_column::<UInt8Type>(&pass1, "bytes")?,
+        ngram_order: read_column::<UInt8Type>(&matches, "ngram_order")?,
+        ngram_context: read_column::<UInt32Type>(&matches, "ngram_context")?,
+        ngram_full: read_column::<UInt32Type>(&matches, "ngram_full")?,
+        phrase_length: read_column::<UInt16Type>(&matches, "phrase_length")?,
+        phrase_context: read_column::<UInt32Type>(&matches, "phrase_context")?,
+        phrase_full: read_column::<UInt32Type>(&matches, "phrase_full")?,
+    };
+    if scored.len() == 0 {
+        return Err(StageError::input(&pass1, "the pass-1 table is empty"));
+    }
+    let positions = scored.ngram_order.len() as i64;
+    for (row, &p) in scored.position.iter().enumerate() {
+        if p < 1 || p >= positions {
+            return Err(StageError::input(
+                &pass1,
+                format!("row {row}: position {p} is outside the cached val stream's targets 1..{} (pass-1 and cache come from different val tokens?)", positions - 1),
+            ));
+        }
+        let h = scored.entropy[row];
+        if !h.is_finite() {
+            return Err(StageError::input(
+                &pass1,
+                format!("row {row}: entropy is {h}"),
+            ));
+        }
+    }
+    Ok(scored)
+}
+
+/// What `calibrate` hands to `pass2`: every blend parameter, calibrated ones included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    pub alpha_high: f64,
+    pub entropy_thresh: f64,
+    pub alpha_low: f64,
+    pub phrase_base_alpha: f64,
+    pub min_order: usize,
+    pub max_order: usize,
+    pub phrase_min_length: usize,
+    pub phrase_max_length: usize,
+    pub objective_nats: f64,
+    pub entries: usize,
+}
+
+impl Calibration {
+    /// The blend `pass2` scores with.
+    pub fn blend(&self) -> BlendParams {
+        BlendParams {
+            alpha_high: self.alpha_high,
+            entropy_thresh: self.entropy_thresh,
+            alpha_low: self.alpha_low,
+            phrase_base_alpha: self.phrase_base_alpha,
+            min_order: self.min_order,
+            max_order: self.max_order,
+            phrase_min_length: self.phrase_min_length,
+            phrase_max_length: self.phrase_max_length,
+            ..BlendParams::default()
+        }
+    }
+}
+
+/// The calibrated blend, from the `calibration` input's `calibration.json`.
+fn calibration_of(ctx: &StageContext) -> Result<Calibration, StageError> {
+    let path = ctx.input("calibration")?.file("calibration.json");
+    let bytes = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| StageError::format(&path, e))
+}
+
+/// The configuration the cache stage ran with, from its `cache.json`.
+fn cache_params_of(ctx: &StageContext) -> Result<CacheParams, StageError> {
+    let path = ctx.input("cache")?.file("cache.json");
+    let bytes = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| StageError::format(&path, e))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StageError> {
+    let text = serde_json::to_vec_pretty(value).expect("serialisable");
+    std::fs::write(path, text)
+        .and_then(|_| std::fs::File::open(path)?.sync_all())
+        .map_err(|e| StageError::io(path, e))
+}

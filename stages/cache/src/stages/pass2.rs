@@ -1,0 +1,159 @@
+//! `pass2`: the sequential blend over every entry → per-entry scores and the BPB waterfall (§7).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, Float32Array, Float64Array, Int64Array, RecordBatch, UInt16Array, UInt8Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, UInt16Type};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use stage_api::{
+    canonicalize, read_column, write_parquet_parallel, ParquetLayout, Stage, StageContext,
+    StageError, StageReport,
+};
+
+use super::*;
+use crate::blend::PROBABILITY_FLOOR;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pass2Params {}
+
+pub struct Pass2Stage;
+
+impl Stage for Pass2Stage {
+    fn kind(&self) -> &'static str {
+        "pass2"
+    }
+
+    fn version(&self) -> u32 {
+        2
+    }
+
+    fn summary(&self) -> &'static str {
+        "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall"
+    }
+
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        canonicalize::<Pass2Params>(raw)
+    }
+
+    fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
+        let get = |k: &str| report.get(k).and_then(Value::as_f64);
+        Some(format!(
+            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {}, entropy_thresh {})",
+            get("neural_bpb")?,
+            get("ngram_bpb")?,
+            get("final_bpb")?,
+            report.get("entries")?,
+            report.get("bytes")?,
+            report.get("alpha_high")?,
+            report.get("entropy_thresh")?
+        ))
+    }
+
+    fn metrics(&self) -> &'static [&'static str] {
+        &["ngram_bpb", "final_bpb", "alpha_high", "entropy_thresh"]
+    }
+
+    fn input_names(&self) -> &'static [&'static str] {
+        &["tokens", "pass1", "cache", "calibration"]
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let calibration = calibration_of(ctx)?;
+        let blend = calibration.blend();
+        let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        let scored = load_entries(ctx)?;
+        if scored.position.iter().any(|&p| p as usize >= tokens.len()) {
+            return Err(StageError::input(
+                ctx.input("pass1")?.file("pass1.parquet"),
+                "positions beyond the val tokens",
+            ));
+        }
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("position", DataType::Int64, false),
+            Field::new("token", DataType::UInt16, false),
+            Field::new("model_p", DataType::Float32, false),
+            Field::new("p_ngram", DataType::Float64, false),
+            Field::new("p_final", DataType::Float64, false),
+            Field::new("bits", DataType::Float64, false),
+            Field::new("bytes", DataType::UInt8, false),
+        ]));
+        let n = scored.len();
+        // Row groups are blended and encoded in parallel; each returns its partial sums
+        // (neural, after n-gram, final NLL in nats; bytes), reduced below in group order.
+        let partials = write_parquet_parallel(
+            &ctx.output("scores.parquet"),
+            schema.clone(),
+            n,
+            &ParquetLayout::delta(&["position"]),
+            |range| {
+                let entries = scored.entries(range.clone());
+                let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
+                let (mut neural, mut ngram, mut fin, mut bytes) = (0f64, 0f64, 0f64, 0u64);
+                let mut bits = Vec::with_capacity(range.len());
+                for ((entry, &(p_ngram, p_final)), &b) in entries
+                    .iter()
+                    .zip(&blended)
+                    .zip(&scored.bytes[range.clone()])
+                {
+                    neural -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
+                    ngram -= p_ngram.max(PROBABILITY_FLOOR).ln();
+                    let nll = -p_final.max(PROBABILITY_FLOOR).ln();
+                    fin += nll;
+                    bytes += b as u64;
+                    bits.push(nll / std::f64::consts::LN_2);
+                }
+                let positions = &scored.position[range.clone()];
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(Int64Array::from(positions.to_vec())),
+                    Arc::new(UInt16Array::from_iter_values(
+                        positions.iter().map(|&p| tokens[p as usize]),
+                    )),
+                    Arc::new(Float32Array::from_iter_values(
+                        entries.iter().map(|e| e.model_p),
+                    )),
+                    Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
+                    Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
+                    Arc::new(Float64Array::from(bits)),
+                    Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
+                ];
+                let batch =
+                    RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+                Ok((batch, (neural, ngram, fin, bytes)))
+            },
+        )?;
+        let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
+            (0f64, 0f64, 0f64, 0u64);
+        for (neural, ngram, fin, bytes) in partials {
+            neural_nll += neural;
+            ngram_nll += ngram;
+            final_nll += fin;
+            total_bytes += bytes;
+        }
+        report.phase("blend_and_write", started);
+        let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
+        let summary = serde_json::json!({
+            "mode": cache_params_of(ctx)?.mode,
+            "neural_bpb": per_byte(neural_nll),
+            "ngram_bpb": per_byte(ngram_nll),
+            "final_bpb": per_byte(final_nll),
+            "val_loss_nats": final_nll / n.max(1) as f64,
+            "entries": n,
+            "bytes": total_bytes,
+            "alpha_high": calibration.alpha_high,
+            "entropy_thresh": calibration.entropy_thresh,
+        });
+        write_json(&ctx.output("summary.json"), &summary)?;
+        let mut out = report;
+        for (key, value) in summary.as_object().unwrap() {
+            out = out.with(key, value.clone());
+        }
+        Ok(out)
+    }
+}
