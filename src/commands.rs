@@ -73,7 +73,7 @@ impl Session {
                 if o.identical { "identical" } else { "DIFFERS" },
                 o.seconds,
                 short(&o.content_hash),
-                if o.identical {
+                if o.content_hash == o.rebuilt_content_hash {
                     String::new()
                 } else {
                     format!(" → {}", short(&o.rebuilt_content_hash))

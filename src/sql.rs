@@ -240,13 +240,45 @@ impl SqlSession {
             if message.contains("not supported") && is_write_error(&message) {
                 anyhow!("cachemoney sql is read-only: {}; the store changes only through `run` and `gc`", first_line(&message))
             } else {
-                anyhow!("{}", first_line(&message))
+                anyhow!("{}{}", first_line(&message), self.suggestions(&referenced))
             }
         })?;
         frame
             .collect()
             .await
             .map_err(|e| anyhow!("{}{}", first_line(&e.to_string()), reading()))
+    }
+
+    /// For names the query uses that are no table, the tables they may have meant: a
+    /// table name shared by several nodes (`scores`) is only reachable qualified.
+    fn suggestions(&self, referenced: &[String]) -> String {
+        let mut lines = Vec::new();
+        for name in referenced {
+            let known = self.files.contains_key(name)
+                || self.unavailable.contains_key(name)
+                || self.tables.iter().any(|t| &t.name == name);
+            if known {
+                continue;
+            }
+            let candidates: Vec<&str> = self
+                .tables
+                .iter()
+                .filter(|t| {
+                    t.name.ends_with(&format!(".{name}")) || t.name.starts_with(&format!("{name}."))
+                })
+                .map(|t| t.name.as_str())
+                .collect();
+            if !candidates.is_empty() {
+                lines.push(format!(
+                    "'{name}' is ambiguous or not a table; did you mean {}?",
+                    candidates.join(", ")
+                ));
+            }
+        }
+        match lines.is_empty() {
+            true => String::new(),
+            false => format!(" ({}; \\d lists every table)", lines.join("; ")),
+        }
     }
 
     /// The table names `sql` refers to, as written (`node.table` or `table`); empty if it
@@ -402,17 +434,30 @@ pub fn describe_command(session: &SqlSession, arg: Option<&str>) -> Result<Strin
     let mut out = String::new();
     match arg {
         None => {
-            out.push_str(&format!(
-                "{:<24} {:<26} {:<14} {:>12}\n",
-                "table", "also as", "node", "rows"
-            ));
-            for t in &session.tables {
+            let rows: Vec<[String; 4]> = session
+                .tables
+                .iter()
+                .map(|t| {
+                    [
+                        t.name.clone(),
+                        t.aliases.join(", "),
+                        t.node.clone(),
+                        t.rows.map(|r| r.to_string()).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let header = ["table", "also as", "node", "rows"].map(String::from);
+            let width = |i: usize| {
+                std::iter::once(&header)
+                    .chain(&rows)
+                    .map(|r| r[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            };
+            let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
+            for [name, aliases, node, count] in std::iter::once(header.clone()).chain(rows) {
                 out.push_str(&format!(
-                    "{:<24} {:<26} {:<14} {:>12}\n",
-                    t.name,
-                    t.aliases.join(", "),
-                    t.node,
-                    t.rows.map(|r| r.to_string()).unwrap_or_default()
+                    "{name:<w0$} {aliases:<w1$} {node:<w2$} {count:>w3$}\n"
                 ));
             }
         }
