@@ -4,6 +4,10 @@
 //! does not link libtorch (see stages/neural).
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    // Without the `gpt` feature there is no worker, and nothing links libtorch.
+    if std::env::var_os("CARGO_FEATURE_GPT").is_none() {
+        return;
+    }
     if let Ok(libtorch) = std::env::var("LIBTORCH") {
         let lib = std::path::Path::new(&libtorch).join("lib");
         let lib = lib.canonicalize().unwrap_or(lib);

@@ -228,10 +228,33 @@ fn a_missing_worker_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("libtorch worker /nonexistent/cachemoney-gpt is missing"),
+        stderr.contains("libtorch worker /nonexistent/cachemoney-gpt, which is missing")
+            && stderr.contains("default features"),
         "{stderr}"
     );
     assert!(!project.path().join("artifacts/train").exists());
+}
+
+/// `cargo build --release --no-default-features` gives a `cachemoney` that links nothing
+/// of libtorch (it then answers the GPT stages as in the test above); the default build
+/// has the worker, and with it tch.
+#[test]
+fn the_core_builds_without_libtorch() {
+    let tree = |features: &[&str]| {
+        let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args(["tree", "-p", "cachemoney", "-e", "normal,build", "--prefix", "none"])
+            .args(features)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let links_torch = |tree: &str| tree.lines().any(|l| l.starts_with("tch ") || l.starts_with("torch-sys "));
+    let core = tree(&["--no-default-features"]);
+    assert!(!links_torch(&core), "{core}");
+    assert!(core.lines().any(|l| l.starts_with("datafusion ")), "{core}");
+    assert!(links_torch(&tree(&[])));
 }
 
 /// The README's main command runs the repository's own pipeline.toml: it must at least

@@ -1,12 +1,12 @@
 //! Parameter Golf shard import against the challenge's own byte totals
-//! (`shared/data/fineweb-sp1024/gutenberg_classics_val_000000.expected.json`).
+//! (`tests/fixtures/fineweb-sp1024/gutenberg_classics_val_000000.expected.json`).
 
 mod common;
 
-use common::{shared_shard, sp_model, Project};
+use common::{shard_fixture, sp_model, Project};
 
 fn import(truncate_multiple: usize) -> Project {
-    let shard = shared_shard().expect("../shared/data/fineweb-sp1024 is beside the checkout");
+    let shard = shard_fixture();
     let p = Project::empty();
     p.write_pipeline(&format!(
         r#"[nodes.tokens]

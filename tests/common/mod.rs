@@ -21,10 +21,10 @@ pub fn sp_model() -> PathBuf {
     repo_root().join("data/sp1024/fineweb_1024_bpe.model")
 }
 
-/// The shared shard fixture, when the checkout has `../shared` beside it.
-pub fn shared_shard() -> Option<PathBuf> {
-    let path = repo_root().join("../shared/data/fineweb-sp1024/gutenberg_classics_val_000000.bin");
-    path.exists().then_some(path)
+/// The challenge-format shard fixture (the Gutenberg val shard tokenized with the
+/// challenge's SP1024 model), vendored from the project's `shared/data/`.
+pub fn shard_fixture() -> PathBuf {
+    repo_root().join("tests/fixtures/fineweb-sp1024/gutenberg_classics_val_000000.bin")
 }
 
 /// `count` documents of about `bytes` bytes each, cut from the sample books.

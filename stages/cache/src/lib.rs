@@ -43,6 +43,23 @@ pub enum ConfigError {
     PhraseLengths(Vec<usize>),
 }
 
+impl ConfigError {
+    /// The stage parameter the error is about, so the pipeline can point at its line.
+    pub fn param(&self) -> &'static str {
+        match self {
+            ConfigError::NotPowerOfTwo { what, .. } | ConfigError::TooManyBuckets { what, .. } => {
+                if what.starts_with("ngram") {
+                    "ngram_buckets"
+                } else {
+                    "phrase_buckets"
+                }
+            }
+            ConfigError::Orders { .. } => "ngram_max_order",
+            ConfigError::PhraseLengths(_) => "phrase_lengths",
+        }
+    }
+}
+
 /// The most buckets a count table may have: bucket indices are masked 32-bit hashes.
 pub const MAX_BUCKETS: usize = 1 << 31;
 

@@ -1,4 +1,5 @@
-//! Fidelity to the record's own numpy code: `shared/golden/` holds its tables' SHA-256,
+//! Fidelity to the record's own numpy code: `tests/fixtures/golden/` (a copy of the
+//! project's `shared/golden/`) holds its tables' SHA-256,
 //! its per-position lookups, its calibrated pair and its val_bpb on a 300,001-token
 //! stream, at small and at the record's full table sizes.
 
@@ -17,7 +18,7 @@ use cachemoney_cache::{
 
 fn golden_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/golden")
+        .join("../../tests/fixtures/golden")
         .join(case)
 }
 

@@ -84,16 +84,6 @@ pub fn parse_shard(path: &Path, bytes: &[u8], vocab_size: usize) -> Result<Vec<u
     Ok(tokens)
 }
 
-/// Concatenates shards in the order given (callers sort by name, like the reference's
-/// sorted glob).
-pub fn read_shards(paths: &[PathBuf], vocab_size: usize) -> Result<Vec<u16>, StageError> {
-    let parts: Vec<Vec<u16>> = paths
-        .iter()
-        .map(|p| read_shard(p, vocab_size))
-        .collect::<Result<_, _>>()?;
-    Ok(parts.concat())
-}
-
 /// The val truncation of §1.2: keep `usable + 1` tokens with
 /// `usable = floor((n − 1) / multiple) · multiple`. `multiple = 0` keeps everything.
 pub fn truncated_len(n: usize, multiple: usize) -> usize {

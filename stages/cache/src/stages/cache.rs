@@ -37,8 +37,9 @@ impl Stage for CacheStage {
     fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
         let canonical = canonicalize::<CacheParams>(raw)?;
         let params: CacheParams = serde_json::from_value(canonical.clone()).unwrap();
-        params.ngram().validate().map_err(invalid_params)?;
-        params.phrase().validate().map_err(invalid_params)?;
+        let located = |e: crate::ConfigError| StageError::invalid_param(e.param(), e.to_string());
+        params.ngram().validate().map_err(located)?;
+        params.phrase().validate().map_err(located)?;
         Ok(canonical)
     }
 
