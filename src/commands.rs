@@ -466,6 +466,15 @@ impl Session {
     /// `cachemoney report`: the HTML page of figures (see [`crate::report`]).
     pub fn report(&self, out: &Path, quiet: bool) -> Result<()> {
         let resolved = self.context().resolve()?;
+        for r in &resolved {
+            if let NodeState::Damaged { problems } = &r.state {
+                eprintln!(
+                    "warning: node '{}' is left out of the report: {}; `cachemoney run` rebuilds it",
+                    r.node,
+                    problems.join("; ")
+                );
+            }
+        }
         let seed_rows = self.seed_rows(&resolved)?;
         let runtime = sql_runtime()?;
         let (html, figures) = runtime.block_on(async {

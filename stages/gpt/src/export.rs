@@ -50,3 +50,63 @@ pub fn load_into(vs: &nn::VarStore, path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::export;
+    use crate::testing::{seeded, small};
+    use crate::{Gpt, GptConfig};
+    use tch::{nn, Device, Kind};
+
+    #[test]
+    fn the_fp16_artifact_loads_in_python_and_round_trips() {
+        let _seeded = seeded(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        Gpt::new(&vs.root(), &GptConfig::default()).unwrap();
+        let dir = std::env::temp_dir().join(format!("cm-gpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        export::write_fp16(&vs, &path).unwrap();
+
+        // PyTorch's own reader, from the project's virtualenv, sees the spec's inventory.
+        let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python");
+        let script = r#"
+import sys
+from safetensors.torch import load_file
+t = load_file(sys.argv[1])
+assert all(v.dtype.is_floating_point and str(v.dtype) == "torch.float16" for v in t.values())
+print(sum(v.numel() for v in t.values()), len(t), tuple(t["qo_bank"].shape), tuple(t["mlp_up_bank"].shape))
+"#;
+        let out = std::process::Command::new(python)
+            .args(["-c", script, path.to_str().unwrap()])
+            .output()
+            .expect("the .venv python (./dev sets it up)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "4234268 38 (12, 256, 256) (6, 768, 256)"
+        );
+
+        // Loading it back gives the fp16-rounded weights; a wrong shape is refused.
+        let other = nn::VarStore::new(Device::Cpu);
+        Gpt::new(&other.root(), &GptConfig::default()).unwrap();
+        export::load_into(&other, &path).unwrap();
+        let (a, b) = (
+            &vs.variables()["tok_emb.weight"],
+            &other.variables()["tok_emb.weight"],
+        );
+        assert!(a.to_kind(Kind::Half).to_kind(Kind::Float).equal(b));
+        let small_vs = nn::VarStore::new(Device::Cpu);
+        Gpt::new(&small_vs.root(), &small()).unwrap();
+        let err = export::load_into(&small_vs, &path).unwrap_err();
+        assert!(err.contains("has shape"), "{err}");
+        std::fs::write(&path, b"not safetensors").unwrap();
+        let err = export::load_into(&other, &path).unwrap_err();
+        assert!(err.contains("not a readable safetensors file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

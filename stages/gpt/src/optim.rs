@@ -226,3 +226,74 @@ impl Ema {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::optim;
+    use crate::testing::seeded;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn newton_schulz_pushes_singular_values_towards_one_and_commutes_with_transpose() {
+        let _seeded = seeded(1);
+        let u = Tensor::randn([64, 32], (Kind::Float, Device::Cpu)) * 3.0;
+        let o = optim::newton_schulz5(&u);
+        // Singular values of O are the square roots of the eigenvalues of OᵀO.
+        let s = Tensor::linalg_eigvalsh(&o.tr().matmul(&o), "L").sqrt();
+        let (lo, hi) = (s.min().double_value(&[]), s.max().double_value(&[]));
+        assert!(lo > 0.5 && hi < 1.3, "singular values in {lo}..{hi}");
+        let ot = optim::newton_schulz5(&u.tr());
+        let diff = (ot - o.tr()).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn schedules_follow_the_spec() {
+        assert_eq!(optim::muon_momentum(0, 1500), 0.92);
+        assert!((optim::muon_momentum(750, 1500) - 0.955).abs() < 1e-12);
+        assert_eq!(optim::muon_momentum(5000, 1500), 0.99);
+        // 600 s cap, 100 ms per step so far, 3500-step warmdown = 350 s of warmdown.
+        assert_eq!(
+            optim::lr_multiplier_wallclock(1000, 100_000.0, 600_000.0, 3500),
+            1.0
+        );
+        let s = optim::lr_multiplier_wallclock(4250, 425_000.0, 600_000.0, 3500);
+        assert!((s - 0.5).abs() < 1e-12, "{s}");
+        assert_eq!(
+            optim::lr_multiplier_wallclock(6000, 600_000.0, 600_000.0, 3500),
+            0.0
+        );
+        assert_eq!(optim::lr_multiplier_steps(10, 100, 20), 1.0);
+        assert_eq!(optim::lr_multiplier_steps(90, 100, 20), 0.5);
+    }
+
+    #[test]
+    fn adamw_first_step_is_decay_then_a_sign_step() {
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        (&p * Tensor::from_slice(&[3.0f32, -0.5]))
+            .sum(Kind::Float)
+            .backward();
+        let mut adam = optim::AdamW::new(&[p.shallow_clone()], 0.1, 0.04);
+        adam.step(&[p.shallow_clone()], 1.0);
+        // m̂ = g and v̂ = g² after one step, so the update is lr · g / (|g| + eps).
+        let expected = [1.0 * (1.0 - 0.004) - 0.1, -2.0 * (1.0 - 0.004) + 0.1];
+        for (i, e) in expected.iter().enumerate() {
+            assert!((p.double_value(&[i as i64]) - e).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm_to_the_limit() {
+        let a = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[4.0f32]).set_requires_grad(true);
+        (a.square() / 2.0 + b.square() / 2.0)
+            .sum(Kind::Float)
+            .backward();
+        let norm = optim::clip_grad_norm(&[a.shallow_clone(), b.shallow_clone()], 0.3);
+        assert!((norm - 5.0).abs() < 1e-6);
+        let after = (a.grad().square() + b.grad().square())
+            .sqrt()
+            .double_value(&[0]);
+        assert!((after - 0.3).abs() < 1e-6, "{after}");
+    }
+}

@@ -174,3 +174,55 @@ mod tests {
         }
     }
 }
+
+/// Pass 1 against the model itself (the tests above need no model).
+#[cfg(test)]
+mod against_the_model {
+    use crate::score;
+    use crate::testing::{randomised, seeded, small};
+    use tch::{Kind, Tensor};
+
+    /// Pass 1 agrees with one plain forward over the first window, and its values are
+    /// probabilities and entropies of the tempered distribution.
+    #[test]
+    fn pass1_matches_a_direct_forward_and_is_tempered() {
+        let _seeded = seeded(5);
+        let config = small();
+        let (_vs, model) = randomised(&config);
+        let tokens: Vec<u16> = (0..100).map(|i| ((i * 37) % 1024) as u16).collect();
+        let scores = score::score(&model, &tokens, 8, 3, 0.85, &[5, 40, 99], |_| {});
+        // The kept distributions sum to 1 and agree with model_p at the true token.
+        assert_eq!(
+            scores.distributions.iter().map(|d| d.0).collect::<Vec<_>>(),
+            [5, 40, 99]
+        );
+        for (position, probs) in &scores.distributions {
+            let sum: f64 = probs.iter().map(|&p| p as f64).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "{position}: {sum}");
+            let row = scores.position.iter().position(|p| p == position).unwrap();
+            let true_token = tokens[*position as usize] as usize;
+            assert!((probs[true_token] - scores.model_p[row]).abs() < 1e-6);
+        }
+        let entries: usize = score::windows(99, 32, 8)
+            .iter()
+            .map(|w| w.len - w.first_scored)
+            .sum();
+        assert_eq!(scores.position.len(), entries);
+        assert_eq!(&scores.position[..32], &(1..=32).collect::<Vec<i64>>()[..]);
+        let x = Tensor::from_slice(&tokens[..32].iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .view([1, 32]);
+        let log_p = (model.forward(&x) / 0.85).log_softmax(-1, Kind::Float);
+        for j in [0usize, 7, 31] {
+            let direct = log_p
+                .double_value(&[0, j as i64, tokens[j + 1] as i64])
+                .exp();
+            assert!((scores.model_p[j] as f64 - direct).abs() < 1e-6, "j {j}");
+        }
+        let max_entropy = (1024f32).ln();
+        assert!(scores.model_p.iter().all(|&p| p > 0.0 && p <= 1.0));
+        assert!(scores
+            .entropy
+            .iter()
+            .all(|&h| h >= 0.0 && h <= max_entropy + 1e-4));
+    }
+}

@@ -1,7 +1,7 @@
 //! Parameter Golf token shards (algorithm.md §1.1–1.2): a 256 × int32 header (magic
 //! 20240520, version 1, token count) followed by that many little-endian u16 tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use stage_api::StageError;
