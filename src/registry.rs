@@ -1,14 +1,14 @@
 //! Stage kinds the binary knows. Adding a stage means implementing
-//! [`stage_api::Stage`] in a stage crate and adding one line to
+//! [`stage_api::Stage`] (its declaration, `SPEC`, says what it reads and writes) in a stage crate and adding one line to
 //! [`Registry::with_builtin_stages`]; the runner itself never names a stage.
 
 use std::collections::BTreeMap;
 
-use stage_api::Stage;
+use stage_api::AnyStage;
 
 #[derive(Default)]
 pub struct Registry {
-    stages: BTreeMap<&'static str, Box<dyn Stage>>,
+    stages: BTreeMap<&'static str, Box<dyn AnyStage>>,
 }
 
 impl Registry {
@@ -25,11 +25,11 @@ impl Registry {
         registry
     }
 
-    pub fn register(&mut self, stage: Box<dyn Stage>) {
-        self.stages.insert(stage.kind(), stage);
+    pub fn register(&mut self, stage: Box<dyn AnyStage>) {
+        self.stages.insert(stage.spec().kind, stage);
     }
 
-    pub fn get(&self, kind: &str) -> Option<&dyn Stage> {
+    pub fn get(&self, kind: &str) -> Option<&dyn AnyStage> {
         self.stages.get(kind).map(|s| s.as_ref())
     }
 

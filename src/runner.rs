@@ -89,7 +89,7 @@ impl RunContext<'_> {
         }
         Ok(Ingredients {
             stage: node.stage.clone(),
-            version: stage.version(),
+            version: stage.spec().version,
             params: node.params.clone(),
             inputs,
             files: self.file_ingredients(node)?,
@@ -427,6 +427,12 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    // The declaration is what wiring was checked against; a stage that wrote something
+    // else is a bug, caught before anything downstream relies on it.
+    if let Err(problem) = stage.spec().check_outputs(&scratch) {
+        std::fs::remove_dir_all(&scratch).ok();
+        bail!("{problem}");
+    }
     let files = describe_outputs(&scratch, &report.volatile_files)?;
     if files.is_empty() {
         bail!("stage '{}' wrote no output", node.stage);
@@ -434,7 +440,7 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
     let manifest = Manifest {
         recipe: recipe.to_string(),
         stage: node.stage.clone(),
-        version: stage.version(),
+        version: stage.spec().version,
         node: node.name.clone(),
         ingredients: ingredients.clone(),
         content_hash: content_hash(&files),

@@ -53,7 +53,7 @@ pub fn seed_rows(
         }
     }
     for (base, stage) in bases {
-        let metrics = registry.get(stage).expect("validated").metrics();
+        let metrics = registry.get(stage).expect("validated").spec().metrics;
         if metrics.is_empty() {
             continue;
         }

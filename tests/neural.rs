@@ -222,7 +222,7 @@ fn pass1_wiring_mistakes_are_one_line_errors() {
     project.write_pipeline(&stride_for_bigram);
     let line = project.fails(&["run", "--quiet"]);
     assert!(
-        line.contains("pipeline.toml:") && line.contains("apply only to model = \"gpt\""),
+        line.contains("pipeline.toml:") && line.contains("applies only to model = \"gpt\""),
         "{line}"
     );
 }

@@ -255,6 +255,20 @@ fn stages_lists_kinds_and_defaults() {
         "{out}"
     );
     assert!(out.contains("token-stats (v1)"), "{out}");
+    // What each stage reads and writes.
+    assert!(
+        out.contains("    pass1        reads pass1(position, model_p, entropy, bytes)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  outputs:\n    scores(position i64, token u16, model_p f32, p_ngram f64, p_final f64, bits f64, bytes u8)\n"),
+        "{out}"
+    );
+    // pass1's parameters, one set per model.
+    assert!(
+        out.contains("  params.model = \"gpt\"\n    params.batch                  default 32\n"),
+        "{out}"
+    );
     // What `run --seeds` varies and tabulates.
     assert!(
         out.contains("  run seed: params.seed (set per seed by --seeds)\n  metrics: final_val_bpb"),
@@ -264,4 +278,75 @@ fn stages_lists_kinds_and_defaults() {
         out.contains("  metrics: ngram_bpb, final_bpb, alpha_high, entropy_thresh"),
         "{out}"
     );
+}
+
+/// Each stage declares the tables (with columns) and files it reads from each input and
+/// what it produces, so a wiring mistake is caught when `pipeline.toml` is loaded, at
+/// the input's own line, before anything runs.
+#[test]
+fn wiring_mistakes_fail_at_load_with_line_and_column() {
+    let p = Project::small();
+    let good = Project::small_pipeline(300)
+        + "\n[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\n"
+        + &Project::cache_chain(65536);
+    let line_of = |text: &str, needle: &str| {
+        1 + text
+            .lines()
+            .position(|l| l == needle)
+            .unwrap_or_else(|| panic!("no line {needle:?}"))
+    };
+    let cases = [
+        (
+            "inputs.pass1 = \"pass1\"\ninputs.cache = \"cache\"\n\n[nodes.scores]",
+            "inputs.pass1 = \"cache\"\ninputs.cache = \"cache\"\n\n[nodes.scores]",
+            "inputs.pass1 = \"cache\"",
+            "node 'calibration': input 'pass1' expects a table pass1(position, model_p, entropy, bytes); node 'cache' (cache) produces matches, cache_stats, cache.json",
+        ),
+        (
+            "inputs.calibration = \"calibration\"",
+            "inputs.calibration = \"pass1\"",
+            "inputs.calibration = \"pass1\"",
+            "node 'scores': input 'calibration' expects a file calibration.json; node 'pass1' (pass1) produces pass1, distributions",
+        ),
+        (
+            "[nodes.cache]\nstage = \"cache\"\ninputs.tokens = \"tokens\"",
+            "[nodes.cache]\nstage = \"cache\"\ninputs.tokens = \"token_stats\"",
+            "inputs.tokens = \"token_stats\"",
+            "node 'cache': input 'tokens' expects a table val(token, bytes); node 'token_stats' (token-stats) produces token_counts",
+        ),
+    ];
+    let before = p.store_snapshot();
+    for (from, to, line, message) in cases {
+        assert!(good.contains(from), "{from}");
+        let wrong = good.replacen(from, to, 1);
+        p.write_pipeline(&wrong);
+        let column = 1 + line.find('"').unwrap();
+        let at = format!("pipeline.toml:{}:{column}: ", line_of(&wrong, line));
+        for command in [&["status"][..], &["run", "--quiet"]] {
+            let error = p.fails(command);
+            assert!(
+                error.contains(&format!("{at}{message}")),
+                "{error}\nwanted {at}{message}"
+            );
+        }
+    }
+    // What the declaration cannot say, the stage checks at load too: the GPT source
+    // without a model to score with.
+    p.write_pipeline(&good.replace(
+        "[nodes.pass1]\nstage = \"pass1\"\n",
+        "[nodes.pass1]\nstage = \"pass1\"\nparams.model = \"gpt\"\n",
+    ));
+    let error = p.fails(&["status"]);
+    assert!(
+        error.contains("pipeline.toml:")
+            && error.ends_with("node 'pass1': model = \"gpt\" needs inputs.model (a train node)"),
+        "{error}"
+    );
+    assert_eq!(
+        p.store_snapshot(),
+        before,
+        "a refused pipeline changed the store"
+    );
+    p.write_pipeline(&good);
+    p.ok(&["run", "--quiet"]);
 }

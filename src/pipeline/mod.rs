@@ -176,47 +176,57 @@ impl Pipeline {
                 _ => anyhow!("{params_at}: node '{name}': {e}"),
             })?;
 
+            let spec = stage.spec();
+            let takes = || list_or_none(spec.inputs.iter().map(|i| i.name));
             let mut inputs = BTreeMap::new();
             for (input, upstream) in &def.inputs {
-                let mut takes = stage
-                    .input_names()
-                    .iter()
-                    .chain(stage.optional_input_names());
-                if !takes.any(|known| known == input) {
+                let input_at = at(Some(upstream.span()));
+                let Some(declared) = spec.input(input) else {
                     bail!(
-                        "{}: node '{name}': stage '{stage_name}' has no input '{input}' (it takes: {})",
-                        at(Some(upstream.span())),
-                        list_or_none(
-                            stage
-                                .input_names()
-                                .iter()
-                                .chain(stage.optional_input_names())
-                                .copied()
-                        )
+                        "{input_at}: node '{name}': stage '{stage_name}' has no input '{input}' (it takes: {})",
+                        takes()
                     );
-                }
-                if !file.nodes.contains_key(upstream.get_ref()) {
+                };
+                let Some(upstream_def) = file.nodes.get(upstream.get_ref()) else {
                     bail!(
-                        "{}: node '{name}': input '{input}' names node '{}', which is not defined",
-                        at(Some(upstream.span())),
+                        "{input_at}: node '{name}': input '{input}' names node '{}', which is not defined",
                         upstream.get_ref()
                     );
+                };
+                // The upstream's own stage kind is checked when its turn comes.
+                if let Some(upstream_stage) = registry.get(upstream_def.get_ref().stage.get_ref()) {
+                    let produced = upstream_stage.spec();
+                    if let Some(read) = declared
+                        .reads
+                        .iter()
+                        .find(|read| produced.cannot_provide(read).is_some())
+                    {
+                        bail!(
+                            "{input_at}: node '{name}': input '{input}' expects {read}; node '{}' ({}) produces {}",
+                            upstream.get_ref(),
+                            produced.kind,
+                            list_or_none(produced.outputs.iter().map(|o| o.name))
+                        );
+                    }
                 }
                 inputs.insert(input.clone(), upstream.get_ref().clone());
             }
-            for wanted in stage.input_names() {
-                if !inputs.contains_key(*wanted) {
-                    bail!("{node_at}: node '{name}': stage '{stage_name}' needs inputs.{wanted}");
+            for wanted in spec.inputs.iter().filter(|i| i.required) {
+                if !inputs.contains_key(wanted.name) {
+                    bail!(
+                        "{node_at}: node '{name}': stage '{stage_name}' needs inputs.{}",
+                        wanted.name
+                    );
                 }
             }
 
             let mut files = BTreeMap::new();
             for (role, patterns) in &def.files {
-                if !stage.file_roles().iter().any(|r| r.name == role) {
+                if !spec.files.iter().any(|r| r.name == role) {
                     bail!(
                         "{}: node '{name}': stage '{stage_name}' has no file role '{role}' (it takes: {})",
                         at(Some(patterns.span())),
-                        list_or_none(stage.file_roles().iter().map(|r| r.name))
+                        list_or_none(spec.files.iter().map(|r| r.name))
                     );
                 }
                 let patterns = match patterns.get_ref() {
@@ -243,7 +253,7 @@ impl Pipeline {
                 }
                 files.insert(role.clone(), matched.into_iter().collect());
             }
-            for role in stage.file_roles().iter().filter(|r| r.required) {
+            for role in spec.files.iter().filter(|r| r.required) {
                 if !files.contains_key(role.name) {
                     bail!(
                         "{node_at}: node '{name}': needs files.{} ({})",
@@ -252,6 +262,11 @@ impl Pipeline {
                     );
                 }
             }
+            let input_names: Vec<&str> = inputs.keys().map(String::as_str).collect();
+            let file_roles: Vec<&str> = files.keys().map(String::as_str).collect();
+            stage
+                .check_wiring(&params, &input_names, &file_roles)
+                .map_err(|problem| anyhow!("{node_at}: node '{name}': {problem}"))?;
 
             nodes.insert(
                 name.clone(),
@@ -284,7 +299,7 @@ impl Pipeline {
     }
 
     /// The pipeline run once per run seed, as one DAG: every node whose stage has a run
-    /// seed ([`stage_api::Stage::run_seed_param`], the training seed) and everything
+    /// seed ([`stage_api::StageSpec::run_seed_param`], the training seed) and everything
     /// downstream of one is copied per seed as `NODE_seedN`, with that seed set; nodes
     /// that do not depend on a run seed (tokenizing, the cache tables) stay single and
     /// shared. Content addressing does the rest: a seed whose copies were built before is
@@ -298,7 +313,8 @@ impl Pipeline {
             registry
                 .get(&node.stage)
                 .expect("validated when loading")
-                .run_seed_param()
+                .spec()
+                .run_seed_param
         };
         // Nodes are in topological order, so one sweep finds everything downstream.
         let mut seeded = BTreeSet::new();
@@ -311,7 +327,12 @@ impl Pipeline {
             let with_seed: Vec<&str> = registry
                 .kinds()
                 .into_iter()
-                .filter(|k| registry.get(k).and_then(|s| s.run_seed_param()).is_some())
+                .filter(|k| {
+                    registry
+                        .get(k)
+                        .and_then(|s| s.spec().run_seed_param)
+                        .is_some()
+                })
                 .collect();
             bail!(
                 "{}: no node has a run seed to vary (stages with one: {}); --seeds needs one",

@@ -13,10 +13,14 @@
 
 mod error;
 mod parquet_io;
+mod spec;
 
 pub use error::StageError;
 pub use parquet_io::{
     read_column, read_parquet, write_parquet, write_parquet_parallel, ParquetLayout, ROW_GROUP_ROWS,
+};
+pub use spec::{
+    arrow_schema, Column, ColumnType, Input, Output, Produced, Read, ReadKind, StageSpec, Variants,
 };
 
 use std::collections::BTreeMap;
@@ -25,65 +29,147 @@ use std::path::PathBuf;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-/// A pipeline stage, registered with the runner by its [`Stage::kind`].
+/// A pipeline stage: a declaration ([`Stage::SPEC`]), typed parameters, and the work.
 ///
 /// Implementations must be deterministic: the same inputs, files and parameters must
 /// produce byte-identical outputs whatever the thread count. The runner relies on it for
-/// caching ("early cut-off") and `audit` checks it.
-pub trait Stage: Send + Sync {
-    /// The name used in `pipeline.toml` (`stage = "tokenize"`).
-    fn kind(&self) -> &'static str;
+/// caching ("early cut-off") and `audit` checks it. The runner holds stages as
+/// [`AnyStage`], which every `Stage` is.
+pub trait Stage: Send + Sync + 'static {
+    /// The parameters: serde gives their names, types and defaults (`Default`), and
+    /// [`StageParams::validate`] the bounds serde cannot say.
+    type Params: StageParams;
 
-    /// Bumped whenever the meaning of the outputs changes, so that old artifacts stop
-    /// being reused. Refactors that keep the bytes identical keep the version.
-    fn version(&self) -> u32;
+    /// What the stage reads and writes; see [`StageSpec`].
+    const SPEC: StageSpec;
 
-    /// One line for `--help` style listings.
-    fn summary(&self) -> &'static str;
-
-    /// Validates the user's parameters and returns them in canonical form, with every
-    /// default filled in. The canonical form is what goes into the recipe, so writing a
-    /// default explicitly does not invalidate the cache. Unknown parameters are an error.
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError>;
-
-    /// Names of the upstream artifacts this stage reads (the `inputs` table of a node),
-    /// and of the raw-file roles it reads (the `files` table), for validation.
-    fn input_names(&self) -> &'static [&'static str] {
-        &[]
-    }
-    /// Upstream artifacts a node may connect or not (say, `pass1`'s `model`, which only
-    /// `model = "gpt"` reads); the stage checks in `run` that it got what its parameters
-    /// need.
-    fn optional_input_names(&self) -> &'static [&'static str] {
-        &[]
-    }
-    fn file_roles(&self) -> &'static [FileRole] {
-        &[]
+    /// Checks, when the pipeline is loaded, what the declaration cannot say about a
+    /// node's wiring: inputs or file roles that some parameters need and others refuse
+    /// (`pass1`'s `inputs.model` is for `model = "gpt"` only). `inputs` and `files` are
+    /// the names the node connects.
+    fn check_wiring(
+        _params: &Self::Params,
+        _inputs: &[&str],
+        _files: &[&str],
+    ) -> Result<(), String> {
+        Ok(())
     }
 
-    /// Does the work. Outputs go into `ctx.out_dir`; the runner hashes them afterwards.
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError>;
+    /// Does the work. Outputs go into `ctx.out_dir`; the runner checks them against
+    /// [`Stage::SPEC`] and hashes them afterwards.
+    fn run(&self, ctx: &StageContext, params: Self::Params) -> Result<StageReport, StageError>;
 
     /// A line worth printing at the end of `run`, from this stage's stored report (say,
     /// the BPB waterfall). Most stages have none.
     fn headline(&self, _report: &serde_json::Map<String, Value>) -> Option<String> {
         None
     }
+}
 
-    /// The parameter that seeds this stage's randomness *as a run* (the record's `SEED`
-    /// for training), which `cachemoney run --seeds` sets to each seed in turn. A seed
-    /// that defines the data (a train/val split, a sample of positions) is not one: runs
-    /// with different run seeds must be comparable on the same data.
-    fn run_seed_param(&self) -> Option<&'static str> {
-        None
+/// A stage's parameters. Unknown parameters are an error (`#[serde(deny_unknown_fields)]`)
+/// and missing ones take their defaults (`#[serde(default)]`).
+pub trait StageParams: serde::Serialize + serde::de::DeserializeOwned + Default {
+    /// Checks what types cannot: ranges, consistency between parameters. Errors should
+    /// name their parameter ([`StageError::invalid_param`]) so the pipeline can point at
+    /// its line.
+    fn validate(&self) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// A [`Stage`] with its types erased, as the runner's registry holds it.
+pub trait AnyStage: Send + Sync {
+    fn spec(&self) -> &'static StageSpec;
+
+    /// Validates the user's parameters and returns them in canonical form, with every
+    /// default filled in. The canonical form is what goes into the recipe, so writing a
+    /// default explicitly does not invalidate the cache.
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError>;
+
+    /// See [`Stage::check_wiring`]; `params` are canonical.
+    fn check_wiring(&self, params: &Value, inputs: &[&str], files: &[&str]) -> Result<(), String>;
+
+    /// Runs the stage on canonical parameters.
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError>;
+
+    fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String>;
+}
+
+impl<S: Stage> AnyStage for S {
+    fn spec(&self) -> &'static StageSpec {
+        &S::SPEC
     }
 
-    /// Numeric keys of this stage's report worth comparing across runs (a BPB, a
-    /// calibrated parameter), in reading order; `run --seeds` tabulates them per seed
-    /// with their mean and standard deviation.
-    fn metrics(&self) -> &'static [&'static str] {
-        &[]
+    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
+        let mut raw = if raw.is_null() {
+            Value::Object(Default::default())
+        } else {
+            raw.clone()
+        };
+        if let (Some(variants), Some(object)) = (S::SPEC.variants, raw.as_object_mut()) {
+            object
+                .entry(variants.param)
+                .or_insert_with(|| Value::from(variants.default));
+        }
+        let params: S::Params = parse_params(&raw).map_err(|e| explain_variant::<S>(&raw, e))?;
+        params.validate()?;
+        serde_json::to_value(params).map_err(|e| StageError::InvalidParams(e.to_string()))
     }
+
+    fn check_wiring(&self, params: &Value, inputs: &[&str], files: &[&str]) -> Result<(), String> {
+        let params: S::Params =
+            serde_json::from_value(params.clone()).map_err(|e| e.to_string())?;
+        S::check_wiring(&params, inputs, files)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+        let params: S::Params = ctx.params_as()?;
+        Stage::run(self, ctx, params)
+    }
+
+    fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
+        Stage::headline(self, report)
+    }
+}
+
+/// An unknown parameter that belongs to another variant (`stride` on `model = "bigram"`)
+/// is told so, rather than listed against the variant's own parameters.
+fn explain_variant<S: Stage>(raw: &Value, error: StageError) -> StageError {
+    let (Some(variants), StageError::InvalidParam { param, message }) = (S::SPEC.variants, &error)
+    else {
+        return error;
+    };
+    if !message.starts_with("unknown field") {
+        return error;
+    }
+    let chosen = raw
+        .get(variants.param)
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let owners: Vec<String> = variants
+        .values
+        .iter()
+        .filter(|v| **v != chosen)
+        .filter(|v| {
+            let probe = serde_json::json!({ variants.param: v });
+            parse_params::<S::Params>(&probe)
+                .ok()
+                .and_then(|p| serde_json::to_value(p).ok())
+                .is_some_and(|c| c.get(param.as_str()).is_some())
+        })
+        .map(|v| format!("{} = \"{v}\"", variants.param))
+        .collect();
+    if owners.is_empty() {
+        return error;
+    }
+    StageError::invalid_param(
+        param.clone(),
+        format!(
+            "applies only to {} (this node has {} = \"{chosen}\")",
+            owners.join(" or "),
+            variants.param
+        ),
+    )
 }
 
 /// A named group of raw input files a stage accepts.
@@ -111,7 +197,7 @@ impl InputArtifact {
 pub struct StageContext {
     /// The node's name in the pipeline (for messages only; never affects outputs).
     pub node: String,
-    /// Canonical parameters, as returned by [`Stage::canonical_params`].
+    /// Canonical parameters, as returned by [`AnyStage::canonical_params`].
     pub params: Value,
     /// Upstream artifacts by input name.
     pub inputs: BTreeMap<String, InputArtifact>,
@@ -128,10 +214,17 @@ pub struct StageContext {
 
 impl StageContext {
     pub fn input(&self, name: &str) -> Result<&InputArtifact, StageError> {
-        self.inputs.get(name).ok_or_else(|| StageError::Param {
+        self.inputs
+            .get(name)
+            .ok_or_else(|| self.error(format!("input '{name}' is not connected")))
+    }
+
+    /// An error about this node's parameters or wiring, found while running it.
+    pub fn error(&self, message: impl Into<String>) -> StageError {
+        StageError::Param {
             node: self.node.clone(),
-            message: format!("input '{name}' is not connected"),
-        })
+            message: message.into(),
+        }
     }
 
     pub fn files(&self, role: &str) -> &[PathBuf] {
@@ -168,22 +261,16 @@ impl StageContext {
         if estimate_bytes <= self.memory_limit {
             return Ok(());
         }
-        Err(StageError::Param {
-            node: self.node.clone(),
-            message: format!(
-                "{what} need about {}, but only {} is available; lower those parameters, or raise --memory-limit if the estimate is wrong",
-                human_bytes(estimate_bytes),
-                human_bytes(self.memory_limit)
-            ),
-        })
+        Err(self.error(format!(
+            "{what} need about {}, but only {} is available; lower those parameters, or raise --memory-limit if the estimate is wrong",
+            human_bytes(estimate_bytes),
+            human_bytes(self.memory_limit)
+        )))
     }
 
-    /// Parameters as a concrete type; call after [`Stage::canonical_params`].
+    /// Parameters as a concrete type; call after [`AnyStage::canonical_params`].
     pub fn params_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
-        serde_json::from_value(self.params.clone()).map_err(|e| StageError::Param {
-            node: self.node.clone(),
-            message: e.to_string(),
-        })
+        serde_json::from_value(self.params.clone()).map_err(|e| self.error(e.to_string()))
     }
 }
 
@@ -227,18 +314,8 @@ impl StageReport {
     }
 }
 
-/// Parses `raw` (a JSON object, possibly empty) into `T`, rejecting unknown fields, and
-/// returns `T` re-serialised: the canonical form with defaults filled in. A value of the
-/// wrong type is reported with the parameter's path (`params.seed: invalid type: …`).
-pub fn canonicalize<T>(raw: &Value) -> Result<Value, StageError>
-where
-    T: serde::de::DeserializeOwned + serde::Serialize,
-{
-    let parsed: T = parse_params(raw)?;
-    serde_json::to_value(parsed).map_err(|e| StageError::InvalidParams(e.to_string()))
-}
-
-/// `raw` as `T`, errors naming the parameter they are about.
+/// `raw` as `T`, errors naming the parameter they are about. A value of the wrong type is
+/// reported with the parameter's path (`params.seed: invalid type: …`).
 pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, StageError> {
     let raw = if raw.is_null() {
         Value::Object(Default::default())

@@ -56,21 +56,11 @@ pub fn run(request: &Request) -> Result<StageReport, StageError> {
     }
 }
 
-fn param_error(ctx: &StageContext, message: impl Into<String>) -> StageError {
-    StageError::Param {
-        node: ctx.node.clone(),
-        message: message.into(),
-    }
-}
-
 fn device(ctx: &StageContext, wanted: Device) -> Result<tch::Device, StageError> {
     match wanted {
         Device::Cpu => Ok(tch::Device::Cpu),
         Device::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        Device::Cuda => Err(param_error(
-            ctx,
-            "device = \"cuda\" but libtorch sees no CUDA device here",
-        )),
+        Device::Cuda => Err(ctx.error("device = \"cuda\" but libtorch sees no CUDA device here")),
     }
 }
 
@@ -201,7 +191,7 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     tch::set_num_threads(params.threads as i32);
     let tokens = ctx.input("tokens")?;
     if let Some(message) = vocab_mismatch(&params.model, tokens)? {
-        return Err(param_error(ctx, format!("params.model.{message}")));
+        return Err(ctx.error(format!("params.model.{message}")));
     }
     let train_path = tokens.file("train.parquet");
     let train_tokens = read_column::<UInt16Type>(&train_path, "token")?;
@@ -277,12 +267,9 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
         training_seconds += seconds;
         steps_done = step + 1;
         if !loss.is_finite() {
-            return Err(param_error(
-                ctx,
-                format!(
-                    "training diverged at step {steps_done}: loss {loss}; lower the learning rates"
-                ),
-            ));
+            return Err(ctx.error(format!(
+                "training diverged at step {steps_done}: loss {loss}; lower the learning rates"
+            )));
         }
         let last = steps_done == params.steps
             || (params.schedule == Schedule::Wallclock && training_seconds >= params.max_seconds);
@@ -390,8 +377,10 @@ fn load_model(
 }
 
 fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
-    let params: Pass1Params = ctx.params_as()?;
-    let options = params.gpt_options();
+    let Pass1Params::Gpt(params) = ctx.params_as()? else {
+        return Err(ctx.error("the GPT worker scores only model = \"gpt\""));
+    };
+    let options = &params;
     tch::set_num_threads(options.threads as i32);
     let tokens = ctx.input("tokens")?;
     let (val, val_bytes) = pass1::read_val(tokens)?;

@@ -13,7 +13,10 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use stage_api::{canonicalize, Stage, StageContext, StageError, StageReport};
+use stage_api::{
+    Column, ColumnType::*, Input, Output, Read, Stage, StageContext, StageError, StageParams,
+    StageReport, StageSpec,
+};
 
 pub use config::{GptConfig, ShapeError};
 pub use worker::{run_in_worker, Request, Response, Task};
@@ -191,33 +194,52 @@ impl TrainParams {
 /// `train`: tokens.train → `model.safetensors` (FP16), `config.json`, `train_log`.
 pub struct TrainStage;
 
+impl StageParams for TrainParams {
+    fn validate(&self) -> Result<(), StageError> {
+        self.check_sizes()?;
+        self.check().map_err(StageError::InvalidParams)
+    }
+}
+
 impl Stage for TrainStage {
-    fn kind(&self) -> &'static str {
-        "train"
-    }
+    type Params = TrainParams;
 
-    fn version(&self) -> u32 {
-        1
-    }
+    const SPEC: StageSpec = StageSpec {
+        kind: "train",
+        version: 1,
+        summary: "train tokens -> the record's GPT (FP16 safetensors, config.json, train_log), via libtorch",
+        inputs: &[Input::required(
+            "tokens",
+            &[
+                Read::table("train", &["token"]),
+                Read::table("val", &["token", "bytes"]),
+                Read::table("vocab", &["id"]),
+            ],
+        )],
+        outputs: &[
+            Output::file("model.safetensors", "the EMA weights in fp16"),
+            Output::file("config.json", "the model's shape"),
+            Output::table(
+                "train_log",
+                &[
+                    Column::new("step", U32),
+                    Column::new("loss", F64),
+                    Column::new("lr_multiplier", F64),
+                    Column::new("tokens_seen", I64),
+                    Column::nullable("val_bpb", F64),
+                ],
+            ),
+            Output::table(
+                "train_timing",
+                &[Column::new("step", U32), Column::new("seconds", F64)],
+            ),
+        ],
+        run_seed_param: Some("seed"),
+        metrics: &["final_val_bpb"],
+        ..StageSpec::NONE
+    };
 
-    fn summary(&self) -> &'static str {
-        "train tokens -> the record's GPT (FP16 safetensors, config.json, train_log), via libtorch"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<TrainParams>(raw)?;
-        let params: TrainParams = serde_json::from_value(canonical.clone())
-            .map_err(|e| StageError::InvalidParams(e.to_string()))?;
-        params.check_sizes()?;
-        params.check().map_err(StageError::InvalidParams)?;
-        Ok(canonical)
-    }
-
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens"]
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+    fn run(&self, ctx: &StageContext, _: TrainParams) -> Result<StageReport, StageError> {
         run_in_worker(Task::Train, ctx)
     }
 
@@ -229,41 +251,9 @@ impl Stage for TrainStage {
             "trained {steps} steps: val BPB {val:.4} (EMA weights, fp16); model {compressed} bytes xz-compressed"
         ))
     }
-
-    fn run_seed_param(&self) -> Option<&'static str> {
-        Some("seed")
-    }
-
-    fn metrics(&self) -> &'static [&'static str] {
-        &["final_val_bpb"]
-    }
 }
 
 /// libtorch threads when a node does not say: the laptop-class machine this tool is
 /// built on has two cores. A fixed default (rather than "all cores") keeps a recipe's
 /// bytes the same on every machine.
 pub const DEFAULT_TORCH_THREADS: usize = 2;
-
-/// The GPT-specific parameters of `pass1` (`model = "gpt"`), §4.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-pub struct GptPass1Options {
-    /// Targets scored per window after the first (the record's 64); windows are the
-    /// model's `seq_len` long.
-    pub stride: usize,
-    /// Windows per forward pass (the record's 32).
-    pub batch: usize,
-    pub device: Device,
-    /// libtorch's CPU threads (see [`TrainParams::threads`]).
-    pub threads: usize,
-}
-
-impl Default for GptPass1Options {
-    fn default() -> Self {
-        GptPass1Options {
-            stride: 64,
-            batch: 32,
-            device: Device::Cpu,
-            threads: DEFAULT_TORCH_THREADS,
-        }
-    }
-}

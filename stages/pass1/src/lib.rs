@@ -18,80 +18,141 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array};
-use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
-use neural::{run_in_worker, Device, GptPass1Options, Task};
+use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
+use neural::{run_in_worker, Device, Task};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, row_groups, write_parquet, FileRole, InputArtifact, ParquetLayout,
-    Stage, StageContext, StageError, StageReport,
+    check_param, read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input,
+    InputArtifact, Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams,
+    StageReport, StageSpec, Variants,
 };
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Model {
-    Bigram,
-    Import,
-    Gpt,
+/// `pass1`'s parameters: one set per source, selected by `model`, so that an option of
+/// one source cannot be written on another and silently do nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "model", rename_all = "lowercase")]
+pub enum Pass1Params {
+    Bigram(BigramParams),
+    Import(ImportParams),
+    Gpt(GptParams),
 }
 
+impl Default for Pass1Params {
+    fn default() -> Self {
+        Pass1Params::Bigram(BigramParams::default())
+    }
+}
+
+impl Pass1Params {
+    pub fn model_name(&self) -> &'static str {
+        match self {
+            Pass1Params::Bigram(_) => "bigram",
+            Pass1Params::Import(_) => "import",
+            Pass1Params::Gpt(_) => "gpt",
+        }
+    }
+}
+
+/// `model = "bigram"`: an add-k bigram estimated on the train split.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Pass1Params {
-    pub model: Model,
+pub struct BigramParams {
     /// Applied to the model's distribution before `model_p` and `entropy` are taken:
     /// p_T(v) ∝ p(v)^(1/T). The record uses 0.85 (algorithm.md §4.3).
     pub temperature: f64,
-    /// Bigram: the pseudo-count added to every (previous, next) pair.
+    /// The pseudo-count added to every (previous, next) pair.
     pub add_k: f64,
-    /// GPT: targets scored per window after the first (the record's 64).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stride: Option<usize>,
-    /// GPT: windows per forward pass (the record's 32).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch: Option<usize>,
-    /// GPT: `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<Device>,
-    /// GPT: libtorch's CPU threads; part of the recipe because the bits depend on it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threads: Option<usize>,
     /// How many target positions keep the model's whole (tempered) next-token
     /// distribution, in `distributions.parquet`, for the implied-mass audit (0: none).
-    /// Not available for `model = "import"`, whose table has only the true token.
     pub mass_sample: usize,
     /// Seeds which positions those are.
     pub mass_seed: u64,
 }
 
-impl Pass1Params {
-    /// The GPT's options, defaults filled in where the node does not set them.
-    pub fn gpt_options(&self) -> GptPass1Options {
-        let defaults = GptPass1Options::default();
-        GptPass1Options {
-            stride: self.stride.unwrap_or(defaults.stride),
-            batch: self.batch.unwrap_or(defaults.batch),
-            device: self.device.unwrap_or(defaults.device),
-            threads: self.threads.unwrap_or(defaults.threads),
-        }
-    }
-}
-
-impl Default for Pass1Params {
+impl Default for BigramParams {
     fn default() -> Self {
-        Pass1Params {
-            model: Model::Bigram,
+        BigramParams {
             temperature: 0.85,
             add_k: 0.1,
-            stride: None,
-            batch: None,
-            device: None,
-            threads: None,
             mass_sample: 4096,
             mass_seed: 1337,
         }
     }
+}
+
+/// `model = "import"`: a table computed elsewhere (`files.table`); it has only the true
+/// token's probability, so no temperature applies and no distributions are kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {}
+
+/// `model = "gpt"`: the record's GPT from a `train` node (`inputs.model`), §4.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GptParams {
+    /// As for the bigram: the record's 0.85.
+    pub temperature: f64,
+    /// Targets scored per window after the first (the record's 64); windows are the
+    /// model's `seq_len` long.
+    pub stride: usize,
+    /// Windows per forward pass (the record's 32).
+    pub batch: usize,
+    /// `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
+    pub device: Device,
+    /// libtorch's CPU threads; part of the recipe because the bits depend on it.
+    pub threads: usize,
+    pub mass_sample: usize,
+    pub mass_seed: u64,
+}
+
+impl Default for GptParams {
+    fn default() -> Self {
+        GptParams {
+            temperature: 0.85,
+            stride: 64,
+            batch: 32,
+            device: Device::Cpu,
+            threads: neural::DEFAULT_TORCH_THREADS,
+            mass_sample: 4096,
+            mass_seed: 1337,
+        }
+    }
+}
+
+impl StageParams for Pass1Params {
+    fn validate(&self) -> Result<(), StageError> {
+        let (temperature, mass_sample) = match self {
+            Pass1Params::Import(_) => return Ok(()),
+            Pass1Params::Bigram(p) => {
+                positive("add_k", p.add_k)?;
+                (p.temperature, p.mass_sample)
+            }
+            Pass1Params::Gpt(p) => {
+                check_param("stride", p.stride, 1..=65_536, "at most a window's length")?;
+                check_param("batch", p.batch, 1..=4096, "windows per forward pass")?;
+                check_param("threads", p.threads, 1..=256, "libtorch CPU threads")?;
+                (p.temperature, p.mass_sample)
+            }
+        };
+        positive("temperature", temperature)?;
+        check_param(
+            "mass_sample",
+            mass_sample,
+            0..=MAX_MASS_SAMPLE,
+            "each sampled position keeps a whole distribution over the vocabulary",
+        )
+    }
+}
+
+fn positive(param: &str, value: f64) -> Result<(), StageError> {
+    if value > 0.0 && value.is_finite() {
+        return Ok(());
+    }
+    Err(StageError::invalid_param(
+        param,
+        format!("{value} must be positive"),
+    ))
 }
 
 /// The largest vocabulary the bigram keeps as a dense V×V table.
@@ -103,147 +164,111 @@ pub struct Pass1Stage;
 /// distributions over a 1,024-token vocabulary are 67M rows already.
 pub const MAX_MASS_SAMPLE: usize = 65_536;
 
-const FILE_ROLES: &[FileRole] = &[FileRole {
-    name: "table",
-    required: false,
-    help: "import: Parquet with position (i64), model_p (f32), entropy (f32, nats), optional bytes",
-}];
-
 /// pass1.parquet, one row per scored entry in pass-1 order.
+pub const PASS1_TABLE: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("model_p", F32),
+    Column::new("entropy", F32),
+    Column::new("bytes", U8),
+];
+
+/// distributions.parquet: one row per (sampled position, candidate token).
+pub const DISTRIBUTIONS_TABLE: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("candidate", U16),
+    Column::new("model_p", F32),
+];
+
 pub fn pass1_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
-        Field::new("position", DataType::Int64, false),
-        Field::new("model_p", DataType::Float32, false),
-        Field::new("entropy", DataType::Float32, false),
-        Field::new("bytes", DataType::UInt8, false),
-    ]))
+    stage_api::arrow_schema(PASS1_TABLE)
 }
 
 impl Stage for Pass1Stage {
-    fn kind(&self) -> &'static str {
-        "pass1"
-    }
+    type Params = Pass1Params;
 
-    fn version(&self) -> u32 {
+    const SPEC: StageSpec = StageSpec {
+        kind: "pass1",
         // 3: distributions.parquet for the implied-mass audit.
-        3
-    }
+        version: 3,
+        summary: "val tokens (+ a model) -> per-entry model_p and entropy; model = bigram, import, or gpt (with inputs.model)",
+        inputs: &[
+            Input::required(
+                "tokens",
+                &[
+                    Read::table("val", &["token", "bytes"]),
+                    Read::table("train", &["token"]),
+                    Read::table("vocab", &["id"]),
+                ],
+            ),
+            Input::optional(
+                "model",
+                &[Read::file("model.safetensors"), Read::file("config.json")],
+            ),
+        ],
+        files: &[FileRole {
+            name: "table",
+            required: false,
+            help: "import: Parquet with position (i64), model_p (f32), entropy (f32, nats), optional bytes",
+        }],
+        outputs: &[
+            Output::table("pass1", PASS1_TABLE),
+            Output::table("distributions", DISTRIBUTIONS_TABLE),
+        ],
+        metrics: &["neural_bpb"],
+        variants: Some(Variants {
+            param: "model",
+            values: &["bigram", "import", "gpt"],
+            default: "bigram",
+        }),
+        ..StageSpec::NONE
+    };
 
-    fn summary(&self) -> &'static str {
-        "val tokens (+ a model) -> per-entry model_p and entropy; model = bigram, import, or gpt (with inputs.model and stride, batch, device, threads)"
-    }
-
-    fn metrics(&self) -> &'static [&'static str] {
-        &["neural_bpb"]
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<Pass1Params>(raw)?;
-        let mut params: Pass1Params = serde_json::from_value(canonical.clone()).unwrap();
-        let bad = StageError::InvalidParams;
-        // The GPT's options exist only for it: written for another model they would
-        // silently do nothing, so they are refused; for the GPT their defaults are filled
-        // in, so that writing one explicitly keeps the recipe.
-        if params.model == Model::Gpt {
-            let options = params.gpt_options();
-            if options.stride == 0 || options.batch == 0 || options.threads == 0 {
-                return Err(bad("stride, batch and threads must be at least 1".into()));
+    fn check_wiring(params: &Pass1Params, inputs: &[&str], files: &[&str]) -> Result<(), String> {
+        let has_model = inputs.contains(&"model");
+        let has_table = files.contains(&"table");
+        match params {
+            Pass1Params::Gpt(_) if !has_model => {
+                Err("model = \"gpt\" needs inputs.model (a train node)".into())
             }
-            params.stride = Some(options.stride);
-            params.batch = Some(options.batch);
-            params.device = Some(options.device);
-            params.threads = Some(options.threads);
-        } else if params.stride.is_some()
-            || params.batch.is_some()
-            || params.device.is_some()
-            || params.threads.is_some()
-        {
-            return Err(bad(
-                "stride, batch, device and threads apply only to model = \"gpt\"".into(),
-            ));
-        }
-        stage_api::check_param(
-            "mass_sample",
-            params.mass_sample,
-            0..=MAX_MASS_SAMPLE,
-            "each sampled position keeps a whole distribution over the vocabulary",
-        )?;
-        if let (Some(stride), Some(batch), Some(threads)) =
-            (params.stride, params.batch, params.threads)
-        {
-            stage_api::check_param("stride", stride, 1..=65_536, "at most a window's length")?;
-            stage_api::check_param("batch", batch, 1..=4096, "windows per forward pass")?;
-            stage_api::check_param("threads", threads, 1..=256, "libtorch CPU threads")?;
-        }
-        if !(params.temperature > 0.0 && params.temperature.is_finite()) {
-            return Err(bad(format!(
-                "temperature {} must be positive",
-                params.temperature
-            )));
-        }
-        if !(params.add_k > 0.0 && params.add_k.is_finite()) {
-            return Err(bad(format!("add_k {} must be positive", params.add_k)));
-        }
-        serde_json::to_value(params).map_err(|e| bad(e.to_string()))
-    }
-
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens"]
-    }
-
-    fn optional_input_names(&self) -> &'static [&'static str] {
-        &["model"]
-    }
-
-    fn file_roles(&self) -> &'static [FileRole] {
-        FILE_ROLES
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
-        let params: Pass1Params = ctx.params_as()?;
-        match (params.model, ctx.inputs.contains_key("model")) {
-            (Model::Gpt, true) if !ctx.files("table").is_empty() => {
-                return Err(param_error(ctx, "files.table is for model = \"import\""))
+            Pass1Params::Bigram(_) | Pass1Params::Import(_) if has_model => {
+                Err("inputs.model is only read by model = \"gpt\"".into())
             }
-            (Model::Gpt, true) => return run_in_worker(Task::Pass1, ctx),
-            (Model::Gpt, false) => {
-                return Err(param_error(
-                    ctx,
-                    "model = \"gpt\" needs inputs.model (a train node)",
-                ))
+            Pass1Params::Import(_) if !has_table => {
+                Err("model = \"import\" needs files.table".into())
             }
-            (_, true) => {
-                return Err(param_error(
-                    ctx,
-                    "inputs.model is only read by model = \"gpt\"",
-                ))
+            Pass1Params::Bigram(_) | Pass1Params::Gpt(_) if has_table => {
+                Err("files.table is for model = \"import\"".into())
             }
-            (_, false) => {}
+            _ => Ok(()),
         }
+    }
+
+    fn run(&self, ctx: &StageContext, params: Pass1Params) -> Result<StageReport, StageError> {
+        let connected: Vec<&str> = ctx.inputs.keys().map(String::as_str).collect();
+        let files: Vec<&str> = ctx
+            .files
+            .iter()
+            .filter(|(_, paths)| !paths.is_empty())
+            .map(|(role, _)| role.as_str())
+            .collect();
+        Self::check_wiring(&params, &connected, &files).map_err(|m| ctx.error(m))?;
         let tokens = ctx.input("tokens")?;
-        let (val, val_bytes) = read_val(tokens)?;
-        let table = match params.model {
-            Model::Bigram => {
-                if !ctx.files("table").is_empty() {
-                    return Err(param_error(ctx, "files.table is for model = \"import\""));
-                }
+        let table = match &params {
+            Pass1Params::Gpt(_) => return run_in_worker(Task::Pass1, ctx),
+            Pass1Params::Bigram(bigram) => {
+                let (val, val_bytes) = read_val(tokens)?;
                 let train_path = tokens.file("train.parquet");
                 let train = read_column::<UInt16Type>(&train_path, "token")?;
                 let vocab_size =
                     read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-                bigram_pass1(&train, &val, &val_bytes, vocab_size, &params)
+                bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram)
                     .map_err(|m| StageError::input(&train_path, m))?
             }
-            Model::Gpt => unreachable!("handled by the worker above"),
-            Model::Import => {
+            Pass1Params::Import(_) => {
+                let (_, val_bytes) = read_val(tokens)?;
                 let path = match ctx.files("table") {
                     [one] => one,
-                    _ => {
-                        return Err(param_error(
-                            ctx,
-                            "model = \"import\" needs exactly one files.table",
-                        ))
-                    }
+                    _ => return Err(ctx.error("model = \"import\" needs exactly one files.table")),
                 };
                 import_pass1(path, &val_bytes)?
             }
@@ -251,14 +276,7 @@ impl Stage for Pass1Stage {
         let report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
-        Ok(report.with("model", serde_json::to_value(params.model).unwrap()))
-    }
-}
-
-fn param_error(ctx: &StageContext, message: &str) -> StageError {
-    StageError::Param {
-        node: ctx.node.clone(),
-        message: message.to_string(),
+        Ok(report.with("model", params.model_name()))
     }
 }
 
@@ -289,13 +307,8 @@ pub struct Pass1Table {
     pub distributions: Vec<(i64, Vec<f32>)>,
 }
 
-/// `distributions.parquet`: one row per (sampled position, candidate token).
 pub fn distributions_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
-        Field::new("position", DataType::Int64, false),
-        Field::new("candidate", DataType::UInt16, false),
-        Field::new("model_p", DataType::Float32, false),
-    ]))
+    stage_api::arrow_schema(DISTRIBUTIONS_TABLE)
 }
 
 /// The `count` target positions in 1..=targets whose distributions pass-1 keeps: those
@@ -389,7 +402,7 @@ pub fn bigram_pass1(
     val: &[u16],
     val_bytes: &[u8],
     vocab_size: usize,
-    params: &Pass1Params,
+    params: &BigramParams,
 ) -> Result<Pass1Table, String> {
     if vocab_size > BIGRAM_MAX_VOCAB {
         return Err(format!("the bigram model keeps a dense table and supports vocabularies up to {BIGRAM_MAX_VOCAB} (this one has {vocab_size})"));
@@ -524,10 +537,12 @@ pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Tab
 mod tests {
     use super::*;
 
-    /// The GPT's options are all filled in (so writing a default keeps the recipe),
-    /// checked, and refused for the other models.
+    use stage_api::AnyStage;
+
+    /// Each source's parameters are all filled in (so writing a default keeps the
+    /// recipe), checked, and refused on another source with a message naming the owner.
     #[test]
-    fn gpt_options_are_canonical_and_only_for_the_gpt() {
+    fn each_model_has_its_own_canonical_parameters() {
         let stage = Pass1Stage;
         let implicit = stage
             .canonical_params(&serde_json::json!({ "model": "gpt" }))
@@ -539,6 +554,7 @@ mod tests {
             .unwrap();
         assert_eq!(implicit, explicit);
         assert_eq!(implicit["threads"], 2);
+        assert!(implicit.get("add_k").is_none(), "{implicit}");
         for zero in ["stride", "batch", "threads"] {
             let raw = serde_json::json!({ "model": "gpt", zero: 0 });
             assert!(stage.canonical_params(&raw).is_err(), "{zero} = 0 accepted");
@@ -546,10 +562,33 @@ mod tests {
         for option in ["stride", "batch", "threads"] {
             let raw = serde_json::json!({ "model": "bigram", option: 4 });
             let err = stage.canonical_params(&raw).unwrap_err().to_string();
-            assert!(err.contains("apply only to model = \"gpt\""), "{err}");
+            assert_eq!(
+                err,
+                format!("params.{option}: applies only to model = \"gpt\" (this node has model = \"bigram\")")
+            );
         }
-        let bigram = stage.canonical_params(&Value::Null).unwrap();
-        assert!(bigram.get("threads").is_none(), "{bigram}");
+        let err = stage
+            .canonical_params(&serde_json::json!({ "model": "import", "temperature": 1.0 }))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("applies only to model = \"bigram\" or model = \"gpt\""),
+            "{err}"
+        );
+        // No model is the bigram, written out.
+        let bigram = stage.canonical_params(&serde_json::Value::Null).unwrap();
+        assert_eq!(
+            bigram,
+            serde_json::json!({
+                "model": "bigram", "temperature": 0.85, "add_k": 0.1,
+                "mass_sample": 4096, "mass_seed": 1337
+            })
+        );
+        let err = stage
+            .canonical_params(&serde_json::json!({ "model": "lstm" }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `lstm`"), "{err}");
     }
 
     #[test]
@@ -557,7 +596,7 @@ mod tests {
         let train: Vec<u16> = (0..1000).map(|i| (i % 7) as u16).collect();
         let val: Vec<u16> = vec![0, 1, 2, 3, 0, 5];
         let bytes = vec![0, 1, 1, 1, 1, 1];
-        let params = Pass1Params::default();
+        let params = BigramParams::default();
         let table = bigram_pass1(&train, &val, &bytes, 8, &params).unwrap();
         assert_eq!(table.position, vec![1, 2, 3, 4, 5]);
         // 0 → 1 is what train always does: close to 1, and sharper than untempered.

@@ -23,8 +23,10 @@ mod tables;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use stage_api::{canonicalize, FileRole, Stage, StageContext, StageError, StageReport};
+use stage_api::{
+    Column, ColumnType::*, FileRole, Output, Stage, StageContext, StageError, StageParams,
+    StageReport, StageSpec,
+};
 
 pub use stats::TokenStatsStage;
 pub use tables::{TokenTable, TOKEN_TABLE_COLUMNS};
@@ -70,72 +72,77 @@ impl Default for TokenizeParams {
 
 pub struct TokenizeStage;
 
-const FILE_ROLES: &[FileRole] = &[
-    FileRole {
-        name: "corpus",
-        required: false,
-        help: "text: documents split into train/val by val_fraction",
-    },
-    FileRole {
-        name: "train",
-        required: false,
-        help: "text: documents that all go to train; shards: fineweb_train_*.bin",
-    },
-    FileRole {
-        name: "val",
-        required: false,
-        help: "text: documents that all go to val; shards: fineweb_val_*.bin",
-    },
-    FileRole {
-        name: "tokenizer",
-        required: false,
-        help: "shards: the SentencePiece .model",
-    },
+const TOKENS: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("token", U16),
+    Column::new("doc", U32),
+    Column::new("bytes", U8),
 ];
 
 impl Stage for TokenizeStage {
-    fn kind(&self) -> &'static str {
-        "tokenize"
-    }
+    type Params = TokenizeParams;
 
-    fn version(&self) -> u32 {
-        1
-    }
+    const SPEC: StageSpec = StageSpec {
+        kind: "tokenize",
+        version: 1,
+        summary: "text or shards -> train/val token tables, vocab, docs, tokenizer",
+        files: &[
+            FileRole {
+                name: "corpus",
+                required: false,
+                help: "text: documents split into train/val by val_fraction",
+            },
+            FileRole {
+                name: "train",
+                required: false,
+                help: "text: documents that all go to train; shards: fineweb_train_*.bin",
+            },
+            FileRole {
+                name: "val",
+                required: false,
+                help: "text: documents that all go to val; shards: fineweb_val_*.bin",
+            },
+            FileRole {
+                name: "tokenizer",
+                required: false,
+                help: "shards: the SentencePiece .model",
+            },
+        ],
+        outputs: &[
+            Output::table("train", TOKENS),
+            Output::table("val", TOKENS),
+            Output::table(
+                "vocab",
+                &[
+                    Column::new("id", U16),
+                    Column::new("piece", Utf8),
+                    Column::new("base_bytes", U8),
+                    Column::new("is_boundary", Bool),
+                    Column::new("has_leading_space", Bool),
+                    Column::new("kind", Utf8),
+                ],
+            ),
+            Output::table(
+                "docs",
+                &[
+                    Column::new("split", Utf8),
+                    Column::new("doc", U32),
+                    Column::new("source", Utf8),
+                    Column::new("line", U64),
+                    Column::new("bytes", U64),
+                    Column::new("tokens", U64),
+                ],
+            ),
+            Output::file_if("tokenizer.json", "source = \"text\": the BPE trained here"),
+            Output::file_if(
+                "tokenizer.model",
+                "source = \"shards\": a copy of files.tokenizer",
+            ),
+        ],
+        ..StageSpec::NONE
+    };
 
-    fn summary(&self) -> &'static str {
-        "text or shards -> train/val token tables, vocab, docs, tokenizer"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<TokenizeParams>(raw)?;
-        let params: TokenizeParams = serde_json::from_value(canonical.clone()).unwrap();
-        stage_api::check_param(
-            "vocab_size",
-            params.vocab_size,
-            1..=65536,
-            "tokens are stored as u16",
-        )?;
-        stage_api::check_param(
-            "val_truncate_multiple",
-            params.val_truncate_multiple,
-            0..=1 << 24,
-            "a window length",
-        )?;
-        if !(0.0..=1.0).contains(&params.val_fraction) {
-            return Err(StageError::invalid_param(
-                "val_fraction",
-                format!("{} is outside 0..=1", params.val_fraction),
-            ));
-        }
-        Ok(canonical)
-    }
-
-    fn file_roles(&self) -> &'static [FileRole] {
-        FILE_ROLES
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
-        let params: TokenizeParams = ctx.params_as()?;
+    fn run(&self, ctx: &StageContext, params: TokenizeParams) -> Result<StageReport, StageError> {
         match params.source {
             Source::Text => tokenize_text(ctx, &params),
             Source::Shards => import_shards(ctx, &params),
@@ -143,17 +150,33 @@ impl Stage for TokenizeStage {
     }
 }
 
-fn param_error(ctx: &StageContext, message: impl Into<String>) -> StageError {
-    StageError::Param {
-        node: ctx.node.clone(),
-        message: message.into(),
+impl StageParams for TokenizeParams {
+    fn validate(&self) -> Result<(), StageError> {
+        stage_api::check_param(
+            "vocab_size",
+            self.vocab_size,
+            1..=65536,
+            "tokens are stored as u16",
+        )?;
+        stage_api::check_param(
+            "val_truncate_multiple",
+            self.val_truncate_multiple,
+            0..=1 << 24,
+            "a window length",
+        )?;
+        if !(0.0..=1.0).contains(&self.val_fraction) {
+            return Err(StageError::invalid_param(
+                "val_fraction",
+                format!("{} is outside 0..=1", self.val_fraction),
+            ));
+        }
+        Ok(())
     }
 }
 
 fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageReport, StageError> {
     if !ctx.files("tokenizer").is_empty() {
-        return Err(param_error(
-            ctx,
+        return Err(ctx.error(
             "files.tokenizer is for source = \"shards\"; text sources train their own BPE",
         ));
     }
@@ -172,10 +195,7 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         .flat_map(|r| ctx.files(r))
         .collect();
     if all_files.is_empty() {
-        return Err(param_error(
-            ctx,
-            "no input files: set files.corpus (or files.train and files.val)",
-        ));
+        return Err(ctx.error("no input files: set files.corpus (or files.train and files.val)"));
     }
     if corpus_docs.is_empty() && train_docs.is_empty() && val_docs.is_empty() {
         return Err(StageError::input(
@@ -217,7 +237,7 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let train_texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
     let training = ctx.progress(1, "training BPE");
     training.enable_steady_tick(std::time::Duration::from_millis(200));
-    let tokenizer = bpe::train(&train_texts, params.vocab_size).map_err(|m| param_error(ctx, m))?;
+    let tokenizer = bpe::train(&train_texts, params.vocab_size).map_err(|m| ctx.error(m))?;
     training.finish_and_clear();
     let bos = tokenizer
         .token_to_id(bpe::BOS_PIECE)
@@ -294,30 +314,22 @@ fn import_shards(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let model_path = match ctx.files("tokenizer") {
         [one] => one,
         [] => {
-            return Err(param_error(
-                ctx,
-                "source = \"shards\" needs files.tokenizer (the SentencePiece .model)",
-            ))
+            return Err(
+                ctx.error("source = \"shards\" needs files.tokenizer (the SentencePiece .model)")
+            )
         }
         many => {
-            return Err(param_error(
-                ctx,
-                format!(
-                    "files.tokenizer matches {} files; name exactly one .model",
-                    many.len()
-                ),
-            ))
+            return Err(ctx.error(format!(
+                "files.tokenizer matches {} files; name exactly one .model",
+                many.len()
+            )))
         }
     };
     if ctx.files("val").is_empty() {
-        return Err(param_error(
-            ctx,
-            "source = \"shards\" needs files.val (fineweb_val_*.bin)",
-        ));
+        return Err(ctx.error("source = \"shards\" needs files.val (fineweb_val_*.bin)"));
     }
     if !ctx.files("corpus").is_empty() {
-        return Err(param_error(
-            ctx,
+        return Err(ctx.error(
             "files.corpus is for text sources; name shards under files.train and files.val",
         ));
     }

@@ -7,42 +7,50 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, RecordBatch, StringArray, UInt16Array, UInt64Array, UInt8Array,
 };
-use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use stage_api::{
-    canonicalize, read_parquet, write_parquet, ParquetLayout, Stage, StageContext, StageError,
-    StageReport,
+    read_parquet, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Read, Stage,
+    StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenStatsParams {}
 
+impl StageParams for TokenStatsParams {}
+
 pub struct TokenStatsStage;
 
+/// `token_counts`: one row per vocabulary entry.
+const TOKEN_COUNTS: &[Column] = &[
+    Column::new("token", U16),
+    Column::new("piece", Utf8),
+    Column::new("train_count", U64),
+    Column::new("val_count", U64),
+    Column::new("train_bytes", U64),
+    Column::new("val_bytes", U64),
+];
+
 impl Stage for TokenStatsStage {
-    fn kind(&self) -> &'static str {
-        "token-stats"
-    }
+    type Params = TokenStatsParams;
 
-    fn version(&self) -> u32 {
-        1
-    }
+    const SPEC: StageSpec = StageSpec {
+        kind: "token-stats",
+        version: 1,
+        summary: "token tables -> per-token counts and bytes in train and val",
+        inputs: &[Input::required(
+            "tokens",
+            &[
+                Read::table("vocab", &["piece"]),
+                Read::table("train", &["token", "bytes"]),
+                Read::table("val", &["token", "bytes"]),
+            ],
+        )],
+        outputs: &[Output::table("token_counts", TOKEN_COUNTS)],
+        ..StageSpec::NONE
+    };
 
-    fn summary(&self) -> &'static str {
-        "token tables -> per-token counts and bytes in train and val"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        canonicalize::<TokenStatsParams>(raw)
-    }
-
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens"]
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+    fn run(&self, ctx: &StageContext, _: TokenStatsParams) -> Result<StageReport, StageError> {
         let tokens = ctx.input("tokens")?;
         let vocab_path = tokens.file("vocab.parquet");
         let mut pieces: Vec<String> = Vec::new();
@@ -73,14 +81,7 @@ impl Stage for TokenStatsStage {
                 }
             }
         }
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("token", DataType::UInt16, false),
-            Field::new("piece", DataType::Utf8, false),
-            Field::new("train_count", DataType::UInt64, false),
-            Field::new("val_count", DataType::UInt64, false),
-            Field::new("train_bytes", DataType::UInt64, false),
-            Field::new("val_bytes", DataType::UInt64, false),
-        ]));
+        let schema = stage_api::arrow_schema(TOKEN_COUNTS);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(UInt16Array::from_iter_values(0..vocab_size as u16)),
             Arc::new(StringArray::from_iter_values(pieces.iter())),

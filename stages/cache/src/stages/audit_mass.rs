@@ -4,14 +4,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt8Array};
-use arrow::datatypes::{
-    DataType, Field, Float32Type, Int64Type, Schema, UInt16Type, UInt32Type, UInt8Type,
-};
+use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, write_parquet, ParquetLayout, Stage, StageContext, StageError,
-    StageReport,
+    read_column, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Read, Stage,
+    StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -26,22 +24,38 @@ pub struct AuditMassStage;
 #[serde(deny_unknown_fields)]
 pub struct AuditMassParams {}
 
+impl StageParams for AuditMassParams {}
+
+/// `mass`: one row per sampled position.
+const MASS: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("mass", F64),
+    Column::new("p_target", F64),
+    Column::new("bits", F64),
+    Column::new("bits_normalised", F64),
+    Column::new("bytes", U8),
+];
+
 impl Stage for AuditMassStage {
-    fn kind(&self) -> &'static str {
-        "audit-mass"
-    }
+    type Params = AuditMassParams;
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "pass-1 distributions + cache + calibration -> Σ_v p(v) at the sampled positions, and the BPB renormalised there"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        canonicalize::<AuditMassParams>(raw)
-    }
+    const SPEC: StageSpec = StageSpec {
+        kind: "audit-mass",
+        version: 1,
+        summary: "pass-1 distributions + cache + calibration -> Σ_v p(v) at the sampled positions, and the BPB renormalised there",
+        inputs: &[
+            CHAIN_INPUTS[0],
+            Input::required(
+                "pass1",
+                &[PASS1, Read::table("distributions", &["position", "candidate", "model_p"])],
+            ),
+            CHAIN_INPUTS[2],
+            CHAIN_INPUTS[3],
+        ],
+        outputs: &[Output::table("mass", MASS)],
+        metrics: &["mass_mean", "normalised_sample_bpb"],
+        ..StageSpec::NONE
+    };
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
         let get = |k: &str| report.get(k).and_then(Value::as_f64);
@@ -57,15 +71,7 @@ impl Stage for AuditMassStage {
         ))
     }
 
-    fn metrics(&self) -> &'static [&'static str] {
-        &["mass_mean", "normalised_sample_bpb"]
-    }
-
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens", "pass1", "cache", "calibration"]
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+    fn run(&self, ctx: &StageContext, _: AuditMassParams) -> Result<StageReport, StageError> {
         let blend = calibration_of(ctx)?.blend();
         let params = cache_params_of(ctx)?;
         let tokens_input = ctx.input("tokens")?;
@@ -126,7 +132,7 @@ impl Stage for AuditMassStage {
 
         let mut report = StageReport::default();
         let started = Instant::now();
-        let node_error = |e: crate::ConfigError| param_error(&ctx.node, e);
+        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
         let candidates = match params.mode {
             Mode::Reference => {
                 let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
@@ -175,14 +181,7 @@ impl Stage for AuditMassStage {
 
         let ln2 = std::f64::consts::LN_2;
         let bits = |p: f64| -p.max(PROBABILITY_FLOOR).ln() / ln2;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("position", DataType::Int64, false),
-            Field::new("mass", DataType::Float64, false),
-            Field::new("p_target", DataType::Float64, false),
-            Field::new("bits", DataType::Float64, false),
-            Field::new("bits_normalised", DataType::Float64, false),
-            Field::new("bytes", DataType::UInt8, false),
-        ]));
+        let schema = stage_api::arrow_schema(MASS);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from_iter_values(
                 masses.iter().map(|m| m.position as i64),

@@ -8,11 +8,10 @@ use arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt16Array, UInt32Array,
     UInt64Array, UInt8Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, UInt16Type};
-use serde_json::Value;
+use arrow::datatypes::{Schema, UInt16Type};
 use stage_api::{
-    canonicalize, read_column, write_parquet, write_parquet_parallel, ParquetLayout, Stage,
-    StageContext, StageError, StageReport,
+    read_column, write_parquet, write_parquet_parallel, Column, ColumnType::*, Input, Output,
+    ParquetLayout, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -21,34 +20,54 @@ use crate::phrase::{PhraseMatch, PhraseTables};
 
 pub struct CacheStage;
 
-impl Stage for CacheStage {
-    fn kind(&self) -> &'static str {
-        "cache"
-    }
+/// `matches`: one row per val position.
+const MATCHES_TABLE: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("ngram_order", U8),
+    Column::new("ngram_q", F64),
+    Column::new("ngram_context", U32),
+    Column::new("ngram_full", U32),
+    Column::new("phrase_length", U16),
+    Column::new("phrase_q", F64),
+    Column::new("phrase_context", U32),
+    Column::new("phrase_full", U32),
+];
 
-    fn version(&self) -> u32 {
-        2
-    }
+/// `cache_stats`: one row per n-gram order and phrase length.
+const CACHE_STATS: &[Column] = &[
+    Column::new("kind", Utf8),
+    Column::new("size", U16),
+    Column::new("matched", U64),
+    Column::new("mean_q", F64),
+    Column::nullable("buckets_used", U64),
+    Column::new("insertions_per_bucket", F64),
+];
 
-    fn summary(&self) -> &'static str {
-        "val tokens -> per-position n-gram and phrase matches, per-order statistics"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<CacheParams>(raw)?;
-        let params: CacheParams = serde_json::from_value(canonical.clone()).unwrap();
+impl StageParams for CacheParams {
+    fn validate(&self) -> Result<(), StageError> {
         let located = |e: crate::ConfigError| StageError::invalid_param(e.param(), e.to_string());
-        params.ngram().validate().map_err(located)?;
-        params.phrase().validate().map_err(located)?;
-        Ok(canonical)
+        self.ngram().validate().map_err(located)?;
+        self.phrase().validate().map_err(located)
     }
+}
 
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens"]
-    }
+impl Stage for CacheStage {
+    type Params = CacheParams;
 
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
-        let params: CacheParams = ctx.params_as()?;
+    const SPEC: StageSpec = StageSpec {
+        kind: "cache",
+        version: 2,
+        summary: "val tokens -> per-position n-gram and phrase matches, per-order statistics",
+        inputs: &[Input::required("tokens", &[VAL_TOKENS])],
+        outputs: &[
+            Output::table("matches", MATCHES_TABLE),
+            Output::table("cache_stats", CACHE_STATS),
+            Output::file("cache.json", "the parameters the tables were built with"),
+        ],
+        ..StageSpec::NONE
+    };
+
+    fn run(&self, ctx: &StageContext, params: CacheParams) -> Result<StageReport, StageError> {
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
         ctx.check_memory(
             crate::memory::cache_stage_peak_bytes(
@@ -67,7 +86,7 @@ impl Stage for CacheStage {
             ),
         )?;
         let mut report = StageReport::default();
-        let node_error = |e: crate::ConfigError| param_error(&ctx.node, e);
+        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
         // Either tables to look positions up in (reference), or all lookups at once
         // (causal, where a lookup is part of the single pass that builds the tables).
         let (reference, causal) = match params.mode {
@@ -214,17 +233,7 @@ impl Stage for CacheStage {
 }
 
 fn matches_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
-        Field::new("position", DataType::Int64, false),
-        Field::new("ngram_order", DataType::UInt8, false),
-        Field::new("ngram_q", DataType::Float64, false),
-        Field::new("ngram_context", DataType::UInt32, false),
-        Field::new("ngram_full", DataType::UInt32, false),
-        Field::new("phrase_length", DataType::UInt16, false),
-        Field::new("phrase_q", DataType::Float64, false),
-        Field::new("phrase_context", DataType::UInt32, false),
-        Field::new("phrase_full", DataType::UInt32, false),
-    ]))
+    stage_api::arrow_schema(MATCHES_TABLE)
 }
 
 fn matches_batch(
@@ -261,14 +270,7 @@ struct StatsRow {
 }
 
 fn write_stats(path: &Path, rows: &[StatsRow]) -> Result<u64, StageError> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("size", DataType::UInt16, false),
-        Field::new("matched", DataType::UInt64, false),
-        Field::new("mean_q", DataType::Float64, false),
-        Field::new("buckets_used", DataType::UInt64, true),
-        Field::new("insertions_per_bucket", DataType::Float64, false),
-    ]));
+    let schema = stage_api::arrow_schema(CACHE_STATS);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
         Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.size))),

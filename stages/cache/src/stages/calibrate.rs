@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use stage_api::{
-    canonicalize, write_parquet, ParquetLayout, Stage, StageContext, StageError, StageReport,
+    write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Stage, StageContext,
+    StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -45,28 +44,24 @@ pub struct CalibrateStage;
 /// The most values per calibration grid axis.
 const MAX_GRID_VALUES: usize = 1000;
 
-impl Stage for CalibrateStage {
-    fn kind(&self) -> &'static str {
-        "calibrate"
-    }
+/// `grid`: one row per (alpha_high, entropy_thresh) point.
+const GRID: &[Column] = &[
+    Column::new("alpha_high", F64),
+    Column::new("entropy_thresh", F64),
+    Column::new("objective_nats", F64),
+    Column::new("chosen", Bool),
+];
 
-    fn version(&self) -> u32 {
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "pass-1 + matches -> calibration grid and the chosen blend"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        let canonical = canonicalize::<CalibrateParams>(raw)?;
-        let p: CalibrateParams = serde_json::from_value(canonical.clone()).unwrap();
-        if p.alpha_high.is_empty() || p.entropy_thresh.is_empty() {
-            return Err(invalid_params("the calibration grid is empty"));
+impl StageParams for CalibrateParams {
+    fn validate(&self) -> Result<(), StageError> {
+        if self.alpha_high.is_empty() || self.entropy_thresh.is_empty() {
+            return Err(StageError::InvalidParams(
+                "the calibration grid is empty".into(),
+            ));
         }
         for (param, values) in [
-            ("alpha_high", &p.alpha_high),
-            ("entropy_thresh", &p.entropy_thresh),
+            ("alpha_high", &self.alpha_high),
+            ("entropy_thresh", &self.entropy_thresh),
         ] {
             if values.len() > MAX_GRID_VALUES {
                 return Err(StageError::invalid_param(
@@ -78,21 +73,38 @@ impl Stage for CalibrateStage {
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&p.fraction) {
-            return Err(invalid_params(format!(
+        if !(0.0..=1.0).contains(&self.fraction) {
+            return Err(StageError::InvalidParams(format!(
                 "fraction {} is outside 0..=1",
-                p.fraction
+                self.fraction
             )));
         }
-        Ok(canonical)
+        Ok(())
     }
+}
 
-    fn input_names(&self) -> &'static [&'static str] {
-        &["pass1", "cache"]
-    }
+impl Stage for CalibrateStage {
+    type Params = CalibrateParams;
 
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
-        let params: CalibrateParams = ctx.params_as()?;
+    const SPEC: StageSpec = StageSpec {
+        kind: "calibrate",
+        version: 2,
+        summary: "pass-1 + matches -> calibration grid and the chosen blend",
+        inputs: &[
+            Input::required("pass1", &[PASS1]),
+            Input::required("cache", &[MATCHES, CACHE_CONFIG]),
+        ],
+        outputs: &[
+            Output::table("grid", GRID),
+            Output::file(
+                "calibration.json",
+                "the chosen blend, every parameter of it",
+            ),
+        ],
+        ..StageSpec::NONE
+    };
+
+    fn run(&self, ctx: &StageContext, params: CalibrateParams) -> Result<StageReport, StageError> {
         let scored = load_entries(ctx)?;
         let cache_params = cache_params_of(ctx)?;
         let base = BlendParams {
@@ -117,12 +129,7 @@ impl Stage for CalibrateStage {
         let result = calibrate(&sample, &base, &grid);
         report.phase("grid", started);
 
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("alpha_high", DataType::Float64, false),
-            Field::new("entropy_thresh", DataType::Float64, false),
-            Field::new("objective_nats", DataType::Float64, false),
-            Field::new("chosen", DataType::Boolean, false),
-        ]));
+        let schema = stage_api::arrow_schema(GRID);
         let is_chosen = |a: f64, e: f64| a == result.alpha_high && e == result.entropy_thresh;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Float64Array::from_iter_values(

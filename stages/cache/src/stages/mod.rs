@@ -18,7 +18,7 @@ use std::path::Path;
 
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use serde::{Deserialize, Serialize};
-use stage_api::{read_column, StageContext, StageError};
+use stage_api::{read_column, Input, Read, StageContext, StageError};
 
 use crate::blend::{BlendParams, Entry};
 use crate::ngram::{NgramConfig, NgramMatch};
@@ -85,16 +85,30 @@ impl CacheParams {
     }
 }
 
-fn param_error(node: &str, message: impl std::fmt::Display) -> StageError {
-    StageError::Param {
-        node: node.to_string(),
-        message: message.to_string(),
-    }
-}
+// What the stages read from their inputs, declared once (see `stage_api::StageSpec`).
+const VAL_TOKENS: Read = Read::table("val", &["token", "bytes"]);
+const PASS1: Read = Read::table("pass1", &["position", "model_p", "entropy", "bytes"]);
+const MATCHES: Read = Read::table(
+    "matches",
+    &[
+        "ngram_order",
+        "ngram_context",
+        "ngram_full",
+        "phrase_length",
+        "phrase_context",
+        "phrase_full",
+    ],
+);
+const CACHE_CONFIG: Read = Read::file("cache.json");
+const CALIBRATION: Read = Read::file("calibration.json");
 
-fn invalid_params(message: impl std::fmt::Display) -> StageError {
-    StageError::InvalidParams(message.to_string())
-}
+/// The inputs of a stage downstream of calibration (`pass2`, `audit-mass`).
+const CHAIN_INPUTS: [Input; 4] = [
+    Input::required("tokens", &[VAL_TOKENS]),
+    Input::required("pass1", &[PASS1]),
+    Input::required("cache", &[MATCHES, CACHE_CONFIG]),
+    Input::required("calibration", &[CALIBRATION]),
+];
 
 /// Pass-1 entries and the cache's per-position matches, as columns; an [`Entry`] is
 /// assembled only when needed, so that a 62M-entry run never holds all entries at once.

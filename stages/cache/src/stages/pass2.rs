@@ -6,12 +6,12 @@ use std::time::Instant;
 use arrow::array::{
     ArrayRef, Float32Array, Float64Array, Int64Array, RecordBatch, UInt16Array, UInt8Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, UInt16Type};
+use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    canonicalize, read_column, write_parquet_parallel, ParquetLayout, Stage, StageContext,
-    StageError, StageReport,
+    read_column, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout, Stage,
+    StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -21,24 +21,36 @@ use crate::blend::PROBABILITY_FLOOR;
 #[serde(deny_unknown_fields)]
 pub struct Pass2Params {}
 
+impl StageParams for Pass2Params {}
+
 pub struct Pass2Stage;
 
+/// `scores`: one row per scored entry, in pass-1 order.
+const SCORES: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("token", U16),
+    Column::new("model_p", F32),
+    Column::new("p_ngram", F64),
+    Column::new("p_final", F64),
+    Column::new("bits", F64),
+    Column::new("bytes", U8),
+];
+
 impl Stage for Pass2Stage {
-    fn kind(&self) -> &'static str {
-        "pass2"
-    }
+    type Params = Pass2Params;
 
-    fn version(&self) -> u32 {
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall"
-    }
-
-    fn canonical_params(&self, raw: &Value) -> Result<Value, StageError> {
-        canonicalize::<Pass2Params>(raw)
-    }
+    const SPEC: StageSpec = StageSpec {
+        kind: "pass2",
+        version: 2,
+        summary: "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall",
+        inputs: &CHAIN_INPUTS,
+        outputs: &[
+            Output::table("scores", SCORES),
+            Output::file("summary.json", "the BPB waterfall and the blend it used"),
+        ],
+        metrics: &["ngram_bpb", "final_bpb", "alpha_high", "entropy_thresh"],
+        ..StageSpec::NONE
+    };
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
         let get = |k: &str| report.get(k).and_then(Value::as_f64);
@@ -54,15 +66,7 @@ impl Stage for Pass2Stage {
         ))
     }
 
-    fn metrics(&self) -> &'static [&'static str] {
-        &["ngram_bpb", "final_bpb", "alpha_high", "entropy_thresh"]
-    }
-
-    fn input_names(&self) -> &'static [&'static str] {
-        &["tokens", "pass1", "cache", "calibration"]
-    }
-
-    fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError> {
+    fn run(&self, ctx: &StageContext, _: Pass2Params) -> Result<StageReport, StageError> {
         let calibration = calibration_of(ctx)?;
         let blend = calibration.blend();
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
@@ -75,15 +79,7 @@ impl Stage for Pass2Stage {
         }
         let mut report = StageReport::default();
         let started = Instant::now();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("position", DataType::Int64, false),
-            Field::new("token", DataType::UInt16, false),
-            Field::new("model_p", DataType::Float32, false),
-            Field::new("p_ngram", DataType::Float64, false),
-            Field::new("p_final", DataType::Float64, false),
-            Field::new("bits", DataType::Float64, false),
-            Field::new("bytes", DataType::UInt8, false),
-        ]));
+        let schema = stage_api::arrow_schema(SCORES);
         let n = scored.len();
         // Row groups are blended and encoded in parallel; each returns its partial sums
         // (neural, after n-gram, final NLL in nats; bytes), reduced below in group order.

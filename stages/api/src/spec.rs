@@ -1,0 +1,520 @@
+//! What a stage declares about itself, before it runs: its kind and version, its inputs
+//! and what it reads from each, the raw files it takes, and the tables and files it
+//! produces.
+//!
+//! Like DataFusion's `TableProvider::schema()`, the declaration is the contract the rest
+//! of the system plans against: the pipeline checks every wiring against it when
+//! `pipeline.toml` is loaded (an input connected to a node that does not produce the
+//! table it reads fails at the input's line, not minutes later in the middle of a run),
+//! `cachemoney stages` prints it, and after every build the runner holds the stage's
+//! output directory to it ([`StageSpec::check_outputs`]), so a declaration cannot drift
+//! from what the code writes.
+
+use std::fmt;
+use std::fs::File;
+use std::path::Path;
+
+use arrow::datatypes::DataType;
+use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+
+use crate::FileRole;
+
+/// A stage's declaration. Build one with struct-update syntax from [`StageSpec::NONE`]:
+///
+/// ```
+/// use stage_api::{Column, ColumnType::*, Input, Output, Read, StageSpec};
+///
+/// const SPEC: StageSpec = StageSpec {
+///     kind: "token-stats",
+///     version: 1,
+///     summary: "token tables -> per-token counts",
+///     inputs: &[Input::required("tokens", &[Read::table("vocab", &["id", "piece"])])],
+///     outputs: &[Output::table("token_counts", &[Column::new("token", U16)])],
+///     ..StageSpec::NONE
+/// };
+/// assert_eq!(SPEC.output_names(), vec!["token_counts"]);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct StageSpec {
+    /// The name used in `pipeline.toml` (`stage = "tokenize"`).
+    pub kind: &'static str,
+    /// Bumped whenever the meaning of the outputs changes, so that old artifacts stop
+    /// being reused. Refactors that keep the bytes identical keep the version.
+    pub version: u32,
+    /// One line for listings.
+    pub summary: &'static str,
+    /// Upstream artifacts, by input name, and what the stage reads from each.
+    pub inputs: &'static [Input],
+    /// Named groups of raw files (the `files` table of a node).
+    pub files: &'static [FileRole],
+    /// What the stage writes: tables (`NAME.parquet`, queryable as `NODE.NAME`) and
+    /// other files.
+    pub outputs: &'static [Output],
+    /// The parameter that seeds this stage's randomness *as a run* (the record's `SEED`
+    /// for training), which `cachemoney run --seeds` sets to each seed in turn. A seed
+    /// that defines the data (a train/val split, a sample of positions) is not one: runs
+    /// with different run seeds must be comparable on the same data.
+    pub run_seed_param: Option<&'static str>,
+    /// Numeric keys of the stage's report worth comparing across runs (a BPB, a
+    /// calibrated parameter), in reading order.
+    pub metrics: &'static [&'static str],
+    /// A parameter that selects between parameter sets (`pass1`'s `model`), with its
+    /// values and the default: each value has its own parameters and defaults.
+    pub variants: Option<Variants>,
+}
+
+impl StageSpec {
+    /// The empty declaration, for struct-update syntax.
+    pub const NONE: StageSpec = StageSpec {
+        kind: "",
+        version: 0,
+        summary: "",
+        inputs: &[],
+        files: &[],
+        outputs: &[],
+        run_seed_param: None,
+        metrics: &[],
+        variants: None,
+    };
+
+    pub fn input(&self, name: &str) -> Option<&'static Input> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&'static Output> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+
+    pub fn output_names(&self) -> Vec<&'static str> {
+        self.outputs.iter().map(|o| o.name).collect()
+    }
+
+    /// Why `read` cannot be satisfied by what this stage produces, if it cannot: the
+    /// table or file is missing, or the table lacks a column.
+    pub fn cannot_provide(&self, read: &Read) -> Option<String> {
+        let Some(output) = self.output(read.name) else {
+            return Some("not produced".into());
+        };
+        match (&read.what, &output.what) {
+            (ReadKind::Table(columns), Produced::Table(produced)) => {
+                let missing: Vec<&str> = columns
+                    .iter()
+                    .copied()
+                    .filter(|c| !produced.iter().any(|p| p.name == *c))
+                    .collect();
+                (!missing.is_empty()).then(|| format!("no column {}", missing.join(", ")))
+            }
+            (ReadKind::File, Produced::File { .. }) => None,
+            (ReadKind::Table(_), Produced::File { .. }) => Some("a file, not a table".into()),
+            (ReadKind::File, Produced::Table(_)) => Some("a table, not a file".into()),
+        }
+    }
+
+    /// Holds a finished output directory to the declaration: every declared table is
+    /// there with exactly the declared columns and types, every unconditional file is
+    /// there, and nothing undeclared is. A failure is a bug in the stage, reported as one
+    /// line naming the file.
+    pub fn check_outputs(&self, dir: &Path) -> Result<(), String> {
+        let mut expected = std::collections::BTreeSet::new();
+        for output in self.outputs {
+            let file_name = output.file_name();
+            let path = dir.join(&file_name);
+            expected.insert(file_name.clone());
+            match &output.what {
+                Produced::Table(columns) => {
+                    let file = File::open(&path).map_err(|e| {
+                        format!(
+                            "stage '{}' declares table {} but wrote no {file_name} ({e})",
+                            self.kind, output.name
+                        )
+                    })?;
+                    let metadata = ArrowReaderMetadata::load(&file, Default::default())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    let written: Vec<String> = metadata
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| {
+                            column_text(
+                                f.name(),
+                                &ColumnType::name_of(f.data_type()),
+                                f.is_nullable(),
+                            )
+                        })
+                        .collect();
+                    let declared: Vec<String> = columns.iter().map(Column::to_string).collect();
+                    if written != declared {
+                        return Err(format!(
+                            "{}: stage '{}' v{} declares {}({}) but wrote ({})",
+                            path.display(),
+                            self.kind,
+                            self.version,
+                            output.name,
+                            declared.join(", "),
+                            written.join(", ")
+                        ));
+                    }
+                }
+                Produced::File { conditional, .. } => {
+                    if !conditional && !path.exists() {
+                        return Err(format!(
+                            "{}: stage '{}' declares this file but did not write it",
+                            path.display(),
+                            self.kind
+                        ));
+                    }
+                }
+            }
+        }
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in entries {
+            let name = entry
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            if !expected.contains(&name) {
+                return Err(format!(
+                    "{}: stage '{}' wrote a file it does not declare",
+                    dir.join(&name).display(),
+                    self.kind
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A selector parameter and its values (see [`StageSpec::variants`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Variants {
+    pub param: &'static str,
+    pub values: &'static [&'static str],
+    pub default: &'static str,
+}
+
+/// An upstream artifact a stage reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Input {
+    pub name: &'static str,
+    /// Optional inputs are read only under some parameters (`pass1`'s `model` input,
+    /// which only `model = "gpt"` reads).
+    pub required: bool,
+    /// The tables (with the columns it needs) and files it reads from the input.
+    pub reads: &'static [Read],
+}
+
+impl Input {
+    pub const fn required(name: &'static str, reads: &'static [Read]) -> Input {
+        Input {
+            name,
+            required: true,
+            reads,
+        }
+    }
+
+    pub const fn optional(name: &'static str, reads: &'static [Read]) -> Input {
+        Input {
+            name,
+            required: false,
+            reads,
+        }
+    }
+}
+
+/// One table (and the columns used) or one file read from an input.
+#[derive(Debug, Clone, Copy)]
+pub struct Read {
+    pub name: &'static str,
+    pub what: ReadKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ReadKind {
+    Table(&'static [&'static str]),
+    File,
+}
+
+impl Read {
+    pub const fn table(name: &'static str, columns: &'static [&'static str]) -> Read {
+        Read {
+            name,
+            what: ReadKind::Table(columns),
+        }
+    }
+
+    pub const fn file(name: &'static str) -> Read {
+        Read {
+            name,
+            what: ReadKind::File,
+        }
+    }
+}
+
+impl fmt::Display for Read {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.what {
+            ReadKind::Table(columns) => write!(f, "a table {}({})", self.name, columns.join(", ")),
+            ReadKind::File => write!(f, "a file {}", self.name),
+        }
+    }
+}
+
+/// A table or a file a stage writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// The table's name (its file is `NAME.parquet`), or the file's name.
+    pub name: &'static str,
+    pub what: Produced,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Produced {
+    Table(&'static [Column]),
+    File {
+        help: &'static str,
+        /// Written only under some parameters.
+        conditional: bool,
+    },
+}
+
+impl Output {
+    pub const fn table(name: &'static str, columns: &'static [Column]) -> Output {
+        Output {
+            name,
+            what: Produced::Table(columns),
+        }
+    }
+
+    pub const fn file(name: &'static str, help: &'static str) -> Output {
+        Output {
+            name,
+            what: Produced::File {
+                help,
+                conditional: false,
+            },
+        }
+    }
+
+    /// A file written only under some parameters (`help` says which).
+    pub const fn file_if(name: &'static str, help: &'static str) -> Output {
+        Output {
+            name,
+            what: Produced::File {
+                help,
+                conditional: true,
+            },
+        }
+    }
+
+    pub fn file_name(&self) -> String {
+        match self.what {
+            Produced::Table(_) => format!("{}.parquet", self.name),
+            Produced::File { .. } => self.name.to_string(),
+        }
+    }
+
+    pub fn is_table(&self) -> bool {
+        matches!(self.what, Produced::Table(_))
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.what {
+            Produced::Table(columns) => {
+                let columns: Vec<String> = columns.iter().map(Column::to_string).collect();
+                write!(f, "{}({})", self.name, columns.join(", "))
+            }
+            Produced::File { help, .. } => write!(f, "{}: {help}", self.name),
+        }
+    }
+}
+
+/// A declared column: name, type, and whether it may be null.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub name: &'static str,
+    pub ty: ColumnType,
+    pub nullable: bool,
+}
+
+impl Column {
+    pub const fn new(name: &'static str, ty: ColumnType) -> Column {
+        Column {
+            name,
+            ty,
+            nullable: false,
+        }
+    }
+
+    pub const fn nullable(name: &'static str, ty: ColumnType) -> Column {
+        Column {
+            name,
+            ty,
+            nullable: true,
+        }
+    }
+}
+
+impl fmt::Display for Column {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&column_text(self.name, self.ty.name(), self.nullable))
+    }
+}
+
+fn column_text(name: &str, ty: &str, nullable: bool) -> String {
+    format!("{name} {ty}{}", if nullable { "?" } else { "" })
+}
+
+/// The column types cachemoney's tables use, named the way Rust names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I64,
+    F32,
+    F64,
+    Utf8,
+}
+
+impl ColumnType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Bool => "bool",
+            ColumnType::U8 => "u8",
+            ColumnType::U16 => "u16",
+            ColumnType::U32 => "u32",
+            ColumnType::U64 => "u64",
+            ColumnType::I64 => "i64",
+            ColumnType::F32 => "f32",
+            ColumnType::F64 => "f64",
+            ColumnType::Utf8 => "utf8",
+        }
+    }
+
+    pub fn arrow(self) -> DataType {
+        match self {
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::U8 => DataType::UInt8,
+            ColumnType::U16 => DataType::UInt16,
+            ColumnType::U32 => DataType::UInt32,
+            ColumnType::U64 => DataType::UInt64,
+            ColumnType::I64 => DataType::Int64,
+            ColumnType::F32 => DataType::Float32,
+            ColumnType::F64 => DataType::Float64,
+            ColumnType::Utf8 => DataType::Utf8,
+        }
+    }
+
+    /// The name of an Arrow type as a declaration would write it (its Arrow name when no
+    /// declared type matches).
+    fn name_of(data_type: &DataType) -> String {
+        const ALL: [ColumnType; 9] = [
+            ColumnType::Bool,
+            ColumnType::U8,
+            ColumnType::U16,
+            ColumnType::U32,
+            ColumnType::U64,
+            ColumnType::I64,
+            ColumnType::F32,
+            ColumnType::F64,
+            ColumnType::Utf8,
+        ];
+        ALL.iter()
+            .find(|t| &t.arrow() == data_type)
+            .map(|t| t.name().to_string())
+            .unwrap_or_else(|| data_type.to_string())
+    }
+}
+
+/// The Arrow schema of a declared table, for writers that build theirs from the
+/// declaration.
+pub fn arrow_schema(columns: &[Column]) -> std::sync::Arc<arrow::datatypes::Schema> {
+    std::sync::Arc::new(arrow::datatypes::Schema::new(
+        columns
+            .iter()
+            .map(|c| arrow::datatypes::Field::new(c.name, c.ty.arrow(), c.nullable))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ColumnType::*;
+
+    const PRODUCER: StageSpec = StageSpec {
+        kind: "producer",
+        version: 1,
+        outputs: &[
+            Output::table("t", &[Column::new("a", I64), Column::nullable("b", F32)]),
+            Output::file("meta.json", "metadata"),
+            Output::file_if("extra.txt", "only sometimes"),
+        ],
+        ..StageSpec::NONE
+    };
+
+    #[test]
+    fn a_read_is_satisfied_by_a_table_with_the_columns_or_says_what_is_missing() {
+        assert_eq!(
+            PRODUCER.cannot_provide(&Read::table("t", &["b", "a"])),
+            None
+        );
+        assert_eq!(
+            PRODUCER
+                .cannot_provide(&Read::table("t", &["a", "c"]))
+                .as_deref(),
+            Some("no column c")
+        );
+        assert_eq!(
+            PRODUCER
+                .cannot_provide(&Read::table("u", &["a"]))
+                .as_deref(),
+            Some("not produced")
+        );
+        assert_eq!(PRODUCER.cannot_provide(&Read::file("meta.json")), None);
+        assert_eq!(
+            PRODUCER
+                .cannot_provide(&Read::table("meta.json", &[]))
+                .as_deref(),
+            Some("a file, not a table")
+        );
+    }
+
+    #[test]
+    fn outputs_are_held_to_the_declaration() {
+        let dir = std::env::temp_dir().join(format!("spec-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |columns: &[Column]| {
+            let schema = arrow_schema(columns);
+            let batch = arrow::array::RecordBatch::new_empty(schema.clone());
+            crate::write_parquet(&dir.join("t.parquet"), schema, [batch], &Default::default())
+                .unwrap();
+        };
+        write(&[Column::new("a", I64), Column::nullable("b", F32)]);
+        let missing_file = PRODUCER.check_outputs(&dir).unwrap_err();
+        assert!(missing_file.contains("meta.json"), "{missing_file}");
+        std::fs::write(dir.join("meta.json"), "{}").unwrap();
+        PRODUCER.check_outputs(&dir).unwrap();
+
+        write(&[Column::new("a", I64), Column::new("b", F64)]);
+        let wrong_type = PRODUCER.check_outputs(&dir).unwrap_err();
+        assert!(
+            wrong_type.ends_with("declares t(a i64, b f32?) but wrote (a i64, b f64)"),
+            "{wrong_type}"
+        );
+        write(&[Column::new("a", I64), Column::nullable("b", F32)]);
+        std::fs::write(dir.join("stray.bin"), "").unwrap();
+        let stray = PRODUCER.check_outputs(&dir).unwrap_err();
+        assert!(
+            stray.contains("stray.bin") && stray.contains("does not declare"),
+            "{stray}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
