@@ -8,7 +8,9 @@
 
 pub mod audit;
 pub mod bench;
+pub mod chain;
 pub mod commands;
+pub mod durable;
 pub mod filehash;
 pub mod memory;
 pub mod pipeline;
@@ -19,3 +21,4 @@ pub mod runner;
 pub mod seeds;
 pub mod sql;
 pub mod store;
+pub mod timestamps;

@@ -376,7 +376,7 @@ fn compare_before_anything_is_built_says_what_to_do() {
     p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
     let err = p.fails(&["compare"]);
     assert!(
-        err.contains("no pass2 node") && err.contains("cachemoney run"),
+        err.contains("no chain of") && err.contains("cachemoney run"),
         "{err}"
     );
 }

@@ -164,7 +164,7 @@ fn a_report_before_anything_is_built_is_a_one_line_error_and_writes_nothing() {
     let project = Project::small();
     project.write_pipeline(&neural_pipeline(&tiny_model(300), 20));
     let err = project.fails(&["report"]);
-    assert!(err.contains("no pass2 node of"), "{err}");
+    assert!(err.contains("no chain of"), "{err}");
     assert!(err.contains("run `cachemoney run` first"), "{err}");
     assert!(!project.path().join("report.html").exists());
 }

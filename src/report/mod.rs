@@ -5,19 +5,20 @@
 //! read, so a figure is as traceable as a number. The page is static (inline SVG and CSS,
 //! no script, nothing fetched), so it can be mailed, archived or opened offline.
 
+mod html;
 pub mod plots;
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::Path;
+pub use html::write;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use serde_json::{Map, Value};
 
+use crate::chain::{Chain, Products, MASS, TRAIN_LOG};
 use crate::pipeline::Pipeline;
 use crate::recipe::short;
+use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::seeds::SeedRow;
 use crate::sql::SqlSession;
@@ -27,11 +28,25 @@ use plots::{GridCell, Series};
 /// A built node and what its manifest says.
 struct Built<'a> {
     node: &'a str,
-    inputs: &'a BTreeMap<String, String>,
     manifest: Manifest,
+    /// Set when the node ends a chain (produces `scores`).
+    chain: Option<Chain>,
 }
 
 impl Built<'_> {
+    /// The chain's pass-1 node.
+    fn pass1(&self) -> &str {
+        self.chain
+            .as_ref()
+            .and_then(|c| c.pass1.as_deref())
+            .unwrap_or("?")
+    }
+    fn cache(&self) -> Option<&str> {
+        self.chain.as_ref().and_then(|c| c.cache.as_deref())
+    }
+    fn calibration(&self) -> Option<&str> {
+        self.chain.as_ref().and_then(|c| c.calibration.as_deref())
+    }
     fn number(&self, key: &str) -> Option<f64> {
         self.manifest.report.get(key).and_then(Value::as_f64)
     }
@@ -68,11 +83,14 @@ struct Section {
 /// Builds the page. `seed_rows` is the `seeds` table when the pipeline runs several seeds.
 pub async fn build(
     pipeline: &Pipeline,
+    registry: &Registry,
     store: &Store,
     resolved: &[Resolved],
     sql: &SqlSession,
     seed_rows: &[SeedRow],
 ) -> Result<(String, usize)> {
+    let products = Products::new(pipeline, registry);
+    let all_chains = products.chains();
     let mut built: Vec<Built> = Vec::new();
     for r in resolved {
         if let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) {
@@ -80,41 +98,41 @@ pub async fn build(
                 let node = pipeline.node(&r.node)?;
                 built.push(Built {
                     node: &node.name,
-                    inputs: &node.inputs,
                     manifest,
+                    chain: all_chains.iter().find(|c| c.scores == node.name).cloned(),
                 });
             }
         }
     }
-    let of_stage = |stage: &str| -> Vec<&Built> {
-        built.iter().filter(|b| b.manifest.stage == stage).collect()
-    };
-    let chains = of_stage("pass2");
-    if chains.is_empty() {
-        bail!(
-            "no pass2 node of {} is built yet; run `cachemoney run` first",
-            pipeline.path.display()
-        );
-    }
-    let audits = of_stage("audit-mass");
-    let audit_of = |chain: &Built| {
-        audits
+    let producing = |product: &str| -> Vec<&Built> {
+        let names: Vec<&str> = products
+            .producers(product)
             .iter()
-            .find(|a| a.inputs.get("calibration") == chain.inputs.get("calibration"))
-            .copied()
+            .map(|n| n.name.as_str())
+            .collect();
+        built.iter().filter(|b| names.contains(&b.node)).collect()
+    };
+    let chains: Vec<&Built> = built.iter().filter(|b| b.chain.is_some()).collect();
+    if chains.is_empty() {
+        return Err(crate::chain::none_built(pipeline));
+    }
+    let audits = producing(MASS);
+    let audit_of = |chain: &Built| {
+        let audit = chain.chain.as_ref()?.audit.as_deref()?;
+        audits.iter().find(|a| a.node == audit).copied()
     };
 
     let sections = vec![
         waterfalls(&chains)?,
         calibration_grids(&chains, &built, sql).await?,
         by_order_and_length(&chains, sql).await?,
-        training_curves(&of_stage("train"), sql).await?,
+        training_curves(&producing(TRAIN_LOG), sql).await?,
         implied_mass(&audits, sql).await?,
     ];
 
     let figures: usize = sections.iter().map(|s| s.figures.len()).sum();
     Ok((
-        render(pipeline, &chains, &audit_of, seed_rows, &sections),
+        html::render(pipeline, &chains, &audit_of, seed_rows, &sections),
         figures,
     ))
 }
@@ -142,7 +160,7 @@ fn waterfalls(chains: &[&Built]) -> Result<Section> {
             caption: format!(
                 "{}: neural {neural:.4} → after n-gram {ngram:.4} → final {fin:.4} BPB; pass-1 '{}', content {}",
                 chain.node,
-                chain.inputs.get("pass1").map_or("?", String::as_str),
+                chain.pass1(),
                 short(&chain.manifest.content_hash)
             ),
             query: None,
@@ -166,8 +184,7 @@ async fn calibration_grids(
     let mut seen = Vec::new();
     for chain in chains {
         let Some(calibration) = chain
-            .inputs
-            .get("calibration")
+            .calibration()
             .and_then(|c| built.iter().find(|b| b.node == c))
         else {
             continue;
@@ -225,7 +242,7 @@ async fn by_order_and_length(chains: &[&Built<'_>], sql: &SqlSession) -> Result<
     let mut by_order: [(Vec<Series>, Vec<Series>); 2] = Default::default();
     let mut queries = [String::new(), String::new()];
     for chain in chains {
-        let Some(cache) = chain.inputs.get("cache") else {
+        let Some(cache) = chain.cache() else {
             continue;
         };
         let total = chain
@@ -445,120 +462,6 @@ async fn implied_mass(audits: &[&Built<'_>], sql: &SqlSession) -> Result<Section
     })
 }
 
-fn render<'a>(
-    pipeline: &Pipeline,
-    chains: &[&'a Built<'a>],
-    audit_of: &dyn Fn(&Built) -> Option<&'a Built<'a>>,
-    seed_rows: &[SeedRow],
-    sections: &[Section],
-) -> String {
-    let mut html = String::new();
-    let _ = write!(
-        html,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>cachemoney report: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<h1>cachemoney report</h1>\n<p class=\"meta\">pipeline <code>{}</code> · cachemoney {} · every figure names the artifacts it read (content hashes) and the SQL it ran; <code>cachemoney sql</code> reruns it.</p>\n",
-        escape(&pipeline.path.display().to_string()),
-        escape(&pipeline.path.display().to_string()),
-        env!("CARGO_PKG_VERSION"),
-    );
-    html.push_str("<h2>Summary</h2>\n<table class=\"summary\">\n<tr><th>chain</th><th>mode</th><th>pass-1</th><th>neural</th><th>after n-gram</th><th>final</th><th>alpha_high</th><th>entropy_thresh</th><th>mass mean</th><th>renormalised BPB</th></tr>\n");
-    let cell =
-        |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |x| format!("{x:.digits$}"));
-    for chain in chains {
-        let audit = audit_of(chain);
-        let _ = writeln!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(chain.node),
-            escape(&chain.mode()),
-            escape(chain.inputs.get("pass1").map_or("?", String::as_str)),
-            cell(chain.number("neural_bpb"), 4),
-            cell(chain.number("ngram_bpb"), 4),
-            cell(chain.number("final_bpb"), 4),
-            cell(chain.number("alpha_high"), 2),
-            cell(chain.number("entropy_thresh"), 2),
-            cell(audit.and_then(|a| a.number("mass_mean")), 4),
-            cell(audit.and_then(|a| a.number("normalised_sample_bpb")), 4),
-        );
-    }
-    html.push_str("</table>\n");
-    if !seed_rows.is_empty() {
-        let seeds = &pipeline.seeds;
-        html.push_str("<h2>Seeds</h2>\n<p>Each metric per run seed, with the mean and sample standard deviation (the <code>seeds</code> table).</p>\n<table>\n<tr><th>node</th><th>metric</th>");
-        for seed in seeds {
-            let _ = write!(html, "<th>{seed}</th>");
-        }
-        html.push_str("<th>mean</th><th>std</th></tr>\n");
-        for group in seed_rows.chunk_by(|a, b| a.node == b.node && a.metric == b.metric) {
-            let _ = write!(
-                html,
-                "<tr><td>{}</td><td>{}</td>",
-                escape(&group[0].node),
-                escape(&group[0].metric)
-            );
-            for seed in seeds {
-                let v = group
-                    .iter()
-                    .find(|r| r.seed == Some(*seed))
-                    .and_then(|r| r.value);
-                let _ = write!(html, "<td>{}</td>", cell(v, 6));
-            }
-            for kind in ["mean", "std"] {
-                let v = group.iter().find(|r| r.kind == kind).and_then(|r| r.value);
-                let _ = write!(html, "<td>{}</td>", cell(v, 6));
-            }
-            html.push_str("</tr>\n");
-        }
-        html.push_str("</table>\n");
-    }
-    for section in sections {
-        let _ = writeln!(
-            html,
-            "<h2>{}</h2>\n<p>{}</p>",
-            escape(section.title),
-            escape(&section.intro)
-        );
-        if let Some(missing) = &section.missing {
-            let _ = writeln!(html, "<p class=\"missing\">{}</p>", escape(missing));
-        }
-        html.push_str("<div class=\"row\">\n");
-        for figure in &section.figures {
-            let _ = write!(
-                html,
-                "<figure class=\"plot\" id=\"{}\">\n{}\n<figcaption>{}",
-                escape(&figure.id),
-                strip_xml_declaration(&figure.svg),
-                escape(&figure.caption)
-            );
-            if let Some(query) = &figure.query {
-                let _ = write!(
-                    html,
-                    "<details><summary>SQL</summary><pre>{}</pre></details>",
-                    escape(query)
-                );
-            }
-            html.push_str("</figcaption>\n</figure>\n");
-        }
-        html.push_str("</div>\n");
-    }
-    html.push_str("</body>\n</html>\n");
-    html
-}
-
-/// Inline SVG in HTML takes no XML declaration.
-fn strip_xml_declaration(svg: &str) -> &str {
-    match svg.find("<svg") {
-        Some(start) => &svg[start..],
-        None => svg,
-    }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// A column of every batch as f64 (integers and floats cast), nulls as `None`.
 fn floats(batches: &[RecordBatch], name: &str) -> Result<Vec<Option<f64>>> {
     let mut out = Vec::new();
@@ -585,26 +488,3 @@ fn bools(batches: &[RecordBatch], name: &str) -> Result<Vec<bool>> {
     }
     Ok(out)
 }
-
-/// Writes the page next to its final name and renames it into place, so a reader never
-/// sees half a report.
-pub fn write(path: &Path, html: &str) -> Result<()> {
-    let tmp = path.with_extension(format!("html.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, html).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
-}
-
-const STYLE: &str = "
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
-h1 { margin-bottom: 0.2em; }
-h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-.meta, figcaption, .missing { color: #555; font-size: 0.9em; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #eee; text-align: right; }
-th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
-.summary td:nth-child(3), .summary th:nth-child(3) { text-align: left; }
-.row { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; width: min-content; }
-figure svg { display: block; }
-pre { white-space: pre-wrap; font-size: 0.85em; background: #f6f6f6; padding: 0.5em; }
-";

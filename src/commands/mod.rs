@@ -1,6 +1,5 @@
 //! The subcommands, over one loaded pipeline and its store.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
@@ -12,6 +11,14 @@ use crate::registry::Registry;
 use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
 use crate::sql::{self, Format, SqlSession};
 use crate::store::{verify_artifact, Manifest, Store, Stored};
+
+mod compare;
+mod sql_input;
+mod stages;
+
+pub use compare::CompareRow;
+use sql_input::{interactive, sql_runtime};
+pub use stages::stages;
 
 pub struct Session {
     pub pipeline: Pipeline,
@@ -167,135 +174,6 @@ impl Session {
                 ),
             };
             println!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
-        }
-        Ok(())
-    }
-
-    /// `cachemoney compare`: the BPB of every built `pass2` node side by side, grouped by
-    /// the pass-1 they score, so the leaky reference number and the honest ones are read
-    /// off one table.
-    pub fn compare(&self, json: bool) -> Result<()> {
-        let resolved = self.context().resolve()?;
-        let report_of = |node: &str| -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
-            let Some(r) = resolved.iter().find(|r| r.node == node) else {
-                return Ok(None);
-            };
-            Ok(match (&r.state, &r.recipe) {
-                (NodeState::Cached { .. }, Some(recipe)) => {
-                    self.store.manifest(&r.stage, recipe)?.map(|m| m.report)
-                }
-                _ => None,
-            })
-        };
-        let mut rows = Vec::new();
-        let mut unbuilt = Vec::new();
-        for node in self.pipeline.nodes.iter().filter(|n| n.stage == "pass2") {
-            let Some(report) = report_of(&node.name)? else {
-                let damaged = resolved
-                    .iter()
-                    .any(|r| r.node == node.name && matches!(r.state, NodeState::Damaged { .. }));
-                unbuilt.push(match damaged {
-                    true => format!("{} (damaged: `cachemoney status` says why)", node.name),
-                    false => node.name.clone(),
-                });
-                continue;
-            };
-            // An implied-mass audit of the same chain (same calibration), if built.
-            let mass = match self.pipeline.nodes.iter().find(|n| {
-                n.stage == "audit-mass"
-                    && n.inputs.get("calibration") == node.inputs.get("calibration")
-            }) {
-                Some(audit) => report_of(&audit.name)?,
-                None => None,
-            };
-            let mass_number = |key: &str| {
-                mass.as_ref()
-                    .and_then(|m| m.get(key))
-                    .and_then(|v| v.as_f64())
-            };
-            let pass1 = node.inputs.get("pass1").cloned().unwrap_or_default();
-            let model = self
-                .pipeline
-                .node(&pass1)
-                .ok()
-                .and_then(|n| n.params.get("model").and_then(|m| m.as_str()))
-                .unwrap_or("?")
-                .to_string();
-            let number = |key: &str| report.get(key).and_then(|v| v.as_f64());
-            rows.push(serde_json::json!({
-                "node": node.name,
-                "pass1": pass1,
-                "model": model,
-                "mode": report.get("mode").and_then(|v| v.as_str()).unwrap_or("?"),
-                "neural_bpb": number("neural_bpb"),
-                "ngram_bpb": number("ngram_bpb"),
-                "final_bpb": number("final_bpb"),
-                "alpha_high": number("alpha_high"),
-                "entropy_thresh": number("entropy_thresh"),
-                "entries": report.get("entries"),
-                "mass_mean": mass_number("mass_mean"),
-                "mass_max": mass_number("mass_max"),
-                "sample_bpb": mass_number("sample_bpb"),
-                "normalised_sample_bpb": mass_number("normalised_sample_bpb"),
-            }));
-        }
-        if rows.is_empty() {
-            bail!(
-                "no pass2 node of {} is built yet; run `cachemoney run` first",
-                self.pipeline.path.display()
-            );
-        }
-        if json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
-            return Ok(());
-        }
-        let mut groups: Vec<&str> = rows.iter().filter_map(|r| r["pass1"].as_str()).collect();
-        groups.dedup();
-        let bpb = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-        let param = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x}"));
-        for (i, pass1) in groups.iter().enumerate() {
-            let group: Vec<&serde_json::Value> =
-                rows.iter().filter(|r| r["pass1"] == *pass1).collect();
-            if i > 0 {
-                println!();
-            }
-            println!(
-                "pass-1 '{pass1}' (model {}, {} entries)",
-                group[0]["model"].as_str().unwrap_or("?"),
-                group[0]["entries"]
-            );
-            println!(
-                "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
-                "mode",
-                "node",
-                "neural",
-                "after n-gram",
-                "final",
-                "alpha_high",
-                "entropy_thresh",
-                "mass mean",
-                "renorm BPB"
-            );
-            for r in group {
-                let mass =
-                    |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
-                println!(
-                    "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
-                    r["mode"].as_str().unwrap_or("?"),
-                    r["node"].as_str().unwrap_or("?"),
-                    bpb(&r["neural_bpb"]),
-                    bpb(&r["ngram_bpb"]),
-                    bpb(&r["final_bpb"]),
-                    param(&r["alpha_high"]),
-                    param(&r["entropy_thresh"]),
-                    mass(&r["mass_mean"]),
-                    mass(&r["normalised_sample_bpb"]),
-                );
-            }
-        }
-        println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node ('-': none built)");
-        if !unbuilt.is_empty() {
-            println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
         }
         Ok(())
     }
@@ -479,7 +357,15 @@ impl Session {
         let runtime = sql_runtime()?;
         let (html, figures) = runtime.block_on(async {
             let session = SqlSession::open(&self.store, &resolved).await?;
-            crate::report::build(&self.pipeline, &self.store, &resolved, &session, &seed_rows).await
+            crate::report::build(
+                &self.pipeline,
+                &self.registry,
+                &self.store,
+                &resolved,
+                &session,
+                &seed_rows,
+            )
+            .await
         })?;
         crate::report::write(out, &html)?;
         if !quiet {
@@ -656,205 +542,4 @@ fn print_ingredients(node: &str, recipe: &str, ingredients: &Ingredients, pipeli
     }
     println!("recipe   {recipe}");
     println!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
-}
-
-/// Gathers input lines into statements: a backslash command is one line, SQL runs when a
-/// line ends with `;`.
-#[derive(Default)]
-struct StatementBuffer {
-    text: String,
-    /// The line the statement in progress started on (1-based).
-    first_line: usize,
-    lines: usize,
-}
-
-impl StatementBuffer {
-    fn is_empty(&self) -> bool {
-        self.text.is_empty()
-    }
-
-    /// Adds a line; returns a complete statement and the line it started on.
-    fn push(&mut self, line: &str) -> Option<(String, usize)> {
-        self.lines += 1;
-        let trimmed = line.trim();
-        if trimmed.is_empty() || (self.text.is_empty() && trimmed.starts_with("--")) {
-            return None;
-        }
-        if self.text.is_empty() {
-            self.first_line = self.lines;
-        } else {
-            self.text.push('\n');
-        }
-        self.text.push_str(trimmed);
-        let complete = self.text.starts_with('\\') || self.text.ends_with(';');
-        complete.then(|| self.take()).flatten()
-    }
-
-    /// What is left, as a statement (input ended without its `;`).
-    fn take(&mut self) -> Option<(String, usize)> {
-        let text = std::mem::take(&mut self.text);
-        (!text.trim().is_empty()).then_some((text, self.first_line))
-    }
-}
-
-fn is_quit(line: &str) -> bool {
-    matches!(line.trim(), "\\q" | "exit" | "quit")
-}
-
-/// `cachemoney sql` without a query: a prompt on a terminal; otherwise a script read from
-/// standard input, which stops at the first error (so a failing script fails).
-async fn interactive(session: &SqlSession, format: Format) -> Result<()> {
-    if !std::io::stdin().is_terminal() {
-        return script(session, format).await;
-    }
-    println!(
-        "cachemoney sql: {} tables; \\d lists them, \\q quits, statements end with ';'",
-        session.tables.len()
-    );
-    let mut editor =
-        rustyline::DefaultEditor::new().map_err(|e| anyhow!("cannot start the prompt: {e}"))?;
-    let mut buffer = StatementBuffer::default();
-    loop {
-        let prompt = if buffer.is_empty() {
-            "cachemoney> "
-        } else {
-            "        ...> "
-        };
-        let line = match editor.readline(prompt) {
-            Ok(line) => line,
-            Err(rustyline::error::ReadlineError::Interrupted) => {
-                buffer = StatementBuffer::default();
-                continue;
-            }
-            Err(rustyline::error::ReadlineError::Eof) => break,
-            Err(e) => bail!("prompt failed: {e}"),
-        };
-        if buffer.is_empty() && is_quit(&line) {
-            break;
-        }
-        let Some((statement, _)) = buffer.push(&line) else {
-            continue;
-        };
-        let _ = editor.add_history_entry(statement.as_str());
-        match sql::execute(session, &statement, format).await {
-            Ok(text) => println!("{text}"),
-            Err(e) => eprintln!("error: {e:#}"),
-        }
-    }
-    Ok(())
-}
-
-async fn script(session: &SqlSession, format: Format) -> Result<()> {
-    use std::io::BufRead;
-    let mut buffer = StatementBuffer::default();
-    let mut statements = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        let line = line.map_err(|e| anyhow!("standard input: {e}"))?;
-        if buffer.is_empty() && is_quit(&line) {
-            break;
-        }
-        statements.extend(buffer.push(&line));
-        for (statement, first_line) in statements.drain(..) {
-            run_statement(session, &statement, first_line, format).await?;
-        }
-    }
-    if let Some((statement, first_line)) = buffer.take() {
-        run_statement(session, &statement, first_line, format).await?;
-    }
-    Ok(())
-}
-
-async fn run_statement(
-    session: &SqlSession,
-    statement: &str,
-    first_line: usize,
-    format: Format,
-) -> Result<()> {
-    let text = sql::execute(session, statement, format)
-        .await
-        .map_err(|e| anyhow!("standard input, line {first_line}: {e:#}"))?;
-    println!("{text}");
-    Ok(())
-}
-
-/// DataFusion runs on tokio; its pool is sized like the stages' (`--threads`).
-fn sql_runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(rayon::current_num_threads().max(1))
-        .enable_all()
-        .build()?)
-}
-
-/// `cachemoney stages`: every stage's declaration.
-pub fn stages() {
-    let registry = Registry::with_builtin_stages();
-    for kind in registry.kinds() {
-        let stage = registry.get(kind).expect("listed");
-        let spec = stage.spec();
-        println!("{kind} (v{}): {}", spec.version, spec.summary);
-        if !spec.inputs.is_empty() {
-            println!("  inputs:");
-        }
-        for input in spec.inputs {
-            let reads: Vec<String> = input
-                .reads
-                .iter()
-                .map(|r| match r.what {
-                    stage_api::ReadKind::Table(columns) => {
-                        format!("{}({})", r.name, columns.join(", "))
-                    }
-                    stage_api::ReadKind::File => r.name.to_string(),
-                })
-                .collect();
-            let optional = if input.required { "" } else { " (optional)" };
-            println!(
-                "    {:<12} reads {}{optional}",
-                input.name,
-                reads.join(", ")
-            );
-        }
-        println!("  outputs:");
-        for output in spec.outputs {
-            println!("    {output}");
-        }
-        if let Some(param) = spec.run_seed_param {
-            println!("  run seed: params.{param} (set per seed by --seeds)");
-        }
-        if !spec.metrics.is_empty() {
-            println!("  metrics: {}", spec.metrics.join(", "));
-        }
-        for role in spec.files {
-            println!(
-                "  files.{:<10} {}{}",
-                role.name,
-                role.help,
-                if role.required { " (required)" } else { "" }
-            );
-        }
-        let print_defaults = |raw: serde_json::Value, skip: Option<&str>, indent: &str| {
-            if let Ok(serde_json::Value::Object(map)) = stage.canonical_params(&raw) {
-                for (key, value) in map.iter().filter(|(k, _)| Some(k.as_str()) != skip) {
-                    println!("{indent}params.{key:<22} default {value}");
-                }
-            }
-        };
-        match spec.variants {
-            None => print_defaults(serde_json::Value::Null, None, "  "),
-            Some(variants) => {
-                for value in variants.values {
-                    let default = if *value == variants.default {
-                        " (the default)"
-                    } else {
-                        ""
-                    };
-                    println!("  params.{} = \"{value}\"{default}", variants.param);
-                    print_defaults(
-                        serde_json::json!({ variants.param: value }),
-                        Some(variants.param),
-                        "    ",
-                    );
-                }
-            }
-        }
-    }
 }

@@ -1,0 +1,153 @@
+//! "The chain" a cachemoney number comes from: a pass-1 table, the cache's matches, the
+//! calibrated blend, the per-entry scores, and the implied-mass audit of the same blend.
+//!
+//! `compare` and `report` both read chains. They find them from what the nodes' stages
+//! declare they produce ([`stage_api::StageSpec::outputs`]), never from stage names: a
+//! chain ends at a node that produces a `scores` table, and its other members are the
+//! upstream nodes that produce the tables and files it was wired to. A new stage that
+//! produces `scores` from the same inputs joins the comparison without a change here.
+
+use crate::pipeline::{Node, Pipeline};
+use crate::registry::Registry;
+
+/// Per-entry scores with `bits` and `bytes`: where a chain ends.
+pub const SCORES: &str = "scores";
+/// The per-entry model probabilities a chain starts from.
+pub const PASS1: &str = "pass1";
+/// The cache's per-position matches.
+pub const MATCHES: &str = "matches";
+/// The calibrated blend.
+pub const CALIBRATION: &str = "calibration.json";
+/// The implied-mass audit's per-position table.
+pub const MASS: &str = "mass";
+/// A training run's per-step log.
+pub const TRAIN_LOG: &str = "train_log";
+
+/// The error of `compare` and `report` when no chain is built.
+pub fn none_built(pipeline: &Pipeline) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no chain of {} is built yet (no node that produces a scores table, such as a pass2 node); run `cachemoney run` first",
+        pipeline.path.display()
+    )
+}
+
+/// The nodes of one chain, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The node that produces `scores` (in the default pipeline, a `pass2` node).
+    pub scores: String,
+    /// Its input that produces `pass1`.
+    pub pass1: Option<String>,
+    /// Its input that produces `matches`.
+    pub cache: Option<String>,
+    /// Its input that produces `calibration.json`.
+    pub calibration: Option<String>,
+    /// A node that produces `mass` from the same pass-1, cache and calibration.
+    pub audit: Option<String>,
+}
+
+/// What the nodes of a pipeline produce, from their stages' declarations.
+pub struct Products<'a> {
+    pipeline: &'a Pipeline,
+    registry: &'a Registry,
+}
+
+impl<'a> Products<'a> {
+    pub fn new(pipeline: &'a Pipeline, registry: &'a Registry) -> Self {
+        Products { pipeline, registry }
+    }
+
+    /// Whether `node`'s stage declares an output (table or file) called `product`.
+    pub fn produces(&self, node: &Node, product: &str) -> bool {
+        self.registry
+            .get(&node.stage)
+            .is_some_and(|stage| stage.spec().output(product).is_some())
+    }
+
+    /// The nodes that produce `product`, in run order.
+    pub fn producers(&self, product: &str) -> Vec<&'a Node> {
+        self.pipeline
+            .nodes
+            .iter()
+            .filter(|n| self.produces(n, product))
+            .collect()
+    }
+
+    /// The upstream node wired into `node` that produces `product`.
+    fn input_producing(&self, node: &Node, product: &str) -> Option<String> {
+        node.inputs
+            .values()
+            .find(|up| {
+                self.pipeline
+                    .node(up)
+                    .is_ok_and(|up| self.produces(up, product))
+            })
+            .cloned()
+    }
+
+    /// Every chain of the pipeline, in run order of their `scores` nodes.
+    pub fn chains(&self) -> Vec<Chain> {
+        self.producers(SCORES)
+            .into_iter()
+            .map(|node| {
+                let member = |product| self.input_producing(node, product);
+                let (pass1, cache, calibration) =
+                    (member(PASS1), member(MATCHES), member(CALIBRATION));
+                let audit = self
+                    .producers(MASS)
+                    .into_iter()
+                    .find(|a| {
+                        let of = |product| self.input_producing(a, product);
+                        calibration.is_some()
+                            && of(CALIBRATION) == calibration
+                            && of(MATCHES) == cache
+                            && of(PASS1) == pass1
+                    })
+                    .map(|a| a.name.clone());
+                Chain {
+                    scores: node.name.clone(),
+                    pass1,
+                    cache,
+                    calibration,
+                    audit,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_are_found_from_declared_outputs() {
+        let registry = Registry::with_builtin_stages();
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml"),
+        )
+        .unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml");
+        let pipeline = Pipeline::parse(&path, &text, &registry).unwrap();
+        let chains = Products::new(&pipeline, &registry).chains();
+        let mut names: Vec<&str> = chains.iter().map(|c| c.scores.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["scores", "scores_causal", "scores_normalised"]);
+        assert_eq!(
+            *chains.iter().find(|c| c.scores == "scores_causal").unwrap(),
+            Chain {
+                scores: "scores_causal".into(),
+                pass1: Some("pass1".into()),
+                cache: Some("cache_causal".into()),
+                calibration: Some("calibration_causal".into()),
+                audit: Some("mass_causal".into()),
+            }
+        );
+        let trained: Vec<&str> = Products::new(&pipeline, &registry)
+            .producers(TRAIN_LOG)
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(trained, ["model"]);
+    }
+}
