@@ -136,6 +136,7 @@ impl Pipeline {
         };
 
         let mut nodes = BTreeMap::new();
+        let mut miswired = None;
         for (name, spanned) in &file.nodes {
             let node_at = at(Some(spanned.span()));
             if let Some(problem) = node_name_problem(name) {
@@ -203,12 +204,14 @@ impl Pipeline {
                         .iter()
                         .find(|read| produced.cannot_provide(read).is_some())
                     {
-                        bail!(
+                        // Reported after the cycle check: in a cycle, some input is
+                        // always miswired too, and the cycle is the mistake to fix.
+                        miswired.get_or_insert_with(|| anyhow!(
                             "{input_at}: node '{name}': input '{input}' expects {read}; node '{}' ({}) produces {}",
                             upstream.get_ref(),
                             produced.kind,
                             list_or_none(produced.outputs.iter().map(|o| o.name))
-                        );
+                        ));
                     }
                 }
                 inputs.insert(input.clone(), upstream.get_ref().clone());
@@ -290,6 +293,9 @@ impl Pipeline {
                 cycle.join(" → ")
             )
         })?;
+        if let Some(error) = miswired {
+            return Err(error);
+        }
         let store_dir = base.join(file.store.as_deref().unwrap_or("artifacts"));
         Ok(Pipeline {
             path: path.to_path_buf(),

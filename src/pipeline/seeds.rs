@@ -136,6 +136,7 @@ pub(super) fn check_seeds(seeds: &[u64]) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn for_seeds_copies_what_depends_on_the_training_seed_and_shares_the_rest() {

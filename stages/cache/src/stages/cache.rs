@@ -15,6 +15,7 @@ use stage_api::{
 };
 
 use super::*;
+use crate::figures::MatchStats;
 use crate::ngram::{NgramMatch, NgramTables};
 use crate::phrase::{PhraseMatch, PhraseTables};
 
@@ -87,9 +88,7 @@ impl Stage for CacheStage {
         )?;
         let mut report = StageReport::default();
         let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
-        // Either tables to look positions up in (reference), or all lookups at once
-        // (causal, where a lookup is part of the single pass that builds the tables).
-        let (reference, causal) = match params.mode {
+        let lookups = match params.mode {
             Mode::Reference => {
                 let started = Instant::now();
                 let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
@@ -97,7 +96,7 @@ impl Stage for CacheStage {
                 let started = Instant::now();
                 let phrase = PhraseTables::build(&tokens, &params.phrase()).map_err(node_error)?;
                 report.phase("phrase_build", started);
-                (Some((ngram, phrase)), None)
+                Lookups::Tables(ngram, phrase)
             }
             Mode::Causal => {
                 let started = Instant::now();
@@ -108,7 +107,7 @@ impl Stage for CacheStage {
                 let phrase =
                     crate::causal::phrase_lookups(&tokens, &params.phrase()).map_err(node_error)?;
                 report.phase("phrase_causal_pass", started);
-                (None, Some((ngram, phrase)))
+                Lookups::Made(ngram, phrase)
             }
             Mode::CausalNormalised => {
                 let started = Instant::now();
@@ -119,69 +118,33 @@ impl Stage for CacheStage {
                 let phrase = crate::normalised::phrase_lookups(&tokens, &params.phrase())
                     .map_err(node_error)?;
                 report.phase("phrase_exact_pass", started);
-                (None, Some((ngram, phrase)))
+                Lookups::Made(ngram, phrase)
             }
         };
 
         // Lookups chunk by chunk, straight into Parquet, so that in reference mode the
         // per-position results are never all in memory at once.
         let started = Instant::now();
-        let mut ngram_stats = vec![(0u64, 0f64); params.ngram_max_order + 1];
-        let mut phrase_stats =
-            vec![(0u64, 0f64); params.phrase_lengths.iter().max().copied().unwrap_or(0) + 1];
+        let max_length = params.phrase_lengths.iter().max().copied().unwrap_or(0);
         let schema = matches_schema();
         let bar = ctx.progress(tokens.len() as u64, "cache lookups");
-        let (ngram_len, phrase_len) = (ngram_stats.len(), phrase_stats.len());
         let per_group = write_parquet_parallel(
             &ctx.output("matches.parquet"),
             schema.clone(),
             tokens.len(),
             &ParquetLayout::delta(&["position"]),
             |range| {
-                let (ng, ph) = match (&reference, &causal) {
-                    (Some((ngram, phrase)), _) => (
-                        ngram.lookup_range(&tokens, range.clone()),
-                        phrase.lookup_range(&tokens, range.clone()),
-                    ),
-                    (_, Some((ngram, phrase))) => (
-                        ngram[range.clone()].to_vec(),
-                        phrase[range.clone()].to_vec(),
-                    ),
-                    _ => unreachable!("one mode is set"),
-                };
-                // Statistics over targets 1..T (position 0 is never scored).
-                let mut ngram_part = vec![(0u64, 0f64); ngram_len];
-                let mut phrase_part = vec![(0u64, 0f64); phrase_len];
-                for (i, (n, p)) in ng.iter().zip(&ph).enumerate() {
-                    if range.start + i == 0 {
-                        continue;
-                    }
-                    if n.matched() {
-                        ngram_part[n.order as usize].0 += 1;
-                        ngram_part[n.order as usize].1 += n.q();
-                    }
-                    if p.matched() {
-                        phrase_part[p.length as usize].0 += 1;
-                        phrase_part[p.length as usize].1 += p.q();
-                    }
-                }
+                let (ng, ph) = lookups.range(&tokens, range.clone());
+                let mut stats = MatchStats::new(params.ngram_max_order, max_length);
+                stats.add(range.start, &ng, &ph);
                 bar.inc(range.len() as u64);
-                Ok((
-                    matches_batch(&schema, range.start, &ng, &ph),
-                    (ngram_part, phrase_part),
-                ))
+                Ok((matches_batch(&schema, range.start, &ng, &ph), stats))
             },
         )?;
         // Partial sums reduced in row-group order: the same on any number of threads.
-        for (ngram_part, phrase_part) in per_group {
-            for (total, part) in ngram_stats.iter_mut().zip(ngram_part) {
-                total.0 += part.0;
-                total.1 += part.1;
-            }
-            for (total, part) in phrase_stats.iter_mut().zip(phrase_part) {
-                total.0 += part.0;
-                total.1 += part.1;
-            }
+        let mut stats = MatchStats::new(params.ngram_max_order, max_length);
+        for part in &per_group {
+            stats.merge(part);
         }
         bar.finish_and_clear();
         report.phase("lookups_and_write", started);
@@ -192,7 +155,12 @@ impl Stage for CacheStage {
         let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
         let mut rows = Vec::new();
         let ngram_orders = params.ngram_min_order..=params.ngram_max_order;
-        for (order, &(matched, q_sum)) in ngram_stats
+        let tables = match &lookups {
+            Lookups::Tables(ngram, phrase) => Some((ngram, phrase)),
+            Lookups::Made(..) => None,
+        };
+        for (order, &slot) in stats
+            .ngram
             .iter()
             .enumerate()
             .filter(|(o, _)| ngram_orders.contains(o))
@@ -200,35 +168,58 @@ impl Stage for CacheStage {
             rows.push(StatsRow {
                 kind: "ngram",
                 size: order as u16,
-                matched,
-                mean_q: q_sum / matched.max(1) as f64,
-                buckets_used: reference
-                    .as_ref()
-                    .and_then(|(ngram, _)| used(ngram.ctx_table(order))),
+                matched: slot.0,
+                mean_q: MatchStats::mean_q(slot),
+                buckets_used: tables.and_then(|(ngram, _)| used(ngram.ctx_table(order))),
                 insertions_per_bucket: insertions(order - 1) / params.ngram_buckets as f64,
             });
         }
-        let phrase_used = reference.as_ref().and_then(|(_, phrase)| used(&phrase.ctx));
+        let phrase_used = tables.and_then(|(_, phrase)| used(&phrase.ctx));
         for &length in &params.phrase_lengths {
-            let (matched, q_sum) = phrase_stats[length];
+            let slot = stats.phrase[length];
             rows.push(StatsRow {
                 kind: "phrase",
                 size: length as u16,
-                matched,
-                mean_q: q_sum / matched.max(1) as f64,
+                matched: slot.0,
+                mean_q: MatchStats::mean_q(slot),
                 buckets_used: phrase_used,
                 insertions_per_bucket: insertions(length) / params.phrase_buckets as f64,
             });
         }
         write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
         write_json(&ctx.output("cache.json"), &params)?;
-        let ngram_matched: u64 = ngram_stats.iter().map(|s| s.0).sum();
-        let phrase_matched: u64 = phrase_stats.iter().map(|s| s.0).sum();
+        let ngram_matched: u64 = stats.ngram.iter().map(|s| s.0).sum();
+        let phrase_matched: u64 = stats.phrase.iter().map(|s| s.0).sum();
         Ok(report
             .with("mode", serde_json::to_value(params.mode).unwrap())
             .with("positions", tokens.len() as u64)
             .with("ngram_matched", ngram_matched)
             .with("phrase_matched", phrase_matched))
+    }
+}
+
+/// Where a position's matches come from.
+enum Lookups {
+    /// Reference mode: finished tables over every position, looked up chunk by chunk.
+    Tables(NgramTables, PhraseTables),
+    /// The causal modes: a lookup is part of the single pass that builds the tables, so
+    /// all of them are made up front.
+    Made(Vec<NgramMatch>, Vec<PhraseMatch>),
+}
+
+impl Lookups {
+    fn range(
+        &self,
+        tokens: &[u16],
+        range: std::ops::Range<usize>,
+    ) -> (Vec<NgramMatch>, Vec<PhraseMatch>) {
+        match self {
+            Lookups::Tables(ngram, phrase) => (
+                ngram.lookup_range(tokens, range.clone()),
+                phrase.lookup_range(tokens, range),
+            ),
+            Lookups::Made(ngram, phrase) => (ngram[range.clone()].to_vec(), phrase[range].to_vec()),
+        }
     }
 }
 

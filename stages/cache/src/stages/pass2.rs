@@ -15,7 +15,7 @@ use stage_api::{
 };
 
 use super::*;
-use crate::blend::PROBABILITY_FLOOR;
+use crate::figures::Waterfall;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,8 +81,8 @@ impl Stage for Pass2Stage {
         let started = Instant::now();
         let schema = stage_api::arrow_schema(SCORES);
         let n = scored.len();
-        // Row groups are blended and encoded in parallel; each returns its partial sums
-        // (neural, after n-gram, final NLL in nats; bytes), reduced below in group order.
+        // Row groups are blended and encoded in parallel; each returns its waterfall
+        // sums, reduced below in group order.
         let partials = write_parquet_parallel(
             &ctx.output("scores.parquet"),
             schema.clone(),
@@ -91,20 +91,15 @@ impl Stage for Pass2Stage {
             |range| {
                 let entries = scored.entries(range.clone());
                 let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
-                let (mut neural, mut ngram, mut fin, mut bytes) = (0f64, 0f64, 0f64, 0u64);
-                let mut bits = Vec::with_capacity(range.len());
-                for ((entry, &(p_ngram, p_final)), &b) in entries
+                let mut waterfall = Waterfall::default();
+                let bits: Vec<f64> = entries
                     .iter()
                     .zip(&blended)
                     .zip(&scored.bytes[range.clone()])
-                {
-                    neural -= (entry.model_p as f64).max(PROBABILITY_FLOOR).ln();
-                    ngram -= p_ngram.max(PROBABILITY_FLOOR).ln();
-                    let nll = -p_final.max(PROBABILITY_FLOOR).ln();
-                    fin += nll;
-                    bytes += b as u64;
-                    bits.push(nll / std::f64::consts::LN_2);
-                }
+                    .map(|((entry, &(p_ngram, p_final)), &b)| {
+                        waterfall.add(entry.model_p, p_ngram, p_final, b)
+                    })
+                    .collect();
                 let positions = &scored.position[range.clone()];
                 let columns: Vec<ArrayRef> = vec![
                     Arc::new(Int64Array::from(positions.to_vec())),
@@ -121,27 +116,22 @@ impl Stage for Pass2Stage {
                 ];
                 let batch =
                     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
-                Ok((batch, (neural, ngram, fin, bytes)))
+                Ok((batch, waterfall))
             },
         )?;
-        let (mut neural_nll, mut ngram_nll, mut final_nll, mut total_bytes) =
-            (0f64, 0f64, 0f64, 0u64);
-        for (neural, ngram, fin, bytes) in partials {
-            neural_nll += neural;
-            ngram_nll += ngram;
-            final_nll += fin;
-            total_bytes += bytes;
+        let mut waterfall = Waterfall::default();
+        for part in &partials {
+            waterfall.merge(part);
         }
         report.phase("blend_and_write", started);
-        let per_byte = |nll: f64| nll / (std::f64::consts::LN_2 * total_bytes.max(1) as f64);
         let summary = serde_json::json!({
             "mode": cache_params_of(ctx)?.mode,
-            "neural_bpb": per_byte(neural_nll),
-            "ngram_bpb": per_byte(ngram_nll),
-            "final_bpb": per_byte(final_nll),
-            "val_loss_nats": final_nll / n.max(1) as f64,
+            "neural_bpb": waterfall.neural_bpb(),
+            "ngram_bpb": waterfall.ngram_bpb(),
+            "final_bpb": waterfall.final_bpb(),
+            "val_loss_nats": waterfall.val_loss_nats(),
             "entries": n,
-            "bytes": total_bytes,
+            "bytes": waterfall.bytes,
             "alpha_high": calibration.alpha_high,
             "entropy_thresh": calibration.entropy_thresh,
         });

@@ -1,0 +1,198 @@
+//! The figures a run reports, as pure folds over the engine's outputs: match statistics
+//! per n-gram order and phrase length (the `cache` stage's `cache_stats`), and the BPB
+//! waterfall (model alone → after the n-gram blend → final; the `pass2` stage's
+//! summary).
+//!
+//! Both are summed per chunk of positions and then merged in chunk order, so the stages
+//! can compute them in parallel beside writing Parquet and still get the same bits on
+//! any number of threads: floating-point sums depend on their order, and this one is
+//! fixed by the positions, not by the scheduler.
+
+use crate::blend::PROBABILITY_FLOOR;
+use crate::ngram::NgramMatch;
+use crate::phrase::PhraseMatch;
+
+/// How often each n-gram order and phrase length matched, and the sum of the matches'
+/// q (full count / context count), over targets 1..T: position 0 is never scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchStats {
+    /// By order: (matched positions, Σ q).
+    pub ngram: Vec<(u64, f64)>,
+    /// By length: (matched positions, Σ q).
+    pub phrase: Vec<(u64, f64)>,
+}
+
+impl MatchStats {
+    pub fn new(max_order: usize, max_length: usize) -> Self {
+        MatchStats {
+            ngram: vec![(0, 0.0); max_order + 1],
+            phrase: vec![(0, 0.0); max_length + 1],
+        }
+    }
+
+    /// Adds the matches of positions `start..start + ngram.len()`.
+    pub fn add(&mut self, start: usize, ngram: &[NgramMatch], phrase: &[PhraseMatch]) {
+        for (i, (n, p)) in ngram.iter().zip(phrase).enumerate() {
+            if start + i == 0 {
+                continue;
+            }
+            if n.matched() {
+                let slot = &mut self.ngram[n.order as usize];
+                slot.0 += 1;
+                slot.1 += n.q();
+            }
+            if p.matched() {
+                let slot = &mut self.phrase[p.length as usize];
+                slot.0 += 1;
+                slot.1 += p.q();
+            }
+        }
+    }
+
+    /// Adds a later chunk's statistics.
+    pub fn merge(&mut self, later: &MatchStats) {
+        for (mine, theirs) in [
+            (&mut self.ngram, &later.ngram),
+            (&mut self.phrase, &later.phrase),
+        ] {
+            for (total, part) in mine.iter_mut().zip(theirs) {
+                total.0 += part.0;
+                total.1 += part.1;
+            }
+        }
+    }
+
+    /// Mean q of a (matched, Σ q) slot; 0 when nothing matched.
+    pub fn mean_q((matched, q_sum): (u64, f64)) -> f64 {
+        q_sum / matched.max(1) as f64
+    }
+}
+
+/// Negative log-likelihoods (nats) summed at the three points of the waterfall, and the
+/// bytes they are spread over.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Waterfall {
+    pub neural_nll: f64,
+    pub ngram_nll: f64,
+    pub final_nll: f64,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+impl Waterfall {
+    /// Adds one entry: the model's probability of the target, the probability after the
+    /// n-gram blend and the final one (each floored as the record floors it), and the
+    /// target's bytes. Returns the entry's final cost in bits.
+    pub fn add(&mut self, model_p: f32, p_ngram: f64, p_final: f64, bytes: u8) -> f64 {
+        self.neural_nll -= (model_p as f64).max(PROBABILITY_FLOOR).ln();
+        self.ngram_nll -= p_ngram.max(PROBABILITY_FLOOR).ln();
+        let nll = -p_final.max(PROBABILITY_FLOOR).ln();
+        self.final_nll += nll;
+        self.bytes += bytes as u64;
+        self.entries += 1;
+        nll / std::f64::consts::LN_2
+    }
+
+    /// Adds a later chunk's sums.
+    pub fn merge(&mut self, later: &Waterfall) {
+        self.neural_nll += later.neural_nll;
+        self.ngram_nll += later.ngram_nll;
+        self.final_nll += later.final_nll;
+        self.bytes += later.bytes;
+        self.entries += later.entries;
+    }
+
+    fn per_byte(&self, nll: f64) -> f64 {
+        nll / (std::f64::consts::LN_2 * self.bytes.max(1) as f64)
+    }
+
+    pub fn neural_bpb(&self) -> f64 {
+        self.per_byte(self.neural_nll)
+    }
+
+    pub fn ngram_bpb(&self) -> f64 {
+        self.per_byte(self.ngram_nll)
+    }
+
+    pub fn final_bpb(&self) -> f64 {
+        self.per_byte(self.final_nll)
+    }
+
+    /// Mean final loss per entry, in nats.
+    pub fn val_loss_nats(&self) -> f64 {
+        self.final_nll / self.entries.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ngram(order: u8, context: u32, full: u32) -> NgramMatch {
+        NgramMatch {
+            order,
+            context,
+            full,
+        }
+    }
+
+    fn phrase(length: u16, context: u32, full: u32) -> PhraseMatch {
+        PhraseMatch {
+            length,
+            context,
+            full,
+        }
+    }
+
+    #[test]
+    fn match_stats_skip_position_zero_and_merge_in_order() {
+        let ngrams = [
+            ngram(3, 4, 2),
+            ngram(3, 4, 1),
+            ngram(0, 0, 0),
+            ngram(2, 2, 2),
+        ];
+        let phrases = [
+            phrase(16, 2, 1),
+            phrase(0, 0, 0),
+            phrase(16, 4, 4),
+            phrase(0, 0, 0),
+        ];
+        let mut whole = MatchStats::new(3, 16);
+        whole.add(0, &ngrams, &phrases);
+        // Position 0 is never scored: its order-3 and length-16 matches do not count.
+        assert_eq!(whole.ngram[3], (1, 0.25));
+        assert_eq!(whole.ngram[2], (1, 1.0));
+        assert_eq!(whole.phrase[16], (1, 1.0));
+        assert_eq!(MatchStats::mean_q(whole.ngram[3]), 0.25);
+        assert_eq!(MatchStats::mean_q(whole.ngram[1]), 0.0);
+
+        let mut chunked = MatchStats::new(3, 16);
+        chunked.add(0, &ngrams[..2], &phrases[..2]);
+        let mut later = MatchStats::new(3, 16);
+        later.add(2, &ngrams[2..], &phrases[2..]);
+        chunked.merge(&later);
+        assert_eq!(chunked, whole);
+    }
+
+    #[test]
+    fn the_waterfall_is_bits_per_byte_at_each_step() {
+        let mut w = Waterfall::default();
+        // p = 1/2 everywhere over 2 bytes: 1 bit each step, 0.5 bits per byte.
+        assert_eq!(w.add(0.5, 0.5, 0.5, 2), 1.0);
+        assert_eq!(w.neural_bpb(), 0.5);
+        assert_eq!(w.final_bpb(), 0.5);
+        // The n-gram and final steps improve on the model: fewer bits.
+        let mut better = Waterfall::default();
+        better.add(0.25, 0.5, 1.0, 1);
+        assert_eq!(better.neural_bpb(), 2.0);
+        assert_eq!(better.ngram_bpb(), 1.0);
+        assert_eq!(better.final_bpb(), 0.0);
+        // A zero probability is floored, not infinite.
+        let mut floored = Waterfall::default();
+        assert!(floored.add(0.0, 0.0, 0.0, 1).is_finite());
+        w.merge(&better);
+        assert_eq!((w.entries, w.bytes), (2, 3));
+        assert_eq!(w.val_loss_nats(), std::f64::consts::LN_2 / 2.0);
+    }
+}
