@@ -16,7 +16,7 @@ impl Registry {
         let mut registry = Registry::default();
         registry.register(Box::new(text::TokenizeStage));
         registry.register(Box::new(text::TokenStatsStage));
-        registry.register(Box::new(neural::TrainStage));
+        registry.register(Box::new(gpt::TrainStage));
         registry.register(Box::new(pass1::Pass1Stage));
         registry.register(Box::new(cache::stages::CacheStage));
         registry.register(Box::new(cache::stages::CalibrateStage));

@@ -241,29 +241,28 @@ fn a_missing_worker_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("libtorch worker /nonexistent/cachemoney-gpt, which is missing")
-            && stderr.contains("default features"),
+            && stderr.contains("cargo build --release --workspace"),
         "{stderr}"
     );
     assert!(!project.path().join("artifacts/train").exists());
 }
 
-/// `cargo build --release --no-default-features` gives a `cachemoney` that links nothing
-/// of libtorch (it then answers the GPT stages as in the test above); the default build
-/// has the worker, and with it tch.
+/// `cachemoney` links nothing of libtorch: `cargo build --release` (the root package
+/// alone) needs no libtorch on the machine and answers the GPT stages as in the test
+/// above. The worker is the gpt-torch package's, and only it links tch.
 #[test]
 fn the_core_builds_without_libtorch() {
-    let tree = |features: &[&str]| {
+    let tree = |package: &str| {
         let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
             .args([
                 "tree",
                 "-p",
-                "cachemoney",
+                package,
                 "-e",
                 "normal,build",
                 "--prefix",
                 "none",
             ])
-            .args(features)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .unwrap();
@@ -278,14 +277,15 @@ fn the_core_builds_without_libtorch() {
         tree.lines()
             .any(|l| l.starts_with("tch ") || l.starts_with("torch-sys "))
     };
-    let core = tree(&["--no-default-features"]);
+    let core = tree("cachemoney");
     assert!(!links_torch(&core), "{core}");
     assert!(core.lines().any(|l| l.starts_with("datafusion ")), "{core}");
-    assert!(links_torch(&tree(&[])));
+    assert!(links_torch(&tree("cachemoney-gpt-torch")));
 }
 
-/// The README's main command runs the repository's own pipeline.toml: it must at least
-/// load (every node's stage, parameters and wiring valid) and list every stage.
+/// The README's main command runs the repository's own pipeline.toml: it must load
+/// (every node's stage, parameters and wiring valid), list every stage, and without the
+/// GPT worker run everything the GPT is not needed for.
 #[test]
 fn the_default_pipeline_loads_with_its_neural_nodes() {
     let project = Project::empty();
@@ -311,6 +311,36 @@ fn the_default_pipeline_loads_with_its_neural_nodes() {
             "{node} ({stage}) not listed as missing:\n{status}"
         );
     }
+
+    // Without the libtorch worker (`cargo build --release` builds none; here it is
+    // pointed away), every node that does not need the GPT runs, and the first that does
+    // stops the run with one line saying how to get it.
+    let out = project
+        .cmd()
+        .args(["run", "--quiet"])
+        .env("CACHEMONEY_GPT_WORKER", "/nonexistent/cachemoney-gpt")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("which is missing: build it too"),
+        "{stderr}"
+    );
+    let status = project.ok(&["status"]);
+    let state = |node: &str| {
+        status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(node))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("?")
+            .to_string()
+    };
+    for node in ["tokens", "cache", "cache_causal", "cache_normalised"] {
+        assert_eq!(state(node), "cached", "{node}:\n{status}");
+    }
+    assert_eq!(state("model"), "missing", "{status}");
 }
 
 /// Without a GPU, asking for one is a one-line error before any training; with one, the
@@ -481,4 +511,53 @@ fn audit_notes_build_facts_but_fails_on_other_report_differences() {
         stdout.contains("report final_val_bpb: stored 0.5, rebuilt"),
         "{stdout}"
     );
+}
+
+/// `./dev run` (`cargo build --release --workspace --bins`) and `./dev test` (`cargo
+/// test --release --workspace`) compile every dependency once between them: a
+/// dev-dependency that turned on a feature of a shared dependency would make the test
+/// build compile it, and everything above it, a second time (DataFusion, tch).
+#[test]
+fn the_test_build_reuses_the_run_build() {
+    // Package → the feature sets it is built with (a build dependency may have its own).
+    type Features = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
+    let features = |edges: &str| -> Features {
+        let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args([
+                "tree",
+                "--workspace",
+                "-e",
+                edges,
+                "-f",
+                "{p}|{f}",
+                "--prefix",
+                "none",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut features = Features::new();
+        for line in String::from_utf8(out.stdout).unwrap().lines() {
+            if let Some((package, set)) = line.trim_end_matches(" (*)").split_once('|') {
+                features
+                    .entry(package.to_string())
+                    .or_default()
+                    .insert(set.to_string());
+            }
+        }
+        features
+    };
+    let run = features("normal,build");
+    let test = features("normal,build,dev");
+    let differ: Vec<String> = run
+        .iter()
+        .filter(|(package, f)| test.get(*package).is_some_and(|g| g != *f))
+        .map(|(package, f)| format!("{package}: {f:?} vs {:?}", test[package]))
+        .collect();
+    assert!(differ.is_empty(), "features differ: {differ:#?}");
 }

@@ -22,7 +22,7 @@ use crate::FileRole;
 /// A stage's declaration. Build one with struct-update syntax from [`StageSpec::NONE`]:
 ///
 /// ```
-/// use stage_api::{Column, ColumnType::*, Input, Output, Read, StageSpec};
+/// use cachemoney_stage_api::{Column, ColumnType::*, Input, Output, Read, StageSpec};
 ///
 /// const SPEC: StageSpec = StageSpec {
 ///     kind: "token-stats",

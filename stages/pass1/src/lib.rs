@@ -12,14 +12,14 @@
 //!
 //! - `model = "gpt"`: the record's GPT from a `train` artifact (the node's `model` input),
 //!   slid over the val stream as §4 says. It runs in the libtorch worker
-//!   (`neural::worker`); this crate only validates its parameters, and the
+//!   (`gpt::worker`); this crate only validates its parameters, and the
 //!   worker writes the same table through [`Pass1Table::write`].
 
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array};
 use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
-use neural::{run_in_worker, Device, Task};
+use gpt::{run_in_worker, Device, Task};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use stage_api::{
@@ -113,7 +113,7 @@ impl Default for GptParams {
             stride: 64,
             batch: 32,
             device: Device::Cpu,
-            threads: neural::DEFAULT_TORCH_THREADS,
+            threads: gpt::DEFAULT_TORCH_THREADS,
             mass_sample: 4096,
             mass_seed: 1337,
         }

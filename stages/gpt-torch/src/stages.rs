@@ -1,6 +1,6 @@
 //! The worker's side of the `train` and `pass1 (model = "gpt")` stages: read the input
 //! artifacts, run the model code of this crate, write the outputs into the scratch
-//! directory the runner gave. Parameters were validated by `neural` before
+//! directory the runner gave. Parameters were validated by `gpt` before
 //! the worker started; what only the data can tell (vocabulary sizes, a readable model
 //! file) is checked here.
 
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, UInt16Type, UInt8Type};
-use neural::{Device, Request, Schedule, Task, TrainParams};
+use gpt::{Device, Request, Schedule, Task, TrainParams};
 use pass1::{Pass1Params, Pass1Table};
 use stage_api::{
     read_column, write_parquet, InputArtifact, ParquetLayout, StageContext, StageError, StageReport,
@@ -30,7 +30,7 @@ pub const ARTIFACT_BUDGET_BYTES: u64 = 16_000_000;
 /// The code that defines and runs the model, counted against the budget the way the
 /// record counts `train_gpt.py`: this crate's sources (the stage plumbing excluded).
 const MODEL_SOURCES: &[&str] = &[
-    include_str!("../../neural/src/config.rs"),
+    include_str!("../../gpt/src/config.rs"),
     include_str!("model.rs"),
     include_str!("optim.rs"),
     include_str!("train.rs"),

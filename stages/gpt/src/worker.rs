@@ -179,7 +179,7 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
     let worker = worker_path().map_err(fail)?;
     if !worker.is_file() {
         return Err(fail(format!(
-            "the GPT stages run in the libtorch worker {}, which is missing: build cachemoney with its default features (`cargo build --release`; ./dev run does, and installs libtorch), or point {WORKER_ENV} at a worker",
+            "the GPT stages run in the libtorch worker {}, which is missing: build it too (`cargo build --release --workspace`; ./dev run does, and installs libtorch), or point {WORKER_ENV} at a worker",
             worker.display()
         )));
     }

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use cachemoney_gpt::{score, Gpt, GptConfig, TokenStream, TrainConfig, Trainer};
+use cachemoney_gpt_torch::{score, Gpt, GptConfig, TokenStream, TrainConfig, Trainer};
 use tch::{nn, Device};
 
 fn main() {
