@@ -252,27 +252,8 @@ fn a_missing_worker_is_a_clear_error() {
 /// above. The worker is the gpt-torch package's, and only it links tch.
 #[test]
 fn the_core_builds_without_libtorch() {
-    let tree = |package: &str| {
-        let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-            .args([
-                "tree",
-                "-p",
-                package,
-                "-e",
-                "normal,build",
-                "--prefix",
-                "none",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let tree =
+        |package: &str| cargo_tree(&["-p", package, "-e", "normal,build", "--prefix", "none"]);
     let links_torch = |tree: &str| {
         tree.lines()
             .any(|l| l.starts_with("tch ") || l.starts_with("torch-sys "))
@@ -522,27 +503,17 @@ fn the_test_build_reuses_the_run_build() {
     // Package → the feature sets it is built with (a build dependency may have its own).
     type Features = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
     let features = |edges: &str| -> Features {
-        let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-            .args([
-                "tree",
-                "--workspace",
-                "-e",
-                edges,
-                "-f",
-                "{p}|{f}",
-                "--prefix",
-                "none",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let tree = cargo_tree(&[
+            "--workspace",
+            "-e",
+            edges,
+            "-f",
+            "{p}|{f}",
+            "--prefix",
+            "none",
+        ]);
         let mut features = Features::new();
-        for line in String::from_utf8(out.stdout).unwrap().lines() {
+        for line in tree.lines() {
             if let Some((package, set)) = line.trim_end_matches(" (*)").split_once('|') {
                 features
                     .entry(package.to_string())
@@ -560,4 +531,20 @@ fn the_test_build_reuses_the_run_build() {
         .map(|(package, f)| format!("{package}: {f:?} vs {:?}", test[package]))
         .collect();
     assert!(differ.is_empty(), "features differ: {differ:#?}");
+}
+
+/// `cargo tree ARGS` in the repository, as text.
+fn cargo_tree(args: &[&str]) -> String {
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+        .arg("tree")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

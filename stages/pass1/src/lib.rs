@@ -19,141 +19,15 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array};
 use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
-use gpt::{run_in_worker, Device, Task};
+use gpt::{run_in_worker, Task};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use stage_api::{
-    check_param, read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input,
-    InputArtifact, Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams,
-    StageReport, StageSpec, Variants,
+    read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input, InputArtifact,
+    Output, ParquetLayout, Read, Stage, StageContext, StageError, StageReport, StageSpec, Variants,
 };
 
-/// `pass1`'s parameters: one set per source, selected by `model`, so that an option of
-/// one source cannot be written on another and silently do nothing.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "model", rename_all = "lowercase")]
-pub enum Pass1Params {
-    Bigram(BigramParams),
-    Import(ImportParams),
-    Gpt(GptParams),
-}
-
-impl Default for Pass1Params {
-    fn default() -> Self {
-        Pass1Params::Bigram(BigramParams::default())
-    }
-}
-
-impl Pass1Params {
-    pub fn model_name(&self) -> &'static str {
-        match self {
-            Pass1Params::Bigram(_) => "bigram",
-            Pass1Params::Import(_) => "import",
-            Pass1Params::Gpt(_) => "gpt",
-        }
-    }
-}
-
-/// `model = "bigram"`: an add-k bigram estimated on the train split.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BigramParams {
-    /// Applied to the model's distribution before `model_p` and `entropy` are taken:
-    /// p_T(v) ∝ p(v)^(1/T). The record uses 0.85 (algorithm.md §4.3).
-    pub temperature: f64,
-    /// The pseudo-count added to every (previous, next) pair.
-    pub add_k: f64,
-    /// How many target positions keep the model's whole (tempered) next-token
-    /// distribution, in `distributions.parquet`, for the implied-mass audit (0: none).
-    pub mass_sample: usize,
-    /// Seeds which positions those are.
-    pub mass_seed: u64,
-}
-
-impl Default for BigramParams {
-    fn default() -> Self {
-        BigramParams {
-            temperature: 0.85,
-            add_k: 0.1,
-            mass_sample: 4096,
-            mass_seed: 1337,
-        }
-    }
-}
-
-/// `model = "import"`: a table computed elsewhere (`files.table`); it has only the true
-/// token's probability, so no temperature applies and no distributions are kept.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportParams {}
-
-/// `model = "gpt"`: the record's GPT from a `train` node (`inputs.model`), §4.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GptParams {
-    /// As for the bigram: the record's 0.85.
-    pub temperature: f64,
-    /// Targets scored per window after the first (the record's 64); windows are the
-    /// model's `seq_len` long.
-    pub stride: usize,
-    /// Windows per forward pass (the record's 32).
-    pub batch: usize,
-    /// `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
-    pub device: Device,
-    /// libtorch's CPU threads; part of the recipe because the bits depend on it.
-    pub threads: usize,
-    pub mass_sample: usize,
-    pub mass_seed: u64,
-}
-
-impl Default for GptParams {
-    fn default() -> Self {
-        GptParams {
-            temperature: 0.85,
-            stride: 64,
-            batch: 32,
-            device: Device::Cpu,
-            threads: gpt::DEFAULT_TORCH_THREADS,
-            mass_sample: 4096,
-            mass_seed: 1337,
-        }
-    }
-}
-
-impl StageParams for Pass1Params {
-    fn validate(&self) -> Result<(), StageError> {
-        let (temperature, mass_sample) = match self {
-            Pass1Params::Import(_) => return Ok(()),
-            Pass1Params::Bigram(p) => {
-                positive("add_k", p.add_k)?;
-                (p.temperature, p.mass_sample)
-            }
-            Pass1Params::Gpt(p) => {
-                check_param("stride", p.stride, 1..=65_536, "at most a window's length")?;
-                check_param("batch", p.batch, 1..=4096, "windows per forward pass")?;
-                check_param("threads", p.threads, 1..=256, "libtorch CPU threads")?;
-                (p.temperature, p.mass_sample)
-            }
-        };
-        positive("temperature", temperature)?;
-        check_param(
-            "mass_sample",
-            mass_sample,
-            0..=MAX_MASS_SAMPLE,
-            "each sampled position keeps a whole distribution over the vocabulary",
-        )
-    }
-}
-
-fn positive(param: &str, value: f64) -> Result<(), StageError> {
-    if value > 0.0 && value.is_finite() {
-        return Ok(());
-    }
-    Err(StageError::invalid_param(
-        param,
-        format!("{value} must be positive"),
-    ))
-}
+mod params;
+pub use params::{BigramParams, GptParams, ImportParams, Pass1Params};
 
 /// The largest vocabulary the bigram keeps as a dense V×V table.
 const BIGRAM_MAX_VOCAB: usize = 8192;
