@@ -13,16 +13,7 @@ pub fn stages() {
             println!("  inputs:");
         }
         for input in spec.inputs {
-            let reads: Vec<String> = input
-                .reads
-                .iter()
-                .map(|r| match r.what {
-                    stage_api::ReadKind::Table(columns) => {
-                        format!("{}({})", r.name, columns.join(", "))
-                    }
-                    stage_api::ReadKind::File => r.name.to_string(),
-                })
-                .collect();
+            let reads: Vec<String> = input.reads.iter().map(|r| r.signature()).collect();
             let optional = if input.required { "" } else { " (optional)" };
             println!(
                 "    {:<12} reads {}{optional}",

@@ -251,12 +251,23 @@ impl Read {
     }
 }
 
+impl Read {
+    /// `pass1(position, model_p)` for a table, the name for a file.
+    pub fn signature(&self) -> String {
+        match self.what {
+            ReadKind::Table(columns) => format!("{}({})", self.name, columns.join(", ")),
+            ReadKind::File => self.name.to_string(),
+        }
+    }
+}
+
 impl fmt::Display for Read {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.what {
-            ReadKind::Table(columns) => write!(f, "a table {}({})", self.name, columns.join(", ")),
-            ReadKind::File => write!(f, "a file {}", self.name),
-        }
+        let what = match self.what {
+            ReadKind::Table(_) => "table",
+            ReadKind::File => "file",
+        };
+        write!(f, "a {what} {}", self.signature())
     }
 }
 

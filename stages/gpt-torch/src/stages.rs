@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema, UInt16Type, UInt8Type};
+use arrow::datatypes::{UInt16Type, UInt8Type};
 use gpt::{Device, Request, Schedule, Task, TrainParams};
 use pass1::{Pass1Params, Pass1Table};
 use stage_api::{
@@ -136,13 +136,7 @@ struct LogRow {
 }
 
 fn write_train_log(path: &Path, rows: &[LogRow]) -> Result<u64, StageError> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt32, false),
-        Field::new("loss", DataType::Float64, false),
-        Field::new("lr_multiplier", DataType::Float64, false),
-        Field::new("tokens_seen", DataType::Int64, false),
-        Field::new("val_bpb", DataType::Float64, true),
-    ]));
+    let schema = stage_api::arrow_schema(gpt::TRAIN_LOG);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.step))),
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.loss))),
@@ -161,10 +155,7 @@ fn write_train_log(path: &Path, rows: &[LogRow]) -> Result<u64, StageError> {
 /// Wall-clock seconds per step: not reproducible, so kept out of `train_log` (whose
 /// bytes are) and written as a volatile table the runner leaves out of the content hash.
 fn write_train_timing(path: &Path, rows: &[LogRow]) -> Result<u64, StageError> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("step", DataType::UInt32, false),
-        Field::new("seconds", DataType::Float64, false),
-    ]));
+    let schema = stage_api::arrow_schema(gpt::TRAIN_TIMING);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.step))),
         Arc::new(Float64Array::from_iter_values(

@@ -195,6 +195,18 @@ impl TrainParams {
 /// `train`: tokens.train → `model.safetensors` (FP16), `config.json`, `train_log`.
 pub struct TrainStage;
 
+/// `train_log`: one row per optimiser step; `val_bpb` where validation ran.
+pub const TRAIN_LOG: &[Column] = &[
+    Column::new("step", U32),
+    Column::new("loss", F64),
+    Column::new("lr_multiplier", F64),
+    Column::new("tokens_seen", I64),
+    Column::nullable("val_bpb", F64),
+];
+
+/// `train_timing`: wall-clock seconds per step (volatile: never reproducible).
+pub const TRAIN_TIMING: &[Column] = &[Column::new("step", U32), Column::new("seconds", F64)];
+
 impl StageParams for TrainParams {
     fn validate(&self) -> Result<(), StageError> {
         self.check_sizes()?;
@@ -220,20 +232,8 @@ impl Stage for TrainStage {
         outputs: &[
             Output::file("model.safetensors", "the EMA weights in fp16"),
             Output::file("config.json", "the model's shape"),
-            Output::table(
-                "train_log",
-                &[
-                    Column::new("step", U32),
-                    Column::new("loss", F64),
-                    Column::new("lr_multiplier", F64),
-                    Column::new("tokens_seen", I64),
-                    Column::nullable("val_bpb", F64),
-                ],
-            ),
-            Output::table(
-                "train_timing",
-                &[Column::new("step", U32), Column::new("seconds", F64)],
-            ),
+            Output::table("train_log", TRAIN_LOG),
+            Output::table("train_timing", TRAIN_TIMING),
         ],
         run_seed_param: Some("seed"),
         metrics: &["final_val_bpb"],

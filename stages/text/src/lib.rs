@@ -24,12 +24,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    Column, ColumnType::*, FileRole, Output, Stage, StageContext, StageError, StageParams,
-    StageReport, StageSpec,
+    FileRole, Output, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 pub use stats::TokenStatsStage;
-pub use tables::{TokenTable, TOKEN_TABLE_COLUMNS};
+pub use tables::{TokenTable, DOCS_TABLE, TOKEN_TABLE, VOCAB_TABLE};
 
 /// Where the tokens come from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,13 +71,6 @@ impl Default for TokenizeParams {
 
 pub struct TokenizeStage;
 
-const TOKENS: &[Column] = &[
-    Column::new("position", I64),
-    Column::new("token", U16),
-    Column::new("doc", U32),
-    Column::new("bytes", U8),
-];
-
 impl Stage for TokenizeStage {
     type Params = TokenizeParams;
 
@@ -109,30 +101,10 @@ impl Stage for TokenizeStage {
             },
         ],
         outputs: &[
-            Output::table("train", TOKENS),
-            Output::table("val", TOKENS),
-            Output::table(
-                "vocab",
-                &[
-                    Column::new("id", U16),
-                    Column::new("piece", Utf8),
-                    Column::new("base_bytes", U8),
-                    Column::new("is_boundary", Bool),
-                    Column::new("has_leading_space", Bool),
-                    Column::new("kind", Utf8),
-                ],
-            ),
-            Output::table(
-                "docs",
-                &[
-                    Column::new("split", Utf8),
-                    Column::new("doc", U32),
-                    Column::new("source", Utf8),
-                    Column::new("line", U64),
-                    Column::new("bytes", U64),
-                    Column::new("tokens", U64),
-                ],
-            ),
+            Output::table("train", TOKEN_TABLE),
+            Output::table("val", TOKEN_TABLE),
+            Output::table("vocab", VOCAB_TABLE),
+            Output::table("docs", DOCS_TABLE),
             Output::file_if("tokenizer.json", "source = \"text\": the BPE trained here"),
             Output::file_if(
                 "tokenizer.model",

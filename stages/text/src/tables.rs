@@ -7,13 +7,38 @@ use arrow::array::{
     ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt16Array, UInt32Array,
     UInt64Array, UInt8Array,
 };
-use arrow::datatypes::{DataType, Field, Schema};
-use stage_api::{write_parquet, ParquetLayout, StageError};
+use arrow::datatypes::Schema;
+use stage_api::{arrow_schema, write_parquet, Column, ColumnType::*, ParquetLayout, StageError};
 
 use crate::sentencepiece::ByteTable;
 
-/// Columns of a token table, in order.
-pub const TOKEN_TABLE_COLUMNS: [&str; 4] = ["position", "token", "doc", "bytes"];
+/// `train` and `val`: one row per position of the split's token stream.
+pub const TOKEN_TABLE: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("token", U16),
+    Column::new("doc", U32),
+    Column::new("bytes", U8),
+];
+
+/// `vocab`: one row per vocabulary entry.
+pub const VOCAB_TABLE: &[Column] = &[
+    Column::new("id", U16),
+    Column::new("piece", Utf8),
+    Column::new("base_bytes", U8),
+    Column::new("is_boundary", Bool),
+    Column::new("has_leading_space", Bool),
+    Column::new("kind", Utf8),
+];
+
+/// `docs`: one row per document of either split.
+pub const DOCS_TABLE: &[Column] = &[
+    Column::new("split", Utf8),
+    Column::new("doc", U32),
+    Column::new("source", Utf8),
+    Column::new("line", U64),
+    Column::new("bytes", U64),
+    Column::new("tokens", U64),
+];
 
 /// A split's token stream: row i is position i. `bytes[i]` is what token i adds to the
 /// BPB denominator when it is scored as a target.
@@ -101,12 +126,7 @@ impl TokenTable {
     }
 
     pub fn schema() -> Arc<Schema> {
-        Arc::new(Schema::new(vec![
-            Field::new("position", DataType::Int64, false),
-            Field::new("token", DataType::UInt16, false),
-            Field::new("doc", DataType::UInt32, false),
-            Field::new("bytes", DataType::UInt8, false),
-        ]))
+        arrow_schema(TOKEN_TABLE)
     }
 
     pub fn write(&self, path: &Path) -> Result<u64, StageError> {
@@ -140,14 +160,7 @@ pub struct VocabRow {
 }
 
 pub fn write_vocab(path: &Path, rows: &[VocabRow]) -> Result<u64, StageError> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::UInt16, false),
-        Field::new("piece", DataType::Utf8, false),
-        Field::new("base_bytes", DataType::UInt8, false),
-        Field::new("is_boundary", DataType::Boolean, false),
-        Field::new("has_leading_space", DataType::Boolean, false),
-        Field::new("kind", DataType::Utf8, false),
-    ]));
+    let schema = arrow_schema(VOCAB_TABLE);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt16Array::from_iter_values(rows.iter().map(|r| r.id))),
         Arc::new(StringArray::from_iter_values(
@@ -178,14 +191,7 @@ pub struct DocRow {
 }
 
 pub fn write_docs(path: &Path, rows: &[DocRow]) -> Result<u64, StageError> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("split", DataType::Utf8, false),
-        Field::new("doc", DataType::UInt32, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("line", DataType::UInt64, false),
-        Field::new("bytes", DataType::UInt64, false),
-        Field::new("tokens", DataType::UInt64, false),
-    ]));
+    let schema = arrow_schema(DOCS_TABLE);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.split))),
         Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.doc))),
