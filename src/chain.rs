@@ -64,12 +64,13 @@ impl<'a> Products<'a> {
             .is_some_and(|stage| stage.spec().output(product).is_some())
     }
 
-    /// The nodes that produce `product`, in run order.
+    /// The nodes that produce `product`, in run order; the re-runs the pipeline adds
+    /// for the legality probes are not chains of their own.
     pub fn producers(&self, product: &str) -> Vec<&'a Node> {
         self.pipeline
             .nodes
             .iter()
-            .filter(|n| self.produces(n, product))
+            .filter(|n| n.rerun.is_none() && self.produces(n, product))
             .collect()
     }
 

@@ -22,6 +22,8 @@ impl Registry {
         registry.register(Box::new(cache::stages::CalibrateStage));
         registry.register(Box::new(cache::stages::Pass2Stage));
         registry.register(Box::new(cache::stages::AuditMassStage));
+        registry.register(Box::new(legality::PerturbStage));
+        registry.register(Box::new(legality::LegalityStage));
         registry
     }
 

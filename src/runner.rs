@@ -415,6 +415,7 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
         inputs,
         files: node.files.clone(),
         out_dir: scratch.clone(),
+        work_dir: ctx.pipeline.base_dir(),
         show_progress: request.show_progress,
         memory_limit: ctx.memory_limit,
     };

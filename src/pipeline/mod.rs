@@ -29,6 +29,7 @@ use toml::Spanned;
 
 use crate::registry::Registry;
 
+mod reruns;
 mod seeds;
 mod source;
 use seeds::check_seeds;
@@ -75,6 +76,17 @@ pub struct Node {
     pub files: BTreeMap<String, Vec<PathBuf>>,
     /// Set on the per-seed copies that [`Pipeline::for_seeds`] makes.
     pub variant: Option<SeedVariant>,
+    /// Set on the nodes the pipeline adds for a judging stage's re-runs
+    /// ([`stage_api::Reruns`]).
+    pub rerun: Option<Rerun>,
+}
+
+/// A node added for re-runs: the node it copies (the chain's source for the perturbing
+/// node) and the number of the re-run (`_cutN` in its name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rerun {
+    pub base: String,
+    pub number: usize,
 }
 
 /// Which node of `pipeline.toml` a per-seed copy was made from, and for which seed.
@@ -97,6 +109,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The directory of the pipeline file, where relative paths in it resolve.
+    pub fn base_dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
     pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read the pipeline file", path.display()))?;
@@ -282,6 +303,7 @@ impl Pipeline {
                     inputs,
                     files,
                     variant: None,
+                    rerun: None,
                 },
             );
         }
@@ -296,6 +318,14 @@ impl Pipeline {
         if let Some(error) = miswired {
             return Err(error);
         }
+        let order = match reruns::add_reruns(&mut nodes, registry) {
+            Ok(true) => topological_order(&nodes).expect("re-runs copy an acyclic chain"),
+            Ok(false) => order,
+            Err(problem) => {
+                let span = source.key_span(&["nodes", &problem.node]);
+                bail!("{}: node '{}': {}", at(span), problem.node, problem.message)
+            }
+        };
         let store_dir = base.join(file.store.as_deref().unwrap_or("artifacts"));
         Ok(Pipeline {
             path: path.to_path_buf(),

@@ -108,6 +108,7 @@ impl Pipeline {
                         base: node.name.clone(),
                         seed,
                     }),
+                    rerun: node.rerun.clone(),
                 });
             }
         }

@@ -13,14 +13,17 @@
 
 mod error;
 mod parquet_io;
+mod sample;
 mod spec;
 
 pub use error::StageError;
 pub use parquet_io::{
     read_column, read_parquet, write_parquet, write_parquet_parallel, ParquetLayout, ROW_GROUP_ROWS,
 };
+pub use sample::sample_positions;
 pub use spec::{
-    arrow_schema, Column, ColumnType, Input, Output, Produced, Read, ReadKind, StageSpec, Variants,
+    arrow_schema, Column, ColumnType, Input, Output, Produced, Read, ReadKind, Reruns, StageSpec,
+    Variants,
 };
 
 use std::collections::BTreeMap;
@@ -205,6 +208,9 @@ pub struct StageContext {
     pub files: BTreeMap<String, Vec<PathBuf>>,
     /// Empty directory the stage writes its outputs into.
     pub out_dir: PathBuf,
+    /// The directory of `pipeline.toml`: where a user's command runs, so that the
+    /// relative paths in its arguments mean what they mean in the pipeline file.
+    pub work_dir: PathBuf,
     /// Whether progress bars may be drawn.
     pub show_progress: bool,
     /// Bytes the stage may plan to allocate (`--memory-limit`; by default what the

@@ -61,6 +61,9 @@ pub struct StageSpec {
     /// A parameter that selects between parameter sets (`pass1`'s `model`), with its
     /// values and the default: each value has its own parameters and defaults.
     pub variants: Option<Variants>,
+    /// Set by a stage that judges a chain by re-running it on perturbed data (the
+    /// `legality` probes): the pipeline makes the copies, see [`Reruns`].
+    pub reruns: Option<Reruns>,
 }
 
 impl StageSpec {
@@ -75,6 +78,7 @@ impl StageSpec {
         run_seed_param: None,
         metrics: &[],
         variants: None,
+        reruns: None,
     };
 
     pub fn input(&self, name: &str) -> Option<&'static Input> {
@@ -191,6 +195,29 @@ pub struct Variants {
     pub param: &'static str,
     pub values: &'static [&'static str],
     pub default: &'static str,
+}
+
+/// How a judging stage asks the pipeline for re-runs of a chain (see
+/// [`StageSpec::reruns`]).
+///
+/// The chain is the node wired to `input` and every node upstream of it that produces
+/// one of `members`; its source is the one upstream node, outside the chain, from which
+/// members read `source_table`. For each entry of the list parameter `param`, the
+/// pipeline adds a node of stage `stage` (parameters: that entry) reading the source,
+/// and a copy of every member reading it instead (other inputs, such as a trained
+/// model, stay shared), and wires the copy of the chain's end into the judging node as
+/// input `wired_as[i]`. Content addressing caches the copies like any node.
+#[derive(Debug, Clone, Copy)]
+pub struct Reruns {
+    pub input: &'static str,
+    /// A string parameter of the judging node that, left empty, the pipeline sets to
+    /// the chain's last node (a label for its rows).
+    pub label_param: Option<&'static str>,
+    pub members: &'static [&'static str],
+    pub source_table: &'static str,
+    pub param: &'static str,
+    pub stage: &'static str,
+    pub wired_as: &'static [&'static str],
 }
 
 /// An upstream artifact a stage reads.

@@ -41,6 +41,47 @@ pub struct Mass {
     pub p_target: f64,
 }
 
+/// What the rule chose at one sampled position, evaluated with each candidate as the
+/// target: how many distinct (n-gram order, phrase length) choices there were, the true
+/// target's, and the first candidate's that differs (the target's own if none does). A
+/// rule whose choice depends on the target gives a distribution that moves with the
+/// target (C1): the legality probe reads this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choices {
+    pub states: u32,
+    pub target: (u8, u16),
+    pub other_token: u16,
+    pub other: (u8, u16),
+}
+
+pub fn choices(
+    tokens: &[u16],
+    positions: &[usize],
+    candidates: &[CandidateMatches],
+) -> Vec<Choices> {
+    positions
+        .iter()
+        .zip(candidates)
+        .map(|(&p, matches)| {
+            let choice = |v: usize| (matches[v].0.order, matches[v].1.length);
+            let target_token = tokens[p] as usize;
+            let target = choice(target_token);
+            let mut distinct: Vec<(u8, u16)> = (0..matches.len()).map(choice).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let other_token = (0..matches.len())
+                .find(|&v| choice(v) != target)
+                .unwrap_or(target_token);
+            Choices {
+                states: distinct.len() as u32,
+                target,
+                other_token: other_token as u16,
+                other: choice(other_token),
+            }
+        })
+        .collect()
+}
+
 /// Blends every candidate and adds them up.
 pub fn implied_mass(
     tokens: &[u16],

@@ -41,6 +41,8 @@ pub struct Request {
     pub inputs: BTreeMap<String, (PathBuf, String)>,
     pub files: BTreeMap<String, Vec<PathBuf>>,
     pub out_dir: PathBuf,
+    #[serde(default)]
+    pub work_dir: PathBuf,
     pub show_progress: bool,
     #[serde(default = "unlimited")]
     pub memory_limit: u64,
@@ -63,6 +65,7 @@ impl Request {
                 .collect(),
             files: ctx.files.clone(),
             out_dir: ctx.out_dir.clone(),
+            work_dir: ctx.work_dir.clone(),
             show_progress: ctx.show_progress,
             memory_limit: ctx.memory_limit,
         }
@@ -88,6 +91,7 @@ impl Request {
                 .collect(),
             files: self.files.clone(),
             out_dir: self.out_dir.clone(),
+            work_dir: self.work_dir.clone(),
             show_progress: self.show_progress,
             memory_limit: self.memory_limit,
         }
@@ -235,7 +239,7 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
 /// alone would leave it training into a scratch directory the next run sweeps. On Linux
 /// the kernel kills it when its parent dies.
 #[cfg(target_os = "linux")]
-fn die_with_parent(command: &mut Command) {
+pub fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe, which is all pre_exec requires.
     unsafe {
@@ -249,7 +253,7 @@ fn die_with_parent(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut Command) {}
+pub fn die_with_parent(_command: &mut Command) {}
 
 /// The dynamic loader exits with 127 when a shared library (libtorch) is missing.
 fn exit_code_means_loader_failure(status: &std::process::ExitStatus) -> bool {

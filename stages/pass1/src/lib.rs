@@ -10,6 +10,7 @@
 //! - `model = "import"`: a Parquet table exported from someone's own eval (PyTorch, say),
 //!   validated before use.
 //!
+//! - `model = "command"`: a user's scorer run as a process ([`command`]).
 //! - `model = "gpt"`: the record's GPT from a `train` artifact (the node's `model` input),
 //!   slid over the val stream as §4 says. It runs in the libtorch worker
 //!   (`gpt::worker`); this crate only validates its parameters, and the
@@ -26,8 +27,9 @@ use stage_api::{
     Output, ParquetLayout, Read, Stage, StageContext, StageError, StageReport, StageSpec, Variants,
 };
 
+pub mod command;
 mod params;
-pub use params::{BigramParams, GptParams, ImportParams, Pass1Params};
+pub use params::{BigramParams, CommandParams, GptParams, ImportParams, Pass1Params};
 
 /// The largest vocabulary the bigram keeps as a dense V×V table.
 const BIGRAM_MAX_VOCAB: usize = 8192;
@@ -79,19 +81,30 @@ impl Stage for Pass1Stage {
                 &[Read::file("model.safetensors"), Read::file("config.json")],
             ),
         ],
-        files: &[FileRole {
-            name: "table",
-            required: false,
-            help: "import: Parquet with position (i64), model_p (f32), entropy (f32, nats), optional bytes",
-        }],
+        files: &[
+            FileRole {
+                name: "table",
+                required: false,
+                help: "import: Parquet with position (i64), model_p (f32), entropy (f32, nats), optional bytes",
+            },
+            FileRole {
+                name: "scorer",
+                required: false,
+                help: "command: the scorer's own files (hashed, so editing them reruns the node)",
+            },
+        ],
         outputs: &[
             Output::table("pass1", PASS1_TABLE),
             Output::table("distributions", DISTRIBUTIONS_TABLE),
+            Output::file_if(
+                command::SCORER_LOG,
+                "model = \"command\": the scorer's stdout and stderr (volatile: not hashed)",
+            ),
         ],
         metrics: &["neural_bpb"],
         variants: Some(Variants {
             param: "model",
-            values: &["bigram", "import", "gpt"],
+            values: &["bigram", "import", "gpt", "command"],
             default: "bigram",
         }),
         ..StageSpec::NONE
@@ -100,18 +113,25 @@ impl Stage for Pass1Stage {
     fn check_wiring(params: &Pass1Params, inputs: &[&str], files: &[&str]) -> Result<(), String> {
         let has_model = inputs.contains(&"model");
         let has_table = files.contains(&"table");
+        let has_scorer = files.contains(&"scorer");
         match params {
             Pass1Params::Gpt(_) if !has_model => {
                 Err("model = \"gpt\" needs inputs.model (a train node)".into())
             }
-            Pass1Params::Bigram(_) | Pass1Params::Import(_) if has_model => {
-                Err("inputs.model is only read by model = \"gpt\"".into())
-            }
+            Pass1Params::Bigram(_) | Pass1Params::Import(_) if has_model => Err(
+                "inputs.model is only read by model = \"gpt\" and model = \"command\"".into(),
+            ),
             Pass1Params::Import(_) if !has_table => {
                 Err("model = \"import\" needs files.table".into())
             }
-            Pass1Params::Bigram(_) | Pass1Params::Gpt(_) if has_table => {
+            _ if has_table && !matches!(params, Pass1Params::Import(_)) => {
                 Err("files.table is for model = \"import\"".into())
+            }
+            Pass1Params::Command(_) if !has_scorer => Err(
+                "model = \"command\" needs files.scorer (the scorer's own files, hashed so that editing them reruns the node)".into(),
+            ),
+            _ if has_scorer && !matches!(params, Pass1Params::Command(_)) => {
+                Err("files.scorer is for model = \"command\"".into())
             }
             _ => Ok(()),
         }
@@ -127,8 +147,13 @@ impl Stage for Pass1Stage {
             .collect();
         Self::check_wiring(&params, &connected, &files).map_err(|m| ctx.error(m))?;
         let tokens = ctx.input("tokens")?;
+        let mut volatile = Vec::new();
         let table = match &params {
             Pass1Params::Gpt(_) => return run_in_worker(Task::Pass1, ctx),
+            Pass1Params::Command(command) => {
+                volatile.push(command::SCORER_LOG.to_string());
+                command::command_pass1(ctx, command)?
+            }
             Pass1Params::Bigram(bigram) => {
                 let (val, val_bytes) = read_val(tokens)?;
                 let train_path = tokens.file("train.parquet");
@@ -147,9 +172,10 @@ impl Stage for Pass1Stage {
                 import_pass1(path, &val_bytes)?
             }
         };
-        let report = table.summary();
+        let mut report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
+        report.volatile_files = volatile;
         Ok(report.with("model", params.model_name()))
     }
 }
@@ -185,32 +211,10 @@ pub fn distributions_schema() -> Arc<Schema> {
     stage_api::arrow_schema(DISTRIBUTIONS_TABLE)
 }
 
-/// The `count` target positions in 1..=targets whose distributions pass-1 keeps: those
-/// with the smallest keyed hash, so the sample is fixed by the seed, spread over the whole
-/// stream, and the same for every model. Sorted.
+/// The `count` target positions in 1..=targets whose distributions pass-1 keeps (see
+/// [`stage_api::sample_positions`]).
 pub fn mass_sample_positions(targets: usize, count: usize, seed: u64) -> Vec<i64> {
-    use std::collections::BinaryHeap;
-    let key = |p: u64| {
-        // splitmix64's finaliser over (seed, p).
-        let mut z =
-            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ p.wrapping_add(0x632B_E59B_D9B4_E019);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut smallest: BinaryHeap<(u64, i64)> = BinaryHeap::with_capacity(count + 1);
-    for p in 1..=targets as i64 {
-        let k = (key(p as u64), p);
-        if smallest.len() < count {
-            smallest.push(k);
-        } else if smallest.peek().is_some_and(|top| k < *top) {
-            smallest.pop();
-            smallest.push(k);
-        }
-    }
-    let mut positions: Vec<i64> = smallest.into_iter().map(|(_, p)| p).collect();
-    positions.sort_unstable();
-    positions
+    stage_api::sample_positions(targets, count, seed)
 }
 
 impl Pass1Table {

@@ -1,5 +1,7 @@
 //! `pass1`'s parameters, one set per source.
 
+use std::collections::BTreeMap;
+
 use gpt::Device;
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
@@ -14,6 +16,7 @@ pub enum Pass1Params {
     Bigram(BigramParams),
     Import(ImportParams),
     Gpt(GptParams),
+    Command(CommandParams),
 }
 
 impl Default for Pass1Params {
@@ -28,6 +31,7 @@ impl Pass1Params {
             Pass1Params::Bigram(_) => "bigram",
             Pass1Params::Import(_) => "import",
             Pass1Params::Gpt(_) => "gpt",
+            Pass1Params::Command(_) => "command",
         }
     }
 }
@@ -98,10 +102,49 @@ impl Default for GptParams {
     }
 }
 
+/// `model = "command"`: a user's scorer run as a process (`command`, an argv list run
+/// in the pipeline file's directory; its own files as `files.scorer`). See
+/// docs/scorers.md for the protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandParams {
+    /// The program and its arguments, e.g. `[".venv/bin/python", "scorer.py"]`.
+    pub command: Vec<String>,
+    /// Extra environment variables for the program.
+    pub env: BTreeMap<String, String>,
+    /// Seconds before the program is killed and the node fails.
+    pub timeout_s: u64,
+    /// As for the bigram: how many positions get their whole distribution asked for.
+    pub mass_sample: usize,
+    pub mass_seed: u64,
+}
+
+impl Default for CommandParams {
+    fn default() -> Self {
+        CommandParams {
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            timeout_s: 3600,
+            mass_sample: 4096,
+            mass_seed: 1337,
+        }
+    }
+}
+
 impl StageParams for Pass1Params {
     fn validate(&self) -> Result<(), StageError> {
         let (temperature, mass_sample) = match self {
             Pass1Params::Import(_) => return Ok(()),
+            Pass1Params::Command(p) => {
+                if p.command.first().is_none_or(|program| program.is_empty()) {
+                    return Err(StageError::invalid_param(
+                        "command",
+                        "give the scorer's program and arguments, e.g. [\".venv/bin/python\", \"scorer.py\"]",
+                    ));
+                }
+                check_param("timeout_s", p.timeout_s, 1..=7 * 24 * 3600, "seconds")?;
+                (1.0, p.mass_sample)
+            }
             Pass1Params::Bigram(p) => {
                 positive("add_k", p.add_k)?;
                 (p.temperature, p.mass_sample)

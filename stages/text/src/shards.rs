@@ -10,6 +10,26 @@ pub const SHARD_MAGIC: i32 = 20240520;
 pub const SHARD_VERSION: i32 = 1;
 pub const HEADER_BYTES: usize = 256 * 4;
 
+/// Writes `tokens` as one shard (for a user's scorer that reads the challenge's format).
+pub fn write_shard(path: &Path, tokens: &[u16]) -> Result<(), StageError> {
+    let count = i32::try_from(tokens.len()).map_err(|_| {
+        StageError::input(
+            path,
+            format!("{} tokens do not fit a shard's int32 count", tokens.len()),
+        )
+    })?;
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + 2 * tokens.len());
+    for (i, word) in [SHARD_MAGIC, SHARD_VERSION, count].into_iter().enumerate() {
+        debug_assert_eq!(bytes.len(), i * 4);
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    bytes.resize(HEADER_BYTES, 0);
+    for token in tokens {
+        bytes.extend_from_slice(&token.to_le_bytes());
+    }
+    std::fs::write(path, bytes).map_err(|e| StageError::io(path, e))
+}
+
 /// Reads one shard, checking everything the reference checks plus the token range.
 pub fn read_shard(path: &Path, vocab_size: usize) -> Result<Vec<u16>, StageError> {
     let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;

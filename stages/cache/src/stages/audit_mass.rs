@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt8Array};
+use arrow::array::{
+    ArrayRef, Float64Array, Int64Array, RecordBatch, UInt16Array, UInt32Array, UInt8Array,
+};
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,6 +36,13 @@ const MASS: &[Column] = &[
     Column::new("bits", F64),
     Column::new("bits_normalised", F64),
     Column::new("bytes", U8),
+    // The rule's choice with every candidate as the target (see mass::choices).
+    Column::new("states", U32),
+    Column::new("target_order", U8),
+    Column::new("target_length", U16),
+    Column::new("other_token", U16),
+    Column::new("other_order", U8),
+    Column::new("other_length", U16),
 ];
 
 impl Stage for AuditMassStage {
@@ -41,7 +50,8 @@ impl Stage for AuditMassStage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "audit-mass",
-        version: 1,
+        // 2: the rule's choices per candidate (states, target_*, other_*).
+        version: 2,
         summary: "pass-1 distributions + cache + calibration -> Σ_v p(v) at the sampled positions, and the BPB renormalised there",
         inputs: &[
             CHAIN_INPUTS[0],
@@ -177,6 +187,7 @@ impl Stage for AuditMassStage {
             }
         };
         let masses = crate::mass::implied_mass(&tokens, &samples, &candidates, &blend);
+        let choices = crate::mass::choices(&tokens, &positions, &candidates);
         report.phase("candidates", started);
 
         let ln2 = std::f64::consts::LN_2;
@@ -201,6 +212,24 @@ impl Stage for AuditMassStage {
             Arc::new(UInt8Array::from_iter_values(
                 masses.iter().map(|m| val_bytes[m.position]),
             )),
+            Arc::new(UInt32Array::from_iter_values(
+                choices.iter().map(|c| c.states),
+            )),
+            Arc::new(UInt8Array::from_iter_values(
+                choices.iter().map(|c| c.target.0),
+            )),
+            Arc::new(UInt16Array::from_iter_values(
+                choices.iter().map(|c| c.target.1),
+            )),
+            Arc::new(UInt16Array::from_iter_values(
+                choices.iter().map(|c| c.other_token),
+            )),
+            Arc::new(UInt8Array::from_iter_values(
+                choices.iter().map(|c| c.other.0),
+            )),
+            Arc::new(UInt16Array::from_iter_values(
+                choices.iter().map(|c| c.other.1),
+            )),
         ];
         let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
         write_parquet(
@@ -223,6 +252,10 @@ impl Stage for AuditMassStage {
         Ok(report
             .with("mode", serde_json::to_value(params.mode).unwrap())
             .with("samples", n as u64)
+            .with(
+                "target_dependent",
+                choices.iter().filter(|c| c.states > 1).count() as u64,
+            )
             .with("mass_mean", sorted.iter().sum::<f64>() / n as f64)
             .with("mass_median", median)
             .with("mass_min", sorted[0])

@@ -1,0 +1,228 @@
+//! Re-runs of a chain on perturbed data, for stages that judge a chain by them (the
+//! `legality` probes; see [`stage_api::Reruns`]).
+//!
+//! The copies are ordinary nodes, named `NODE_cutN`, so the runner builds, caches,
+//! reuses and audits them like any other: a second `run` reuses every re-run, and a
+//! re-run shared by two judges (the GPT's pass-1 under three cache modes) is built once.
+//! Nothing here knows what a chain computes: its members are the nodes that produce
+//! what the judging stage's declaration names, and its source is where they read the
+//! table the perturbing stage replaces.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::source::node_name_problem;
+use super::{Node, Rerun};
+use crate::registry::Registry;
+
+/// A problem with a judging node, reported at its table in `pipeline.toml`.
+pub struct Problem {
+    pub node: String,
+    pub message: String,
+}
+
+/// Adds the re-runs every judging node asks for and wires them in. Returns whether it
+/// added anything. Cuts with equal parameters share a number across judges.
+pub fn add_reruns(
+    nodes: &mut BTreeMap<String, Node>,
+    registry: &Registry,
+) -> Result<bool, Problem> {
+    let spec_of = |n: &Node| {
+        registry
+            .get(&n.stage)
+            .expect("validated when loading")
+            .spec()
+    };
+    let judges: Vec<String> = nodes
+        .values()
+        .filter(|n| spec_of(n).reruns.is_some())
+        .map(|n| n.name.clone())
+        .collect();
+    let mut numbered_cuts: Vec<Value> = Vec::new();
+    for judge_name in &judges {
+        let judge = nodes[judge_name].clone();
+        let reruns = spec_of(&judge).reruns.expect("filtered");
+        let problem = |message: String| Problem {
+            node: judge_name.clone(),
+            message,
+        };
+        let produces = |n: &Node, product: &str| spec_of(n).output(product).is_some();
+        let is_member = |n: &Node| reruns.members.iter().any(|m| produces(n, m));
+        for wired in reruns.wired_as {
+            if judge.inputs.contains_key(*wired) {
+                return Err(problem(format!(
+                    "inputs.{wired} is wired by the pipeline (one re-run per entry of params.{}); remove it",
+                    reruns.param
+                )));
+            }
+        }
+        let end_name = judge
+            .inputs
+            .get(reruns.input)
+            .ok_or_else(|| problem(format!("needs inputs.{}", reruns.input)))?;
+        let end = &nodes[end_name];
+        if !is_member(end) {
+            return Err(problem(format!(
+                "inputs.{} names node '{end_name}' ({}), which produces none of {}",
+                reruns.input,
+                end.stage,
+                reruns.members.join(", ")
+            )));
+        }
+        // The chain: the end and everything upstream of it that is a member.
+        let mut members = BTreeSet::from([end_name.clone()]);
+        let mut frontier = vec![end_name.clone()];
+        while let Some(name) = frontier.pop() {
+            for up in nodes[&name].inputs.values() {
+                if is_member(&nodes[up]) && members.insert(up.clone()) {
+                    frontier.push(up.clone());
+                }
+            }
+        }
+        let sources: BTreeSet<&String> = members
+            .iter()
+            .flat_map(|m| nodes[m].inputs.values())
+            .filter(|up| !members.contains(*up) && produces(&nodes[*up], reruns.source_table))
+            .collect();
+        let source = match sources.into_iter().collect::<Vec<_>>()[..] {
+            [one] => one.clone(),
+            [] => {
+                return Err(problem(format!(
+                    "the chain ending at '{end_name}' reads no {} table, so there is nothing to perturb",
+                    reruns.source_table
+                )))
+            }
+            ref many => {
+                let names: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+                return Err(problem(format!(
+                    "the chain ending at '{end_name}' reads {} from several nodes ({}); a re-run perturbs one",
+                    reruns.source_table,
+                    names.join(", ")
+                )));
+            }
+        };
+        for (input, up) in &judge.inputs {
+            if input != reruns.input && up != &source && produces(&nodes[up], reruns.source_table) {
+                return Err(problem(format!(
+                    "inputs.{input} is '{up}', but the chain reads {} from '{source}': judge it on the same tokens",
+                    reruns.source_table
+                )));
+            }
+        }
+        let cuts = judge.params[reruns.param]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if cuts.len() > reruns.wired_as.len() {
+            return Err(problem(format!(
+                "params.{}: {} entries; at most {}",
+                reruns.param,
+                cuts.len(),
+                reruns.wired_as.len()
+            )));
+        }
+        let perturbing = registry.get(reruns.stage).expect("a registered stage");
+        let mut wired = BTreeMap::new();
+        for (i, cut) in cuts.iter().enumerate() {
+            let params = perturbing
+                .canonical_params(cut)
+                .map_err(|e| problem(format!("params.{}[{i}]: {e}", reruns.param)))?;
+            let number = match numbered_cuts.iter().position(|c| *c == params) {
+                Some(at) => at + 1,
+                None => {
+                    numbered_cuts.push(params.clone());
+                    numbered_cuts.len()
+                }
+            };
+            let copy_name = |base: &str| format!("{base}_cut{number}");
+            let perturbed_source = copy_name(&source);
+            let first_input = perturbing
+                .spec()
+                .inputs
+                .first()
+                .map(|i| i.name)
+                .unwrap_or("tokens");
+            add(
+                nodes,
+                judge_name,
+                Node {
+                    name: perturbed_source.clone(),
+                    stage: reruns.stage.to_string(),
+                    params,
+                    inputs: BTreeMap::from([(first_input.to_string(), source.clone())]),
+                    files: BTreeMap::new(),
+                    variant: None,
+                    rerun: Some(Rerun {
+                        base: source.clone(),
+                        number,
+                    }),
+                },
+            )?;
+            for member in &members {
+                let original = nodes[member].clone();
+                let inputs = original
+                    .inputs
+                    .iter()
+                    .map(|(input, up)| {
+                        let up = if members.contains(up) {
+                            copy_name(up)
+                        } else if *up == source {
+                            perturbed_source.clone()
+                        } else {
+                            up.clone()
+                        };
+                        (input.clone(), up)
+                    })
+                    .collect();
+                add(
+                    nodes,
+                    judge_name,
+                    Node {
+                        name: copy_name(member),
+                        inputs,
+                        rerun: Some(Rerun {
+                            base: member.clone(),
+                            number,
+                        }),
+                        ..original
+                    },
+                )?;
+            }
+            wired.insert(reruns.wired_as[i].to_string(), copy_name(end_name));
+        }
+        let judge = nodes.get_mut(judge_name).expect("exists");
+        judge.inputs.extend(wired);
+        if let Some(label) = reruns.label_param {
+            if judge.params[label].as_str() == Some("") {
+                judge.params[label] = Value::from(end_name.as_str());
+            }
+        }
+    }
+    Ok(!judges.is_empty())
+}
+
+/// Adds a re-run node, once: the same copy serves every judge whose chain has it.
+fn add(nodes: &mut BTreeMap<String, Node>, judge: &str, node: Node) -> Result<(), Problem> {
+    let problem = |message: String| Problem {
+        node: judge.to_string(),
+        message,
+    };
+    if let Some(why) = node_name_problem(&node.name) {
+        return Err(problem(format!(
+            "the re-run copy of '{}': {why}",
+            node.name
+        )));
+    }
+    match nodes.get(&node.name) {
+        Some(existing) if existing.rerun.is_none() => Err(problem(format!(
+            "node '{}' clashes with the name of a re-run copy; rename it",
+            node.name
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            nodes.insert(node.name.clone(), node);
+            Ok(())
+        }
+    }
+}
