@@ -20,6 +20,8 @@ pub const MATCHES: &str = "matches";
 pub const CALIBRATION: &str = "calibration.json";
 /// The implied-mass audit's per-position table.
 pub const MASS: &str = "mass";
+/// A legality node's verdicts.
+pub const LEGALITY: &str = "legality";
 /// A training run's per-step log.
 pub const TRAIN_LOG: &str = "train_log";
 

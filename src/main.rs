@@ -111,6 +111,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The legality probes' verdicts on every chain: C1 prefix invariance, C1 target
+    /// independence, C2 normalisation, byte accounting (docs/legality.md).
+    ///
+    /// Reads the built legality nodes (`cachemoney run` builds them) and prints chains
+    /// down, probes across, then the evidence of each failure. Exits 1 when any probe
+    /// shown failed, so CI can gate on it.
+    Legality {
+        /// Only these legality nodes or chains (the chain's last node).
+        nodes: Vec<String>,
+        /// Machine-readable output: one object per (chain, probe) with its evidence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write one self-contained HTML page of figures over the built artifacts.
     ///
     /// BPB waterfalls per chain, calibration grids as heat maps, match rate and BPB by
@@ -263,6 +276,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sql { query, format } => session.sql(query.as_deref(), format)?,
         Command::Compare { json } => session.compare(json)?,
         Command::Report { out } => session.report(&out, cli.quiet)?,
+        Command::Legality { nodes, json } => {
+            if !session.legality(&nodes, json)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Verify => {
             if !session.verify(cli.quiet)? {
                 return Ok(ExitCode::FAILURE);

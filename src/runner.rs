@@ -45,6 +45,9 @@ pub struct Resolved {
     pub ingredients: Option<Ingredients>,
     #[serde(flatten)]
     pub state: NodeState,
+    /// Added by the pipeline for a legality probe's re-run (not written in the file).
+    #[serde(skip)]
+    pub rerun: bool,
 }
 
 pub struct RunContext<'a> {
@@ -129,6 +132,7 @@ impl RunContext<'_> {
                     recipe: None,
                     ingredients: None,
                     state,
+                    rerun: node.rerun.is_some(),
                 });
                 continue;
             }
@@ -172,6 +176,7 @@ impl RunContext<'_> {
                 recipe: Some(recipe),
                 ingredients: Some(ingredients),
                 state,
+                rerun: node.rerun.is_some(),
             });
         }
         self.store.hasher().save().ok();

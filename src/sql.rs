@@ -53,6 +53,9 @@ pub struct SqlSession {
 /// One Parquet output of a node, as the session sees it.
 struct Entry {
     node: String,
+    /// A legality re-run's table: reachable as NODE.TABLE only, so that `val` still
+    /// means the val tokens.
+    rerun: bool,
     stem: String,
     path: std::path::PathBuf,
     info: crate::store::OutputFile,
@@ -96,6 +99,7 @@ impl SqlSession {
                 let problem = (!problems.is_empty()).then(|| problems.join("; "));
                 entries.push(Entry {
                     node: r.node.clone(),
+                    rerun: r.rerun,
                     stem: stem.to_string(),
                     path,
                     info: info.clone(),
@@ -103,9 +107,14 @@ impl SqlSession {
                 });
             }
         }
+        let rerun_nodes: std::collections::BTreeSet<String> = entries
+            .iter()
+            .filter(|e| e.rerun)
+            .map(|e| e.node.clone())
+            .collect();
         let mut stem_count: BTreeMap<String, usize> = BTreeMap::new();
         let mut node_tables: BTreeMap<String, usize> = BTreeMap::new();
-        for e in &entries {
+        for e in entries.iter().filter(|e| !e.rerun) {
             *stem_count.entry(e.stem.clone()).or_default() += 1;
             *node_tables.entry(e.node.clone()).or_default() += 1;
         }
@@ -120,10 +129,13 @@ impl SqlSession {
                 }
             }
             let mut names = vec![qualified.clone()];
-            if stem_count[&entry.stem] == 1 {
+            if !entry.rerun && stem_count[&entry.stem] == 1 {
                 names.push(entry.stem.clone());
             }
-            if node_tables[&entry.node] == 1 && !stem_count.contains_key(&entry.node) {
+            if !entry.rerun
+                && node_tables[&entry.node] == 1
+                && !stem_count.contains_key(&entry.node)
+            {
                 names.push(entry.node.clone());
             }
             let mut aliases = Vec::new();
@@ -155,6 +167,47 @@ impl SqlSession {
                 columns: entry.info.schema.clone().unwrap_or_default(),
             });
         }
+
+        // A table several nodes write (`legality`, `scores`): all of them under the
+        // plain name, with a leading `node` column, when their columns agree.
+        let mut by_stem: BTreeMap<&str, Vec<&TableInfo>> = BTreeMap::new();
+        for t in tables.iter().filter(|t| !rerun_nodes.contains(&t.node)) {
+            if let Some((_, stem)) = t.name.split_once('.') {
+                by_stem.entry(stem).or_default().push(t);
+            }
+        }
+        let mut unions = Vec::new();
+        for (stem, members) in by_stem {
+            let readable = members.iter().all(|t| files.contains_key(&t.name));
+            let same_columns = members.windows(2).all(|w| w[0].columns == w[1].columns);
+            let has_node_column = members[0].columns.iter().any(|(c, _)| c == "node");
+            if members.len() < 2
+                || !readable
+                || !same_columns
+                || has_node_column
+                || ctx.table_exist(stem)?
+                || stem == "artifacts"
+                || stem == "seeds"
+            {
+                continue;
+            }
+            let select: Vec<String> = members
+                .iter()
+                .map(|t| format!("SELECT '{}' AS node, * FROM {}", t.node, t.name))
+                .collect();
+            let view = ctx.sql(&select.join(" UNION ALL ")).await?.into_view();
+            ctx.register_table(stem, view)?;
+            let mut columns = vec![("node".to_string(), "Utf8".to_string())];
+            columns.extend(members[0].columns.iter().cloned());
+            unions.push(TableInfo {
+                name: stem.to_string(),
+                aliases: vec![],
+                node: format!("({} nodes)", members.len()),
+                rows: members.iter().map(|t| t.rows).sum(),
+                columns,
+            });
+        }
+        tables.extend(unions);
 
         let artifacts = artifacts_table(store, &current_recipes)?;
         let columns = artifacts

@@ -13,6 +13,7 @@ use crate::sql::{self, Format, SqlSession};
 use crate::store::{verify_artifact, Manifest, Store, Stored};
 
 mod compare;
+mod legality;
 mod sql_input;
 mod stages;
 
@@ -112,7 +113,18 @@ impl Session {
     pub fn run(&self, options: &RunOptions) -> Result<()> {
         let outcomes = runner::run(&self.context(), options)?;
         if !options.quiet {
-            for outcome in &outcomes {
+            // The re-runs' own headlines (a BPB on a shuffled stream) mean nothing alone.
+            let reruns: std::collections::BTreeSet<&str> = self
+                .pipeline
+                .nodes
+                .iter()
+                .filter(|n| n.rerun.is_some())
+                .map(|n| n.name.as_str())
+                .collect();
+            for outcome in outcomes
+                .iter()
+                .filter(|o| !reruns.contains(o.node.as_str()))
+            {
                 let stage = self.registry.get(&outcome.stage).expect("registered");
                 if let Some(manifest) = self.store.manifest(&outcome.stage, &outcome.recipe)? {
                     if let Some(line) = stage.headline(&manifest.report) {

@@ -1,0 +1,188 @@
+//! `cachemoney legality`: the legality probes' verdicts on every chain, as one matrix,
+//! with the evidence behind each failure; the exit status says whether any failed, so
+//! a submission's CI can gate on it.
+
+use anyhow::{bail, Result};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int64Type, UInt64Type};
+use serde::Serialize;
+
+use super::Session;
+use crate::chain::{Products, LEGALITY};
+use crate::runner::NodeState;
+
+/// One probe's verdict on one chain (`legality --json` prints a list of these).
+#[derive(Debug, Clone, Serialize)]
+pub struct LegalityRow {
+    /// The judging node.
+    pub node: String,
+    pub chain: String,
+    pub probe: String,
+    pub verdict: String,
+    pub checked: u64,
+    pub position: Option<i64>,
+    pub expected: Option<f64>,
+    pub observed: Option<f64>,
+    pub detail: String,
+}
+
+impl Session {
+    /// Prints the matrix; returns whether every verdict shown passed or does not apply.
+    pub fn legality(&self, wanted: &[String], json: bool) -> Result<bool> {
+        let resolved = self.context().resolve()?;
+        let products = Products::new(&self.pipeline, &self.registry);
+        let judges: Vec<_> = products
+            .producers(LEGALITY)
+            .into_iter()
+            .filter(|n| {
+                wanted.is_empty()
+                    || wanted
+                        .iter()
+                        .any(|w| *w == n.name || n.params["chain"].as_str() == Some(w.as_str()))
+            })
+            .collect();
+        if judges.is_empty() {
+            if wanted.is_empty() {
+                bail!(
+                    "{} has no legality node (stage = \"legality\"); docs/legality.md shows how to add one per chain",
+                    self.pipeline.path.display()
+                );
+            }
+            bail!(
+                "no legality node or chain called {} in {}",
+                wanted.join(", "),
+                self.pipeline.path.display()
+            );
+        }
+        let mut rows = Vec::new();
+        let mut unbuilt = Vec::new();
+        for judge in judges {
+            let r = resolved
+                .iter()
+                .find(|r| r.node == judge.name)
+                .expect("resolved");
+            let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
+                unbuilt.push(judge.name.clone());
+                continue;
+            };
+            let path = self
+                .store
+                .artifact_dir(&r.stage, recipe)
+                .join(format!("{LEGALITY}.parquet"));
+            for batch in stage_api::read_parquet(&path)? {
+                rows.extend(rows_of(&judge.name, &batch));
+            }
+        }
+        if rows.is_empty() {
+            bail!(
+                "no legality node is built yet ({}); run `cachemoney run` first",
+                unbuilt.join(", ")
+            );
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print_matrix(&rows);
+            if !unbuilt.is_empty() {
+                println!("not built yet: {}", unbuilt.join(", "));
+            }
+        }
+        Ok(rows.iter().all(|r| r.verdict != "fail"))
+    }
+}
+
+fn rows_of(node: &str, batch: &RecordBatch) -> Vec<LegalityRow> {
+    let text = |name: &str| {
+        batch
+            .column_by_name(name)
+            .expect("declared")
+            .as_string::<i32>()
+            .clone()
+    };
+    let (chain, probe, verdict, detail) = (
+        text("chain"),
+        text("probe"),
+        text("verdict"),
+        text("detail"),
+    );
+    let checked = batch
+        .column_by_name("checked")
+        .expect("declared")
+        .as_primitive::<UInt64Type>()
+        .clone();
+    let position = batch
+        .column_by_name("position")
+        .expect("declared")
+        .as_primitive::<Int64Type>()
+        .clone();
+    let float = |name: &str| {
+        batch
+            .column_by_name(name)
+            .expect("declared")
+            .as_primitive::<Float64Type>()
+            .clone()
+    };
+    let (expected, observed) = (float("expected"), float("observed"));
+    (0..batch.num_rows())
+        .map(|i| LegalityRow {
+            node: node.to_string(),
+            chain: chain.value(i).to_string(),
+            probe: probe.value(i).to_string(),
+            verdict: verdict.value(i).to_string(),
+            checked: checked.value(i),
+            position: position.is_valid(i).then(|| position.value(i)),
+            expected: expected.is_valid(i).then(|| expected.value(i)),
+            observed: observed.is_valid(i).then(|| observed.value(i)),
+            detail: detail.value(i).to_string(),
+        })
+        .collect()
+}
+
+/// Chains down, probes across; then one line of evidence per failure.
+fn print_matrix(rows: &[LegalityRow]) {
+    let mut chains: Vec<&str> = Vec::new();
+    let mut probes: Vec<&str> = Vec::new();
+    for r in rows {
+        if !chains.contains(&r.chain.as_str()) {
+            chains.push(&r.chain);
+        }
+        if !probes.contains(&r.probe.as_str()) {
+            probes.push(&r.probe);
+        }
+    }
+    let width = chains.iter().map(|c| c.len()).max().unwrap_or(0).max(5);
+    let cell = |p: &str| p.len().max(6);
+    let mut header = format!("{:width$}", "chain");
+    for p in &probes {
+        header += &format!("  {:w$}", p, w = cell(p));
+    }
+    println!("{}", header.trim_end());
+    for chain in &chains {
+        let mut line = format!("{chain:width$}");
+        for p in &probes {
+            let verdict = rows
+                .iter()
+                .find(|r| r.chain == *chain && r.probe == *p)
+                .map_or("-", |r| match r.verdict.as_str() {
+                    "not-applicable" => "n/a",
+                    "fail" => "FAIL",
+                    v => v,
+                });
+            line += &format!("  {:w$}", verdict, w = cell(p));
+        }
+        println!("{}", line.trim_end());
+    }
+    let failures: Vec<&LegalityRow> = rows.iter().filter(|r| r.verdict == "fail").collect();
+    if failures.is_empty() {
+        println!("every probe passed or does not apply");
+        return;
+    }
+    println!();
+    for r in failures {
+        let values = match (r.position, r.expected, r.observed) {
+            (Some(p), Some(e), Some(o)) => format!(" [position {p}: {e} vs {o}]"),
+            _ => String::new(),
+        };
+        println!("{} {}: {}{values}", r.chain, r.probe, r.detail);
+    }
+}
