@@ -209,6 +209,10 @@ fn every_transcript_in_the_docs_is_what_the_program_prints() {
     )
     .unwrap();
     copy_dir(&root.join("data"), &demo.path().join("data"));
+    // The pipeline's scorers: the example scripts, run by the project's Python.
+    for shared in ["examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), demo.path().join(shared)).unwrap();
+    }
     let bin = assert_cmd::cargo::cargo_bin("cachemoney");
     let bin_dir = bin.parent().unwrap().to_path_buf();
 

@@ -276,7 +276,9 @@ fn the_default_pipeline_loads_with_its_neural_nodes() {
         project.path().join("pipeline.toml"),
     )
     .unwrap();
-    std::os::unix::fs::symlink(root.join("data"), project.path().join("data")).unwrap();
+    for shared in ["data", "examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
+    }
     let status = project.ok(&["status"]);
     for (node, stage) in [
         ("tokens", "tokenize"),

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::{Float32Type, Int64Type, UInt16Type};
+use arrow::datatypes::{DataType, Float32Type, Int64Type, UInt16Type};
+use parquet::arrow::arrow_reader::ArrowReaderMetadata;
 use serde::Serialize;
 use stage_api::{read_column, StageContext, StageError};
 
@@ -227,8 +228,40 @@ fn check_directory(ctx: &StageContext, scratch: &Path) -> Result<(), StageError>
     Ok(())
 }
 
+/// The protocol's column types, exactly: a float64 `model_p` would otherwise be
+/// narrowed silently, and a scorer that thinks it writes f64 has other surprises.
+fn check_schema(path: &Path, wanted: &[(&str, DataType)]) -> Result<(), StageError> {
+    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+    let metadata = ArrowReaderMetadata::load(&file, Default::default())
+        .map_err(|e| StageError::format(path, e))?;
+    let schema = metadata.schema();
+    for (name, kind) in wanted {
+        match schema.field_with_name(name) {
+            Ok(field) if field.data_type() == kind => {}
+            Ok(field) => {
+                return Err(StageError::input(
+                    path,
+                    format!("column '{name}' is {}, the protocol says {kind}", field.data_type()),
+                ))
+            }
+            Err(_) => {
+                let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(StageError::input(
+                    path,
+                    format!("no column '{name}' (it has: {})", have.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_outputs(request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, StageError> {
     let pass1_path = request.output_dir.join("pass1.parquet");
+    check_schema(
+        &pass1_path,
+        &[("position", DataType::Int64), ("model_p", DataType::Float32), ("entropy", DataType::Float32)],
+    )?;
     let mut table = import_pass1(&pass1_path, val_bytes)?;
     // Bytes are the tokens' (the challenge's rule), never the scorer's.
     table.bytes = table
@@ -257,6 +290,10 @@ fn read_distributions(path: &Path, request: &Request) -> Result<Vec<(i64, Vec<f3
             ),
         ));
     }
+    check_schema(
+        path,
+        &[("position", DataType::Int64), ("candidate", DataType::UInt16), ("model_p", DataType::Float32)],
+    )?;
     let position = read_column::<Int64Type>(path, "position")?;
     let candidate = read_column::<UInt16Type>(path, "candidate")?;
     let model_p = read_column::<Float32Type>(path, "model_p")?;
