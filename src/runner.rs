@@ -429,7 +429,13 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
         Ok(report) => report,
         Err(e) => {
             std::fs::remove_dir_all(&scratch).ok();
-            return Err(anyhow!(e));
+            // The context names the node already.
+            return Err(match e {
+                stage_api::StageError::Param { node: n, message } if n == node.name => {
+                    anyhow!(message)
+                }
+                e => anyhow!(e),
+            });
         }
     };
     let seconds = started.elapsed().as_secs_f64();

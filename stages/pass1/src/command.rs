@@ -241,7 +241,10 @@ fn check_schema(path: &Path, wanted: &[(&str, DataType)]) -> Result<(), StageErr
             Ok(field) => {
                 return Err(StageError::input(
                     path,
-                    format!("column '{name}' is {}, the protocol says {kind}", field.data_type()),
+                    format!(
+                        "column '{name}' is {}, the protocol says {kind}",
+                        field.data_type()
+                    ),
                 ))
             }
             Err(_) => {
@@ -260,7 +263,11 @@ fn read_outputs(request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, Stage
     let pass1_path = request.output_dir.join("pass1.parquet");
     check_schema(
         &pass1_path,
-        &[("position", DataType::Int64), ("model_p", DataType::Float32), ("entropy", DataType::Float32)],
+        &[
+            ("position", DataType::Int64),
+            ("model_p", DataType::Float32),
+            ("entropy", DataType::Float32),
+        ],
     )?;
     let mut table = import_pass1(&pass1_path, val_bytes)?;
     // Bytes are the tokens' (the challenge's rule), never the scorer's.
@@ -292,7 +299,11 @@ fn read_distributions(path: &Path, request: &Request) -> Result<Vec<(i64, Vec<f3
     }
     check_schema(
         path,
-        &[("position", DataType::Int64), ("candidate", DataType::UInt16), ("model_p", DataType::Float32)],
+        &[
+            ("position", DataType::Int64),
+            ("candidate", DataType::UInt16),
+            ("model_p", DataType::Float32),
+        ],
     )?;
     let position = read_column::<Int64Type>(path, "position")?;
     let candidate = read_column::<UInt16Type>(path, "candidate")?;
@@ -306,8 +317,8 @@ fn read_distributions(path: &Path, request: &Request) -> Result<Vec<(i64, Vec<f3
             return Err(StageError::input(
                 path,
                 format!(
-                    "row {row}: (position {}, candidate {}) where (position {want_position}, candidate {want_candidate}) was expected: one row per candidate 0..{v} of a {v}-token vocabulary at each requested position, in order",
-                    position[row], candidate[row]
+                    "row {row}: (position {}, candidate {}) where (position {want_position}, candidate {want_candidate}) was expected: one row per candidate 0..={} of a {v}-token vocabulary at each requested position, in order",
+                    position[row], candidate[row], v - 1
                 ),
             ));
         }

@@ -1,0 +1,334 @@
+//! Scorers run as processes (`pass1 model = "command"`) and the legality probes on them:
+//! the example scorers under examples/scorers, run by the project's Python, and scorers
+//! that misbehave in every way the protocol names.
+
+mod common;
+
+use common::{neural_pipeline, tiny_model, Project};
+use serde_json::Value;
+
+/// A project with the repository's example scorers and Python (`./dev` makes .venv).
+fn with_scorers(project: &Project) {
+    let root = common::repo_root();
+    for shared in ["examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
+    }
+}
+
+fn scorer_node(name: &str, script: &str, args: &str, model: bool) -> String {
+    format!(
+        r#"
+[nodes.{name}]
+stage = "pass1"
+inputs.tokens = "tokens"
+{model}params.model = "command"
+params.command = [".venv/bin/python", "{script}"{args}]
+files.scorer = ["{script}"]
+"#,
+        model = if model {
+            "inputs.model = \"model\"\n"
+        } else {
+            ""
+        }
+    )
+}
+
+fn legality_node(chain: &str) -> String {
+    format!(
+        r#"
+[nodes.legality_{chain}]
+stage = "legality"
+inputs.tokens = "tokens"
+inputs.chain = "{chain}"
+"#
+    )
+}
+
+fn content_hashes(project: &Project) -> std::collections::BTreeMap<String, String> {
+    let json: Value = serde_json::from_str(&project.ok(&["status", "--json"])).unwrap();
+    json.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| {
+            Some((
+                n["node"].as_str()?.to_string(),
+                n["content_hash"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The verdicts of `legality --json` as (chain, probe) → (verdict, row).
+fn verdicts(project: &Project, args: &[&str]) -> (bool, Vec<Value>) {
+    let mut full = vec!["legality", "--json"];
+    full.extend_from_slice(args);
+    let out = project.run(&full);
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "legality --json: {e}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), rows)
+}
+
+fn verdict(rows: &[Value], chain: &str, probe: &str) -> String {
+    rows.iter()
+        .find(|r| r["chain"] == chain && r["probe"] == probe)
+        .map(|r| r["verdict"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no {chain}/{probe} in {rows:?}"))
+}
+
+/// The PyTorch GPT (written from the spec, independently of our tch model) gives our
+/// pass-1 bit for bit; the numpy bigram agrees with the built-in one; both pass every
+/// probe, as does the GPT itself, while the leaky two-pass cache fails C1 with evidence.
+#[test]
+fn example_scorers_agree_with_our_models_and_the_probes_sort_them() {
+    let project = Project::small();
+    with_scorers(&project);
+    let text = neural_pipeline(&tiny_model(300), 30)
+        + &scorer_node(
+            "pass1_torch",
+            "examples/scorers/gpt_torch.py",
+            r#", "--stride", "8", "--batch", "16""#,
+            true,
+        )
+        + "\n[nodes.pass1_bigram]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\n"
+        + &scorer_node(
+            "pass1_numpy",
+            "examples/scorers/bigram_numpy.py",
+            r#", "0.85", "0.1""#,
+            false,
+        )
+        + &scorer_node("pass1_leaky", "examples/scorers/leaky_cache.py", "", false)
+        + &[
+            "pass1",
+            "pass1_torch",
+            "pass1_bigram",
+            "pass1_numpy",
+            "pass1_leaky",
+        ]
+        .map(legality_node)
+        .concat();
+    project.write_pipeline(&text);
+    project.ok(&["run", "--quiet"]);
+
+    let hashes = content_hashes(&project);
+    assert_eq!(
+        hashes["pass1_torch"], hashes["pass1"],
+        "the PyTorch scorer's pass-1 (model_p, entropy, distributions) is our tch pass-1's, bit for bit"
+    );
+    // The numpy bigram: the same model in f64 numpy, within f32 rounding of ours.
+    let diff: f64 = project
+        .sql("SELECT max(abs(CAST(a.model_p AS DOUBLE) - CAST(b.model_p AS DOUBLE))) AS d FROM pass1_bigram.pass1 a JOIN pass1_numpy.pass1 b ON a.position = b.position")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(diff <= 1e-7, "numpy bigram differs from ours by {diff}");
+
+    let (all_pass, rows) = verdicts(&project, &[]);
+    assert!(
+        !all_pass,
+        "the leaky scorer fails, so legality exits non-zero"
+    );
+    for chain in ["pass1", "pass1_torch", "pass1_bigram", "pass1_numpy"] {
+        for probe in ["c1-prefix", "c1-target", "c2-normalised", "bytes"] {
+            assert_eq!(verdict(&rows, chain, probe), "pass", "{chain} {probe}");
+        }
+    }
+    assert_eq!(verdict(&rows, "pass1_leaky", "c1-prefix"), "fail");
+    assert_eq!(verdict(&rows, "pass1_leaky", "c1-target"), "fail");
+    assert_eq!(verdict(&rows, "pass1_leaky", "c2-normalised"), "pass");
+    let evidence = rows
+        .iter()
+        .find(|r| r["chain"] == "pass1_leaky" && r["probe"] == "c1-prefix")
+        .unwrap();
+    assert!(
+        evidence["position"].as_i64().is_some()
+            && evidence["expected"] != evidence["observed"]
+            && evidence["detail"]
+                .as_str()
+                .unwrap()
+                .contains("depends on later tokens"),
+        "{evidence}"
+    );
+    // Asked about the honest ones only, legality exits 0.
+    let (honest, _) = verdicts(&project, &["pass1_torch", "legality_pass1_numpy"]);
+    assert!(honest);
+    // The scorer's log is kept, out of the content hash.
+    let log = project.ok(&["show", "pass1_torch"]);
+    assert!(log.contains("scorer.log"), "{log}");
+}
+
+/// A scorer for the bad-input cases: the numpy bigram, then broken as `mode` says.
+const BAD_SCORER: &str = r#"
+import json, os, sys, time
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+mode = sys.argv[1]
+request = json.load(sys.stdin)
+out, vocab = request["output_dir"], request["vocab_size"]
+if mode == "crash":
+    print("loading weights", file=sys.stderr)
+    print("RuntimeError: the scorer broke here", file=sys.stderr)
+    sys.exit(3)
+if mode == "hang":
+    time.sleep(60)
+if mode == "nothing":
+    sys.exit(0)
+position = np.arange(request["score_first"], request["score_last"] + 1)
+p = np.full(len(position), 1.0 / vocab)
+if mode == "nan":
+    p[5] = np.nan
+if mode == "zero":
+    p[7] = 0.0
+if mode == "rows":
+    position, p = position[:-10], p[:-10]
+kind = pa.float64() if mode == "schema" else pa.float32()
+target = os.path.join(out, "..", "..", "pass1.parquet") if mode == "outside" else os.path.join(out, "pass1.parquet")
+pq.write_table(pa.table({
+    "position": pa.array(position, pa.int64()),
+    "model_p": pa.array(p, kind),
+    "entropy": pa.array(np.full(len(position), np.log(vocab)), pa.float32()),
+}), target)
+at = np.array(request["distributions"], dtype=np.int64)
+v = vocab - 1 if mode == "vocab" else vocab
+pq.write_table(pa.table({
+    "position": pa.array(np.repeat(at, v), pa.int64()),
+    "candidate": pa.array(np.tile(np.arange(v), len(at)), pa.uint16()),
+    "model_p": pa.array(np.full(len(at) * v, 1.0 / vocab), pa.float32()),
+}), os.path.join(out, "distributions.parquet"))
+"#;
+
+#[test]
+fn a_misbehaving_scorer_is_a_one_line_error_and_the_store_is_unchanged() {
+    let project = Project::small();
+    with_scorers(&project);
+    std::fs::write(project.path().join("bad.py"), BAD_SCORER).unwrap();
+    let base = Project::small_pipeline(300);
+    project.write_pipeline(&base);
+    project.ok(&["run", "--quiet"]);
+    for (mode, file, expected) in [
+        (
+            "crash",
+            "scorer.log",
+            "the scorer failed (exit status: 3); its log: ",
+        ),
+        (
+            "hang",
+            "scorer.log",
+            "ran past its timeout of 2 s and was killed",
+        ),
+        (
+            "nothing",
+            "pass1.parquet",
+            "missing: the scorer exited 0 but did not write it",
+        ),
+        (
+            "schema",
+            "pass1.parquet",
+            "column 'model_p' is Float64, the protocol says Float32",
+        ),
+        (
+            "rows",
+            "pass1.parquet",
+            "it is shorter than, or from other tokens than, the val table",
+        ),
+        (
+            "nan",
+            "pass1.parquet",
+            "row 5: model_p NaN is not in (0, 1]",
+        ),
+        ("zero", "pass1.parquet", "row 7: model_p 0 is not in (0, 1]"),
+        ("vocab", "distributions.parquet", "where (position"),
+        (
+            "outside",
+            "pass1.parquet",
+            "written by the scorer outside its output directory",
+        ),
+    ] {
+        project.write_pipeline(&format!(
+            "{base}\n[nodes.scorer]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"command\"\nparams.command = [\".venv/bin/python\", \"bad.py\", \"{mode}\"]\nparams.timeout_s = 2\nfiles.scorer = [\"bad.py\"]\n"
+        ));
+        let before = project.store_snapshot();
+        let started = std::time::Instant::now();
+        let line = project.fails(&["run", "--quiet"]);
+        assert!(
+            line.contains("scorer") && line.contains(file) && line.contains(expected),
+            "{mode}: {line}"
+        );
+        if mode == "crash" {
+            assert!(
+                line.ends_with("RuntimeError: the scorer broke here"),
+                "{line}"
+            );
+        }
+        if mode == "hang" {
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "the timeout did not kill it"
+            );
+        }
+        // Only the work area (swept at the next run) may differ.
+        let after = project.store_snapshot();
+        let outside_tmp = |s: &std::collections::BTreeMap<String, String>| {
+            s.iter()
+                .filter(|(k, _)| !k.starts_with(".tmp"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(outside_tmp(&before), outside_tmp(&after), "{mode}");
+    }
+}
+
+/// Killing cachemoney kills its scorer: no orphan keeps writing into the store.
+#[test]
+fn the_scorer_dies_with_cachemoney() {
+    let project = Project::small();
+    std::fs::write(
+        project.path().join("sleepy.sh"),
+        "#!/bin/sh\necho $$ > \"$(dirname \"$CACHEMONEY_REQUEST\")/../../../scorer.pid\"\nsleep 60\n",
+    )
+    .unwrap();
+    let base = Project::small_pipeline(300);
+    project.write_pipeline(&format!(
+        "{base}\n[nodes.scorer]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"command\"\nparams.command = [\"sh\", \"sleepy.sh\"]\nfiles.scorer = [\"sleepy.sh\"]\n"
+    ));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
+        .current_dir(project.path())
+        .args(["run", "--quiet"])
+        .spawn()
+        .unwrap();
+    let pid_file = project.path().join("artifacts/scorer.pid");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scorer never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let alive = |pid: i32| {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scorer {pid} outlived cachemoney"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
