@@ -94,6 +94,8 @@ pub enum Section {
     Engine,
     /// The cache chain: cache, calibrate, pass2 (each stage's wall time and peak RSS).
     Cache,
+    /// The legality probes' re-runs of the reference chain, against one chain.
+    Legality,
     All,
 }
 
@@ -134,7 +136,10 @@ pub fn run(
     if matches!(section, Section::Cache | Section::All) {
         cache_chain(&scratch, repeats, tokens)?;
     }
-    if section == Section::Cache {
+    if matches!(section, Section::Legality | Section::All) {
+        legality_reruns(&scratch, repeats, tokens)?;
+    }
+    if matches!(section, Section::Cache | Section::Legality) {
         return Ok(());
     }
 
@@ -284,6 +289,83 @@ fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
 }
 
 fn cache_chain(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
+    let dir = cache_chain_project(scratch, targets, "")?;
+    println!("cache chain on {targets} targets of a copy-span stream (median of {repeats}; peak RSS is the largest run's)");
+    for (mode, nodes) in [
+        ("reference", ["cache", "calibration", "scores"]),
+        (
+            "causal-normalised",
+            [
+                "cache_normalised",
+                "calibration_normalised",
+                "scores_normalised",
+            ],
+        ),
+    ] {
+        println!("mode {mode}");
+        chain_of_nodes(&dir, repeats, &nodes)?;
+    }
+    Ok(())
+}
+
+/// The legality probes at scale: the reference chain (cache -> calibrate -> pass2) once,
+/// then everything its legality node adds (three perturbed streams, the chain re-run on
+/// each, the comparison), both forced, so that the ratio is the probes' cost in chains.
+fn legality_reruns(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
+    let judge = "\n[nodes.legality]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\n";
+    let dir = cache_chain_project(scratch, targets, judge)?;
+    timed(&dir, &["run", "-q", "--until", "scores"])?;
+    let force = |nodes: &[String]| -> Vec<String> {
+        nodes
+            .iter()
+            .flat_map(|n| ["--force".to_string(), n.clone()])
+            .collect()
+    };
+    let chain: Vec<String> = ["cache", "calibration", "scores"]
+        .map(String::from)
+        .to_vec();
+    let mut probes = vec!["legality".to_string()];
+    for i in 1..=2 {
+        for node in ["tokens", "pass1", "cache", "calibration", "scores"] {
+            probes.push(format!("{node}_cut{i}"));
+        }
+    }
+    println!("legality probes on {targets} targets (reference chain, pass-1 from the bigram; median of {repeats})");
+    let (mut one, mut all, mut peak) = (Vec::new(), Vec::new(), 0u64);
+    for _ in 0..repeats.max(1) {
+        let mut args = vec!["run", "-q", "--until", "scores"];
+        let forced = force(&chain);
+        args.extend(forced.iter().map(String::as_str));
+        let (seconds, _) = timed_with_rss(&dir, &args)?;
+        one.push(seconds);
+        let mut args = vec!["run", "-q", "--until", "legality"];
+        let forced = force(&probes);
+        args.extend(forced.iter().map(String::as_str));
+        let (seconds, rss) = timed_with_rss(&dir, &args)?;
+        all.push(seconds);
+        peak = peak.max(rss);
+        println!(
+            "  one chain {:>7.2} s   probes {seconds:>7.2} s  peak RSS {:>6.2} GB",
+            one[one.len() - 1],
+            rss as f64 / 1e9
+        );
+    }
+    let (one, all) = (median(one), median(all));
+    println!(
+        "{:<44} median {:>8.2} s\n{:<44} median {:>8.2} s  ({:.2}× one chain; peak RSS {:.2} GB)",
+        "one chain (cache, calibrate, pass2)",
+        one,
+        "probes (2 cuts: perturb, re-run, compare)",
+        all,
+        all / one,
+        peak as f64 / 1e9
+    );
+    Ok(())
+}
+
+/// The bench project: a copy-span shard of `targets` targets, the bigram's pass-1, the
+/// reference and causal-normalised chains, and `extra` nodes.
+fn cache_chain_project(scratch: &Path, targets: usize, extra: &str) -> Result<PathBuf> {
     let dir = scratch.join("cache-chain");
     std::fs::create_dir_all(dir.join("shards"))?;
     let shard = dir.join("shards/fineweb_val_000000.bin");
@@ -346,26 +428,11 @@ inputs.tokens = "tokens"
 inputs.pass1 = "pass1"
 inputs.cache = "cache_normalised"
 inputs.calibration = "calibration_normalised"
-"#
+{extra}"#
         ),
     )?;
     timed(&dir, &["run", "-q", "--until", "pass1"])?;
-    println!("cache chain on {targets} targets of a copy-span stream (median of {repeats}; peak RSS is the largest run's)");
-    for (mode, nodes) in [
-        ("reference", ["cache", "calibration", "scores"]),
-        (
-            "causal-normalised",
-            [
-                "cache_normalised",
-                "calibration_normalised",
-                "scores_normalised",
-            ],
-        ),
-    ] {
-        println!("mode {mode}");
-        chain_of_nodes(&dir, repeats, &nodes)?;
-    }
-    Ok(())
+    Ok(dir)
 }
 
 /// Runs each node of one cache chain `repeats` times; prints wall times, phases, peak RSS.

@@ -251,7 +251,17 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         eprintln!("removed {swept} unfinished artifact(s) left by an interrupted run");
     }
 
-    let width = ctx.pipeline.name_width();
+    // The legality probes' re-runs are summed up in one line, not listed.
+    let width = ctx
+        .pipeline
+        .nodes
+        .iter()
+        .filter(|n| n.rerun.is_none())
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
+    let (mut reruns_built, mut reruns_reused, mut rerun_seconds) = (0usize, 0usize, 0f64);
     let mut content: BTreeMap<String, String> = BTreeMap::new();
     let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
     let mut outcomes = Vec::new();
@@ -338,7 +348,13 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                 ingredients: ingredients.clone(),
             },
         )?;
-        if !options.quiet {
+        if node.rerun.is_some() {
+            match action {
+                Action::Reused => reruns_reused += 1,
+                _ => reruns_built += 1,
+            }
+            rerun_seconds += seconds;
+        } else if !options.quiet {
             println!(
                 "{:<width$} {:<12} {:<20} {:>8}  content {}",
                 node.name,
@@ -363,6 +379,12 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         });
         content.insert(node.name.clone(), manifest.content_hash.clone());
         upstream.insert(node.name.clone(), (dir, manifest));
+    }
+    if reruns_built + reruns_reused > 0 && !options.quiet {
+        println!(
+            "{} legality re-run node(s) (NODE_cutN, listed by `status`): {reruns_built} built in {rerun_seconds:.2}s, {reruns_reused} reused",
+            reruns_built + reruns_reused
+        );
     }
     Ok(outcomes)
 }

@@ -26,6 +26,8 @@ const PAGES: &[&str] = &[
     "docs/commands.md",
     "docs/stages.md",
     "docs/gpt.md",
+    "docs/scorers.md",
+    "docs/legality.md",
     "docs/store.md",
     "docs/bad-input.md",
     "docs/benchmarks.md",

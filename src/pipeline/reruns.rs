@@ -226,3 +226,115 @@ fn add(nodes: &mut BTreeMap<String, Node>, judge: &str, node: Node) -> Result<()
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::pipeline::Pipeline;
+    use crate::registry::Registry;
+
+    const CHAINS: &str = r#"
+[nodes.tokens]
+stage = "tokenize"
+files.corpus = ["Cargo.toml"]
+[nodes.model]
+stage = "train"
+inputs.tokens = "tokens"
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.model = "model"
+params.model = "gpt"
+[nodes.cache]
+stage = "cache"
+inputs.tokens = "tokens"
+[nodes.calibration]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+[nodes.scores]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+"#;
+
+    fn parse(text: &str) -> anyhow::Result<Pipeline> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml");
+        Pipeline::parse(&root, text, &Registry::with_builtin_stages())
+    }
+
+    #[test]
+    fn a_judge_gets_one_copy_of_its_chain_per_cut_and_shares_them() {
+        let text = format!(
+            "{CHAINS}
+[nodes.judge_scores]
+stage = \"legality\"
+inputs.tokens = \"tokens\"
+inputs.chain = \"scores\"
+[nodes.judge_pass1]
+stage = \"legality\"
+inputs.tokens = \"tokens\"
+inputs.chain = \"pass1\"
+params.cuts = [{{ at = 0.3 }}, {{ at = 0.9 }}]
+"
+        );
+        let pipeline = parse(&text).unwrap();
+        let node = |name: &str| pipeline.node(name).unwrap();
+        // Judges in name order: judge_pass1's 0.3 and 0.9 are cuts 1 and 2; then
+        // judge_scores' defaults 0.3 and 0.7 are 1 (shared) and 3.
+        assert_eq!(node("judge_pass1").inputs["cut1"], "pass1_cut1");
+        assert_eq!(node("judge_pass1").inputs["cut2"], "pass1_cut2");
+        assert_eq!(node("judge_scores").inputs["cut1"], "scores_cut1");
+        assert_eq!(node("judge_scores").inputs["cut2"], "scores_cut3");
+        assert!(!node("judge_scores").inputs.contains_key("cut3"));
+        assert_eq!(node("tokens_cut1").stage, "perturb");
+        assert_eq!(node("tokens_cut1").params["at"], 0.3);
+        // Members read the perturbed tokens and each other; the model stays shared.
+        assert_eq!(node("pass1_cut3").inputs["tokens"], "tokens_cut3");
+        assert_eq!(node("pass1_cut3").inputs["model"], "model");
+        assert_eq!(
+            node("scores_cut3").inputs["calibration"],
+            "calibration_cut3"
+        );
+        assert!(
+            pipeline.node("model_cut1").is_err(),
+            "the model is not retrained"
+        );
+        assert_eq!(node("judge_scores").params["chain"], "scores");
+        assert!(node("scores_cut3").rerun.is_some() && node("scores").rerun.is_none());
+        // Topological: every re-run after what it reads.
+        let at = |n: &str| pipeline.nodes.iter().position(|x| x.name == n).unwrap();
+        assert!(at("tokens_cut3") < at("pass1_cut3") && at("scores_cut3") < at("judge_scores"));
+    }
+
+    #[test]
+    fn judges_are_checked_where_they_are_written() {
+        let wired = format!(
+            "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\ninputs.cut1 = \"scores\"\n"
+        );
+        let err = parse(&wired).unwrap_err().to_string();
+        assert!(
+            err.contains("inputs.cut1 is wired by the pipeline"),
+            "{err}"
+        );
+        let not_a_chain = format!(
+            "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"model\"\n"
+        );
+        let err = parse(&not_a_chain).unwrap_err().to_string();
+        assert!(
+            err.contains("pipeline.toml:") && err.contains("produces none of"),
+            "{err}"
+        );
+        let clash = format!(
+            "{CHAINS}\n[nodes.scores_cut1]\nstage = \"token-stats\"\ninputs.tokens = \"tokens\"\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\n"
+        );
+        let err = parse(&clash).unwrap_err().to_string();
+        assert!(
+            err.contains("clashes with the name of a re-run copy"),
+            "{err}"
+        );
+    }
+}

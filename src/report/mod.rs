@@ -15,7 +15,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use serde_json::{Map, Value};
 
-use crate::chain::{Chain, Products, MASS, TRAIN_LOG};
+use crate::chain::{Chain, Products, LEGALITY, MASS, TRAIN_LOG};
 use crate::pipeline::Pipeline;
 use crate::recipe::short;
 use crate::registry::Registry;
@@ -128,6 +128,7 @@ pub async fn build(
         by_order_and_length(&chains, sql).await?,
         training_curves(&producing(TRAIN_LOG), sql).await?,
         implied_mass(&audits, sql).await?,
+        legality(&producing(LEGALITY), sql).await?,
     ];
 
     let figures: usize = sections.iter().map(|s| s.figures.len()).sum();
@@ -458,6 +459,65 @@ async fn implied_mass(audits: &[&Built<'_>], sql: &SqlSession) -> Result<Section
         title: "Implied mass",
         intro: "The audit-mass nodes evaluate each mode's probability for all 1,024 candidates at a seeded sample of positions.".into(),
         missing: figures.is_empty().then(|| "No audit-mass node is built in this pipeline.".into()),
+        figures,
+    })
+}
+
+/// The legality probes' verdicts on every chain, as one matrix.
+async fn legality(judges: &[&Built<'_>], sql: &SqlSession) -> Result<Section> {
+    let (mut chains, mut probes, mut cells) = (Vec::new(), Vec::new(), Vec::new());
+    let mut queries = String::new();
+    for judge in judges {
+        let query = format!(
+            "SELECT chain, probe, verdict FROM \"{}\".\"legality\"",
+            judge.node
+        );
+        for batch in sql.query(&query).await? {
+            let text = |name: &str| -> Vec<String> {
+                let column = batch.column_by_name(name).expect("declared");
+                let column =
+                    arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8).expect("text");
+                arrow::array::AsArray::as_string::<i32>(&column)
+                    .iter()
+                    .map(|v| v.unwrap_or("").to_string())
+                    .collect()
+            };
+            for ((chain, probe), verdict) in text("chain")
+                .into_iter()
+                .zip(text("probe"))
+                .zip(text("verdict"))
+            {
+                if !chains.contains(&chain) {
+                    chains.push(chain.clone());
+                }
+                if !probes.contains(&probe) {
+                    probes.push(probe.clone());
+                }
+                cells.push((chain, probe, verdict));
+            }
+        }
+        queries.push_str(&query);
+        queries.push_str(";\n");
+    }
+    let mut figures = Vec::new();
+    if !cells.is_empty() {
+        let verdict = |chain: &str, probe: &str| {
+            cells
+                .iter()
+                .find(|(c, p, _)| c == chain && p == probe)
+                .map_or("-".to_string(), |(_, _, v)| v.clone())
+        };
+        figures.push(Figure {
+            id: "legality".into(),
+            svg: plots::verdict_matrix(&chains, &probes, verdict)?,
+            caption: "C1 prefix: every entry before a cut bit-identical when the stream after it is shuffled; C1 target: the distribution does not move when only its target changes; C2: distributions sum to 1; bytes: the chain's bytes are the challenge's rule. `cachemoney legality` prints the evidence behind each failure.".into(),
+            query: Some(queries),
+        });
+    }
+    Ok(Section {
+        title: "Legality",
+        intro: "The probes of the criteria the challenge's reviewers converged on, run on each chain as a black box (docs/legality.md).".into(),
+        missing: figures.is_empty().then(|| "No legality node is built in this pipeline.".into()),
         figures,
     })
 }

@@ -430,3 +430,56 @@ mod tests {
         assert_eq!(round_sig(1.0), 1.0);
     }
 }
+
+/// A verdict matrix: one row per chain, one column per probe, each cell pass (green),
+/// fail (orange) or not applicable (grey), with its word written in it.
+pub fn verdict_matrix(
+    chains: &[String],
+    probes: &[String],
+    verdict: impl Fn(&str, &str) -> String,
+) -> Result<String> {
+    let (label, cell, row, top) = (170i32, 110i32, 30i32, 40i32);
+    let size = (
+        (label + cell * probes.len() as i32 + 10) as u32,
+        (top + row * chains.len() as i32 + 10) as u32,
+    );
+    svg(size, |root| {
+        let font = |size| (FONT, size).into_font();
+        for (j, probe) in probes.iter().enumerate() {
+            let x = label + cell * j as i32 + 8;
+            root.draw(&Text::new(
+                probe.clone(),
+                (x, top - 22),
+                font(13).style(FontStyle::Bold),
+            ))
+            .map_err(plot_error)?;
+        }
+        for (i, chain) in chains.iter().enumerate() {
+            let y = top + row * i as i32;
+            root.draw(&Text::new(chain.clone(), (6, y + 9), font(13)))
+                .map_err(plot_error)?;
+            for (j, probe) in probes.iter().enumerate() {
+                let x = label + cell * j as i32;
+                let v = verdict(chain, probe);
+                let fill = match v.as_str() {
+                    "pass" => DECREASE,
+                    "fail" => INCREASE,
+                    _ => RGBColor(200, 200, 200),
+                };
+                root.draw(&Rectangle::new(
+                    [(x + 2, y + 2), (x + cell - 2, y + row - 2)],
+                    fill.filled(),
+                ))
+                .map_err(plot_error)?;
+                let word = if v == "not-applicable" {
+                    "n/a".to_string()
+                } else {
+                    v
+                };
+                root.draw(&Text::new(word, (x + 10, y + 9), font(13).color(&WHITE)))
+                    .map_err(plot_error)?;
+            }
+        }
+        Ok(())
+    })
+}

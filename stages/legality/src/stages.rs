@@ -131,7 +131,7 @@ impl Default for LegalityParams {
     fn default() -> Self {
         LegalityParams {
             chain: String::new(),
-            cuts: [0.25, 0.5, 0.75]
+            cuts: [0.3, 0.7]
                 .into_iter()
                 .map(|at| CutParams {
                     at,
@@ -269,12 +269,12 @@ impl Stage for LegalityStage {
                 ))
             })?;
             let perturbed = perturb(&tokens, cut).map_err(|m| StageError::input(&val_path, m))?;
-            reruns.push((perturbed, ChainEnd::read(input)?));
+            reruns.push((perturbed, input.clone()));
         }
         let findings = vec![
             prefix_probe(&original, &reruns)?,
             match &original.distributions {
-                Some(_) => model_target_probe(&original, &reruns, &tokens),
+                Some(_) => model_target_probe(&original, &reruns, &tokens)?,
                 None => cache_target_probe(ctx)?,
             },
             match &original.distributions {
@@ -405,10 +405,10 @@ fn read_distributions(path: &Path) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
     Ok(out)
 }
 
-fn prefix_probe(
-    original: &ChainEnd,
-    reruns: &[(crate::Perturbed, ChainEnd)],
-) -> Result<Finding, StageError> {
+/// A re-run's output, read one at a time (at 62M entries each holds gigabytes).
+type Rerun = (crate::Perturbed, InputArtifact);
+
+fn prefix_probe(original: &ChainEnd, reruns: &[Rerun]) -> Result<Finding, StageError> {
     if reruns.is_empty() {
         return Ok(Finding::not_applicable(
             probes::PREFIX,
@@ -417,6 +417,7 @@ fn prefix_probe(
     }
     let mut checked = 0;
     for (perturbed, rerun) in reruns {
+        let rerun = ChainEnd::read(rerun)?;
         let cut = perturbed.cut as i64;
         let mut earliest: Option<probes::Difference> = None;
         for &name in original.compared_columns() {
@@ -472,12 +473,13 @@ fn prefix_probe(
 
 fn model_target_probe(
     original: &ChainEnd,
-    reruns: &[(crate::Perturbed, ChainEnd)],
+    reruns: &[Rerun],
     tokens: &[u16],
-) -> Finding {
+) -> Result<Finding, StageError> {
     let mut checked = 0;
     let mut compared = Vec::new();
     for (perturbed, rerun) in reruns {
+        let rerun = ChainEnd::read(rerun)?;
         let t = perturbed.changed() as i64;
         let (Some(a), Some(b)) = (original.distribution_at(t), rerun.distribution_at(t)) else {
             continue;
@@ -485,31 +487,31 @@ fn model_target_probe(
         checked += a.len() as u64;
         let (from, to) = (tokens[t as usize], perturbed.tokens[t as usize]);
         if let Some((v, pa, pb)) = probes::first_distribution_difference(a, b) {
-            return Finding::fail(
+            return Ok(Finding::fail(
                 probes::TARGET,
                 checked,
                 t,
                 pa as f64,
                 pb as f64,
                 format!("with the same prefix, replacing the target at {t} ({from} -> {to}) moved p(candidate {v}): the distribution depends on the target"),
-            );
+            ));
         }
         compared.push(format!("{t} ({from} -> {to})"));
     }
     if compared.is_empty() {
-        return Finding::not_applicable(
+        return Ok(Finding::not_applicable(
             probes::TARGET,
             "no cut's first changed target has a kept distribution in both runs (no cuts, or pass-1's mass_sample/mass_seed differ from the cuts' sample/sample_seed)",
-        );
+        ));
     }
-    Finding::pass(
+    Ok(Finding::pass(
         probes::TARGET,
         checked,
         format!(
             "the whole distribution unchanged, bit for bit, when only the target changes at {}",
             compared.join(", ")
         ),
-    )
+    ))
 }
 
 /// A cache rule's choice (n-gram order, phrase length) evaluated with every candidate
