@@ -45,7 +45,8 @@ pub fn seed_rows(
 ) -> Result<Vec<SeedRow>> {
     let mut rows = Vec::new();
     let mut bases: Vec<(&str, &str)> = Vec::new();
-    for node in &pipeline.nodes {
+    // The legality re-runs' metrics (a BPB on a shuffled stream) are not results.
+    for node in pipeline.nodes.iter().filter(|n| n.rerun.is_none()) {
         if let Some(variant) = &node.variant {
             if !bases.iter().any(|(b, _)| *b == variant.base) {
                 bases.push((&variant.base, &node.stage));
