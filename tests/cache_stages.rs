@@ -429,6 +429,49 @@ fn implied_mass_is_one_for_causal_normalised_and_more_for_the_reference() {
     );
 }
 
+/// The legality probes on the three modes: the record's reference fails C1 (prefix and
+/// target) and C2, causal holds the prefix but chooses by the target and is not
+/// normalised, causal-normalised passes everything.
+#[test]
+fn the_legality_probes_sort_the_three_cache_modes() {
+    let p = Project::small();
+    let judge = |chain: &str, mass: &str| {
+        format!("\n[nodes.legality_{mass}]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"{chain}\"\ninputs.mass = \"{mass}\"\n")
+    };
+    p.write_pipeline(&format!(
+        "{}{}{}{}{}{}{}{}{}",
+        cache_pipeline("params.model = \"bigram\"\nparams.mass_sample = 300"),
+        mode_chain("causal", "causal"),
+        mode_chain("normalised", "causal-normalised"),
+        mass_node("mass_reference", ""),
+        mass_node("mass_causal", "_causal"),
+        mass_node("mass_normalised", "_normalised"),
+        judge("scores", "mass_reference"),
+        judge("scores_causal", "mass_causal"),
+        judge("scores_normalised", "mass_normalised"),
+    ));
+    p.ok(&["run", "--quiet"]);
+    let verdicts = value(
+        &p,
+        "SELECT string_agg(chain || ' ' || probe || ' ' || verdict, '; ' ORDER BY chain, probe) FROM legality",
+    );
+    assert_eq!(
+        verdicts,
+        "scores bytes pass; scores c1-prefix fail; scores c1-target fail; scores c2-normalised fail; \
+         scores_causal bytes pass; scores_causal c1-prefix pass; scores_causal c1-target fail; scores_causal c2-normalised fail; \
+         scores_normalised bytes pass; scores_normalised c1-prefix pass; scores_normalised c1-target pass; scores_normalised c2-normalised pass"
+    );
+    // The evidence of a failure names a position before the cut and two values.
+    let evidence = value(
+        &p,
+        "SELECT position < 1000000 AND expected <> observed FROM legality WHERE chain = 'scores' AND probe = 'c1-prefix'",
+    );
+    assert_eq!(evidence, "true");
+    let out = p.run(&["legality", "scores_normalised"]);
+    assert!(out.status.success());
+    assert!(!p.run(&["legality"]).status.success());
+}
+
 #[test]
 fn an_imported_pass1_has_no_distributions_and_the_mass_audit_says_so() {
     let p = Project::small();
