@@ -389,48 +389,6 @@ fn round_sig(x: f64) -> f64 {
     (x * scale).round() / scale
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_figure_is_an_svg_document_with_its_marks() {
-        let wf = waterfall("reference", 2.24, 1.90, 0.11, 2.5).unwrap();
-        assert!(wf.starts_with("<svg") && wf.trim_end().ends_with("</svg>"));
-        assert!(wf.contains("+0.3400") || wf.contains("-0.3400"), "{wf}");
-        let cells: Vec<GridCell> = (0..6)
-            .flat_map(|a| {
-                (0..5).map(move |t| GridCell {
-                    alpha_high: 0.5 + a as f64 * 0.1,
-                    entropy_thresh: 2.0 + t as f64 * 0.5,
-                    objective: 1.0 + (a * 5 + t) as f64 * 0.01,
-                    chosen: a == 0 && t == 0,
-                })
-            })
-            .collect();
-        let map = heatmap("grid", &cells).unwrap();
-        assert!(map.matches("<rect").count() >= 31, "30 cells and a marker");
-        let series = vec![Series {
-            name: "loss".into(),
-            points: (0..100)
-                .map(|i| (i as f64, 5.0 / (1.0 + i as f64)))
-                .collect(),
-        }];
-        assert!(lines("t", "step", "nats", &series, None)
-            .unwrap()
-            .contains("<polyline"));
-        let masses = vec![Series {
-            name: "reference".into(),
-            points: (1..200).map(|i| (0.0, i as f64)).collect(),
-        }];
-        assert!(log_histogram("mass", "Σ p", &masses)
-            .unwrap()
-            .contains("reference"));
-        assert_eq!(round_sig(31.62), 32.0);
-        assert_eq!(round_sig(1.0), 1.0);
-    }
-}
-
 /// A verdict matrix: one row per chain, one column per probe, each cell pass (green),
 /// fail (orange) or not applicable (grey), with its word written in it.
 pub fn verdict_matrix(
@@ -482,4 +440,46 @@ pub fn verdict_matrix(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_figure_is_an_svg_document_with_its_marks() {
+        let wf = waterfall("reference", 2.24, 1.90, 0.11, 2.5).unwrap();
+        assert!(wf.starts_with("<svg") && wf.trim_end().ends_with("</svg>"));
+        assert!(wf.contains("+0.3400") || wf.contains("-0.3400"), "{wf}");
+        let cells: Vec<GridCell> = (0..6)
+            .flat_map(|a| {
+                (0..5).map(move |t| GridCell {
+                    alpha_high: 0.5 + a as f64 * 0.1,
+                    entropy_thresh: 2.0 + t as f64 * 0.5,
+                    objective: 1.0 + (a * 5 + t) as f64 * 0.01,
+                    chosen: a == 0 && t == 0,
+                })
+            })
+            .collect();
+        let map = heatmap("grid", &cells).unwrap();
+        assert!(map.matches("<rect").count() >= 31, "30 cells and a marker");
+        let series = vec![Series {
+            name: "loss".into(),
+            points: (0..100)
+                .map(|i| (i as f64, 5.0 / (1.0 + i as f64)))
+                .collect(),
+        }];
+        assert!(lines("t", "step", "nats", &series, None)
+            .unwrap()
+            .contains("<polyline"));
+        let masses = vec![Series {
+            name: "reference".into(),
+            points: (1..200).map(|i| (0.0, i as f64)).collect(),
+        }];
+        assert!(log_histogram("mass", "Σ p", &masses)
+            .unwrap()
+            .contains("reference"));
+        assert_eq!(round_sig(31.62), 32.0);
+        assert_eq!(round_sig(1.0), 1.0);
+    }
 }

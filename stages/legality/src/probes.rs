@@ -167,7 +167,7 @@ pub fn check_distributions(
 ) -> Finding {
     let mut worst: Option<(i64, f64)> = None;
     for (position, probs) in distributions {
-        if let Some(v) = probs.iter().position(|&p| !(p >= 0.0)) {
+        if let Some(v) = probs.iter().position(|&p| p.is_nan() || p < 0.0) {
             return Finding::fail(
                 NORMALISED,
                 distributions.len() as u64,

@@ -60,8 +60,9 @@ impl Stage for PerturbStage {
             ));
         }
         let perturbed = perturb(&val, &cut).map_err(|m| StageError::input(&val_path, m))?;
-        for p in perturbed.changed()..val.len() {
-            bytes[p] = rule.target_bytes(perturbed.tokens[p - 1], perturbed.tokens[p]);
+        let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
+        for (pair, b) in changed.skip(perturbed.cut) {
+            *b = rule.target_bytes(pair[0], pair[1]);
         }
         TokenTable {
             token: perturbed.tokens.clone(),
