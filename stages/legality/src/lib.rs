@@ -14,9 +14,11 @@
 //! The stages here are adapters; the probes themselves are pure ([`probes`]).
 
 pub mod perturb;
+mod perturb_stage;
 pub mod probes;
 mod stages;
 
 pub use perturb::{cut_position, perturb, ByteRule, CutParams, Perturbed};
+pub use perturb_stage::PerturbStage;
 pub use probes::{Finding, Verdict, PROBES};
-pub use stages::{LegalityParams, LegalityStage, PerturbStage, LEGALITY_TABLE};
+pub use stages::{LegalityParams, LegalityStage, LEGALITY_TABLE};
