@@ -156,13 +156,18 @@ pub fn first_distribution_difference(a: &[f32], b: &[f32]) -> Option<(usize, f32
         .map(|v| (v, a[v], b[v]))
 }
 
+/// How far a reported entropy may be from its distribution's, in nats (float32
+/// softmax rounding over a vocabulary is orders of magnitude below).
+pub const ENTROPY_TOLERANCE: f64 = 1e-3;
+
 /// C2 for distributions written by a model: at each position, Σ_v p(v) within
-/// `tolerance` of 1, every p(v) ≥ 0, and the distribution's p(target) equal to the
-/// model_p the chain scored with (else the distribution shown is not the one used).
+/// `tolerance` of 1, every p(v) ≥ 0, and the distribution's p(target) and entropy equal
+/// to the model_p and entropy the chain scored with (else the distribution shown is not
+/// the one used).
 pub fn check_distributions(
     distributions: &[(i64, Vec<f32>)],
     tokens: &[u16],
-    model_p_at: impl Fn(i64) -> Option<f32>,
+    scored_at: impl Fn(i64) -> Option<(f32, f32)>,
     tolerance: f64,
 ) -> Finding {
     let mut worst: Option<(i64, f64)> = None;
@@ -186,7 +191,27 @@ pub fn check_distributions(
             worst = Some((*position, sum));
         }
         let target = tokens[*position as usize] as usize;
-        if let (Some(scored), Some(&shown)) = (model_p_at(*position), probs.get(target)) {
+        let scored = scored_at(*position);
+        // The entropy sets the cache's blend weight: a scorer could leak through it
+        // while its distribution looks clean.
+        if let Some((_, reported)) = scored {
+            let entropy: f64 = -probs
+                .iter()
+                .filter(|&&p| p > 0.0)
+                .map(|&p| p as f64 * (p as f64).ln())
+                .sum::<f64>();
+            if (entropy - reported as f64).abs() > ENTROPY_TOLERANCE {
+                return Finding::fail(
+                    NORMALISED,
+                    distributions.len() as u64,
+                    *position,
+                    entropy,
+                    reported as f64,
+                    format!("the entropy the chain scored with ({reported} nats) is not its distribution's ({entropy:.6} nats): the distribution shown is not the one used"),
+                );
+            }
+        }
+        if let (Some((scored, _)), Some(&shown)) = (scored, probs.get(target)) {
             if (scored as f64 - shown as f64).abs() > tolerance * (scored as f64).max(1e-30) {
                 return Finding::fail(
                     NORMALISED,
@@ -347,21 +372,31 @@ mod tests {
     fn normalisation_needs_the_sum_and_the_scored_probability() {
         let tokens = [0u16, 1, 0];
         let good = vec![(1, vec![0.25f32, 0.75]), (2, vec![0.5, 0.5])];
-        let scored = |p: i64| Some(if p == 1 { 0.75 } else { 0.5 });
+        let h = |probs: &[f64]| -probs.iter().map(|p| p * p.ln()).sum::<f64>() as f32;
+        let scored = |p: i64| {
+            Some(if p == 1 {
+                (0.75, h(&[0.25, 0.75]))
+            } else {
+                (0.5, h(&[0.5, 0.5]))
+            })
+        };
         assert_eq!(
             check_distributions(&good, &tokens, scored, 1e-6).verdict,
             Verdict::Pass
         );
         let heavy = vec![(1, vec![0.5f32, 0.75])];
-        let f = check_distributions(&heavy, &tokens, |_| Some(0.75), 1e-6);
+        let f = check_distributions(&heavy, &tokens, |_| Some((0.75, h(&[0.5, 0.75]))), 1e-6);
         assert_eq!((f.verdict, f.observed), (Verdict::Fail, Some(1.25)));
-        let other = check_distributions(&good, &tokens, |_| Some(0.9), 1e-6);
+        let other = check_distributions(&good, &tokens, |p| scored(p).map(|(_, h)| (0.9, h)), 1e-6);
         assert_eq!(other.verdict, Verdict::Fail);
         assert!(
             other.detail.contains("not the one used"),
             "{}",
             other.detail
         );
+        let flat = check_distributions(&good, &tokens, |p| scored(p).map(|(q, _)| (q, 0.1)), 1e-6);
+        assert_eq!(flat.verdict, Verdict::Fail);
+        assert!(flat.detail.contains("entropy"), "{}", flat.detail);
         assert_eq!(
             check_distributions(&[], &tokens, scored, 1e-6).verdict,
             Verdict::NotApplicable

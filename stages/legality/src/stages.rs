@@ -188,9 +188,12 @@ impl Stage for LegalityStage {
                         d.iter().map(|(p, _)| *p).collect();
                     let mut first = std::collections::HashMap::new();
                     let model_p = original.column("model_p")?;
+                    let entropy = original.column("entropy")?;
                     for (row, p) in original.position.iter().enumerate() {
                         if wanted.contains(p) {
-                            first.entry(*p).or_insert(model_p[row] as f32);
+                            first
+                                .entry(*p)
+                                .or_insert((model_p[row] as f32, entropy[row] as f32));
                         }
                     }
                     probes::check_distributions(
@@ -382,6 +385,8 @@ fn model_target_probe(
 ) -> Result<Finding, StageError> {
     let mut checked = 0;
     let mut compared = Vec::new();
+    let original_entropy = original.column("entropy")?;
+    let first_row = |positions: &[i64], t: i64| positions.iter().position(|&p| p == t);
     for (perturbed, rerun) in reruns {
         let rerun = ChainEnd::read(rerun)?;
         let t = perturbed.changed() as i64;
@@ -400,6 +405,24 @@ fn model_target_probe(
                 format!("with the same prefix, replacing the target at {t} ({from} -> {to}) moved p(candidate {v}): the distribution depends on the target"),
             ));
         }
+        // The entropy weights the cache in the blend: it may not see the target either.
+        if let (Some(ra), Some(rb)) = (
+            first_row(&original.position, t),
+            first_row(&rerun.position, t),
+        ) {
+            checked += 1;
+            let (ha, hb) = (original_entropy[ra], rerun.column("entropy")?[rb]);
+            if ha.to_bits() != hb.to_bits() {
+                return Ok(Finding::fail(
+                    probes::TARGET,
+                    checked,
+                    t,
+                    ha,
+                    hb,
+                    format!("with the same prefix, replacing the target at {t} ({from} -> {to}) moved the entropy the blend reads: it depends on the target"),
+                ));
+            }
+        }
         compared.push(format!("{t} ({from} -> {to})"));
     }
     if compared.is_empty() {
@@ -412,7 +435,7 @@ fn model_target_probe(
         probes::TARGET,
         checked,
         format!(
-            "the whole distribution unchanged, bit for bit, when only the target changes at {}",
+            "the whole distribution and the entropy unchanged, bit for bit, when only the target changes at {}",
             compared.join(", ")
         ),
     ))
