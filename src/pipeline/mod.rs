@@ -111,11 +111,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// The directory of the pipeline file, where relative paths in it resolve.
     pub fn base_dir(&self) -> PathBuf {
-        self.path
-            .parent()
-            .map(Path::to_path_buf)
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| PathBuf::from("."))
+        directory_of(&self.path)
     }
 
     pub fn load(path: &Path, registry: &Registry) -> Result<Pipeline> {
@@ -125,11 +121,7 @@ impl Pipeline {
     }
 
     pub fn parse(path: &Path, text: &str, registry: &Registry) -> Result<Pipeline> {
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = directory_of(path);
         let at = |span: Option<Range<usize>>| -> String {
             match span {
                 Some(span) => {
@@ -431,6 +423,14 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// Kahn's algorithm with a sorted ready set, so the order is stable. On a cycle, returns
 /// one cycle's nodes.
+/// The directory a file is in (`.` for a bare file name).
+fn directory_of(path: &Path) -> PathBuf {
+    path.parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 pub(crate) fn topological_order(
     nodes: &BTreeMap<String, Node>,
 ) -> std::result::Result<Vec<String>, Vec<String>> {

@@ -119,29 +119,6 @@ pub fn perturb(tokens: &[u16], cut: &CutParams) -> Result<Perturbed, String> {
     })
 }
 
-/// The challenge's bytes-per-target rule (algorithm.md §1.3): a token's own bytes, plus
-/// one for its leading space unless the previous token is a boundary.
-pub struct ByteRule {
-    pub base_bytes: Vec<u8>,
-    pub has_leading_space: Vec<bool>,
-    pub is_boundary: Vec<bool>,
-}
-
-impl ByteRule {
-    pub fn target_bytes(&self, previous: u16, token: u16) -> u8 {
-        let (p, t) = (previous as usize, token as usize);
-        self.base_bytes[t] + (self.has_leading_space[t] && !self.is_boundary[p]) as u8
-    }
-
-    /// Whether every token id of `tokens` is in the vocabulary.
-    pub fn covers(&self, tokens: &[u16]) -> Option<u16> {
-        tokens
-            .iter()
-            .copied()
-            .find(|&t| t as usize >= self.base_bytes.len())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,9 +7,10 @@ use arrow::datatypes::{UInt16Type, UInt32Type, UInt8Type};
 use stage_api::{
     read_column, Input, Output, Read, Stage, StageContext, StageError, StageReport, StageSpec,
 };
+use text::sentencepiece::ByteTable;
 use text::{TokenTable, TOKEN_TABLE, VOCAB_TABLE};
 
-use crate::perturb::{perturb, ByteRule, CutParams};
+use crate::perturb::{perturb, CutParams};
 
 /// `perturb`: a tokens artifact whose val suffix after a cut is shuffled.
 pub struct PerturbStage;
@@ -46,8 +47,8 @@ impl Stage for PerturbStage {
         let val = read_column::<UInt16Type>(&val_path, "token")?;
         let doc = read_column::<UInt32Type>(&val_path, "doc")?;
         let mut bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
-        let rule = read_rule(&tokens.file("vocab.parquet"))?;
-        if let Some(bad) = rule.covers(&val) {
+        let rule = ByteTable::read_vocab(&tokens.file("vocab.parquet"))?;
+        if let Some(bad) = rule.first_unknown(&val) {
             return Err(StageError::input(
                 &val_path,
                 format!("token {bad} is outside the vocabulary"),
@@ -92,18 +93,4 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), StageError> {
     std::fs::copy(from, to)
         .map(|_| ())
         .map_err(|e| StageError::io(to, e))
-}
-
-pub(crate) fn read_rule(vocab: &Path) -> Result<ByteRule, StageError> {
-    let flag = |name: &str| -> Result<Vec<bool>, StageError> {
-        Ok(read_column::<UInt8Type>(vocab, name)?
-            .into_iter()
-            .map(|b| b != 0)
-            .collect())
-    };
-    Ok(ByteRule {
-        base_bytes: read_column::<UInt8Type>(vocab, "base_bytes")?,
-        has_leading_space: flag("has_leading_space")?,
-        is_boundary: flag("is_boundary")?,
-    })
 }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::perturb::ByteRule;
+use text::sentencepiece::ByteTable;
 
 /// The criteria (openai/parameter-golf issue #1017) and what checks them here.
 pub const PREFIX: &str = "c1-prefix";
@@ -294,7 +294,7 @@ pub fn check_mass(position: &[i64], mass: &[f64], tolerance: f64) -> Finding {
 /// entries with those bytes against the chain's own.
 pub fn check_bytes(
     tokens: &[u16],
-    rule: &ByteRule,
+    rule: &ByteTable,
     position: &[i64],
     bits: &[f64],
     bytes: &[u8],
@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn bytes_follow_the_leading_space_rule() {
-        let rule = ByteRule {
+        let rule = ByteTable {
             base_bytes: vec![0, 3, 2],
             has_leading_space: vec![false, true, false],
             is_boundary: vec![true, false, false],

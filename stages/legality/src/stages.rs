@@ -14,7 +14,7 @@ use stage_api::{
 };
 
 use crate::perturb::{perturb, CutParams};
-use crate::perturb_stage::{read_rule, VAL, VOCAB};
+use crate::perturb_stage::{VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
 
 /// `legality`: the probes' verdicts on one chain.
@@ -156,8 +156,8 @@ impl Stage for LegalityStage {
         let tokens_input = ctx.input("tokens")?;
         let val_path = tokens_input.file("val.parquet");
         let tokens = read_column::<UInt16Type>(&val_path, "token")?;
-        let rule = read_rule(&tokens_input.file("vocab.parquet"))?;
-        if let Some(bad) = rule.covers(&tokens) {
+        let rule = text::sentencepiece::ByteTable::read_vocab(&tokens_input.file("vocab.parquet"))?;
+        if let Some(bad) = rule.first_unknown(&tokens) {
             return Err(StageError::input(
                 &val_path,
                 format!("token {bad} is outside the vocabulary"),

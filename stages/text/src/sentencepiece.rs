@@ -136,6 +136,30 @@ impl ByteTable {
         table
     }
 
+    /// The table a `tokenize` artifact's `vocab.parquet` holds (its `base_bytes`,
+    /// `has_leading_space` and `is_boundary` columns): the rule by which its `bytes`
+    /// were counted, for whoever must count them again.
+    pub fn read_vocab(path: &Path) -> Result<ByteTable, StageError> {
+        use arrow::datatypes::UInt8Type;
+        let column = |name: &str| stage_api::read_column::<UInt8Type>(path, name);
+        let flags = |name: &str| -> Result<Vec<bool>, StageError> {
+            Ok(column(name)?.into_iter().map(|b| b != 0).collect())
+        };
+        Ok(ByteTable {
+            base_bytes: column("base_bytes")?,
+            has_leading_space: flags("has_leading_space")?,
+            is_boundary: flags("is_boundary")?,
+        })
+    }
+
+    /// The first token of `tokens` that the table has no entry for.
+    pub fn first_unknown(&self, tokens: &[u16]) -> Option<u16> {
+        tokens
+            .iter()
+            .copied()
+            .find(|&t| t as usize >= self.base_bytes.len())
+    }
+
     /// bytes(p) for a target `token` preceded by `previous` (§1.4).
     #[inline]
     pub fn target_bytes(&self, previous: u16, token: u16) -> u8 {
