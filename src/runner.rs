@@ -231,6 +231,8 @@ pub struct Outcome {
     pub recipe: String,
     pub content_hash: String,
     pub seconds: f64,
+    /// A legality re-run (`NODE_cutN`), summed up rather than listed.
+    pub rerun: bool,
 }
 
 pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
@@ -370,6 +372,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
             );
         }
         outcomes.push(Outcome {
+            rerun: node.rerun.is_some(),
             node: node.name.clone(),
             stage: node.stage.clone(),
             action,

@@ -114,17 +114,7 @@ impl Session {
         let outcomes = runner::run(&self.context(), options)?;
         if !options.quiet {
             // The re-runs' own headlines (a BPB on a shuffled stream) mean nothing alone.
-            let reruns: std::collections::BTreeSet<&str> = self
-                .pipeline
-                .nodes
-                .iter()
-                .filter(|n| n.rerun.is_some())
-                .map(|n| n.name.as_str())
-                .collect();
-            for outcome in outcomes
-                .iter()
-                .filter(|o| !reruns.contains(o.node.as_str()))
-            {
+            for outcome in outcomes.iter().filter(|o| !o.rerun) {
                 let stage = self.registry.get(&outcome.stage).expect("registered");
                 if let Some(manifest) = self.store.manifest(&outcome.stage, &outcome.recipe)? {
                     if let Some(line) = stage.headline(&manifest.report) {

@@ -141,8 +141,8 @@ pub fn add_reruns(
                 .spec()
                 .inputs
                 .first()
-                .map(|i| i.name)
-                .unwrap_or("tokens");
+                .expect("a perturbing stage declares the input it perturbs")
+                .name;
             add(
                 nodes,
                 judge_name,
