@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod legality;
+mod remote;
 
 const SAMPLE_CORPUS: &str = "data/sample/gutenberg_classics_small.jsonl";
 const SP_MODEL: &str = "data/sp1024/fineweb_1024_bpe.model";
@@ -98,6 +99,9 @@ pub enum Section {
     Cache,
     /// The legality probes' re-runs of the reference chain, against one chain.
     Legality,
+    /// Push and pull through a remote store: the demo store and the 62M-target chain.
+    /// Not part of `all`: it needs a server (`--remote URL`, or the tests' s3s-fs).
+    Remote,
     All,
 }
 
@@ -108,6 +112,7 @@ pub fn run(
     text_mb: usize,
     section: Section,
     shard: Option<PathBuf>,
+    remote_url: Option<String>,
 ) -> Result<()> {
     if matches!(section, Section::Engine | Section::All) {
         let stream = match &shard {
@@ -135,6 +140,9 @@ pub fn run(
         scratch.display(),
         rayon::current_num_threads()
     );
+    if section == Section::Remote {
+        return remote::remote(&scratch, repeats, tokens, remote_url);
+    }
     if matches!(section, Section::Cache | Section::All) {
         cache_chain(&scratch, repeats, tokens)?;
     }

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod pipeline;
 pub mod recipe;
 pub mod registry;
+pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod seeds;

@@ -47,6 +47,16 @@ struct Cli {
     #[arg(long, global = true, value_delimiter = ',', value_name = "SEEDS")]
     seeds: Option<Vec<u64>>,
 
+    /// A shared store (s3://bucket/prefix, gs://, az://, file:///path, http(s)://):
+    /// `run` pulls what it holds and pushes what it builds. Overrides the pipeline's
+    /// `remote`. Credentials and endpoint come from the environment (docs/remote.md).
+    #[arg(long, global = true, value_name = "URL")]
+    remote: Option<String>,
+
+    /// Ignore the remote: work with the local store alone.
+    #[arg(long, global = true, conflicts_with = "remote")]
+    offline: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -71,7 +81,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Show each node as cached, stale (and why) or missing.
+    /// Show each node as cached, stale (and why) or missing; with a remote, whether the
+    /// remote holds it too.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -179,6 +190,34 @@ enum Command {
         #[arg(long, default_value = "1d", value_parser = cachemoney::store::parse_duration, value_name = "AGE")]
         grace: std::time::Duration,
     },
+    /// Upload built nodes' artifacts to the remote (default: every built node).
+    ///
+    /// Files go first, each under its blake3, then the manifest with a create-only put:
+    /// the remote never holds a manifest whose files are not all there, and the first
+    /// writer of a recipe wins. What the remote already holds is skipped. Exits 1 when
+    /// the remote holds other bytes for a recipe (a stage that is not deterministic).
+    Push {
+        /// Only these nodes.
+        nodes: Vec<String>,
+    },
+    /// Download from the remote what this store lacks (default: every node the remote
+    /// holds), verifying every file against its manifest before it is stored.
+    ///
+    /// Recipes resolve through the remote's manifests, so a node can be pulled without
+    /// its upstream. `run` does the same for what it needs; `pull` fetches without
+    /// building anything. Exits 1 when a remote object fails verification.
+    Pull {
+        /// Only these nodes.
+        nodes: Vec<String>,
+        /// If another run holds the store, wait for it instead of failing.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The remote store itself.
+    Remote {
+        #[command(subcommand)]
+        command: RemoteCommand,
+    },
     /// List the stage kinds this binary knows, with their parameters' defaults.
     Stages,
     /// Measure the spine at the scale of the real validation set and print figures.
@@ -202,6 +241,17 @@ enum Command {
         /// synthetic stream of --tokens.
         #[arg(long)]
         shard: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemoteCommand {
+    /// List what in the remote no manifest references, and manifests whose files are
+    /// missing there. Only with --dry-run: cachemoney never deletes remote objects.
+    Gc {
+        /// List only (required).
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -251,10 +301,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         shard,
     } = cli.command
     {
-        cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard)?;
+        cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard, cli.remote)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;
+    session.remote_url = cli.remote;
+    session.offline = cli.offline;
     session.memory_limit = match cli.memory_limit {
         Some(limit) => limit,
         None => cachemoney::memory::available_bytes(),
@@ -271,6 +323,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             session.run(&options)?;
         }
         Command::Status { json } => session.status(json)?,
+        Command::Push { nodes } => {
+            if !session.push(&nodes, cli.quiet, show_progress)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Pull { nodes, wait } => {
+            if !session.pull(&nodes, wait, cli.quiet, show_progress)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Remote {
+            command: RemoteCommand::Gc { dry_run },
+        } => {
+            if !session.remote_gc(dry_run)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Explain { node, json } => session.explain(&node, json)?,
         Command::Show { node, rows, json } => session.show(&node, rows, json)?,
         Command::Sql { query, format } => session.sql(query.as_deref(), format)?,

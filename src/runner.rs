@@ -16,6 +16,7 @@ use stage_api::{InputArtifact, StageContext};
 use crate::pipeline::{Node, Pipeline};
 use crate::recipe::{short, FileIngredient, Ingredients};
 use crate::registry::Registry;
+use crate::remote::{is_refused, transfer_bar, Pushed, Remote, Transfer};
 use crate::store::{
     content_hash, hash_file, now_rfc3339, Manifest, NodeRef, OutputFile, Store, StoreLock, Stored,
 };
@@ -48,6 +49,9 @@ pub struct Resolved {
     /// Added by the pipeline for a legality probe's re-run (not written in the file).
     #[serde(skip)]
     pub rerun: bool,
+    /// Whether the remote holds its recipe; absent without a remote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<bool>,
 }
 
 pub struct RunContext<'a> {
@@ -56,6 +60,9 @@ pub struct RunContext<'a> {
     pub store: &'a Store,
     /// Handed to stages, which refuse a plan that needs more (`--memory-limit`).
     pub memory_limit: u64,
+    /// The shared store, unless there is none or `--offline`: `run` pulls what it holds
+    /// and pushes what it lacks; `status` shows what it holds.
+    pub remote: Option<&'a Remote>,
 }
 
 impl RunContext<'_> {
@@ -133,11 +140,19 @@ impl RunContext<'_> {
                     ingredients: None,
                     state,
                     rerun: node.rerun.is_some(),
+                    remote: None,
                 });
                 continue;
             }
             let ingredients = self.ingredients(node, &content)?;
             let recipe = ingredients.recipe();
+            // What the remote holds counts for what downstream resolves to: a node that
+            // is only there still has a known content, so its dependents' recipes are
+            // known too (and `pull` can fetch them).
+            let on_remote = match self.remote {
+                Some(remote) => Some(remote.manifest(&node.stage, &recipe)?),
+                None => None,
+            };
             let state = match self.store.lookup(&node.stage, &recipe) {
                 Stored::Intact(manifest) => {
                     content.insert(node.name.clone(), manifest.content_hash.clone());
@@ -169,6 +184,11 @@ impl RunContext<'_> {
                     },
                 },
             };
+            if let Some(Some(manifest)) = &on_remote {
+                content
+                    .entry(node.name.clone())
+                    .or_insert_with(|| manifest.content_hash.clone());
+            }
             states.insert(node.name.clone(), state.clone());
             resolved.push(Resolved {
                 node: node.name.clone(),
@@ -177,6 +197,7 @@ impl RunContext<'_> {
                 ingredients: Some(ingredients),
                 state,
                 rerun: node.rerun.is_some(),
+                remote: on_remote.map(|m| m.is_some()),
             });
         }
         self.store.hasher().save().ok();
@@ -200,6 +221,8 @@ pub enum Action {
     Reused,
     /// Not stored: built.
     Built,
+    /// Not stored here, but in the remote: downloaded and verified.
+    Pulled,
     /// Forced, and the rebuild gave the stored bytes.
     RebuiltIdentical,
     /// The stored copy was damaged (or forced over a damaged one); replaced by the
@@ -215,6 +238,7 @@ impl Action {
         match self {
             Action::Reused => "reused",
             Action::Built => "built",
+            Action::Pulled => "pulled",
             Action::RebuiltIdentical => "rebuilt, identical",
             Action::Repaired => "rebuilt, repaired",
             Action::Changed => "rebuilt, CHANGED",
@@ -279,9 +303,17 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         let dir = ctx.store.artifact_dir(&node.stage, &recipe);
         let stored = ctx.store.lookup(&node.stage, &recipe);
         let forced = forced_nodes.contains(&node.name);
-        let (manifest, action, seconds) = match stored {
-            Stored::Intact(manifest) if !forced => (manifest, Action::Reused, 0.0),
-            stored => {
+        // Read-through: what is not here (or damaged here) may be in the remote.
+        let pulled = match ctx.remote {
+            Some(remote) if !forced && !matches!(stored, Stored::Intact(_)) => {
+                pull_node(ctx, remote, node, &recipe, &lock, options)?
+            }
+            _ => None,
+        };
+        let (manifest, action, seconds) = match (pulled, stored) {
+            (Some((manifest, seconds)), _) => (manifest, Action::Pulled, seconds),
+            (None, Stored::Intact(manifest)) if !forced => (manifest, Action::Reused, 0.0),
+            (None, stored) => {
                 if let Stored::Damaged { problems, .. } = &stored {
                     if !options.quiet {
                         eprintln!(
@@ -341,6 +373,11 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                 }
             }
         };
+        // Write-through, for what was reused too: a run killed between its commit here
+        // and its upload finishes the upload now.
+        if let (Some(remote), false) = (ctx.remote, action == Action::Pulled) {
+            push_node(remote, node, &dir, &manifest, options)?;
+        }
         ctx.store.set_node_ref(
             &lock,
             &node.name,
@@ -390,6 +427,103 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         );
     }
     Ok(outcomes)
+}
+
+/// Fetches a node's artifact from the remote into the store, if the remote holds its
+/// recipe. A remote artifact that fails verification is reported and not used (the node
+/// is then built here, and its push repairs the remote); an unreachable remote is an
+/// error.
+fn pull_node(
+    ctx: &RunContext,
+    remote: &Remote,
+    node: &Node,
+    recipe: &str,
+    lock: &StoreLock,
+    options: &RunOptions,
+) -> Result<Option<(Manifest, f64)>> {
+    let label = format!("{}: pull", node.name);
+    match fetch(
+        ctx.store,
+        remote,
+        &node.stage,
+        recipe,
+        &label,
+        lock,
+        options.show_progress,
+    ) {
+        Ok(found) => Ok(found.map(|(manifest, transfer)| (manifest, transfer.seconds))),
+        Err(e) if is_refused(&e) => {
+            eprintln!(
+                "node '{}': {}; building it here instead",
+                node.name,
+                format!("{e:#}").replace('\n', " ")
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.context(format!("node '{}': cannot pull", node.name))),
+    }
+}
+
+/// Downloads the remote's artifact for (stage, recipe), if it has one, into a scratch
+/// directory, verifies it, and commits it to the store. Nothing is committed unless
+/// every file matched.
+pub(crate) fn fetch(
+    store: &Store,
+    remote: &Remote,
+    stage: &str,
+    recipe: &str,
+    label: &str,
+    lock: &StoreLock,
+    show_progress: bool,
+) -> Result<Option<(Manifest, Transfer)>> {
+    let started = Instant::now();
+    let Some(manifest) = remote.manifest(stage, recipe)? else {
+        return Ok(None);
+    };
+    let scratch = store.scratch_dir(lock, &format!("pull-{stage}-{}", short(recipe)))?;
+    let bar = transfer_bar(show_progress, label);
+    let pulled = remote.pull(&manifest, &scratch, &bar);
+    bar.finish_and_clear();
+    let mut transfer = match pulled {
+        Ok(transfer) => transfer,
+        Err(e) => {
+            std::fs::remove_dir_all(&scratch).ok();
+            return Err(e);
+        }
+    };
+    store.commit(lock, &scratch, &manifest)?;
+    transfer.seconds = started.elapsed().as_secs_f64();
+    Ok(Some((manifest, transfer)))
+}
+
+/// Makes sure the remote holds a node's artifact (see [`Remote::push`]).
+fn push_node(
+    remote: &Remote,
+    node: &Node,
+    dir: &std::path::Path,
+    manifest: &Manifest,
+    options: &RunOptions,
+) -> Result<()> {
+    let bar = transfer_bar(options.show_progress, &format!("{}: push", node.name));
+    let pushed = remote.push(dir, manifest, &bar);
+    bar.finish_and_clear();
+    match pushed {
+        Ok(Pushed::Uploaded(_) | Pushed::AlreadyThere | Pushed::Repaired(_)) => Ok(()),
+        Ok(Pushed::Conflict { remote_content }) => {
+            eprintln!(
+                "warning: node '{}': the remote holds other bytes for this recipe (content {} there, {} here): the stage is not deterministic; the remote keeps the first",
+                node.name,
+                short(&remote_content),
+                short(&manifest.content_hash)
+            );
+            Ok(())
+        }
+        Err(e) if is_refused(&e) => {
+            eprintln!("warning: node '{}': not pushed: {e:#}", node.name);
+            Ok(())
+        }
+        Err(e) => Err(e.context(format!("node '{}': cannot push", node.name))),
+    }
 }
 
 /// One stage run to do: the node, what goes into its recipe, and the built artifacts of

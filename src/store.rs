@@ -158,7 +158,7 @@ pub fn is_valid_node_name(name: &str) -> bool {
 pub const MAX_NODE_NAME: usize = 63;
 
 /// A file name a manifest may list: one plain path component.
-fn is_plain_file_name(name: &str) -> bool {
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."

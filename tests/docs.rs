@@ -16,6 +16,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -166,7 +168,12 @@ fn line_matches(expected: &str, actual: &str) -> bool {
     true
 }
 
-fn run_command(dir: &Path, bin_dir: &Path, command: &str) -> Vec<String> {
+fn run_command(
+    dir: &Path,
+    bin_dir: &Path,
+    env: &[(&'static str, String)],
+    command: &str,
+) -> Vec<String> {
     let path = format!(
         "{}:{}",
         bin_dir.display(),
@@ -177,6 +184,7 @@ fn run_command(dir: &Path, bin_dir: &Path, command: &str) -> Vec<String> {
         .arg(format!("{command} 2>&1"))
         .current_dir(dir)
         .env("PATH", path)
+        .envs(env.iter().cloned())
         .env_remove("CACHEMONEY_GPT_WORKER")
         .stdin(std::process::Stdio::null())
         .output()
@@ -217,6 +225,10 @@ fn every_transcript_in_the_docs_is_what_the_program_prints() {
     }
     let bin = assert_cmd::cargo::cargo_bin("cachemoney");
     let bin_dir = bin.parent().unwrap().to_path_buf();
+    // The remote the pages push to and pull from: a real S3-compatible server on
+    // loopback, found the way a reader's shell would (AWS_ENDPOINT and the keys).
+    let server = common::s3::S3Server::start();
+    let env = server.env();
 
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -236,7 +248,7 @@ fn every_transcript_in_the_docs_is_what_the_program_prints() {
         for block in console_blocks(&lines) {
             let mut body = Vec::new();
             for command in &block.commands {
-                let actual = run_command(demo.path(), &bin_dir, &command.line);
+                let actual = run_command(demo.path(), &bin_dir, &env, &command.line);
                 checked += 1;
                 let same = actual.len() == command.expected.len()
                     && actual

@@ -8,12 +8,14 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::pipeline::Pipeline;
 use crate::recipe::{short, Ingredients};
 use crate::registry::Registry;
+use crate::remote::Remote;
 use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
 use crate::sql::{self, Format, SqlSession};
 use crate::store::{verify_artifact, Manifest, Store, Stored};
 
 mod compare;
 mod legality;
+mod remote;
 mod sql_input;
 mod stages;
 
@@ -27,6 +29,10 @@ pub struct Session {
     pub store: Store,
     /// What stages may plan to allocate (`--memory-limit`).
     pub memory_limit: u64,
+    /// `--remote URL`, which overrides the pipeline's `remote` key.
+    pub remote_url: Option<String>,
+    /// `--offline`: no remote, whatever the pipeline says.
+    pub offline: bool,
 }
 
 impl Session {
@@ -43,16 +49,45 @@ impl Session {
             registry,
             store,
             memory_limit: u64::MAX,
+            remote_url: None,
+            offline: false,
         })
     }
 
     fn context(&self) -> RunContext<'_> {
+        self.context_with(None)
+    }
+
+    fn context_with<'a>(&'a self, remote: Option<&'a Remote>) -> RunContext<'a> {
         RunContext {
             pipeline: &self.pipeline,
             registry: &self.registry,
             store: &self.store,
             memory_limit: self.memory_limit,
+            remote,
         }
+    }
+
+    /// The URL of the remote in use: `--remote`, else the pipeline's `remote` key;
+    /// none under `--offline`.
+    pub fn remote_url(&self) -> Option<&str> {
+        if self.offline {
+            return None;
+        }
+        self.remote_url
+            .as_deref()
+            .or(self.pipeline.remote.as_deref())
+    }
+
+    /// The remote, opened and contacted once (so a wrong endpoint, wrong credentials or
+    /// a missing bucket fail before anything is built); `None` without one.
+    pub fn remote(&self) -> Result<Option<Remote>> {
+        let Some(url) = self.remote_url() else {
+            return Ok(None);
+        };
+        let remote = Remote::open(url)?;
+        remote.check()?;
+        Ok(Some(remote))
     }
 
     /// `cachemoney audit`: returns whether every audited node rebuilt identically.
@@ -111,7 +146,8 @@ impl Session {
     }
 
     pub fn run(&self, options: &RunOptions) -> Result<()> {
-        let outcomes = runner::run(&self.context(), options)?;
+        let remote = self.remote()?;
+        let outcomes = runner::run(&self.context_with(remote.as_ref()), options)?;
         if !options.quiet {
             // The re-runs' own headlines (a BPB on a shuffled stream) mean nothing alone.
             for outcome in outcomes.iter().filter(|o| !o.rerun) {
@@ -122,15 +158,16 @@ impl Session {
                     }
                 }
             }
-            let built = outcomes
-                .iter()
-                .filter(|o| o.action != runner::Action::Reused)
-                .count();
+            let count = |action| outcomes.iter().filter(|o| o.action == action).count();
+            let (reused, pulled) = (count(runner::Action::Reused), count(runner::Action::Pulled));
+            let built = outcomes.len() - reused - pulled;
+            let pulled = match pulled {
+                0 => String::new(),
+                n => format!(", {n} pulled"),
+            };
             println!(
-                "{} node(s): {} reused, {} built",
+                "{} node(s): {reused} reused, {built} built{pulled}",
                 outcomes.len(),
-                outcomes.len() - built,
-                built
             );
         }
         if !self.pipeline.seeds.is_empty() {
@@ -156,25 +193,19 @@ impl Session {
     }
 
     pub fn status(&self, json: bool) -> Result<()> {
-        let resolved = self.context().resolve()?;
+        let remote = self.remote()?;
+        let resolved = self.context_with(remote.as_ref()).resolve()?;
         if json {
             println!("{}", serde_json::to_string_pretty(&resolved)?);
             return Ok(());
         }
         let width = self.pipeline.name_width();
+        if let Some(remote) = &remote {
+            return self::remote::print_status(&resolved, remote, width);
+        }
         println!("{:<width$} {:<12} {:<8} detail", "node", "stage", "state");
         for r in &resolved {
-            let (state, detail) = match &r.state {
-                NodeState::Cached { content_hash } => {
-                    ("cached", format!("content {}", short(content_hash)))
-                }
-                NodeState::Stale { reasons } => ("stale", reasons.join("; ")),
-                NodeState::Missing { reason } => ("missing", reason.clone()),
-                NodeState::Damaged { problems } => (
-                    "damaged",
-                    format!("{}; `cachemoney run` rebuilds it", problems.join("; ")),
-                ),
-            };
+            let (state, detail) = state_and_detail(&r.state);
             println!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
         }
         Ok(())
@@ -497,6 +528,21 @@ impl Session {
             );
         }
         Ok(())
+    }
+}
+
+/// A node's state in `status`: one word, and the detail behind it.
+fn state_and_detail(state: &NodeState) -> (&'static str, String) {
+    match state {
+        NodeState::Cached { content_hash } => {
+            ("cached", format!("content {}", short(content_hash)))
+        }
+        NodeState::Stale { reasons } => ("stale", reasons.join("; ")),
+        NodeState::Missing { reason } => ("missing", reason.clone()),
+        NodeState::Damaged { problems } => (
+            "damaged",
+            format!("{}; `cachemoney run` rebuilds it", problems.join("; ")),
+        ),
     }
 }
 

@@ -39,6 +39,7 @@ use source::{node_name_problem, toml_to_json, Source};
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
     store: Option<String>,
+    remote: Option<String>,
     seeds: Option<Spanned<Vec<u64>>>,
     #[serde(default)]
     nodes: BTreeMap<String, Spanned<NodeFile>>,
@@ -100,6 +101,8 @@ pub struct SeedVariant {
 pub struct Pipeline {
     pub path: PathBuf,
     pub store_dir: PathBuf,
+    /// The file's `remote` key: a shared store's URL (`s3://bucket/prefix`), if any.
+    pub remote: Option<String>,
     /// In topological order; ties broken by name.
     pub nodes: Vec<Node>,
     /// The file's `seeds` key (empty if none). [`Pipeline::for_seeds`] expands them.
@@ -322,6 +325,7 @@ impl Pipeline {
         Ok(Pipeline {
             path: path.to_path_buf(),
             store_dir,
+            remote: file.remote.clone(),
             nodes: order.into_iter().map(|n| nodes[&n].clone()).collect(),
             seeds_in_file,
             seeds: Vec::new(),

@@ -9,6 +9,8 @@ use std::process::Output;
 
 use assert_cmd::Command;
 
+pub mod s3;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
