@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Server, SlowLink, BUCKET};
-use common::{write_jsonl, Project};
+use common::Project;
 
 fn run_with(p: &Project, env: &[(&str, String)], args: &[&str]) -> Output {
     p.cmd()
@@ -44,7 +44,8 @@ fn fails_with(p: &Project, env: &[(&str, String)], args: &[&str]) -> String {
 
 /// node → content hash, for the nodes `status --json` shows cached.
 fn contents(p: &Project) -> Vec<(String, String)> {
-    let json: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&p.ok(&["--offline", "status", "--json"])).unwrap();
     json.as_array()
         .unwrap()
         .iter()
@@ -142,20 +143,19 @@ fn pull_fetches_a_node_without_its_upstream_and_verifies_it() {
     let b = second_machine(&a);
     let pulled = ok_with(&b, &env, &["pull", "token_stats"]);
     assert!(pulled.contains("1 pulled"), "{pulled}");
-    let status = b.ok(&["--offline", "status"]);
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("tokens ") && l.contains("missing")),
-        "{status}"
-    );
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("token_stats ") && l.contains("missing")),
-        "{status}"
-    );
-    // Its recipe is only known through the remote's tokens: with it, both resolve.
+    // Its recipe is only known through the remote's tokens: offline it cannot resolve.
+    let offline = b.ok(&["--offline", "status"]);
+    let line = |text: &str, node: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{node} ")))
+            .unwrap()
+            .to_string()
+    };
+    assert!(line(&offline, "tokens").contains("missing"), "{offline}");
+    assert!(line(&offline, "token_stats").contains("stale"), "{offline}");
+    let status = ok_with(&b, &env, &["status"]);
+    assert!(line(&status, "token_stats").contains("cached"), "{status}");
+    // With the remote, `pull` fetches the rest.
     let all = ok_with(&b, &env, &["pull"]);
     assert!(
         all.contains("1 pulled") && all.contains("1 already there"),
@@ -280,18 +280,52 @@ fn concurrent_writers_of_one_recipe_leave_one_manifest_and_no_broken_one() {
     assert_eq!(contents(&a), contents(&c));
 }
 
-/// A tokenize artifact of several megabytes, so that an upload over a slow link takes
-/// seconds and goes up in parts.
+/// A tokenize artifact of several megabytes (an imported shard of random tokens, which
+/// Parquet cannot compress away), so that an upload over a slow link takes seconds and
+/// goes up in parts.
 fn big_project() -> Project {
     let p = Project::empty();
-    std::fs::create_dir_all(p.path().join("corpus")).unwrap();
-    let mut docs = common::small_documents(60, 200_000);
-    docs.retain(|d| !d.is_empty());
-    write_jsonl(&p.path().join("corpus/docs.jsonl"), &docs);
-    p.write_pipeline(
-        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/docs.jsonl\"\nparams.vocab_size = 1024\nparams.val_fraction = 0.5\n",
-    );
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut tokens = vec![1u16];
+    tokens.extend((0..6_000_000).map(|_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        2 + (state % 1022) as u16
+    }));
+    std::fs::write(
+        p.path().join("val.bin"),
+        text::shards::encode_shard(&tokens),
+    )
+    .unwrap();
+    p.write_pipeline(&format!(
+        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.val = \"val.bin\"\nfiles.tokenizer = {:?}\nparams.source = \"shards\"\nparams.val_truncate_multiple = 0\n",
+        common::sp_model().display().to_string()
+    ));
     p
+}
+
+/// A second "machine" for the big project.
+fn big_second_machine(of: &Project) -> Project {
+    let p = Project::empty();
+    std::fs::copy(of.path().join("val.bin"), p.path().join("val.bin")).unwrap();
+    std::fs::copy(of.path().join("pipeline.toml"), p.path().join("pipeline.toml")).unwrap();
+    p
+}
+
+/// Returns once the server has received a part of a multipart upload.
+fn wait_for_a_part(server: &S3Server) {
+    let started = Instant::now();
+    let part_arrived = || {
+        std::fs::read_dir(server.data.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
+    };
+    while !part_arrived() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no upload part arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -325,24 +359,7 @@ fn a_push_killed_mid_upload_leaves_no_manifest_to_a_partial_file_and_the_next_pu
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let part_arrived = || {
-        std::fs::read_dir(server.data.path())
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
-    };
-    while !part_arrived() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no upload part arrived"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "push ended before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_a_part(&server);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
@@ -357,7 +374,7 @@ fn a_push_killed_mid_upload_leaves_no_manifest_to_a_partial_file_and_the_next_pu
     assert!(pushed.contains("1 pushed"), "{pushed}");
     let gc = ok_with(&a, &env, &["--remote", &url, "remote", "gc", "--dry-run"]);
     assert!(gc.contains("0 broken"), "{gc}");
-    let b = second_machine(&a);
+    let b = big_second_machine(&a);
     ok_with(
         &b,
         &[
@@ -379,16 +396,21 @@ fn the_server_going_away_mid_run_is_a_clear_error_and_the_local_store_stays_inta
         "remote = \"{}\"\n{pipeline}\n[nodes.token_stats]\nstage = \"token-stats\"\ninputs.tokens = \"tokens\"\n",
         server.url("away")
     ));
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
+    // Over a slow link, the write-through upload takes seconds: the server goes away
+    // in the middle of it.
+    let link = SlowLink::start(server.port, 4 << 20);
+    let mut env = server.env();
+    env[0].1 = link.endpoint();
+    env.push(("CACHEMONEY_REMOTE_PART_SIZE", "5M".into()));
+    let child = Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
         .args(["run"])
-        .envs(server.env())
+        .envs(env.iter().cloned())
         .current_dir(a.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // tokenize takes seconds here: the server goes while it builds.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_a_part(&server);
     server.stop();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

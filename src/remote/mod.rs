@@ -198,6 +198,9 @@ impl Remote {
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
+            .on_thread_start(|| {
+                block_sigpipe();
+            })
             .build()
             .context("cannot start the async runtime for the remote")?;
         let part_size = match std::env::var("CACHEMONEY_REMOTE_PART_SIZE") {
@@ -223,11 +226,31 @@ impl Remote {
         &self.url
     }
 
+    /// Runs `future` to completion on the remote's runtime, with SIGPIPE held back on
+    /// this thread meanwhile (see [`block_sigpipe`]); one raised meanwhile is discarded.
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        let previous = block_sigpipe();
+        let output = self.runtime.block_on(future);
+        // SAFETY: plain signal-set calls on stack values; the zero timeout makes
+        // sigtimedwait a non-blocking poll for a pending SIGPIPE.
+        unsafe {
+            let mut pipe: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut pipe);
+            libc::sigaddset(&mut pipe, libc::SIGPIPE);
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            while libc::sigtimedwait(&pipe, std::ptr::null_mut(), &zero) == libc::SIGPIPE {}
+            libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        }
+        output
+    }
+
     /// Contacts the remote once (a listing under its prefix), so that a wrong endpoint,
     /// wrong credentials or a missing bucket fail before anything is built.
     pub fn check(&self) -> Result<()> {
-        self.runtime
-            .block_on(self.objects.list_with_delimiter(Some(&self.prefix)))
+        self.block_on(self.objects.list_with_delimiter(Some(&self.prefix)))
             .map(|_| ())
             .map_err(|e| self.explain(e))
     }
@@ -259,7 +282,7 @@ impl Remote {
         use object_store::Error as E;
         let detail = one_line(&error);
         let reason = match &error {
-            E::NotFound { .. } if detail.contains("NoSuchBucket") => {
+            _ if detail.contains("NoSuchBucket") => {
                 "the bucket does not exist (create it, or fix the URL)".to_string()
             }
             E::NotFound { .. } => format!("not found ({detail}); does the bucket exist?"),
@@ -268,9 +291,9 @@ impl Remote {
             _ if detail.contains("169.254.169.254") => {
                 "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (no instance profile answered either)".to_string()
             }
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => format!(
+            _ if is_denied(&error, &detail) => format!(
                 "access denied ({}); check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)",
-                innermost(&error)
+                s3_error_code(&detail).map_or_else(|| innermost(&error), str::to_string)
             ),
             _ if is_unreachable(&detail) => format!(
                 "cannot reach the server ({}); check the endpoint (AWS_ENDPOINT for an S3-compatible server), or pass --offline to work without the remote",
@@ -284,7 +307,7 @@ impl Remote {
     /// The manifest the remote holds for this recipe, checked against it; `None` when
     /// the remote has none.
     pub fn manifest(&self, stage: &str, recipe: &str) -> Result<Option<Manifest>> {
-        self.runtime.block_on(self.fetch_manifest(stage, recipe))
+        self.block_on(self.fetch_manifest(stage, recipe))
     }
 
     async fn fetch_manifest(&self, stage: &str, recipe: &str) -> Result<Option<Manifest>> {
@@ -313,7 +336,7 @@ impl Remote {
     pub fn pull(&self, manifest: &Manifest, dir: &Path, bar: &ProgressBar) -> Result<Transfer> {
         let started = Instant::now();
         bar.set_length(manifest.files.values().map(|f| f.bytes).sum());
-        self.runtime.block_on(async {
+        self.block_on(async {
             futures::stream::iter(&manifest.files)
                 .map(|(name, file)| self.download(name, file, dir, bar))
                 .buffer_unordered(CONCURRENCY)
@@ -393,7 +416,7 @@ impl Remote {
     /// Uploads the artifact in `dir` unless the remote has its recipe: the blobs it
     /// lacks, then the manifest with a create-only put.
     pub fn push(&self, dir: &Path, manifest: &Manifest, bar: &ProgressBar) -> Result<Pushed> {
-        self.runtime.block_on(async {
+        self.block_on(async {
             let started = Instant::now();
             if let Some(remote) = self
                 .fetch_manifest(&manifest.stage, &manifest.recipe)
@@ -612,7 +635,7 @@ impl Remote {
 
     /// Every manifest in the remote and every blob, for `remote gc --dry-run`.
     pub fn inventory(&self) -> Result<Inventory> {
-        self.runtime.block_on(async {
+        self.block_on(async {
             let mut inventory = Inventory::default();
             let ac = self.prefix.clone().join("ac");
             let mut listing = self.objects.list(Some(&ac));
@@ -700,6 +723,23 @@ async fn read_chunk(reader: &mut tokio::fs::File, size: usize, path: &Path) -> R
     Ok(Bytes::from(buffer))
 }
 
+/// Blocks SIGPIPE on the calling thread and returns the previous mask. `main` restores
+/// SIGPIPE's default action so that `cachemoney sql | head` ends quietly; but a socket
+/// whose server went away must fail a write with EPIPE (a clear error), not kill the
+/// process without a word. SIGPIPE is delivered to the thread that wrote, so holding it
+/// back on the threads that talk to the network is enough.
+fn block_sigpipe() -> libc::sigset_t {
+    // SAFETY: plain signal-set calls on stack values.
+    unsafe {
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut previous);
+        previous
+    }
+}
+
 /// Retries with a short backoff: a server that is down is reported in about a second,
 /// not after object_store's default three minutes. `CACHEMONEY_REMOTE_RETRIES` raises
 /// the count for flaky links.
@@ -748,6 +788,30 @@ fn clip(text: &str) -> String {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text,
     }
+}
+
+/// The `<Code>` of an S3 error body quoted in a message (`SignatureDoesNotMatch`).
+fn s3_error_code(detail: &str) -> Option<&str> {
+    let start = detail.find("<Code>")? + "<Code>".len();
+    let length = detail[start..].find("</Code>")?;
+    Some(&detail[start..start + length])
+}
+
+/// 401 and 403, whichever way the client reports them (object_store maps some to
+/// `PermissionDenied`, and leaves a listing's as a generic error with the status).
+fn is_denied(error: &object_store::Error, detail: &str) -> bool {
+    matches!(
+        error,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || [
+        "403 Forbidden",
+        "401 Unauthorized",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|needle| detail.contains(needle))
 }
 
 fn is_unreachable(detail: &str) -> bool {
