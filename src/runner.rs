@@ -287,6 +287,12 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         .max()
         .unwrap_or(0)
         .max(14);
+    // Read-through, all at once: what the remote holds and this store lacks is fetched
+    // before anything is built (the files of many small artifacts together).
+    let (prefetched, refused) = match ctx.remote {
+        Some(remote) => prefetch(ctx, remote, &selected, &forced_nodes, &lock, options)?,
+        None => Default::default(),
+    };
     let (mut reruns_built, mut reruns_reused, mut rerun_seconds) = (0usize, 0usize, 0f64);
     let mut content: BTreeMap<String, String> = BTreeMap::new();
     let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
@@ -305,13 +311,21 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         let forced = forced_nodes.contains(&node.name);
         // Read-through: what is not here (or damaged here) may be in the remote.
         let pulled = match ctx.remote {
-            Some(remote) if !forced && !matches!(stored, Stored::Intact(_)) => {
+            Some(remote)
+                if !forced
+                    && !refused.contains(&node.name)
+                    && !matches!(stored, Stored::Intact(_)) =>
+            {
                 pull_node(ctx, remote, node, &recipe, &lock, options)?
             }
             _ => None,
         };
         let (manifest, action, seconds) = match (pulled, stored) {
             (Some((manifest, seconds)), _) => (manifest, Action::Pulled, seconds),
+            (None, Stored::Intact(manifest)) if prefetched.contains_key(&node.name) => {
+                let seconds = prefetched[&node.name];
+                (manifest, Action::Pulled, seconds)
+            }
             (None, Stored::Intact(manifest)) if !forced => (manifest, Action::Reused, 0.0),
             (None, stored) => {
                 if let Stored::Damaged { problems, .. } = &stored {
@@ -429,6 +443,79 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
+/// Fetches every selected node that the remote holds and the store lacks (recipes
+/// resolved through the remote's manifests). Returns the nodes fetched, with the
+/// transfer's seconds, and those whose remote artifact was refused (to be built here).
+fn prefetch(
+    ctx: &RunContext,
+    remote: &Remote,
+    selected: &BTreeSet<String>,
+    forced: &BTreeSet<String>,
+    lock: &StoreLock,
+    options: &RunOptions,
+) -> Result<(BTreeMap<String, f64>, BTreeSet<String>)> {
+    let wanted: Vec<Resolved> = ctx
+        .resolve()?
+        .into_iter()
+        .filter(|r| {
+            selected.contains(&r.node)
+                && !forced.contains(&r.node)
+                && r.remote == Some(true)
+                && !matches!(r.state, NodeState::Cached { .. })
+        })
+        .collect();
+    let pairs: Vec<(String, String)> = wanted
+        .iter()
+        .map(|r| {
+            (
+                r.stage.clone(),
+                r.recipe.clone().expect("known on the remote"),
+            )
+        })
+        .collect();
+    let (mut fetched, mut refused) = (BTreeMap::new(), BTreeSet::new());
+    let started = Instant::now();
+    let results = fetch_many(
+        ctx.store,
+        remote,
+        &pairs,
+        "pull",
+        lock,
+        options.show_progress,
+    )?;
+    let mut total = Transfer::default();
+    for (r, result) in wanted.iter().zip(results) {
+        match result {
+            Ok(Some((_, transfer))) => {
+                total.files += transfer.files;
+                total.bytes += transfer.bytes;
+                // Fetched together: the time is the batch's, said once below.
+                fetched.insert(r.node.clone(), 0.0);
+            }
+            Ok(None) => {}
+            Err(e) if is_refused(&e) => {
+                eprintln!(
+                    "node '{}': {}; building it here instead",
+                    r.node,
+                    format!("{e:#}").replace('\n', " ")
+                );
+                refused.insert(r.node.clone());
+            }
+            Err(e) => return Err(e.context(format!("node '{}': cannot pull", r.node))),
+        }
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    if !fetched.is_empty() && !options.quiet {
+        println!(
+            "pulled {} artifact(s) from {}: {}",
+            fetched.len(),
+            remote.url(),
+            total.describe()
+        );
+    }
+    Ok((fetched, refused))
+}
+
 /// Fetches a node's artifact from the remote into the store, if the remote holds its
 /// recipe. A remote artifact that fails verification is reported and not used (the node
 /// is then built here, and its push repairs the remote); an unreachable remote is an
@@ -476,24 +563,55 @@ pub(crate) fn fetch(
     lock: &StoreLock,
     show_progress: bool,
 ) -> Result<Option<(Manifest, Transfer)>> {
-    let started = Instant::now();
-    let Some(manifest) = remote.manifest(stage, recipe)? else {
-        return Ok(None);
-    };
-    let scratch = store.scratch_dir(lock, &format!("pull-{stage}-{}", short(recipe)))?;
-    let bar = transfer_bar(show_progress, label);
-    let pulled = remote.pull(&manifest, &scratch, &bar);
-    bar.finish_and_clear();
-    let mut transfer = match pulled {
-        Ok(transfer) => transfer,
-        Err(e) => {
-            std::fs::remove_dir_all(&scratch).ok();
-            return Err(e);
+    let wanted = [(stage.to_string(), recipe.to_string())];
+    fetch_many(store, remote, &wanted, label, lock, show_progress)?
+        .pop()
+        .expect("one result per artifact")
+}
+
+/// [`fetch`] for several (stage, recipe) pairs at once, their files downloaded together;
+/// one result per pair, in order. The outer error is the store's (a failed commit).
+pub(crate) fn fetch_many(
+    store: &Store,
+    remote: &Remote,
+    wanted: &[(String, String)],
+    label: &str,
+    lock: &StoreLock,
+    show_progress: bool,
+) -> Result<Vec<Result<Option<(Manifest, Transfer)>>>> {
+    let mut results: Vec<Result<Option<(Manifest, Transfer)>>> = Vec::new();
+    let mut jobs = Vec::new();
+    for (index, (stage, recipe)) in wanted.iter().enumerate() {
+        match remote.manifest(stage, recipe) {
+            Ok(Some(manifest)) => {
+                let scratch =
+                    store.scratch_dir(lock, &format!("pull-{stage}-{}", short(recipe)))?;
+                jobs.push((index, manifest, scratch));
+                results.push(Ok(None));
+            }
+            other => results.push(other.map(|_| None)),
         }
-    };
-    store.commit(lock, &scratch, &manifest)?;
-    transfer.seconds = started.elapsed().as_secs_f64();
-    Ok(Some((manifest, transfer)))
+    }
+    let bar = transfer_bar(show_progress, label);
+    let pairs: Vec<(&Manifest, &std::path::Path)> = jobs
+        .iter()
+        .map(|(_, manifest, scratch)| (manifest, scratch.as_path()))
+        .collect();
+    let pulled = remote.pull_many(&pairs, &bar);
+    bar.finish_and_clear();
+    for ((index, manifest, scratch), outcome) in jobs.into_iter().zip(pulled) {
+        results[index] = match outcome {
+            Ok(transfer) => {
+                store.commit(lock, &scratch, &manifest)?;
+                Ok(Some((manifest, transfer)))
+            }
+            Err(e) => {
+                std::fs::remove_dir_all(&scratch).ok();
+                Err(e)
+            }
+        };
+    }
+    Ok(results)
 }
 
 /// Makes sure the remote holds a node's artifact (see [`Remote::push`]).

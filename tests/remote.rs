@@ -309,7 +309,11 @@ fn big_project() -> Project {
 fn big_second_machine(of: &Project) -> Project {
     let p = Project::empty();
     std::fs::copy(of.path().join("val.bin"), p.path().join("val.bin")).unwrap();
-    std::fs::copy(of.path().join("pipeline.toml"), p.path().join("pipeline.toml")).unwrap();
+    std::fs::copy(
+        of.path().join("pipeline.toml"),
+        p.path().join("pipeline.toml"),
+    )
+    .unwrap();
     p
 }
 
@@ -323,7 +327,10 @@ fn wait_for_a_part(server: &S3Server) {
             .any(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
     };
     while !part_arrived() {
-        assert!(started.elapsed() < Duration::from_secs(60), "no upload part arrived");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no upload part arrived"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -175,6 +175,31 @@ impl Session {
         let resolved = self.context_with(Some(&remote)).resolve()?;
         let width = self.pipeline.name_width();
         let mut tally = Tally::default();
+        // What to fetch: all of it at once (many small artifacts are bound by round
+        // trips), then one line per node in pipeline order.
+        let wanted: Vec<&Resolved> = resolved
+            .iter()
+            .filter(|r| selected.as_ref().is_none_or(|s| s.contains(&r.node)))
+            .filter(|r| !matches!(r.state, NodeState::Cached { .. }) && r.remote == Some(true))
+            .collect();
+        let pairs: Vec<(String, String)> = wanted
+            .iter()
+            .map(|r| {
+                (
+                    r.stage.clone(),
+                    r.recipe.clone().expect("known on the remote"),
+                )
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let fetched =
+            runner::fetch_many(&self.store, &remote, &pairs, "pull", &lock, show_progress)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let mut outcomes: std::collections::BTreeMap<&str, _> = wanted
+            .iter()
+            .map(|r| r.node.as_str())
+            .zip(fetched)
+            .collect();
         for r in &resolved {
             if selected.as_ref().is_some_and(|s| !s.contains(&r.node)) {
                 continue;
@@ -190,8 +215,8 @@ impl Session {
                 line("here already", &format!("content {}", short(content_hash)));
                 continue;
             }
-            let (Some(recipe), Some(ingredients), Some(true)) =
-                (&r.recipe, &r.ingredients, r.remote)
+            let (Some(recipe), Some(ingredients), Some(outcome)) =
+                (&r.recipe, &r.ingredients, outcomes.remove(r.node.as_str()))
             else {
                 tally.absent += 1;
                 line(
@@ -200,16 +225,7 @@ impl Session {
                 );
                 continue;
             };
-            let label = format!("{}: pull", r.node);
-            match runner::fetch(
-                &self.store,
-                &remote,
-                &r.stage,
-                recipe,
-                &label,
-                &lock,
-                show_progress,
-            ) {
+            match outcome {
                 Ok(Some((manifest, transfer))) => {
                     self.store.set_node_ref(
                         &lock,
@@ -221,13 +237,15 @@ impl Session {
                         },
                     )?;
                     tally.moved += 1;
-                    tally.transfer.add(transfer);
+                    tally.transfer.files += transfer.files;
+                    tally.transfer.bytes += transfer.bytes;
                     line(
                         "pulled",
                         &format!(
-                            "content {}  {}",
+                            "content {}  {} file(s), {:.1} MB",
                             short(&manifest.content_hash),
-                            transfer.describe()
+                            transfer.files,
+                            transfer.bytes as f64 / 1e6
                         ),
                     );
                 }
@@ -242,6 +260,7 @@ impl Session {
                 Err(e) => return Err(e.context(format!("node '{}': cannot pull", r.node))),
             }
         }
+        tally.transfer.seconds = seconds;
         if !quiet || tally.failed > 0 {
             print_tally(&tally, "pulled", remote.url());
         }

@@ -48,6 +48,8 @@ use crate::store::{content_hash, is_plain_file_name, Manifest, OutputFile, MANIF
 const DEFAULT_PART_SIZE: usize = 8 << 20;
 /// Transfers in flight at once: files of an artifact, or parts of one large file.
 const CONCURRENCY: usize = 8;
+/// Ranges of one large file being fetched at once.
+const RANGES_IN_FLIGHT: usize = 3;
 
 /// A remote store, opened from its URL; every call blocks on its own async runtime.
 pub struct Remote {
@@ -334,20 +336,90 @@ impl Remote {
     /// directory), verifying every file's size and blake3 on the way. On error, what was
     /// written to `dir` must be thrown away.
     pub fn pull(&self, manifest: &Manifest, dir: &Path, bar: &ProgressBar) -> Result<Transfer> {
+        self.pull_many(&[(manifest, dir)], bar)
+            .pop()
+            .expect("one result per artifact")
+    }
+
+    /// [`Remote::pull`] for several artifacts at once, their files fetched together (a
+    /// store of many small artifacts is bound by round trips, not bandwidth): one result
+    /// per artifact, in order.
+    pub fn pull_many(
+        &self,
+        jobs: &[(&Manifest, &Path)],
+        bar: &ProgressBar,
+    ) -> Vec<Result<Transfer>> {
         let started = Instant::now();
-        bar.set_length(manifest.files.values().map(|f| f.bytes).sum());
-        self.block_on(async {
-            futures::stream::iter(&manifest.files)
-                .map(|(name, file)| self.download(name, file, dir, bar))
+        bar.set_length(
+            jobs.iter()
+                .flat_map(|(m, _)| m.files.values())
+                .map(|f| f.bytes)
+                .sum(),
+        );
+        // Each blob is downloaded once; files with the same content (a re-run's copy of
+        // its input, say) are then hard links to it, as in any content-addressed store.
+        let mut first: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+        let mut downloads = Vec::new();
+        let mut duplicates = Vec::new();
+        for (job, (manifest, dir)) in jobs.iter().enumerate() {
+            for (name, file) in &manifest.files {
+                match first.get(file.blake3.as_str()) {
+                    Some(&(source_job, source_name)) => {
+                        duplicates.push((job, name.as_str(), file, source_job, source_name))
+                    }
+                    None => {
+                        first.insert(&file.blake3, (job, name));
+                        downloads.push((job, name.as_str(), file, *dir));
+                    }
+                }
+            }
+        }
+        let outcomes: Vec<(usize, Result<()>)> = self.block_on(
+            futures::stream::iter(downloads)
+                .map(|(job, name, file, dir)| async move {
+                    (job, self.download(name, file, dir, bar).await)
+                })
                 .buffer_unordered(CONCURRENCY)
-                .try_collect::<Vec<()>>()
-                .await
-        })?;
-        Ok(Transfer {
-            files: manifest.files.len(),
-            bytes: manifest.files.values().map(|f| f.bytes).sum(),
-            seconds: started.elapsed().as_secs_f64(),
-        })
+                .collect(),
+        );
+        let mut errors: Vec<Option<anyhow::Error>> = jobs.iter().map(|_| None).collect();
+        for (job, outcome) in outcomes {
+            if let (Err(e), None) = (outcome, &errors[job]) {
+                errors[job] = Some(e);
+            }
+        }
+        for (job, name, file, source_job, source_name) in duplicates {
+            if errors[job].is_some() {
+                continue;
+            }
+            let (source, target) = (jobs[source_job].1.join(source_name), jobs[job].1.join(name));
+            let linked = match &errors[source_job] {
+                Some(_) => Err(anyhow::Error::new(Refused(format!(
+                    "remote object {}: refused (file '{name}')",
+                    self.name_of(&self.blob_key(&file.blake3))
+                )))),
+                None => std::fs::hard_link(&source, &target)
+                    .or_else(|_| std::fs::copy(&source, &target).map(|_| ()))
+                    .with_context(|| format!("{}: cannot write", target.display())),
+            };
+            if let Err(e) = linked {
+                errors[job] = Some(e);
+            } else {
+                bar.inc(file.bytes);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        jobs.iter()
+            .zip(errors)
+            .map(|((manifest, _), error)| match error {
+                Some(e) => Err(e),
+                None => Ok(Transfer {
+                    files: manifest.files.len(),
+                    bytes: manifest.files.values().map(|f| f.bytes).sum(),
+                    seconds,
+                }),
+            })
+            .collect()
     }
 
     async fn download(
@@ -359,8 +431,8 @@ impl Remote {
     ) -> Result<()> {
         let key = self.blob_key(&file.blake3);
         let object = self.name_of(&key);
-        let result = match self.objects.get(&key).await {
-            Ok(result) => result,
+        let size = match self.objects.head(&key).await {
+            Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => {
                 self.mark_corrupt(&file.blake3);
                 refuse!(
@@ -369,11 +441,10 @@ impl Remote {
             }
             Err(e) => return Err(self.explain(e)),
         };
-        if result.meta.size != file.bytes {
+        if size != file.bytes {
             self.mark_corrupt(&file.blake3);
             refuse!(
-                "remote object {object}: size {} differs from the manifest's {} (file '{name}'); refused, nothing was stored",
-                result.meta.size,
+                "remote object {object}: size {size} differs from the manifest's {} (file '{name}'); refused, nothing was stored",
                 file.bytes
             );
         }
@@ -386,8 +457,14 @@ impl Remote {
             std::fs::File::create(&path).map_err(cannot_write)?,
         );
         let mut hasher = blake3::Hasher::new();
-        let mut stream = result.into_stream();
-        while let Some(chunk) = stream.next().await {
+        // In ranges of a part each, a few in flight and taken in order, so that one
+        // large file is not bound by one stream, and hashing stays in file order.
+        let part = self.part_size as u64;
+        let ranges = (0..size.div_ceil(part)).map(|i| i * part..((i + 1) * part).min(size));
+        let mut chunks = futures::stream::iter(ranges)
+            .map(|range| self.objects.get_range(&key, range))
+            .buffered(RANGES_IN_FLIGHT);
+        while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| self.explain(e))?;
             hasher.update(&chunk);
             out.write_all(&chunk).map_err(cannot_write)?;
