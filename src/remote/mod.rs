@@ -282,12 +282,13 @@ impl Remote {
     /// to do about it.
     fn explain(&self, error: object_store::Error) -> anyhow::Error {
         use object_store::Error as E;
-        let detail = one_line(&error);
+        // Classified on the whole chain, shown clipped.
+        let detail = chain_of(&error);
         let reason = match &error {
             _ if detail.contains("NoSuchBucket") => {
                 "the bucket does not exist (create it, or fix the URL)".to_string()
             }
-            E::NotFound { .. } => format!("not found ({detail}); does the bucket exist?"),
+            E::NotFound { .. } => format!("not found ({}); does the bucket exist?", clip(&detail)),
             // With no keys in the environment, the S3 client asks the instance metadata
             // service, which a laptop does not have.
             _ if detail.contains("169.254.169.254") => {
@@ -301,7 +302,7 @@ impl Remote {
                 "cannot reach the server ({}); check the endpoint (AWS_ENDPOINT for an S3-compatible server), or pass --offline to work without the remote",
                 innermost(&error)
             ),
-            _ => detail,
+            _ => clip(&detail),
         };
         anyhow!("remote {}: {reason}", self.url)
     }
@@ -847,6 +848,11 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    clip(&chain_of(error))
+}
+
+/// An error and its causes, each said once, joined on one line.
+fn chain_of(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![error.to_string()];
     let mut current = error.source();
     while let Some(source) = current {
@@ -856,7 +862,7 @@ fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
         }
         current = source.source();
     }
-    clip(&parts.join(": "))
+    parts.join(": ")
 }
 
 fn clip(text: &str) -> String {
