@@ -31,6 +31,7 @@ const PAGES: &[&str] = &[
     "docs/scorers.md",
     "docs/legality.md",
     "docs/store.md",
+    "docs/remote.md",
     "docs/bad-input.md",
     "docs/benchmarks.md",
 ];
@@ -118,6 +119,13 @@ fn mask_durations(line: &str) -> String {
             if rest.len() == 20 && rest.as_bytes()[4] == b'-' && rest.ends_with('Z') {
                 out.push_str("<time>");
                 i += 20;
+                continue;
+            }
+            // A transfer rate: 211 MB/s.
+            let rest_of_line: String = chars[j..].iter().collect();
+            if rest_of_line.starts_with(" MB/s") {
+                out.push_str("<rate>");
+                i = j + " MB/s".len();
                 continue;
             }
             let mut k = j;
@@ -309,6 +317,10 @@ fn the_normaliser_masks_measurements_only() {
     assert_eq!(
         mask_durations("wrote it in 0.14 s; 3 seeds"),
         "wrote it in <secs>; 3 seeds"
+    );
+    assert_eq!(
+        mask_durations("176.4 MB in 0.81s (218 MB/s)"),
+        "176.4 MB in <secs> (<rate>)"
     );
     assert_eq!(
         mask_durations("val BPB 2.1619, 1200 steps"),

@@ -343,7 +343,10 @@ impl Session {
     }
 
     pub fn sql(&self, query: Option<&str>, format: Format) -> Result<()> {
-        let resolved = self.context().resolve()?;
+        // With a remote, recipes resolve through its manifests too, so a node pulled
+        // without its upstream (`pull scores`) is queryable.
+        let remote = self.remote()?;
+        let resolved = self.context_with(remote.as_ref()).resolve()?;
         let runtime = sql_runtime()?;
         // The seeds table: this pipeline's, if it is expanded for seeds; else the last
         // multi-seed run's, as `run --seeds` wrote it.

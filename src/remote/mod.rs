@@ -48,8 +48,10 @@ use crate::store::{content_hash, is_plain_file_name, Manifest, OutputFile, MANIF
 const DEFAULT_PART_SIZE: usize = 8 << 20;
 /// Transfers in flight at once: files of an artifact, or parts of one large file.
 const CONCURRENCY: usize = 8;
-/// Ranges of one large file being fetched at once.
-const RANGES_IN_FLIGHT: usize = 3;
+/// Parts of one large file in flight at once, up or down. Large files move one at a
+/// time (small ones beside them), so memory stays near this many parts whatever the
+/// files' sizes: about 100 MB with 8 MiB parts.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// A remote store, opened from its URL; every call blocks on its own async runtime.
 pub struct Remote {
@@ -59,6 +61,8 @@ pub struct Remote {
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
     part_size: usize,
+    /// Held while a large file moves (see [`PARTS_IN_FLIGHT`]).
+    large_file: futures::lock::Mutex<()>,
     /// Blobs that a pull in this process found corrupt: a push of verified bytes may
     /// overwrite them (they are content-addressed, so the right bytes are never wrong).
     corrupt: Mutex<BTreeSet<String>>,
@@ -220,6 +224,7 @@ impl Remote {
             prefix,
             runtime,
             part_size,
+            large_file: futures::lock::Mutex::new(()),
             corrupt: Mutex::new(BTreeSet::new()),
         })
     }
@@ -458,13 +463,18 @@ impl Remote {
             std::fs::File::create(&path).map_err(cannot_write)?,
         );
         let mut hasher = blake3::Hasher::new();
+        let _one_large_file = if size > self.part_size as u64 {
+            Some(self.large_file.lock().await)
+        } else {
+            None
+        };
         // In ranges of a part each, a few in flight and taken in order, so that one
         // large file is not bound by one stream, and hashing stays in file order.
         let part = self.part_size as u64;
         let ranges = (0..size.div_ceil(part)).map(|i| i * part..((i + 1) * part).min(size));
         let mut chunks = futures::stream::iter(ranges)
             .map(|range| self.objects.get_range(&key, range))
-            .buffered(RANGES_IN_FLIGHT);
+            .buffered(PARTS_IN_FLIGHT);
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| self.explain(e))?;
             hasher.update(&chunk);
@@ -666,7 +676,8 @@ impl Remote {
             bar.inc(size);
             return Ok(());
         }
-        // Parts: what is already in flight stays bounded by CONCURRENCY parts.
+        // Parts: one large file at a time, a few parts of it in flight.
+        let _one_large_file = self.large_file.lock().await;
         let upload = self
             .objects
             .put_multipart(&key)
@@ -683,7 +694,7 @@ impl Remote {
                 hasher.update(&chunk);
                 sent += chunk.len() as u64;
                 writer
-                    .wait_for_capacity(CONCURRENCY)
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
                     .await
                     .map_err(|e| self.explain(e))?;
                 let len = chunk.len() as u64;
