@@ -108,6 +108,7 @@ fn push_and_pull(
     url: &str,
     scratch: &Path,
     repeats: usize,
+    local_data: Option<&Path>,
 ) -> Result<()> {
     // What the pipeline points to (a store may hold older builds too): measured on the
     // second machine, which gets exactly that.
@@ -144,6 +145,12 @@ fn push_and_pull(
             rss_mb(pull_rss)
         );
         std::fs::remove_dir_all(&machine_b).ok();
+        // The bench's own loopback server: its copy goes too (gigabytes per run).
+        if let Some(data) = local_data {
+            if let Some(prefix) = remote.rsplit('/').next() {
+                std::fs::remove_dir_all(data.join("bench").join(prefix)).ok();
+            }
+        }
     }
     let (push, pull) = (median(pushes), median(pulls));
     println!(
@@ -171,11 +178,12 @@ pub(super) fn remote(
     targets: usize,
     remote: Option<String>,
 ) -> Result<()> {
-    let (_server, url) = match remote {
-        Some(url) => (None, url.trim_end_matches('/').to_string()),
+    let data = scratch.join("s3-data");
+    let (_server, url, local_data) = match remote {
+        Some(url) => (None, url.trim_end_matches('/').to_string(), None),
         None => {
-            let (server, url) = start_server(&scratch.join("s3-data"))?;
-            (Some(server), url)
+            let (server, url) = start_server(&data)?;
+            (Some(server), url, Some(data.as_path()))
         }
     };
     println!("remote {url}");
@@ -192,6 +200,7 @@ pub(super) fn remote(
             &url,
             scratch,
             repeats,
+            local_data,
         )?;
     } else {
         println!("demo: no store here (run `./dev run` first); skipped");
@@ -205,5 +214,6 @@ pub(super) fn remote(
         &url,
         scratch,
         repeats,
+        local_data,
     )
 }

@@ -331,13 +331,13 @@ fn print_tally(tally: &Tally, verb: &str, url: &str) {
             tally.reruns
         );
     }
+    let moved = match tally.moved {
+        0 => format!("0 {verb}"),
+        n => format!("{n} {verb} ({})", tally.transfer.describe()),
+    };
     let mut line = format!(
-        "{}: {} {verb} ({}), {} already there, {} not available",
-        url,
-        tally.moved,
-        tally.transfer.describe(),
-        tally.already,
-        tally.absent
+        "{url}: {moved}, {} already there, {} not available",
+        tally.already, tally.absent
     );
     if tally.failed > 0 {
         line.push_str(&format!(", {} FAILED", tally.failed));
