@@ -61,6 +61,8 @@ pub struct Remote {
     prefix: ObjectPath,
     runtime: tokio::runtime::Runtime,
     part_size: usize,
+    /// Manifests fetched and checked, by (stage, recipe).
+    manifests: Mutex<BTreeMap<(String, String), Manifest>>,
     /// Held while a large file moves (see [`PARTS_IN_FLIGHT`]).
     large_file: futures::lock::Mutex<()>,
     /// Blobs that a pull in this process found corrupt: a push of verified bytes may
@@ -224,6 +226,7 @@ impl Remote {
             prefix,
             runtime,
             part_size,
+            manifests: Mutex::new(BTreeMap::new()),
             large_file: futures::lock::Mutex::new(()),
             corrupt: Mutex::new(BTreeSet::new()),
         })
@@ -319,6 +322,12 @@ impl Remote {
     }
 
     async fn fetch_manifest(&self, stage: &str, recipe: &str) -> Result<Option<Manifest>> {
+        // A manifest in the remote never changes (create-only), so one fetched and
+        // checked once serves the rest of the process (resolving, then pulling).
+        let memo_key = (stage.to_string(), recipe.to_string());
+        if let Some(manifest) = self.manifests.lock().expect("not poisoned").get(&memo_key) {
+            return Ok(Some(manifest.clone()));
+        }
         let key = self.manifest_key(stage, recipe);
         let bytes = match self.objects.get(&key).await {
             Ok(result) => result.bytes().await.map_err(|e| self.explain(e))?,
@@ -335,6 +344,10 @@ impl Remote {
         if let Some(problem) = manifest_problem(&manifest, stage, recipe) {
             refuse!("remote object {}: {problem}; refused", self.name_of(&key));
         }
+        self.manifests
+            .lock()
+            .expect("not poisoned")
+            .insert(memo_key, manifest.clone());
         Ok(Some(manifest))
     }
 
