@@ -4,43 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Server, SlowLink, BUCKET};
 use common::Project;
-
-fn run_with(p: &Project, env: &[(&str, String)], args: &[&str]) -> Output {
-    p.cmd()
-        .envs(env.iter().cloned())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok_with(p: &Project, env: &[(&str, String)], args: &[&str]) -> String {
-    let out = run_with(p, env, args);
-    assert!(
-        out.status.success(),
-        "cachemoney {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Fails with exactly one `error:` line, which is returned.
-fn fails_with(p: &Project, env: &[(&str, String)], args: &[&str]) -> String {
-    let out = run_with(p, env, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "cachemoney {args:?} should have failed:\n{stderr}"
-    );
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
-    errors[0].to_string()
-}
 
 /// node → content hash, for the nodes `status --json` shows cached.
 fn contents(p: &Project) -> Vec<(String, String)> {
@@ -98,12 +65,12 @@ fn a_second_store_pulls_what_the_first_pushed_and_builds_nothing() {
     let server = S3Server::start();
     let env = server.env();
     let a = project_with_remote(&server.url("team"));
-    let first = ok_with(&a, &env, &["run"]);
+    let first = a.ok_with(&env, &["run"]);
     assert_eq!(first.matches(" built ").count(), 2, "{first}");
     assert_eq!(manifest_keys(&server, "team").len(), 2);
 
     let b = second_machine(&a);
-    let before = ok_with(&b, &env, &["status"]);
+    let before = b.ok_with(&env, &["status"]);
     assert!(before.contains("remote s3://cachemoney/team"), "{before}");
     assert!(
         before
@@ -111,7 +78,7 @@ fn a_second_store_pulls_what_the_first_pushed_and_builds_nothing() {
             .any(|l| l.starts_with("tokens ") && l.contains("missing") && l.contains(" yes ")),
         "{before}"
     );
-    let second = ok_with(&b, &env, &["run"]);
+    let second = b.ok_with(&env, &["run"]);
     for node in ["tokens", "token_stats"] {
         let line = second.lines().find(|l| l.starts_with(node)).unwrap();
         assert!(line.contains("pulled"), "{second}");
@@ -123,7 +90,7 @@ fn a_second_store_pulls_what_the_first_pushed_and_builds_nothing() {
     assert_eq!(contents(&a), contents(&b));
     b.ok(&["verify"]);
     // Pushing what the remote holds uploads nothing.
-    let again = ok_with(&a, &env, &["push"]);
+    let again = a.ok_with(&env, &["push"]);
     assert!(
         again.contains("0 pushed") && again.contains("2 already there"),
         "{again}"
@@ -139,9 +106,9 @@ fn pull_fetches_a_node_without_its_upstream_and_verifies_it() {
     let server = S3Server::start();
     let env = server.env();
     let a = project_with_remote(&server.url("p"));
-    ok_with(&a, &env, &["run"]);
+    a.ok_with(&env, &["run"]);
     let b = second_machine(&a);
-    let pulled = ok_with(&b, &env, &["pull", "token_stats"]);
+    let pulled = b.ok_with(&env, &["pull", "token_stats"]);
     assert!(pulled.contains("1 pulled"), "{pulled}");
     // Its recipe is only known through the remote's tokens: offline it cannot resolve.
     let offline = b.ok(&["--offline", "status"]);
@@ -153,10 +120,10 @@ fn pull_fetches_a_node_without_its_upstream_and_verifies_it() {
     };
     assert!(line(&offline, "tokens").contains("missing"), "{offline}");
     assert!(line(&offline, "token_stats").contains("stale"), "{offline}");
-    let status = ok_with(&b, &env, &["status"]);
+    let status = b.ok_with(&env, &["status"]);
     assert!(line(&status, "token_stats").contains("cached"), "{status}");
     // With the remote, `pull` fetches the rest.
-    let all = ok_with(&b, &env, &["pull"]);
+    let all = b.ok_with(&env, &["pull"]);
     assert!(
         all.contains("1 pulled") && all.contains("1 already there"),
         "{all}"
@@ -169,7 +136,7 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     let server = S3Server::start();
     let env = server.env();
     let a = project_with_remote(&server.url("p"));
-    ok_with(&a, &env, &["run"]);
+    a.ok_with(&env, &["run"]);
     // Flip one byte of the largest blob (same size: only the hash can tell).
     let (key, _) = server
         .objects("p")
@@ -184,7 +151,7 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     std::fs::write(&file, &bytes).unwrap();
 
     let b = second_machine(&a);
-    let out = run_with(&b, &env, &["pull"]);
+    let out = b.run_with(&env, &["pull"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     let object = format!("s3://{BUCKET}/p/{key}");
@@ -203,7 +170,7 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     );
 
     // `run` builds it here instead, and its write-through repairs the remote.
-    let out = run_with(&b, &env, &["run"]);
+    let out = b.run_with(&env, &["run"]);
     assert!(
         out.status.success(),
         "{}",
@@ -216,7 +183,7 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     );
     assert_eq!(contents(&a), contents(&b));
     let c = second_machine(&a);
-    let pulled = ok_with(&c, &env, &["pull"]);
+    let pulled = c.ok_with(&env, &["pull"]);
     assert!(pulled.contains("2 pulled"), "{pulled}");
 
     // A manifest that lies about its recipe is refused as well.
@@ -230,7 +197,7 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"token-stats\"", "\"tokenize\"")).unwrap();
     let d = second_machine(&a);
-    let out = run_with(&d, &env, &["pull"]);
+    let out = d.run_with(&env, &["pull"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -249,17 +216,8 @@ fn concurrent_writers_of_one_recipe_leave_one_manifest_and_no_broken_one() {
     let b = second_machine(&a);
     b.ok(&["--offline", "run"]);
     for _ in 0..3 {
-        let spawn = |p: &Project| -> Child {
-            Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
-                .args(["push", "-q"])
-                .envs(env.iter().cloned())
-                .current_dir(p.path())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        let (first, second) = (spawn(&a), spawn(&b));
+        let push = ["push", "-q"];
+        let (first, second) = (a.spawn_with(&env, &push), b.spawn_with(&env, &push));
         for child in [first, second] {
             let out = child.wait_with_output().unwrap();
             assert!(
@@ -270,13 +228,13 @@ fn concurrent_writers_of_one_recipe_leave_one_manifest_and_no_broken_one() {
         }
     }
     assert_eq!(manifest_keys(&server, "race").len(), 2);
-    let gc = ok_with(&a, &env, &["remote", "gc", "--dry-run"]);
+    let gc = a.ok_with(&env, &["remote", "gc", "--dry-run"]);
     assert!(
         gc.contains("0 unreferenced blob(s)") && gc.contains("0 broken"),
         "{gc}"
     );
     let c = second_machine(&a);
-    ok_with(&c, &env, &["pull"]);
+    c.ok_with(&env, &["pull"]);
     assert_eq!(contents(&a), contents(&c));
 }
 
@@ -358,14 +316,7 @@ fn a_push_killed_mid_upload_leaves_no_manifest_to_a_partial_file_and_the_next_pu
     env[0].1 = link.endpoint();
     env.push(("CACHEMONEY_REMOTE_PART_SIZE", "5M".into()));
     let url = server.url("killed");
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
-        .args(["--remote", &url, "push", "-q"])
-        .envs(env.iter().cloned())
-        .current_dir(a.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = a.spawn_with(&env, &["--remote", &url, "push", "-q"]);
     wait_for_a_part(&server);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -377,13 +328,12 @@ fn a_push_killed_mid_upload_leaves_no_manifest_to_a_partial_file_and_the_next_pu
     drop(link);
 
     let env = server.env();
-    let pushed = ok_with(&a, &env, &["--remote", &url, "push"]);
+    let pushed = a.ok_with(&env, &["--remote", &url, "push"]);
     assert!(pushed.contains("1 pushed"), "{pushed}");
-    let gc = ok_with(&a, &env, &["--remote", &url, "remote", "gc", "--dry-run"]);
+    let gc = a.ok_with(&env, &["--remote", &url, "remote", "gc", "--dry-run"]);
     assert!(gc.contains("0 broken"), "{gc}");
     let b = big_second_machine(&a);
-    ok_with(
-        &b,
+    b.ok_with(
         &[
             env.clone(),
             vec![("CACHEMONEY_REMOTE_PART_SIZE", "5M".into())],
@@ -409,14 +359,7 @@ fn the_server_going_away_mid_run_is_a_clear_error_and_the_local_store_stays_inta
     let mut env = server.env();
     env[0].1 = link.endpoint();
     env.push(("CACHEMONEY_REMOTE_PART_SIZE", "5M".into()));
-    let child = Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
-        .args(["run"])
-        .envs(env.iter().cloned())
-        .current_dir(a.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = a.spawn_with(&env, &["run"]);
     wait_for_a_part(&server);
     server.stop();
     let out = child.wait_with_output().unwrap();
@@ -438,7 +381,7 @@ fn the_server_going_away_mid_run_is_a_clear_error_and_the_local_store_stays_inta
         "{offline}"
     );
     // Without --offline, the pipeline's remote is required.
-    let error = fails_with(&a, &server.env(), &["status"]);
+    let error = a.fails_with(&server.env(), &["status"]);
     assert!(
         error.contains("cannot reach the server") && error.contains("--offline"),
         "{error}"
@@ -447,7 +390,7 @@ fn the_server_going_away_mid_run_is_a_clear_error_and_the_local_store_stays_inta
     // Back again: the next run uploads what the failed one could not.
     server.restart();
     let env = server.env();
-    ok_with(&a, &env, &["run"]);
+    a.ok_with(&env, &["run"]);
     assert_eq!(manifest_keys(&server, "away").len(), 2);
 }
 
@@ -458,7 +401,7 @@ fn wrong_credentials_and_a_missing_bucket_fail_in_one_line_before_anything_runs(
     let before = p.store_snapshot();
     let mut wrong = server.env();
     wrong[2].1 = "not-the-secret".into();
-    let error = fails_with(&p, &wrong, &["run"]);
+    let error = p.fails_with(&wrong, &["run"]);
     assert!(
         error.contains("remote s3://cachemoney/p: access denied"),
         "{error}"
@@ -466,12 +409,12 @@ fn wrong_credentials_and_a_missing_bucket_fail_in_one_line_before_anything_runs(
     assert!(error.contains("AWS_SECRET_ACCESS_KEY"), "{error}");
 
     let env = server.env();
-    let error = fails_with(&p, &env, &["--remote", "s3://no-such-bucket/p", "run"]);
+    let error = p.fails_with(&env, &["--remote", "s3://no-such-bucket/p", "run"]);
     assert!(
         error.contains("remote s3://no-such-bucket/p: the bucket does not exist"),
         "{error}"
     );
-    let error = fails_with(&p, &env, &["--remote", "not a url", "status"]);
+    let error = p.fails_with(&env, &["--remote", "not a url", "status"]);
     assert!(error.contains("remote 'not a url': not a URL"), "{error}");
     assert_eq!(
         p.store_snapshot(),
@@ -480,8 +423,8 @@ fn wrong_credentials_and_a_missing_bucket_fail_in_one_line_before_anything_runs(
     );
 
     let plain = Project::small();
-    let error = fails_with(&plain, &env, &["push"]);
+    let error = plain.fails_with(&env, &["push"]);
     assert!(error.contains("push: no remote"), "{error}");
-    let error = fails_with(&p, &env, &["remote", "gc"]);
+    let error = p.fails_with(&env, &["remote", "gc"]);
     assert!(error.contains("only --dry-run"), "{error}");
 }

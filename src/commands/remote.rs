@@ -179,21 +179,10 @@ impl Session {
         // trips), then one line per node in pipeline order.
         let wanted: Vec<&Resolved> = resolved
             .iter()
-            .filter(|r| selected.as_ref().is_none_or(|s| s.contains(&r.node)))
-            .filter(|r| !matches!(r.state, NodeState::Cached { .. }) && r.remote == Some(true))
-            .collect();
-        let pairs: Vec<(String, String)> = wanted
-            .iter()
-            .map(|r| {
-                (
-                    r.stage.clone(),
-                    r.recipe.clone().expect("known on the remote"),
-                )
-            })
+            .filter(|r| selected.as_ref().is_none_or(|s| s.contains(&r.node)) && r.only_on_remote())
             .collect();
         let started = std::time::Instant::now();
-        let fetched =
-            runner::fetch_many(&self.store, &remote, &pairs, "pull", &lock, show_progress)?;
+        let fetched = runner::fetch_resolved(&self.store, &remote, &wanted, &lock, show_progress)?;
         let seconds = started.elapsed().as_secs_f64();
         let mut outcomes: std::collections::BTreeMap<&str, _> = wanted
             .iter()
@@ -237,8 +226,7 @@ impl Session {
                         },
                     )?;
                     tally.moved += 1;
-                    tally.transfer.files += transfer.files;
-                    tally.transfer.bytes += transfer.bytes;
+                    tally.transfer.add(transfer);
                     line(
                         "pulled",
                         &format!(

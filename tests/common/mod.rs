@@ -145,12 +145,39 @@ inputs.calibration = "calibration"
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
+        self.run_with(&[], args)
+    }
+
+    /// Runs with these environment variables set (a remote's endpoint and keys).
+    pub fn run_with(&self, env: &[(&str, String)], args: &[&str]) -> Output {
+        self.cmd()
+            .envs(env.iter().cloned())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts the binary with `env` and `args` and returns at once (stdout and stderr
+    /// piped), for a test that kills it or runs two at once.
+    pub fn spawn_with(&self, env: &[(&str, String)], args: &[&str]) -> std::process::Child {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
+            .args(args)
+            .envs(env.iter().cloned())
+            .current_dir(self.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.ok_with(&[], args)
+    }
+
+    /// [`Project::ok`] with environment variables.
+    pub fn ok_with(&self, env: &[(&str, String)], args: &[&str]) -> String {
+        let out = self.run_with(env, args);
         assert!(
             out.status.success(),
             "cachemoney {args:?} failed:\n{}\n{}",
@@ -162,12 +189,17 @@ inputs.calibration = "calibration"
 
     /// Runs and asserts failure with a one-line error; returns that line.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.fails_with(&[], args)
+    }
+
+    /// [`Project::fails`] with environment variables.
+    pub fn fails_with(&self, env: &[(&str, String)], args: &[&str]) -> String {
+        let out = self.run_with(env, args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
         assert!(
             !out.status.success(),
-            "cachemoney {args:?} should have failed"
+            "cachemoney {args:?} should have failed:\n{stderr}"
         );
-        let stderr = String::from_utf8(out.stderr).unwrap();
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
         errors[0].to_string()
