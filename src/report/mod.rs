@@ -195,7 +195,7 @@ async fn calibration_grids(
         }
         seen.push(calibration.node);
         let query = format!(
-            "SELECT alpha_high, entropy_thresh, objective_nats, chosen FROM \"{}\".\"grid\"",
+            "SELECT alpha_high, entropy_thresh, objective_nats, chosen FROM \"{}\".\"grid\" WHERE rank = 0",
             calibration.node
         );
         let batches = sql.query(&query).await?;
@@ -222,7 +222,7 @@ async fn calibration_grids(
             svg: plots::heatmap(&format!("{} ({})", calibration.node, chain.mode()), &cells)?,
             caption: match best {
                 Some(b) => format!(
-                    "{}: mean nats per entry on the calibration prefix at each grid point; chosen (red) alpha_high {} and entropy_thresh {} ({:.4} nats); content {}",
+                    "{}: mean nats per entry on the calibration prefix (rank 0's, when calibrated per rank) at each grid point; chosen (red) alpha_high {} and entropy_thresh {} ({:.4} nats); content {}",
                     calibration.node, b.alpha_high, b.entropy_thresh, b.objective, short(&calibration.manifest.content_hash)
                 ),
                 None => format!("{}: no point marked chosen", calibration.node),

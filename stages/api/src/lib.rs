@@ -15,6 +15,7 @@ mod error;
 mod parquet_io;
 mod sample;
 mod spec;
+pub mod windows;
 
 pub use error::StageError;
 pub use parquet_io::{

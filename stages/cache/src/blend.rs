@@ -1,6 +1,7 @@
 //! Blend weights and the sequential blend (algorithm.md §5.2, §6, §7).
 
 use crate::ngram::NgramMatch;
+use crate::numpy_exp::numpy_exp_f32;
 use crate::phrase::PhraseMatch;
 
 /// The final probability floor before taking the log (§7).
@@ -79,13 +80,13 @@ impl BlendParams {
     }
 
     /// §6: longer phrases are trusted more. The entropy factor is computed in f32, as the
-    /// record's numpy code does.
+    /// record's numpy code does, `exp` included (see [`numpy_exp_f32`]).
     pub fn phrase_alpha(&self, entropy: f32, length: u16) -> f64 {
         let span = (self.phrase_max_length as f64 - self.phrase_min_length as f64).max(1.0);
         let len_factor = self.phrase_base_alpha
             + (0.99 - self.phrase_base_alpha) * (length as f64 - self.phrase_min_length as f64)
                 / span;
-        let ent_factor: f32 = 1.0 / (1.0 + (-2.0f32 * (entropy - 2.5f32)).exp());
+        let ent_factor: f32 = 1.0 / (1.0 + numpy_exp_f32(-2.0f32 * (entropy - 2.5f32)));
         let entropy_weight: f32 = 0.5 + 0.5 * ent_factor;
         (len_factor * entropy_weight as f64).clamp(0.0, self.alpha_max)
     }

@@ -20,6 +20,7 @@ pub mod mass;
 pub mod memory;
 pub mod ngram;
 pub mod normalised;
+pub mod numpy_exp;
 pub mod phrase;
 pub mod stages;
 pub mod synthetic;

@@ -31,6 +31,8 @@ pub struct MassSample<'a> {
     pub position: usize,
     pub entropy: f32,
     pub model: &'a [f32],
+    /// The blend of the rank that scored this position.
+    pub blend: &'a BlendParams,
 }
 
 /// Σ_v p_final(v) and p_final(target) at one sampled position.
@@ -87,7 +89,6 @@ pub fn implied_mass(
     tokens: &[u16],
     samples: &[MassSample],
     candidates: &[CandidateMatches],
-    blend: &BlendParams,
 ) -> Vec<Mass> {
     samples
         .par_iter()
@@ -95,7 +96,8 @@ pub fn implied_mass(
         .map(|(sample, matches)| {
             let p_final = |v: usize| {
                 let (ngram, phrase) = matches[v];
-                blend
+                sample
+                    .blend
                     .blend(&Entry {
                         model_p: sample.model[v],
                         entropy: sample.entropy,
@@ -425,7 +427,11 @@ mod tests {
     }
 
     /// A flat model distribution over 16 tokens, for every sample.
-    fn samples(positions: &[usize], model: &[f32]) -> Vec<MassSample<'static>> {
+    fn samples(
+        positions: &[usize],
+        model: &[f32],
+        blend: &'static BlendParams,
+    ) -> Vec<MassSample<'static>> {
         let model: &'static [f32] = Box::leak(model.to_vec().into_boxed_slice());
         positions
             .iter()
@@ -433,6 +439,7 @@ mod tests {
                 position: p,
                 entropy: 2.0,
                 model,
+                blend,
             })
             .collect()
     }
@@ -457,12 +464,12 @@ mod tests {
         let (ng, ph) = small_configs();
         let positions: Vec<usize> = (100..6000).step_by(97).collect();
         let model = vec![1.0f32 / 16.0; 16];
-        let samples = samples(&positions, &model);
-        let blend = BlendParams {
+        let blend = Box::leak(Box::new(BlendParams {
             phrase_min_length: 16,
             phrase_max_length: 32,
             ..BlendParams::default()
-        };
+        }));
+        let samples = samples(&positions, &model, blend);
 
         let lookups = crate::normalised::ngram_lookups(&tokens, &ng).unwrap();
         let phrases = crate::normalised::phrase_lookups(&tokens, &ph).unwrap();
@@ -471,7 +478,7 @@ mod tests {
             .map(|&p| (lookups[p], phrases[p]))
             .collect();
         let candidates = normalised_candidates(&tokens, &positions, &chosen, 16).unwrap();
-        for m in implied_mass(&tokens, &samples, &candidates, &blend) {
+        for m in implied_mass(&tokens, &samples, &candidates) {
             assert!((m.mass - 1.0).abs() < 1e-6, "{m:?}");
         }
         // The candidates' matches at the true token are the stored ones.
@@ -484,7 +491,7 @@ mod tests {
             PhraseTables::build(&tokens, &ph).unwrap(),
         );
         let candidates = reference_candidates(&tokens, &tables.0, &tables.1, &positions, 16);
-        let masses = implied_mass(&tokens, &samples, &candidates, &blend);
+        let masses = implied_mass(&tokens, &samples, &candidates);
         let mean = masses.iter().map(|m| m.mass).sum::<f64>() / masses.len() as f64;
         assert!(mean > 1.05, "mean reference mass {mean}");
         // The candidate that is the true token gets the stored lookup.

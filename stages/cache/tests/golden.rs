@@ -221,7 +221,7 @@ fn check_case(case: &str) {
     let val_loss = nll / entries.len() as f64;
     let neural: f64 = model_p.iter().map(|&p| -(p as f64).ln()).sum::<f64>()
         / (std::f64::consts::LN_2 * total_bytes);
-    let close = |a: f64, b: f64| ((a - b) / b).abs() < 1e-9;
+    let close = |a: f64, b: f64| ((a - b) / b).abs() < 1e-12;
     let want = |k: &str| expected[k].as_f64().unwrap();
     assert!(
         close(bpb, want("val_bpb")),

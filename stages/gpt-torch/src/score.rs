@@ -8,36 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::model::Gpt;
 
-/// One window: inputs `tok[start .. start + len]`, targets `tok[start + 1 ..= start + len]`,
-/// scored at local indices `first_scored .. len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub start: usize,
-    pub len: usize,
-    pub first_scored: usize,
-}
-
-/// §4.1 for a stream with `targets` = len(val) − 1 targets: starts 0, stride, 2·stride, …
-/// while below `targets`; all kept, including the short tail windows that re-score the
-/// last `stride` targets (the record's tail quirk, §4.2).
-pub fn windows(targets: usize, n_ctx: usize, stride: usize) -> Vec<Window> {
-    (0..targets)
-        .step_by(stride.max(1))
-        .map(|start| {
-            let len = (start + n_ctx).min(targets) - start;
-            let first_scored = if start == 0 {
-                0
-            } else {
-                len.saturating_sub(stride)
-            };
-            Window {
-                start,
-                len,
-                first_scored,
-            }
-        })
-        .collect()
-}
+pub use stage_api::windows::{windows, Window};
 
 /// Per-entry values in pass-1 order (by window, then by position in the window).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -126,53 +97,6 @@ pub fn score(
     });
     out.distributions.sort_by_key(|(position, _)| *position);
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_record_window_set_has_the_record_totals() {
-        let targets = 62_021_632;
-        let all = windows(targets, 2048, 64);
-        assert_eq!(all.len(), 969_088);
-        let entries: usize = all.iter().map(|w| w.len - w.first_scored).sum();
-        assert_eq!(entries, 62_023_616);
-        // 31 short tail windows, each re-scoring the last 64 targets.
-        let short: Vec<&Window> = all.iter().filter(|w| w.len < 2048).collect();
-        assert_eq!(short.len(), 31);
-        assert!(short
-            .iter()
-            .all(|w| w.start + w.first_scored + 1 == targets - 63));
-    }
-
-    #[test]
-    fn every_target_is_scored_and_only_the_tail_twice() {
-        for (targets, n_ctx, stride) in [
-            (1000, 128, 16),
-            (1001, 128, 16),
-            (50, 128, 16),
-            (300, 64, 64),
-        ] {
-            let mut times = vec![0usize; targets + 1];
-            for w in windows(targets, n_ctx, stride) {
-                for j in w.first_scored..w.len {
-                    times[w.start + j + 1] += 1;
-                }
-            }
-            assert_eq!(times[0], 0);
-            assert!(
-                times[1..].iter().all(|&t| t >= 1),
-                "{targets} {n_ctx} {stride}"
-            );
-            let repeated = times.iter().position(|&t| t > 1).unwrap_or(targets + 1);
-            assert!(
-                repeated + stride > targets || repeated > targets,
-                "{targets}: {repeated}"
-            );
-        }
-    }
 }
 
 /// Pass 1 against the model itself (the tests above need no model).

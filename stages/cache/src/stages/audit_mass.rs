@@ -51,7 +51,8 @@ impl Stage for AuditMassStage {
     const SPEC: StageSpec = StageSpec {
         kind: "audit-mass",
         // 2: the rule's choices per candidate (states, target_*, other_*).
-        version: 2,
+        // 3: the phrase weight's exp as numpy computes it; each sample with its rank's blend.
+        version: 3,
         summary: "pass-1 distributions + cache + calibration -> Σ_v p(v) at the sampled positions, and the BPB renormalised there",
         inputs: &[
             CHAIN_INPUTS[0],
@@ -82,7 +83,7 @@ impl Stage for AuditMassStage {
     }
 
     fn run(&self, ctx: &StageContext, _: AuditMassParams) -> Result<StageReport, StageError> {
-        let blend = calibration_of(ctx)?.blend();
+        let rank_blends = calibration_of(ctx)?.rank_blends();
         let params = cache_params_of(ctx)?;
         let tokens_input = ctx.input("tokens")?;
         let val_path = tokens_input.file("val.parquet");
@@ -116,20 +117,28 @@ impl Stage for AuditMassStage {
         let pass1_path = pass1.file("pass1.parquet");
         let entry_position = read_column::<Int64Type>(&pass1_path, "position")?;
         let entry_entropy = read_column::<Float32Type>(&pass1_path, "entropy")?;
+        // Entropy and blend at each sampled position, from its first pass-1 entry (the
+        // rank that scored it first).
         let mut entropy_at = std::collections::HashMap::with_capacity(positions.len());
-        for (&p, &h) in entry_position.iter().zip(&entry_entropy) {
-            entropy_at.entry(p as usize).or_insert(h);
+        for (row, (&p, &h)) in entry_position.iter().zip(&entry_entropy).enumerate() {
+            entropy_at.entry(p as usize).or_insert((h, row));
         }
+        let blend_of_row = |row: usize| {
+            let rank = rank_blends.partition_point(|(rows, _)| rows.end <= row);
+            &rank_blends[rank.min(rank_blends.len() - 1)].1
+        };
         let samples: Vec<crate::mass::MassSample> = positions
             .iter()
             .enumerate()
             .map(|(i, &p)| {
+                let &(entropy, row) = entropy_at.get(&p).ok_or_else(|| {
+                    StageError::input(&dist_path, format!("position {p} has no pass-1 entry"))
+                })?;
                 Ok(crate::mass::MassSample {
                     position: p,
-                    entropy: *entropy_at.get(&p).ok_or_else(|| {
-                        StageError::input(&dist_path, format!("position {p} has no pass-1 entry"))
-                    })?,
+                    entropy,
                     model: &dist_p[i * vocab..(i + 1) * vocab],
+                    blend: blend_of_row(row),
                 })
             })
             .collect::<Result<_, StageError>>()?;
@@ -186,7 +195,7 @@ impl Stage for AuditMassStage {
                     .map_err(|m| StageError::input(&matches_path, m))?
             }
         };
-        let masses = crate::mass::implied_mass(&tokens, &samples, &candidates, &blend);
+        let masses = crate::mass::implied_mass(&tokens, &samples, &candidates);
         let choices = crate::mass::choices(&tokens, &positions, &candidates);
         report.phase("candidates", started);
 

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch};
+use std::ops::Range;
+
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, UInt32Array};
 use serde::{Deserialize, Serialize};
 use stage_api::{
     write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Stage, StageContext,
@@ -12,7 +14,8 @@ use stage_api::{
 
 use super::*;
 use crate::blend::BlendParams;
-use crate::calibrate::{calibrate, CalibrationGrid};
+use crate::calibrate::{calibrate, CalibrationGrid, CalibrationResult};
+use stage_api::windows::{rank_rows, windows};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +26,13 @@ pub struct CalibrateParams {
     pub minimum: usize,
     pub alpha_low: f64,
     pub phrase_base_alpha: f64,
+    /// Calibrate each of this many slices of pass 1 on its own first entries, as the
+    /// record's 8 ranks did (§8); 1 is one global calibration.
+    pub ranks: usize,
+    /// How pass 1 laid out its windows (the record's 2048 and 64), which is how the
+    /// ranks split the entries; read only when `ranks` > 1.
+    pub window_len: usize,
+    pub stride: usize,
 }
 
 impl Default for CalibrateParams {
@@ -35,6 +45,9 @@ impl Default for CalibrateParams {
             minimum: grid.minimum,
             alpha_low: blend.alpha_low,
             phrase_base_alpha: blend.phrase_base_alpha,
+            ranks: 1,
+            window_len: 2048,
+            stride: 64,
         }
     }
 }
@@ -44,8 +57,12 @@ pub struct CalibrateStage;
 /// The most values per calibration grid axis.
 const MAX_GRID_VALUES: usize = 1000;
 
-/// `grid`: one row per (alpha_high, entropy_thresh) point.
+/// The most ranks (the record's 8; more only makes each calibration prefix smaller).
+const MAX_RANKS: usize = 1024;
+
+/// `grid`: one row per rank and (alpha_high, entropy_thresh) point.
 const GRID: &[Column] = &[
+    Column::new("rank", U32),
     Column::new("alpha_high", F64),
     Column::new("entropy_thresh", F64),
     Column::new("objective_nats", F64),
@@ -73,6 +90,18 @@ impl StageParams for CalibrateParams {
                 ));
             }
         }
+        for (param, value, most) in [
+            ("ranks", self.ranks, MAX_RANKS),
+            ("window_len", self.window_len, usize::MAX),
+            ("stride", self.stride, self.window_len),
+        ] {
+            if value == 0 || value > most {
+                return Err(StageError::invalid_param(
+                    param,
+                    format!("{value} is outside 1..={most}"),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.fraction) {
             return Err(StageError::InvalidParams(format!(
                 "fraction {} is outside 0..=1",
@@ -88,7 +117,8 @@ impl Stage for CalibrateStage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "calibrate",
-        version: 2,
+        // 3: the phrase weight's exp as numpy computes it; ranks; the grid's rank column.
+        version: 3,
         summary: "pass-1 + matches -> calibration grid and the chosen blend",
         inputs: &[
             Input::required("pass1", &[PASS1]),
@@ -124,29 +154,41 @@ impl Stage for CalibrateStage {
         };
         let mut report = StageReport::default();
         let started = Instant::now();
-        // Only the calibration entries are ever assembled.
-        let sample = scored.entries(0..grid.calibration_entries(scored.len()));
-        let result = calibrate(&sample, &base, &grid);
+        let slices = rank_slices(ctx, &scored, &params)?;
+        // Only the calibration entries are ever assembled, one rank at a time.
+        let results: Vec<CalibrationResult> = slices
+            .iter()
+            .map(|rows| {
+                let first = rows.start;
+                let sample = scored.entries(first..first + grid.calibration_entries(rows.len()));
+                calibrate(&sample, &base, &grid)
+            })
+            .collect();
         report.phase("grid", started);
 
         let schema = stage_api::arrow_schema(GRID);
-        let is_chosen = |a: f64, e: f64| a == result.alpha_high && e == result.entropy_thresh;
+        let points = || {
+            results
+                .iter()
+                .enumerate()
+                .flat_map(|(rank, r)| r.points.iter().map(move |p| (rank, r, p)))
+        };
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(Float64Array::from_iter_values(
-                result.points.iter().map(|p| p.alpha_high),
+            Arc::new(UInt32Array::from_iter_values(
+                points().map(|(rank, _, _)| rank as u32),
             )),
             Arc::new(Float64Array::from_iter_values(
-                result.points.iter().map(|p| p.entropy_thresh),
+                points().map(|(_, _, p)| p.alpha_high),
             )),
             Arc::new(Float64Array::from_iter_values(
-                result.points.iter().map(|p| p.objective),
+                points().map(|(_, _, p)| p.entropy_thresh),
             )),
-            Arc::new(BooleanArray::from_iter(
-                result
-                    .points
-                    .iter()
-                    .map(|p| Some(is_chosen(p.alpha_high, p.entropy_thresh))),
+            Arc::new(Float64Array::from_iter_values(
+                points().map(|(_, _, p)| p.objective),
             )),
+            Arc::new(BooleanArray::from_iter(points().map(|(_, r, p)| {
+                Some(p.alpha_high == r.alpha_high && p.entropy_thresh == r.entropy_thresh)
+            }))),
         ];
         let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
         write_parquet(
@@ -155,6 +197,21 @@ impl Stage for CalibrateStage {
             [batch],
             &ParquetLayout::default(),
         )?;
+        let ranks: Vec<RankCalibration> = results
+            .iter()
+            .zip(&slices)
+            .enumerate()
+            .map(|(rank, (result, rows))| RankCalibration {
+                rank,
+                first_row: rows.start,
+                rows: rows.len(),
+                alpha_high: result.alpha_high,
+                entropy_thresh: result.entropy_thresh,
+                objective_nats: result.objective,
+                entries: result.entries,
+            })
+            .collect();
+        let result = &results[0];
         let calibration = Calibration {
             alpha_high: result.alpha_high,
             entropy_thresh: result.entropy_thresh,
@@ -166,12 +223,64 @@ impl Stage for CalibrateStage {
             phrase_max_length: base.phrase_max_length,
             objective_nats: result.objective,
             entries: result.entries,
+            ranks,
         };
         write_json(&ctx.output("calibration.json"), &calibration)?;
         Ok(report
             .with("alpha_high", result.alpha_high)
             .with("entropy_thresh", result.entropy_thresh)
             .with("objective_nats", result.objective)
-            .with("calibration_entries", result.entries as u64))
+            .with("calibration_entries", result.entries as u64)
+            .with("ranks", slices.len() as u64))
     }
+}
+
+/// The pass-1 rows of each rank: all of them for one rank; for more, the record's split
+/// of its windows (§4.1), after checking that pass 1 lists exactly those windows'
+/// entries, in their order (otherwise a slice would silently hold the wrong entries).
+fn rank_slices(
+    ctx: &StageContext,
+    scored: &Scored,
+    params: &CalibrateParams,
+) -> Result<Vec<Range<usize>>, StageError> {
+    if params.ranks == 1 {
+        return Ok(vec![0..scored.len()]);
+    }
+    let targets = scored.ngram_order.len() - 1;
+    let windows = windows(targets, params.window_len, params.stride);
+    let layout = || {
+        format!(
+            "ranks = {} splits pass 1 by its windows (window_len {}, stride {})",
+            params.ranks, params.window_len, params.stride
+        )
+    };
+    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+    let expected: usize = windows.iter().map(|w| w.entries()).sum();
+    if expected != scored.len() {
+        return Err(StageError::input(
+            &pass1,
+            format!(
+                "{}, which give {expected} entries over {targets} targets, but pass 1 has {}",
+                layout(),
+                scored.len()
+            ),
+        ));
+    }
+    let positions = windows.iter().flat_map(|w| w.positions());
+    if let Some((row, (&got, want))) = scored
+        .position
+        .iter()
+        .zip(positions)
+        .enumerate()
+        .find(|(_, (&got, want))| got as usize != *want)
+    {
+        return Err(StageError::input(
+            &pass1,
+            format!(
+                "{}, which put position {want} at row {row}, but pass 1 has {got} there",
+                layout()
+            ),
+        ));
+    }
+    Ok(rank_rows(&windows, params.ranks))
 }

@@ -192,6 +192,8 @@ fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
 }
 
 /// What `calibrate` hands to `pass2`: every blend parameter, calibrated ones included.
+/// The top-level pair is rank 0's (the only one when there is one rank); `ranks` has
+/// every rank's pair and the pass-1 rows it scores.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
     pub alpha_high: f64,
@@ -204,14 +206,45 @@ pub struct Calibration {
     pub phrase_max_length: usize,
     pub objective_nats: f64,
     pub entries: usize,
+    pub ranks: Vec<RankCalibration>,
+}
+
+/// One rank's calibration (§8): its rows of pass 1, the pair it chose on its own first
+/// `entries` rows, and that pair's objective.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankCalibration {
+    pub rank: usize,
+    pub first_row: usize,
+    pub rows: usize,
+    pub alpha_high: f64,
+    pub entropy_thresh: f64,
+    pub objective_nats: f64,
+    pub entries: usize,
 }
 
 impl Calibration {
-    /// The blend `pass2` scores with.
+    /// The blend rank 0 scores with (every entry, when there is one rank).
     pub fn blend(&self) -> BlendParams {
+        self.blend_with(self.alpha_high, self.entropy_thresh)
+    }
+
+    /// Each rank's pass-1 rows and the blend it scores them with, in row order.
+    pub fn rank_blends(&self) -> Vec<(std::ops::Range<usize>, BlendParams)> {
+        self.ranks
+            .iter()
+            .map(|r| {
+                (
+                    r.first_row..r.first_row + r.rows,
+                    self.blend_with(r.alpha_high, r.entropy_thresh),
+                )
+            })
+            .collect()
+    }
+
+    fn blend_with(&self, alpha_high: f64, entropy_thresh: f64) -> BlendParams {
         BlendParams {
-            alpha_high: self.alpha_high,
-            entropy_thresh: self.entropy_thresh,
+            alpha_high,
+            entropy_thresh,
             alpha_low: self.alpha_low,
             phrase_base_alpha: self.phrase_base_alpha,
             min_order: self.min_order,

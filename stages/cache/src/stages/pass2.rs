@@ -41,7 +41,8 @@ impl Stage for Pass2Stage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "pass2",
-        version: 2,
+        // 3: the phrase weight's exp as numpy computes it; per-rank blends.
+        version: 3,
         summary: "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall",
         inputs: &CHAIN_INPUTS,
         outputs: &[
@@ -54,8 +55,12 @@ impl Stage for Pass2Stage {
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
         let get = |k: &str| report.get(k).and_then(Value::as_f64);
+        let ranks = match report.get("ranks").and_then(Value::as_u64) {
+            Some(r) if r > 1 => format!(" on rank 0 of {r}"),
+            _ => String::new(),
+        };
         Some(format!(
-            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {}, entropy_thresh {})",
+            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {}, entropy_thresh {}{ranks})",
             get("neural_bpb")?,
             get("ngram_bpb")?,
             get("final_bpb")?,
@@ -68,7 +73,7 @@ impl Stage for Pass2Stage {
 
     fn run(&self, ctx: &StageContext, _: Pass2Params) -> Result<StageReport, StageError> {
         let calibration = calibration_of(ctx)?;
-        let blend = calibration.blend();
+        let rank_blends = calibration.rank_blends();
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
         let scored = load_entries(ctx)?;
         if scored.position.iter().any(|&p| p as usize >= tokens.len()) {
@@ -77,10 +82,17 @@ impl Stage for Pass2Stage {
                 "positions beyond the val tokens",
             ));
         }
+        let n = scored.len();
+        let covered = rank_blends.last().map_or(0, |(rows, _)| rows.end);
+        if covered != n {
+            return Err(StageError::input(
+                ctx.input("calibration")?.file("calibration.json"),
+                format!("its ranks cover {covered} pass-1 rows, but pass 1 has {n} (calibrated on another pass 1?)"),
+            ));
+        }
         let mut report = StageReport::default();
         let started = Instant::now();
         let schema = stage_api::arrow_schema(SCORES);
-        let n = scored.len();
         // Row groups are blended and encoded in parallel; each returns its waterfall
         // sums, reduced below in group order.
         let partials = write_parquet_parallel(
@@ -90,7 +102,16 @@ impl Stage for Pass2Stage {
             &ParquetLayout::delta(&["position"]),
             |range| {
                 let entries = scored.entries(range.clone());
-                let blended: Vec<(f64, f64)> = entries.iter().map(|e| blend.blend(e)).collect();
+                // Each row with its rank's blend (a row group may straddle two ranks).
+                let blended: Vec<(f64, f64)> = rank_blends
+                    .iter()
+                    .flat_map(|(rows, blend)| {
+                        let (lo, hi) = (rows.start.max(range.start), rows.end.min(range.end));
+                        entries[lo.min(hi) - range.start..hi.max(lo) - range.start]
+                            .iter()
+                            .map(move |e| blend.blend(e))
+                    })
+                    .collect();
                 let mut waterfall = Waterfall::default();
                 let bits: Vec<f64> = entries
                     .iter()
@@ -134,6 +155,7 @@ impl Stage for Pass2Stage {
             "bytes": waterfall.bytes,
             "alpha_high": calibration.alpha_high,
             "entropy_thresh": calibration.entropy_thresh,
+            "ranks": calibration.ranks.len(),
         });
         write_json(&ctx.output("summary.json"), &summary)?;
         let mut out = report;
