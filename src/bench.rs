@@ -13,8 +13,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod chain;
 mod legality;
 mod remote;
+
+use chain::cache_chain_project;
 
 const SAMPLE_CORPUS: &str = "data/sample/gutenberg_classics_small.jsonl";
 const SP_MODEL: &str = "data/sp1024/fineweb_1024_bpe.model";
@@ -144,7 +147,7 @@ pub fn run(
         return remote::remote(&scratch, repeats, tokens, remote_url);
     }
     if matches!(section, Section::Cache | Section::All) {
-        cache_chain(&scratch, repeats, tokens)?;
+        chain::cache_chain(&scratch, repeats, tokens, shard.as_deref())?;
     }
     if matches!(section, Section::Legality | Section::All) {
         legality::legality_reruns(&scratch, repeats, tokens)?;
@@ -296,155 +299,6 @@ fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
         bail!("cachemoney {} failed: {}", args.join(" "), stderr.trim());
     }
     Ok((seconds, usage.ru_maxrss as u64 * 1024))
-}
-
-fn cache_chain(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
-    let dir = cache_chain_project(scratch, targets, "")?;
-    println!("cache chain on {targets} targets of a copy-span stream (median of {repeats}; peak RSS is the largest run's)");
-    for (mode, nodes) in [
-        ("reference", ["cache", "calibration", "scores"]),
-        (
-            "causal-normalised",
-            [
-                "cache_normalised",
-                "calibration_normalised",
-                "scores_normalised",
-            ],
-        ),
-    ] {
-        println!("mode {mode}");
-        chain_of_nodes(&dir, repeats, &nodes)?;
-    }
-    Ok(())
-}
-
-/// The bench project: a copy-span shard of `targets` targets, the bigram's pass-1, the
-/// reference and causal-normalised chains, and `extra` nodes.
-fn cache_chain_project(scratch: &Path, targets: usize, extra: &str) -> Result<PathBuf> {
-    let dir = scratch.join("cache-chain");
-    std::fs::create_dir_all(dir.join("shards"))?;
-    let shard = dir.join("shards/fineweb_val_000000.bin");
-    let n = targets + 1;
-    if std::fs::metadata(&shard).map(|m| m.len()).unwrap_or(0)
-        != (text::shards::HEADER_BYTES + 2 * n) as u64
-    {
-        std::fs::write(
-            &shard,
-            text::shards::encode_shard(&cache::synthetic::copy_span_stream(n)),
-        )?;
-    }
-    let model = project_file(SP_MODEL)?;
-    // The bigram is estimated on the val stream itself: this bench times the cache, not
-    // the model, and a GPT's pass-1 has the same shape.
-    std::fs::write(
-        dir.join("pipeline.toml"),
-        format!(
-            r#"[nodes.tokens]
-stage = "tokenize"
-files.val = "shards/fineweb_val_*.bin"
-files.train = "shards/fineweb_val_*.bin"
-files.tokenizer = {model:?}
-params.source = "shards"
-params.val_truncate_multiple = 0
-
-[nodes.pass1]
-stage = "pass1"
-inputs.tokens = "tokens"
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
-
-[nodes.cache_normalised]
-stage = "cache"
-inputs.tokens = "tokens"
-params.mode = "causal-normalised"
-
-[nodes.calibration_normalised]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_normalised"
-
-[nodes.scores_normalised]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_normalised"
-inputs.calibration = "calibration_normalised"
-{extra}"#
-        ),
-    )?;
-    timed(&dir, &["run", "-q", "--until", "pass1"])?;
-    Ok(dir)
-}
-
-/// Runs each node of one cache chain `repeats` times; prints wall times, phases, peak RSS.
-fn chain_of_nodes(dir: &Path, repeats: usize, nodes: &[&str]) -> Result<()> {
-    let mut peak = 0u64;
-    for &node in nodes {
-        let mut runs = Vec::new();
-        for _ in 0..repeats.max(1) {
-            let (seconds, rss) =
-                timed_with_rss(dir, &["run", "-q", "--until", node, "--force", node])?;
-            runs.push(seconds);
-            peak = peak.max(rss);
-            println!(
-                "  {node:<12} run {seconds:>7.2} s  peak RSS {:>6.2} GB",
-                rss as f64 / 1e9
-            );
-        }
-        let manifest = Command::new(std::env::current_exe()?)
-            .args(["show", node, "--json"])
-            .current_dir(dir)
-            .output()?;
-        let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout)?;
-        let phases: Vec<String> = manifest["phase_seconds"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                format!(
-                    "{} {:.2}s",
-                    p[0].as_str().unwrap_or(""),
-                    p[1].as_f64().unwrap_or(0.0)
-                )
-            })
-            .collect();
-        println!(
-            "{:<44} median {:>8.3} s   phases of the stored build: {}",
-            format!("stage {node}"),
-            median(runs),
-            phases.join(", ")
-        );
-        if node.starts_with("scores") {
-            let report = &manifest["report"];
-            println!(
-                "  BPB neural {:.4} -> n-gram {:.4} -> final {:.4}; {:.1} M entries/s through pass2",
-                report["neural_bpb"].as_f64().unwrap_or(f64::NAN),
-                report["ngram_bpb"].as_f64().unwrap_or(f64::NAN),
-                report["final_bpb"].as_f64().unwrap_or(f64::NAN),
-                report["entries"].as_f64().unwrap_or(0.0) / manifest["seconds"].as_f64().unwrap_or(f64::NAN) / 1e6
-            );
-        }
-    }
-    println!(
-        "{:<44} {:>6.2} GB",
-        "peak RSS over cache -> calibrate -> pass2",
-        peak as f64 / 1e9
-    );
-    Ok(())
 }
 
 /// Seconds `f` takes, and what it returned.

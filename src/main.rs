@@ -237,8 +237,8 @@ enum Command {
         /// Which part to measure.
         #[arg(long, value_enum, default_value_t = cachemoney::bench::Section::All)]
         section: cachemoney::bench::Section,
-        /// Time the engine on this shard's tokens (challenge format) instead of a
-        /// synthetic stream of --tokens.
+        /// Time the engine and the cache chain (sections engine, cache) on this shard's
+        /// tokens (challenge format) instead of a synthetic stream of --tokens.
         #[arg(long)]
         shard: Option<PathBuf>,
     },

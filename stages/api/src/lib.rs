@@ -19,7 +19,8 @@ pub mod windows;
 
 pub use error::StageError;
 pub use parquet_io::{
-    read_column, read_parquet, write_parquet, write_parquet_parallel, ParquetLayout, ROW_GROUP_ROWS,
+    read_column, read_column_rows, read_parquet, table_rows, write_parquet, write_parquet_parallel,
+    ParquetLayout, ROW_GROUP_ROWS,
 };
 pub use sample::sample_positions;
 pub use spec::{

@@ -30,13 +30,22 @@ pub const ROW_GROUP_ROWS: usize = 1 << 20;
 pub struct ParquetLayout {
     /// Columns to write with DELTA_BINARY_PACKED and no dictionary.
     pub delta_columns: Vec<&'static str>,
+    /// Columns to write without compression: nearly random bits (probabilities, bit
+    /// counts) that Snappy scans at some cost per byte only to save a few percent.
+    pub uncompressed_columns: Vec<&'static str>,
 }
 
 impl ParquetLayout {
     pub fn delta(columns: &[&'static str]) -> Self {
         ParquetLayout {
             delta_columns: columns.to_vec(),
+            ..ParquetLayout::default()
         }
+    }
+
+    pub fn uncompressed(mut self, columns: &[&'static str]) -> Self {
+        self.uncompressed_columns = columns.to_vec();
+        self
     }
 
     fn properties(&self, schema: &Schema) -> WriterProperties {
@@ -50,6 +59,10 @@ impl ParquetLayout {
             builder = builder
                 .set_column_dictionary_enabled(path.clone(), false)
                 .set_column_encoding(path, Encoding::DELTA_BINARY_PACKED);
+        }
+        for column in &self.uncompressed_columns {
+            builder = builder
+                .set_column_compression(ColumnPath::from(*column), Compression::UNCOMPRESSED);
         }
         // Probabilities and bit counts are nearly all distinct: a dictionary would be
         // built, overflow and be thrown away on every page, which cost a fifth of the
@@ -101,7 +114,8 @@ where
 /// index order, so the bytes do not depend on the thread count. `make` also returns a
 /// per-group value (partial sums, statistics); they come back in group order, so that a
 /// caller reducing them sequentially gets the same floating-point result on any machine.
-/// At most two row groups per thread are in memory at once.
+/// At most two row groups per thread are in memory at once (one being encoded, one of
+/// the window before being appended).
 pub fn write_parquet_parallel<A, F>(
     path: &Path,
     schema: Arc<Schema>,
@@ -115,6 +129,7 @@ where
 {
     let format = |e: parquet::errors::ParquetError| StageError::format(path, e);
     let file = File::create(path).map_err(|e| StageError::io(path, e))?;
+    let fd = file.try_clone().map_err(|e| StageError::io(path, e))?;
     // ArrowWriter sets up what the sequential writer would (embedded Arrow schema,
     // properties); its lower half then takes column chunks encoded elsewhere.
     let (mut file_writer, factory) =
@@ -122,31 +137,12 @@ where
             .and_then(ArrowWriter::into_serialized_writer)
             .map_err(format)?;
     let groups: Vec<_> = crate::row_groups(len).enumerate().collect();
-    let window = 2 * rayon::current_num_threads().max(1);
+    let window = rayon::current_num_threads().max(1);
     let mut values = Vec::with_capacity(groups.len());
-    for window in groups.chunks(window) {
-        let encoded = window
-            .par_iter()
-            .map(|(index, range)| {
-                let (batch, value) = make(range.clone())?;
-                let mut writers = factory.create_column_writers(*index).map_err(format)?;
-                let mut next = writers.iter_mut();
-                for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                    for leaf in compute_leaves(field, column).map_err(format)? {
-                        next.next()
-                            .expect("one writer per leaf")
-                            .write(&leaf)
-                            .map_err(format)?;
-                    }
-                }
-                let chunks = writers
-                    .into_iter()
-                    .map(|w| w.close())
-                    .collect::<Result<Vec<ArrowColumnChunk>, _>>()
-                    .map_err(format)?;
-                Ok((chunks, value))
-            })
-            .collect::<Result<Vec<_>, StageError>>()?;
+    // While one window of row groups is encoded, the one before is appended to the file:
+    // the copy into the page cache overlaps encoding instead of following it.
+    let mut encoded_before: Vec<(Vec<ArrowColumnChunk>, A)> = Vec::new();
+    let mut append = |encoded: Vec<(Vec<ArrowColumnChunk>, A)>| -> Result<(), StageError> {
         for (chunks, value) in encoded {
             let mut row_group = file_writer.next_row_group().map_err(format)?;
             for chunk in chunks {
@@ -155,10 +151,64 @@ where
             row_group.close().map_err(format)?;
             values.push(value);
         }
+        start_writeback(&fd);
+        Ok(())
+    };
+    for window in groups.chunks(window) {
+        let before = std::mem::take(&mut encoded_before);
+        let (encoded, appended) = rayon::join(
+            || {
+                window
+                    .par_iter()
+                    .map(|(index, range)| {
+                        let (batch, value) = make(range.clone())?;
+                        let mut writers = factory.create_column_writers(*index).map_err(format)?;
+                        let mut next = writers.iter_mut();
+                        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                            for leaf in compute_leaves(field, column).map_err(format)? {
+                                next.next()
+                                    .expect("one writer per leaf")
+                                    .write(&leaf)
+                                    .map_err(format)?;
+                            }
+                        }
+                        let chunks = writers
+                            .into_iter()
+                            .map(|w| w.close())
+                            .collect::<Result<Vec<ArrowColumnChunk>, _>>()
+                            .map_err(format)?;
+                        Ok((chunks, value))
+                    })
+                    .collect::<Result<Vec<_>, StageError>>()
+            },
+            || append(before),
+        );
+        appended?;
+        encoded_before = encoded?;
     }
+    append(encoded_before)?;
+    drop(append);
     let file = file_writer.into_inner().map_err(format)?;
     file.sync_all().map_err(|e| StageError::io(path, e))?;
     Ok(values)
+}
+
+/// Asks the kernel to start writing the file's dirty pages to disk now, without waiting.
+/// A large table is otherwise all still in the page cache when the final fsync comes (the
+/// kernel's background writeback starts at a tenth of RAM), and the fsync then waits for
+/// the whole file; started early, the disk works while the stage computes.
+fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor the caller keeps open; an error only
+        // means the final fsync does all the work, as without this call.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 /// Reads a whole Parquet file into record batches.
@@ -174,9 +224,30 @@ pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, StageError> {
         .map_err(|e| StageError::format(path, e))
 }
 
+/// How many rows a Parquet table has, from its footer alone.
+pub fn table_rows(path: &Path) -> Result<usize, StageError> {
+    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+    let metadata = ArrowReaderMetadata::load(&file, Default::default())
+        .map_err(|e| StageError::format(path, e))?;
+    Ok(metadata.metadata().file_metadata().num_rows() as usize)
+}
+
 /// One column of a Parquet table as a plain vector, cast to `T` when the stored type
 /// differs losslessly (say u8 → i64). Only that column is decoded.
 pub fn read_column<T>(path: &Path, name: &str) -> Result<Vec<T::Native>, StageError>
+where
+    T: arrow::datatypes::ArrowPrimitiveType,
+{
+    read_column_rows::<T>(path, name, 0..usize::MAX)
+}
+
+/// Rows `rows` (clipped to the table) of one column: only the row groups that hold them
+/// are decoded, so a stage that needs a table's first 5% reads about 5% of it.
+pub fn read_column_rows<T>(
+    path: &Path,
+    name: &str,
+    rows: std::ops::Range<usize>,
+) -> Result<Vec<T::Native>, StageError>
 where
     T: arrow::datatypes::ArrowPrimitiveType,
 {
@@ -194,65 +265,71 @@ where
         .ok_or_else(|| StageError::input(path, format!("no column '{name}'")))?;
     let mask = ProjectionMask::roots(metadata.parquet_schema(), [index]);
     // Row groups are decoded in parallel, each straight into its slice of the output.
-    let sizes: Vec<usize> = metadata
-        .metadata()
-        .row_groups()
-        .iter()
-        .map(|g| g.num_rows() as usize)
-        .collect();
-    let mut values = vec![T::Native::default(); sizes.iter().sum()];
-    let mut slices = Vec::with_capacity(sizes.len());
+    let mut groups = Vec::new(); // (index, its first row, rows)
+    let mut first_row = 0;
+    for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
+        let size = group.num_rows() as usize;
+        if first_row < rows.end && first_row + size > rows.start {
+            groups.push((index, first_row, size));
+        }
+        first_row += size;
+    }
+    let offset = groups.first().map_or(0, |g| g.1);
+    let mut values = vec![T::Native::default(); groups.iter().map(|g| g.2).sum()];
+    let mut slices = Vec::with_capacity(groups.len());
     let mut rest = values.as_mut_slice();
-    for &size in &sizes {
+    for &(group, _, size) in &groups {
         let (slice, tail) = rest.split_at_mut(size);
-        slices.push(slice);
+        slices.push((group, slice));
         rest = tail;
     }
-    slices
-        .into_par_iter()
-        .enumerate()
-        .try_for_each(|(group, slice)| {
-            let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-            let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
-                .with_projection(mask.clone())
-                .with_row_groups(vec![group])
-                .with_batch_size(ROW_GROUP_ROWS)
-                .build()
-                .map_err(|e| StageError::format(path, e))?;
-            let mut filled = 0;
-            for batch in reader {
-                let batch = batch.map_err(|e| StageError::format(path, e))?;
-                let column = batch.column(0);
-                if column.null_count() > 0 {
-                    return Err(StageError::input(
-                        path,
-                        format!("column '{name}' has nulls"),
-                    ));
-                }
-                let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
-                    StageError::input(
-                        path,
-                        format!("column '{name}' is {}: {e}", column.data_type()),
-                    )
-                })?;
-                let part = cast.as_primitive::<T>().values();
-                let end = filled + part.len();
-                if end > slice.len() {
-                    return Err(StageError::input(
-                        path,
-                        format!("row group {group} holds more rows than its metadata says"),
-                    ));
-                }
-                slice[filled..end].copy_from_slice(part);
-                filled = end;
-            }
-            if filled != slice.len() {
+    slices.into_par_iter().try_for_each(|(group, slice)| {
+        let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
+            .with_projection(mask.clone())
+            .with_row_groups(vec![group])
+            .with_batch_size(ROW_GROUP_ROWS)
+            .build()
+            .map_err(|e| StageError::format(path, e))?;
+        let mut filled = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| StageError::format(path, e))?;
+            let column = batch.column(0);
+            if column.null_count() > 0 {
                 return Err(StageError::input(
                     path,
-                    format!("row group {group} holds fewer rows than its metadata says"),
+                    format!("column '{name}' has nulls"),
                 ));
             }
-            Ok(())
-        })?;
+            let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
+                StageError::input(
+                    path,
+                    format!("column '{name}' is {}: {e}", column.data_type()),
+                )
+            })?;
+            let part = cast.as_primitive::<T>().values();
+            let end = filled + part.len();
+            if end > slice.len() {
+                return Err(StageError::input(
+                    path,
+                    format!("row group {group} holds more rows than its metadata says"),
+                ));
+            }
+            slice[filled..end].copy_from_slice(part);
+            filled = end;
+        }
+        if filled != slice.len() {
+            return Err(StageError::input(
+                path,
+                format!("row group {group} holds fewer rows than its metadata says"),
+            ));
+        }
+        Ok(())
+    })?;
+    let start = rows.start.max(offset) - offset;
+    let end = rows.end.min(offset + values.len()).max(offset) - offset;
+    if start > 0 || end < values.len() {
+        values = values[start.min(end)..end].to_vec();
+    }
     Ok(values)
 }

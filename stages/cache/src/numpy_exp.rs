@@ -47,6 +47,25 @@ const X_MIN: f32 = -103.972_084_045_410_156_25;
 /// `numpy.exp` of one float32, as numpy's AVX2/AVX-512F kernel computes it.
 #[inline]
 pub fn numpy_exp_f32(x: f32) -> f32 {
+    // The same arithmetic either way (a fused multiply-add is exact before its one
+    // rounding, in hardware or in software); the FMA instruction is ten times faster
+    // than the library routine `mul_add` becomes without it.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA, checked just above.
+        return unsafe { numpy_exp_f32_fma(x) };
+    }
+    numpy_exp_kernel(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn numpy_exp_f32_fma(x: f32) -> f32 {
+    numpy_exp_kernel(x)
+}
+
+#[inline(always)]
+fn numpy_exp_kernel(x: f32) -> f32 {
     if x.is_nan() {
         return x;
     }
@@ -89,6 +108,19 @@ mod tests {
         let x = -2.0f32 * (2.366_804_4f32 - 2.5);
         assert_eq!(numpy_exp_f32(x), 1.305_245_8);
         assert_eq!(x.exp(), 1.305_245_6);
+    }
+
+    #[test]
+    fn the_fma_instruction_and_the_library_routine_agree() {
+        let mut x = -104.0f32;
+        while x < 89.0 {
+            assert_eq!(
+                numpy_exp_f32(x).to_bits(),
+                numpy_exp_kernel(x).to_bits(),
+                "{x}"
+            );
+            x += 0.000_77;
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::time::Instant;
 use std::ops::Range;
 
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, UInt32Array};
+use arrow::datatypes::Int64Type;
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Stage, StageContext,
-    StageError, StageParams, StageReport, StageSpec,
+    read_column, table_rows, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout,
+    Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -135,7 +136,11 @@ impl Stage for CalibrateStage {
     };
 
     fn run(&self, ctx: &StageContext, params: CalibrateParams) -> Result<StageReport, StageError> {
-        let scored = load_entries(ctx)?;
+        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+        let rows = table_rows(&pass1)?;
+        if rows == 0 {
+            return Err(StageError::input(&pass1, "the pass-1 table is empty"));
+        }
         let cache_params = cache_params_of(ctx)?;
         let base = BlendParams {
             alpha_low: params.alpha_low,
@@ -154,16 +159,16 @@ impl Stage for CalibrateStage {
         };
         let mut report = StageReport::default();
         let started = Instant::now();
-        let slices = rank_slices(ctx, &scored, &params)?;
-        // Only the calibration entries are ever assembled, one rank at a time.
+        let slices = rank_slices(ctx, rows, &params)?;
+        // Only the calibration entries are ever read, one rank at a time.
         let results: Vec<CalibrationResult> = slices
             .iter()
             .map(|rows| {
                 let first = rows.start;
-                let sample = scored.entries(first..first + grid.calibration_entries(rows.len()));
-                calibrate(&sample, &base, &grid)
+                let scored = load_rows(ctx, first..first + grid.calibration_entries(rows.len()))?;
+                Ok(calibrate(&scored.entries(0..scored.len()), &base, &grid))
             })
-            .collect();
+            .collect::<Result<_, StageError>>()?;
         report.phase("grid", started);
 
         let schema = stage_api::arrow_schema(GRID);
@@ -240,13 +245,13 @@ impl Stage for CalibrateStage {
 /// entries, in their order (otherwise a slice would silently hold the wrong entries).
 fn rank_slices(
     ctx: &StageContext,
-    scored: &Scored,
+    rows: usize,
     params: &CalibrateParams,
 ) -> Result<Vec<Range<usize>>, StageError> {
     if params.ranks == 1 {
-        return Ok(vec![0..scored.len()]);
+        return Ok(vec![0..rows]);
     }
-    let targets = scored.ngram_order.len() - 1;
+    let targets = table_rows(&ctx.input("cache")?.file("matches.parquet"))?.max(1) - 1;
     let windows = windows(targets, params.window_len, params.stride);
     let layout = || {
         format!(
@@ -256,19 +261,18 @@ fn rank_slices(
     };
     let pass1 = ctx.input("pass1")?.file("pass1.parquet");
     let expected: usize = windows.iter().map(|w| w.entries()).sum();
-    if expected != scored.len() {
+    if expected != rows {
         return Err(StageError::input(
             &pass1,
             format!(
                 "{}, which give {expected} entries over {targets} targets, but pass 1 has {}",
                 layout(),
-                scored.len()
+                rows
             ),
         ));
     }
     let positions = windows.iter().flat_map(|w| w.positions());
-    if let Some((row, (&got, want))) = scored
-        .position
+    if let Some((row, (&got, want))) = read_column::<Int64Type>(&pass1, "position")?
         .iter()
         .zip(positions)
         .enumerate()

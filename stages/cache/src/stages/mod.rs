@@ -18,7 +18,7 @@ use std::path::Path;
 
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use serde::{Deserialize, Serialize};
-use stage_api::{read_column, Input, Read, StageContext, StageError};
+use stage_api::{read_column_rows, table_rows, Input, Read, StageContext, StageError};
 
 use crate::blend::{BlendParams, Entry};
 use crate::ngram::{NgramConfig, NgramMatch};
@@ -112,11 +112,17 @@ const CHAIN_INPUTS: [Input; 4] = [
 
 /// Pass-1 entries and the cache's per-position matches, as columns; an [`Entry`] is
 /// assembled only when needed, so that a 62M-entry run never holds all entries at once.
+/// It may hold only some rows of pass 1 (see [`load_rows`]), with the matches of just
+/// the positions they score.
 struct Scored {
-    position: Vec<i64>,
+    /// Target positions: u32 rather than the table's i64, a quarter GB less at 62M rows
+    /// (positions are checked to fit, as indices into the matches, on loading).
+    position: Vec<u32>,
     model_p: Vec<f32>,
     entropy: Vec<f32>,
     bytes: Vec<u8>,
+    /// The matches of positions `match_offset..`.
+    match_offset: usize,
     ngram_order: Vec<u8>,
     ngram_context: Vec<u32>,
     ngram_full: Vec<u32>,
@@ -130,9 +136,9 @@ impl Scored {
         self.position.len()
     }
 
-    /// Entry `row` of pass 1 with the matches at its target position.
+    /// Entry `row` (of the rows held) with the matches at its target position.
     fn entry(&self, row: usize) -> Entry {
-        let i = self.position[row] as usize;
+        let i = self.position[row] as usize - self.match_offset;
         Entry {
             model_p: self.model_p[row],
             entropy: self.entropy[row],
@@ -154,33 +160,32 @@ impl Scored {
     }
 }
 
+/// Every pass-1 entry with its matches.
 fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
-    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
-    let matches = ctx.input("cache")?.file("matches.parquet");
-    let scored = Scored {
-        position: read_column::<Int64Type>(&pass1, "position")?,
-        model_p: read_column::<Float32Type>(&pass1, "model_p")?,
-        entropy: read_column::<Float32Type>(&pass1, "entropy")?,
-        bytes: read_column::<UInt8Type>(&pass1, "bytes")?,
-        ngram_order: read_column::<UInt8Type>(&matches, "ngram_order")?,
-        ngram_context: read_column::<UInt32Type>(&matches, "ngram_context")?,
-        ngram_full: read_column::<UInt32Type>(&matches, "ngram_full")?,
-        phrase_length: read_column::<UInt16Type>(&matches, "phrase_length")?,
-        phrase_context: read_column::<UInt32Type>(&matches, "phrase_context")?,
-        phrase_full: read_column::<UInt32Type>(&matches, "phrase_full")?,
-    };
+    let scored = load_rows(ctx, 0..usize::MAX)?;
     if scored.len() == 0 {
+        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
         return Err(StageError::input(&pass1, "the pass-1 table is empty"));
     }
-    let positions = scored.ngram_order.len() as i64;
-    for (row, &p) in scored.position.iter().enumerate() {
+    Ok(scored)
+}
+
+/// Pass-1 rows `rows` (clipped to the table) and the matches of the positions they
+/// score, read from only the row groups that hold them.
+fn load_rows(ctx: &StageContext, rows: std::ops::Range<usize>) -> Result<Scored, StageError> {
+    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+    let matches = ctx.input("cache")?.file("matches.parquet");
+    let position = read_column_rows::<Int64Type>(&pass1, "position", rows.clone())?;
+    let entropy = read_column_rows::<Float32Type>(&pass1, "entropy", rows.clone())?;
+    let positions = table_rows(&matches)? as i64;
+    for (i, (&p, &h)) in position.iter().zip(&entropy).enumerate() {
+        let row = rows.start + i;
         if p < 1 || p >= positions {
             return Err(StageError::input(
                 &pass1,
                 format!("row {row}: position {p} is outside the cached val stream's targets 1..{} (pass-1 and cache come from different val tokens?)", positions - 1),
             ));
         }
-        let h = scored.entropy[row];
         if !h.is_finite() {
             return Err(StageError::input(
                 &pass1,
@@ -188,7 +193,26 @@ fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
             ));
         }
     }
-    Ok(scored)
+    // Checked above to be in 1..positions, and a matches table has fewer than 2^32 rows
+    // (the cache stage's tables index positions with u32).
+    let position: Vec<u32> = position.into_iter().map(|p| p as u32).collect();
+    let (first, last) = position.iter().fold((usize::MAX, 0), |(lo, hi), &p| {
+        (lo.min(p as usize), hi.max(p as usize))
+    });
+    let held = first.min(last)..last + 1;
+    Ok(Scored {
+        model_p: read_column_rows::<Float32Type>(&pass1, "model_p", rows.clone())?,
+        bytes: read_column_rows::<UInt8Type>(&pass1, "bytes", rows)?,
+        position,
+        entropy,
+        match_offset: held.start,
+        ngram_order: read_column_rows::<UInt8Type>(&matches, "ngram_order", held.clone())?,
+        ngram_context: read_column_rows::<UInt32Type>(&matches, "ngram_context", held.clone())?,
+        ngram_full: read_column_rows::<UInt32Type>(&matches, "ngram_full", held.clone())?,
+        phrase_length: read_column_rows::<UInt16Type>(&matches, "phrase_length", held.clone())?,
+        phrase_context: read_column_rows::<UInt32Type>(&matches, "phrase_context", held.clone())?,
+        phrase_full: read_column_rows::<UInt32Type>(&matches, "phrase_full", held)?,
+    })
 }
 
 /// What `calibrate` hands to `pass2`: every blend parameter, calibrated ones included.

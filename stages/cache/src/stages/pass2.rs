@@ -99,7 +99,8 @@ impl Stage for Pass2Stage {
             &ctx.output("scores.parquet"),
             schema.clone(),
             n,
-            &ParquetLayout::delta(&["position"]),
+            &ParquetLayout::delta(&["position"])
+                .uncompressed(&["model_p", "p_ngram", "p_final", "bits"]),
             |range| {
                 let entries = scored.entries(range.clone());
                 // Each row with its rank's blend (a row group may straddle two ranks).
@@ -123,7 +124,9 @@ impl Stage for Pass2Stage {
                     .collect();
                 let positions = &scored.position[range.clone()];
                 let columns: Vec<ArrayRef> = vec![
-                    Arc::new(Int64Array::from(positions.to_vec())),
+                    Arc::new(Int64Array::from_iter_values(
+                        positions.iter().map(|&p| p as i64),
+                    )),
                     Arc::new(UInt16Array::from_iter_values(
                         positions.iter().map(|&p| tokens[p as usize]),
                     )),
