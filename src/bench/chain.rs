@@ -213,11 +213,11 @@ fn chain_of_nodes(dir: &Path, repeats: usize, nodes: &[&str]) -> Result<Vec<(Str
         if node.starts_with("scores") {
             let report = &manifest["report"];
             println!(
-                "  BPB neural {:.4} -> n-gram {:.4} -> final {:.4}; {:.1} M entries/s through pass2",
+                "  BPB neural {:.4} -> n-gram {:.4} -> final {:.4}; {:.1} M entries/s through pass2 (median run)",
                 report["neural_bpb"].as_f64().unwrap_or(f64::NAN),
                 report["ngram_bpb"].as_f64().unwrap_or(f64::NAN),
                 report["final_bpb"].as_f64().unwrap_or(f64::NAN),
-                report["entries"].as_f64().unwrap_or(0.0) / manifest["seconds"].as_f64().unwrap_or(f64::NAN) / 1e6
+                report["entries"].as_f64().unwrap_or(0.0) / median / 1e6
             );
         }
     }
