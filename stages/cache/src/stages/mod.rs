@@ -160,16 +160,6 @@ impl Scored {
     }
 }
 
-/// Every pass-1 entry with its matches.
-fn load_entries(ctx: &StageContext) -> Result<Scored, StageError> {
-    let scored = load_rows(ctx, 0..usize::MAX)?;
-    if scored.len() == 0 {
-        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
-        return Err(StageError::input(&pass1, "the pass-1 table is empty"));
-    }
-    Ok(scored)
-}
-
 /// Pass-1 rows `rows` (clipped to the table) and the matches of the positions they
 /// score, read from only the row groups that hold them.
 fn load_rows(ctx: &StageContext, rows: std::ops::Range<usize>) -> Result<Scored, StageError> {

@@ -10,8 +10,8 @@ use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    read_column, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout, Stage,
-    StageContext, StageError, StageParams, StageReport, StageSpec,
+    read_column, table_rows, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout,
+    Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -75,14 +75,11 @@ impl Stage for Pass2Stage {
         let calibration = calibration_of(ctx)?;
         let rank_blends = calibration.rank_blends();
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
-        let scored = load_entries(ctx)?;
-        if scored.position.iter().any(|&p| p as usize >= tokens.len()) {
-            return Err(StageError::input(
-                ctx.input("pass1")?.file("pass1.parquet"),
-                "positions beyond the val tokens",
-            ));
+        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+        let n = table_rows(&pass1)?;
+        if n == 0 {
+            return Err(StageError::input(&pass1, "the pass-1 table is empty"));
         }
-        let n = scored.len();
         let covered = rank_blends.last().map_or(0, |(rows, _)| rows.end);
         if covered != n {
             return Err(StageError::input(
@@ -93,8 +90,11 @@ impl Stage for Pass2Stage {
         let mut report = StageReport::default();
         let started = Instant::now();
         let schema = stage_api::arrow_schema(SCORES);
-        // Row groups are blended and encoded in parallel; each returns its waterfall
-        // sums, reduced below in group order.
+        // Row groups are read, blended and encoded in parallel, each reading only its
+        // own rows of pass 1 and the matches of the positions they score (pass-1 order
+        // is nearly position order, so that is about one row group of each): the inputs
+        // are never all in memory, and reading overlaps writing. Each returns its
+        // waterfall sums, reduced below in group order.
         let partials = write_parquet_parallel(
             &ctx.output("scores.parquet"),
             schema.clone(),
@@ -102,7 +102,11 @@ impl Stage for Pass2Stage {
             &ParquetLayout::delta(&["position"])
                 .uncompressed(&["model_p", "p_ngram", "p_final", "bits"]),
             |range| {
-                let entries = scored.entries(range.clone());
+                let scored = load_rows(ctx, range.clone())?;
+                if scored.position.iter().any(|&p| p as usize >= tokens.len()) {
+                    return Err(StageError::input(&pass1, "positions beyond the val tokens"));
+                }
+                let entries = scored.entries(0..scored.len());
                 // Each row with its rank's blend (a row group may straddle two ranks).
                 let blended: Vec<(f64, f64)> = rank_blends
                     .iter()
@@ -117,12 +121,12 @@ impl Stage for Pass2Stage {
                 let bits: Vec<f64> = entries
                     .iter()
                     .zip(&blended)
-                    .zip(&scored.bytes[range.clone()])
+                    .zip(&scored.bytes)
                     .map(|((entry, &(p_ngram, p_final)), &b)| {
                         waterfall.add(entry.model_p, p_ngram, p_final, b)
                     })
                     .collect();
-                let positions = &scored.position[range.clone()];
+                let positions = &scored.position;
                 let columns: Vec<ArrayRef> = vec![
                     Arc::new(Int64Array::from_iter_values(
                         positions.iter().map(|&p| p as i64),
@@ -136,7 +140,7 @@ impl Stage for Pass2Stage {
                     Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.0))),
                     Arc::new(Float64Array::from_iter_values(blended.iter().map(|b| b.1))),
                     Arc::new(Float64Array::from(bits)),
-                    Arc::new(UInt8Array::from(scored.bytes[range].to_vec())),
+                    Arc::new(UInt8Array::from(scored.bytes)),
                 ];
                 let batch =
                     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
