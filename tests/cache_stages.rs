@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{mass_node, mode_chain, Project};
+use common::{mass_node, mode_chain, write_pass1_table, Project};
 
 fn cache_pipeline(pass1: &str) -> String {
     Project::small_pipeline(300)
@@ -162,9 +162,6 @@ fn bad_cache_parameters_are_refused_before_anything_runs() {
 
 #[test]
 fn a_bad_imported_pass1_table_is_refused_with_its_file_and_row() {
-    use arrow::array::{Float32Array, Int64Array, RecordBatch};
-    use std::sync::Arc;
-
     let p = Project::small();
     p.write_pipeline(&cache_pipeline("params.model = \"bigram\""));
     p.ok(&["run"]);
@@ -206,20 +203,7 @@ fn a_bad_imported_pass1_table_is_refused_with_its_file_and_row() {
         ),
     ];
     for (name, position, model_p, entropy, expected) in cases {
-        let schema = cachemoney_pass1_schema();
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from(position)),
-                Arc::new(Float32Array::from(model_p)),
-                Arc::new(Float32Array::from(entropy)),
-            ],
-        )
-        .unwrap();
-        let file = std::fs::File::create(p.path().join(name)).unwrap();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
+        write_pass1_table(&p.path().join(name), position, model_p, entropy);
         let before = p.store_snapshot();
         p.write_pipeline(&cache_pipeline(&format!(
             "params.model = \"import\"\nfiles.table = \"{name}\""
@@ -228,15 +212,6 @@ fn a_bad_imported_pass1_table_is_refused_with_its_file_and_row() {
         assert!(line.contains(name) && line.contains(expected), "{line}");
         assert_eq!(before, p.store_snapshot());
     }
-}
-
-fn cachemoney_pass1_schema() -> std::sync::Arc<arrow::datatypes::Schema> {
-    use arrow::datatypes::{DataType, Field, Schema};
-    std::sync::Arc::new(Schema::new(vec![
-        Field::new("position", DataType::Int64, false),
-        Field::new("model_p", DataType::Float32, false),
-        Field::new("entropy", DataType::Float32, false),
-    ]))
 }
 
 #[test]

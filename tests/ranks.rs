@@ -8,11 +8,7 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use arrow::array::{Float32Array, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema};
-use common::Project;
+use common::{write_pass1_table, Project};
 
 const WINDOW_LEN: usize = 128;
 const STRIDE: usize = 16;
@@ -21,35 +17,18 @@ const ENTROPY_THRESH: [f64; 5] = [3.0, 3.5, 4.0, 4.5, 5.0];
 
 fn pipeline(ranks: usize) -> String {
     Project::small_pipeline(300)
-        + &format!(
-            r#"
+        + r#"
 [nodes.pass1]
 stage = "pass1"
 inputs.tokens = "tokens"
 params.model = "import"
 files.table = "pass1.parquet"
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-params.ngram_buckets = 65536
-params.phrase_buckets = 32768
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-params.ranks = {ranks}
-params.window_len = {WINDOW_LEN}
-params.stride = {STRIDE}
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
 "#
+        + &Project::cache_chain(32768).replace(
+            "stage = \"calibrate\"\n",
+            &format!(
+                "stage = \"calibrate\"\nparams.ranks = {ranks}\nparams.window_len = {WINDOW_LEN}\nparams.stride = {STRIDE}\n"
+            ),
         )
 }
 
@@ -76,30 +55,12 @@ struct Row {
 }
 
 fn write_pass1(p: &Project, rows: &[Row]) {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("position", DataType::Int64, false),
-        Field::new("model_p", DataType::Float32, false),
-        Field::new("entropy", DataType::Float32, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|r| r.position as i64),
-            )),
-            Arc::new(Float32Array::from_iter_values(
-                rows.iter().map(|r| r.model_p),
-            )),
-            Arc::new(Float32Array::from_iter_values(
-                rows.iter().map(|r| r.entropy),
-            )),
-        ],
-    )
-    .unwrap();
-    let file = std::fs::File::create(p.path().join("pass1.parquet")).unwrap();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    write_pass1_table(
+        &p.path().join("pass1.parquet"),
+        rows.iter().map(|r| r.position as i64).collect(),
+        rows.iter().map(|r| r.model_p).collect(),
+        rows.iter().map(|r| r.entropy).collect(),
+    );
 }
 
 /// One position's matches, as the `matches` table has them.

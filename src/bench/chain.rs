@@ -110,6 +110,10 @@ fn shard_chain_project(scratch: &Path, shard: &Path) -> Result<PathBuf> {
 /// everything up to pass 1.
 fn chain_project(dir: &Path, extra: &str) -> Result<PathBuf> {
     let model = project_file(SP_MODEL)?;
+    let (reference, normalised) = (
+        chain_nodes("", "reference"),
+        chain_nodes("_normalised", "causal-normalised"),
+    );
     // The bigram is estimated on the val stream itself: this bench times the cache, not
     // the model, and a GPT's pass-1 has the same shape.
     std::fs::write(
@@ -126,44 +130,36 @@ params.val_truncate_multiple = 0
 [nodes.pass1]
 stage = "pass1"
 inputs.tokens = "tokens"
-
-[nodes.cache]
-stage = "cache"
-inputs.tokens = "tokens"
-
-[nodes.calibration]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-
-[nodes.scores]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache"
-inputs.calibration = "calibration"
-
-[nodes.cache_normalised]
-stage = "cache"
-inputs.tokens = "tokens"
-params.mode = "causal-normalised"
-
-[nodes.calibration_normalised]
-stage = "calibrate"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_normalised"
-
-[nodes.scores_normalised]
-stage = "pass2"
-inputs.tokens = "tokens"
-inputs.pass1 = "pass1"
-inputs.cache = "cache_normalised"
-inputs.calibration = "calibration_normalised"
-{extra}"#
+{reference}{normalised}{extra}"#
         ),
     )?;
     timed(dir, &["run", "-q", "--until", "pass1"])?;
     Ok(dir.to_path_buf())
+}
+
+/// The nodes `cache{suffix}`, `calibration{suffix}`, `scores{suffix}` of one chain over
+/// `tokens` and `pass1`, the cache in `mode`.
+fn chain_nodes(suffix: &str, mode: &str) -> String {
+    format!(
+        r#"
+[nodes.cache{suffix}]
+stage = "cache"
+inputs.tokens = "tokens"
+params.mode = "{mode}"
+
+[nodes.calibration{suffix}]
+stage = "calibrate"
+inputs.pass1 = "pass1"
+inputs.cache = "cache{suffix}"
+
+[nodes.scores{suffix}]
+stage = "pass2"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache{suffix}"
+inputs.calibration = "calibration{suffix}"
+"#
+    )
 }
 
 /// Runs each node of one cache chain `repeats` times; prints wall times, phases, peak RSS;

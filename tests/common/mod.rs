@@ -320,3 +320,28 @@ params.batch = 16
         )
         + &Project::cache_chain(65536)
 }
+
+/// Writes a pass-1 table as a user's own eval would (`position`, `model_p`, `entropy`),
+/// for `pass1 model = "import"`.
+pub fn write_pass1_table(path: &Path, position: Vec<i64>, model_p: Vec<f32>, entropy: Vec<f32>) {
+    use arrow::array::{Float32Array, Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("position", DataType::Int64, false),
+        Field::new("model_p", DataType::Float32, false),
+        Field::new("entropy", DataType::Float32, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            std::sync::Arc::new(Int64Array::from(position)),
+            std::sync::Arc::new(Float32Array::from(model_p)),
+            std::sync::Arc::new(Float32Array::from(entropy)),
+        ],
+    )
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}

@@ -328,8 +328,7 @@ where
     })?;
     let start = rows.start.max(offset) - offset;
     let end = rows.end.min(offset + values.len()).max(offset) - offset;
-    if start > 0 || end < values.len() {
-        values = values[start.min(end)..end].to_vec();
-    }
+    values.truncate(end);
+    values.drain(..start.min(end));
     Ok(values)
 }

@@ -123,10 +123,6 @@ impl Stage for AuditMassStage {
         for (row, (&p, &h)) in entry_position.iter().zip(&entry_entropy).enumerate() {
             entropy_at.entry(p as usize).or_insert((h, row));
         }
-        let blend_of_row = |row: usize| {
-            let rank = rank_blends.partition_point(|(rows, _)| rows.end <= row);
-            &rank_blends[rank.min(rank_blends.len() - 1)].1
-        };
         let samples: Vec<crate::mass::MassSample> = positions
             .iter()
             .enumerate()
@@ -138,7 +134,7 @@ impl Stage for AuditMassStage {
                     position: p,
                     entropy,
                     model: &dist_p[i * vocab..(i + 1) * vocab],
-                    blend: blend_of_row(row),
+                    blend: rank_blends.for_row(row),
                 })
             })
             .collect::<Result<_, StageError>>()?;

@@ -136,11 +136,7 @@ impl Stage for CalibrateStage {
     };
 
     fn run(&self, ctx: &StageContext, params: CalibrateParams) -> Result<StageReport, StageError> {
-        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
-        let rows = table_rows(&pass1)?;
-        if rows == 0 {
-            return Err(StageError::input(&pass1, "the pass-1 table is empty"));
-        }
+        let (_, rows) = pass1_rows(ctx)?;
         let cache_params = cache_params_of(ctx)?;
         let base = BlendParams {
             alpha_low: params.alpha_low,

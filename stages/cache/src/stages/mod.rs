@@ -237,22 +237,19 @@ pub struct RankCalibration {
 }
 
 impl Calibration {
-    /// The blend rank 0 scores with (every entry, when there is one rank).
-    pub fn blend(&self) -> BlendParams {
-        self.blend_with(self.alpha_high, self.entropy_thresh)
-    }
-
-    /// Each rank's pass-1 rows and the blend it scores them with, in row order.
-    pub fn rank_blends(&self) -> Vec<(std::ops::Range<usize>, BlendParams)> {
-        self.ranks
-            .iter()
-            .map(|r| {
-                (
-                    r.first_row..r.first_row + r.rows,
-                    self.blend_with(r.alpha_high, r.entropy_thresh),
-                )
-            })
-            .collect()
+    /// Each rank's pass-1 rows and the blend it scores them with.
+    pub fn rank_blends(&self) -> RankBlends {
+        RankBlends(
+            self.ranks
+                .iter()
+                .map(|r| {
+                    (
+                        r.first_row + r.rows,
+                        self.blend_with(r.alpha_high, r.entropy_thresh),
+                    )
+                })
+                .collect(),
+        )
     }
 
     fn blend_with(&self, alpha_high: f64, entropy_thresh: f64) -> BlendParams {
@@ -268,6 +265,32 @@ impl Calibration {
             ..BlendParams::default()
         }
     }
+}
+
+/// The blends of a calibration's ranks, by the pass-1 rows they score.
+pub struct RankBlends(Vec<(usize, BlendParams)>);
+
+impl RankBlends {
+    /// How many pass-1 rows the ranks cover (all of pass 1, for a matching calibration).
+    pub fn rows(&self) -> usize {
+        self.0.last().map_or(0, |(end, _)| *end)
+    }
+
+    /// The blend of the rank that scores pass-1 row `row` (the last rank's past the end).
+    pub fn for_row(&self, row: usize) -> &BlendParams {
+        let rank = self.0.partition_point(|&(end, _)| end <= row);
+        &self.0[rank.min(self.0.len() - 1)].1
+    }
+}
+
+/// Pass 1's table and its row count, refusing an empty one.
+fn pass1_rows(ctx: &StageContext) -> Result<(std::path::PathBuf, usize), StageError> {
+    let pass1 = ctx.input("pass1")?.file("pass1.parquet");
+    let rows = table_rows(&pass1)?;
+    if rows == 0 {
+        return Err(StageError::input(&pass1, "the pass-1 table is empty"));
+    }
+    Ok((pass1, rows))
 }
 
 /// The calibrated blend, from the `calibration` input's `calibration.json`.

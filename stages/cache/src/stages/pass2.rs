@@ -10,8 +10,8 @@ use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
-    read_column, table_rows, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout,
-    Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
+    read_column, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout, Stage,
+    StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -75,12 +75,8 @@ impl Stage for Pass2Stage {
         let calibration = calibration_of(ctx)?;
         let rank_blends = calibration.rank_blends();
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
-        let pass1 = ctx.input("pass1")?.file("pass1.parquet");
-        let n = table_rows(&pass1)?;
-        if n == 0 {
-            return Err(StageError::input(&pass1, "the pass-1 table is empty"));
-        }
-        let covered = rank_blends.last().map_or(0, |(rows, _)| rows.end);
+        let (pass1, n) = pass1_rows(ctx)?;
+        let covered = rank_blends.rows();
         if covered != n {
             return Err(StageError::input(
                 ctx.input("calibration")?.file("calibration.json"),
@@ -108,14 +104,10 @@ impl Stage for Pass2Stage {
                 }
                 let entries = scored.entries(0..scored.len());
                 // Each row with its rank's blend (a row group may straddle two ranks).
-                let blended: Vec<(f64, f64)> = rank_blends
+                let blended: Vec<(f64, f64)> = entries
                     .iter()
-                    .flat_map(|(rows, blend)| {
-                        let (lo, hi) = (rows.start.max(range.start), rows.end.min(range.end));
-                        entries[lo.min(hi) - range.start..hi.max(lo) - range.start]
-                            .iter()
-                            .map(move |e| blend.blend(e))
-                    })
+                    .zip(range.clone())
+                    .map(|(e, row)| rank_blends.for_row(row).blend(e))
                     .collect();
                 let mut waterfall = Waterfall::default();
                 let bits: Vec<f64> = entries
