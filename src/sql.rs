@@ -3,7 +3,9 @@
 //! Every Parquet output of every cached node is a table, reachable as `node.table`
 //! (`tokens.val`), as plain `table` when no other node has a table of that name (`val`),
 //! and as `node` when the node has a single table (`token_stats`). `artifacts` lists every
-//! manifest in the store. Statements that would write (DDL, DML, COPY, SET) are refused:
+//! manifest in the store. A table whose stage declares derived columns (`bits` from
+//! `p_final`, say) is a view over its file that computes them, so queries see the table
+//! the stage declares. Statements that would write (DDL, DML, COPY, SET) are refused:
 //! the store only changes through `run` and `gc`.
 
 use std::collections::BTreeMap;
@@ -16,8 +18,10 @@ use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
-use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{ident, ParquetReadOptions, SessionConfig, SessionContext};
+use stage_api::{Column, Produced};
 
+use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::store::Store;
 
@@ -59,12 +63,18 @@ struct Entry {
     stem: String,
     path: std::path::PathBuf,
     info: crate::store::OutputFile,
+    /// The table's declared columns, when its stage is known.
+    declared: Option<&'static [Column]>,
     /// Why it cannot be read, if it cannot.
     problem: Option<String>,
 }
 
 impl SqlSession {
-    pub async fn open(store: &Store, resolved: &[Resolved]) -> Result<SqlSession> {
+    pub async fn open(
+        store: &Store,
+        registry: &Registry,
+        resolved: &[Resolved],
+    ) -> Result<SqlSession> {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
         let catalog = ctx.catalog("datafusion").expect("default catalog exists");
@@ -97,12 +107,20 @@ impl SqlSession {
                 // A damaged artifact's files are all withheld: which one is damaged says
                 // nothing about whether the others were written by the same build.
                 let problem = (!problems.is_empty()).then(|| problems.join("; "));
+                let declared = registry
+                    .get(&r.stage)
+                    .and_then(|stage| stage.spec().output(stem))
+                    .and_then(|output| match output.what {
+                        Produced::Table(columns) => Some(columns),
+                        Produced::File { .. } => None,
+                    });
                 entries.push(Entry {
                     node: r.node.clone(),
                     rerun: r.rerun,
                     stem: stem.to_string(),
                     path,
                     info: info.clone(),
+                    declared,
                     problem,
                 });
             }
@@ -123,9 +141,21 @@ impl SqlSession {
         for mut entry in entries {
             let qualified = format!("{}.{}", entry.node, entry.stem);
             let path_text = entry.path.to_string_lossy().into_owned();
+            // What `\d` lists: the table as queries see it, derived columns included.
+            let mut columns = entry.info.schema.clone().unwrap_or_default();
             if entry.problem.is_none() {
-                if let Err(e) = register(&ctx, &catalog, &entry, &path_text).await {
-                    entry.problem = Some(format!("{path_text}: {}", first_line(&e.to_string())));
+                match register(&ctx, &catalog, &entry, &path_text).await {
+                    Ok(schema) => {
+                        columns = schema
+                            .fields()
+                            .iter()
+                            .map(|f| (f.name().clone(), f.data_type().to_string()))
+                            .collect()
+                    }
+                    Err(e) => {
+                        entry.problem =
+                            Some(format!("{path_text}: {}", first_line(&e.to_string())))
+                    }
                 }
             }
             let mut names = vec![qualified.clone()];
@@ -164,7 +194,7 @@ impl SqlSession {
                 aliases,
                 node: entry.node.clone(),
                 rows: entry.info.rows,
-                columns: entry.info.schema.clone().unwrap_or_default(),
+                columns,
             });
         }
 
@@ -356,22 +386,50 @@ impl SqlSession {
     }
 }
 
+/// Registers one Parquet output as `node.stem` and returns its schema as queries see
+/// it. A table that declares derived columns ([`stage_api::Column::derived`]) is a view
+/// over its file that computes them, each at its declared place.
 async fn register(
     ctx: &SessionContext,
     catalog: &Arc<dyn datafusion::catalog::CatalogProvider>,
     entry: &Entry,
     path: &str,
-) -> Result<()> {
+) -> Result<arrow::datatypes::SchemaRef> {
     if catalog.schema(&entry.node).is_none() {
         catalog.register_schema(&entry.node, Arc::new(MemorySchemaProvider::new()))?;
     }
-    ctx.register_parquet(
-        TableReference::partial(entry.node.as_str(), entry.stem.as_str()),
-        path,
-        ParquetReadOptions::default(),
-    )
-    .await?;
-    Ok(())
+    let name = TableReference::partial(entry.node.as_str(), entry.stem.as_str());
+    let declared = entry.declared.unwrap_or(&[]);
+    if declared.iter().all(|c| c.is_stored()) {
+        ctx.register_parquet(name.clone(), path, ParquetReadOptions::default())
+            .await?;
+        return Ok(ctx.table_provider(name).await?.schema());
+    }
+    let stored = ctx
+        .read_parquet(path, ParquetReadOptions::default())
+        .await?;
+    let in_file = |column: &str| stored.schema().has_column_with_unqualified_name(column);
+    let mut select = Vec::new();
+    for column in declared {
+        match column.derived {
+            // A file that holds it anyway (written before it was derived) is read as is.
+            Some(sql) if !in_file(column.name) => {
+                select.push(stored.parse_sql_expr(sql)?.alias(column.name))
+            }
+            _ => select.push(ident(column.name)),
+        }
+    }
+    // Columns the declaration does not name (there should be none: the runner checks
+    // every build against it) stay visible rather than silently dropped.
+    for field in stored.schema().fields() {
+        if !declared.iter().any(|c| c.name == field.name()) {
+            select.push(ident(field.name()));
+        }
+    }
+    let view = stored.select(select)?.into_view();
+    let schema = view.schema();
+    ctx.register_table(name, view)?;
+    Ok(schema)
 }
 
 fn repair_hint(node: &str, problem: &str) -> String {

@@ -48,6 +48,34 @@ fn the_bigram_chain_prints_a_waterfall_that_sql_reproduces() {
         ((from_sql - final_bpb) / final_bpb).abs() < 1e-12,
         "{from_sql} vs {final_bpb}"
     );
+    // The derived columns: not in the files, and SQL computes the very bits the
+    // stages compute, on every row (compared as f64 bit patterns; CSV prints the
+    // shortest text that parses back to the same f64).
+    let manifest: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "scores", "--json"])).unwrap();
+    let stored = manifest["files"]["scores.parquet"]["schema"].to_string();
+    assert!(stored.contains("p_final") && !stored.contains("bits"), "{stored}");
+    let f64s = |text: &str| -> Vec<f64> { text.split(',').map(|v| v.parse().unwrap()).collect() };
+    let scores = p.sql("SELECT p_final, bits FROM scores");
+    for line in scores.lines().skip(1) {
+        let row = f64s(line);
+        assert_eq!(
+            row[1].to_bits(),
+            stage_api::scores::bits(row[0]).to_bits(),
+            "{line}"
+        );
+    }
+    let matches = p.sql("SELECT ngram_context, ngram_full, ngram_q, phrase_context, phrase_full, phrase_q FROM matches");
+    let mut matched = 0;
+    for line in matches.lines().skip(1) {
+        let row = f64s(line);
+        for (context, full, q) in [(row[0], row[1], row[2]), (row[3], row[4], row[5])] {
+            let expected = cache::ngram::cache_q(context as u32, full as u32);
+            assert_eq!(q.to_bits(), expected.to_bits(), "{line}");
+            matched += (q > 0.0 && q < 1.0) as usize;
+        }
+    }
+    assert!(matched > 100, "too few fractional q to compare: {matched}");
     // One entry per val target.
     assert_eq!(
         value(&p, "SELECT count(*) FROM scores"),

@@ -360,7 +360,7 @@ impl Session {
             }
         };
         runtime.block_on(async {
-            let mut session = SqlSession::open(&self.store, &resolved).await?;
+            let mut session = SqlSession::open(&self.store, &self.registry, &resolved).await?;
             if let Some(batches) = seeds {
                 let schema = batches
                     .first()
@@ -392,7 +392,7 @@ impl Session {
         let seed_rows = self.seed_rows(&resolved)?;
         let runtime = sql_runtime()?;
         let (html, figures) = runtime.block_on(async {
-            let session = SqlSession::open(&self.store, &resolved).await?;
+            let session = SqlSession::open(&self.store, &self.registry, &resolved).await?;
             crate::report::build(
                 &self.pipeline,
                 &self.registry,

@@ -14,6 +14,7 @@
 mod error;
 mod parquet_io;
 mod sample;
+pub mod scores;
 mod spec;
 pub mod windows;
 

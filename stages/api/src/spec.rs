@@ -106,7 +106,20 @@ impl StageSpec {
                     .copied()
                     .filter(|c| !produced.iter().any(|p| p.name == *c))
                     .collect();
-                (!missing.is_empty()).then(|| format!("no column {}", missing.join(", ")))
+                if !missing.is_empty() {
+                    return Some(format!("no column {}", missing.join(", ")));
+                }
+                let derived: Vec<&str> = columns
+                    .iter()
+                    .copied()
+                    .filter(|c| produced.iter().any(|p| p.name == *c && !p.is_stored()))
+                    .collect();
+                (!derived.is_empty()).then(|| {
+                    format!(
+                        "column {} is derived in SQL, not stored: read what it is computed from",
+                        derived.join(", ")
+                    )
+                })
             }
             (ReadKind::File, Produced::File { .. }) => None,
             (ReadKind::Table(_), Produced::File { .. }) => Some("a file, not a table".into()),
@@ -146,7 +159,11 @@ impl StageSpec {
                             )
                         })
                         .collect();
-                    let declared: Vec<String> = columns.iter().map(Column::to_string).collect();
+                    let declared: Vec<String> = columns
+                        .iter()
+                        .filter(|c| c.is_stored())
+                        .map(Column::to_string)
+                        .collect();
                     if written != declared {
                         return Err(format!(
                             "{}: stage '{}' v{} declares {}({}) but wrote ({})",
@@ -369,12 +386,15 @@ impl fmt::Display for Output {
     }
 }
 
-/// A declared column: name, type, and whether it may be null.
+/// A declared column: name, type, whether it may be null, and whether it is stored.
 #[derive(Debug, Clone, Copy)]
 pub struct Column {
     pub name: &'static str,
     pub ty: ColumnType,
     pub nullable: bool,
+    /// A column the file does not hold: SQL computes it from the stored columns with
+    /// this expression (see [`Column::derived`]).
+    pub derived: Option<&'static str>,
 }
 
 impl Column {
@@ -383,6 +403,7 @@ impl Column {
             name,
             ty,
             nullable: false,
+            derived: None,
         }
     }
 
@@ -391,13 +412,38 @@ impl Column {
             name,
             ty,
             nullable: true,
+            derived: None,
         }
+    }
+
+    /// A column that is a pure function of the row's stored columns (a probability's
+    /// bits, a ratio of two counts). Writing it would cost every build its bytes (half a
+    /// gigabyte per f64 column at the record's scale) and every reader their decoding,
+    /// for nothing: `cachemoney sql` shows the table as a view that computes it with
+    /// `sql`, at its declared place, so queries cannot tell the difference. `sql` must
+    /// give the very bits the stage would have written (tests check it); stages never
+    /// read a derived column from a file (a [`Read`] of one is refused).
+    pub const fn derived(name: &'static str, ty: ColumnType, sql: &'static str) -> Column {
+        Column {
+            name,
+            ty,
+            nullable: false,
+            derived: Some(sql),
+        }
+    }
+
+    pub fn is_stored(&self) -> bool {
+        self.derived.is_none()
     }
 }
 
 impl fmt::Display for Column {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&column_text(self.name, self.ty.name(), self.nullable))
+        f.write_str(&column_text(self.name, self.ty.name(), self.nullable))?;
+        if self.derived.is_some() {
+            f.write_str(" (derived)")?;
+        }
+        Ok(())
     }
 }
 
@@ -469,12 +515,13 @@ impl ColumnType {
     }
 }
 
-/// The Arrow schema of a declared table, for writers that build theirs from the
-/// declaration.
+/// The Arrow schema of a declared table as its file holds it (derived columns left
+/// out), for writers that build theirs from the declaration.
 pub fn arrow_schema(columns: &[Column]) -> std::sync::Arc<arrow::datatypes::Schema> {
     std::sync::Arc::new(arrow::datatypes::Schema::new(
         columns
             .iter()
+            .filter(|c| c.is_stored())
             .map(|c| arrow::datatypes::Field::new(c.name, c.ty.arrow(), c.nullable))
             .collect::<Vec<_>>(),
     ))
@@ -489,7 +536,14 @@ mod tests {
         kind: "producer",
         version: 1,
         outputs: &[
-            Output::table("t", &[Column::new("a", I64), Column::nullable("b", F32)]),
+            Output::table(
+                "t",
+                &[
+                    Column::new("a", I64),
+                    Column::nullable("b", F32),
+                    Column::derived("twice_a", F64, "a * 2"),
+                ],
+            ),
             Output::file("meta.json", "metadata"),
             Output::file_if("extra.txt", "only sometimes"),
         ],
@@ -514,6 +568,12 @@ mod tests {
                 .as_deref(),
             Some("not produced")
         );
+        assert_eq!(
+            PRODUCER
+                .cannot_provide(&Read::table("t", &["a", "twice_a"]))
+                .as_deref(),
+            Some("column twice_a is derived in SQL, not stored: read what it is computed from")
+        );
         assert_eq!(PRODUCER.cannot_provide(&Read::file("meta.json")), None);
         assert_eq!(
             PRODUCER
@@ -521,6 +581,17 @@ mod tests {
                 .as_deref(),
             Some("a file, not a table")
         );
+    }
+
+    #[test]
+    fn a_derived_column_is_declared_but_not_in_the_files_schema() {
+        let Produced::Table(columns) = PRODUCER.outputs[0].what else {
+            unreachable!()
+        };
+        let schema = arrow_schema(columns);
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(PRODUCER.outputs[0].to_string(), "t(a i64, b f32?, twice_a f64 (derived))");
     }
 
     #[test]

@@ -4,8 +4,9 @@ use crate::ngram::NgramMatch;
 use crate::numpy_exp::numpy_exp_f32;
 use crate::phrase::PhraseMatch;
 
-/// The final probability floor before taking the log (§7).
-pub const PROBABILITY_FLOOR: f64 = 1e-12;
+/// The final probability floor before taking the log (§7); the scores table's `bits`
+/// use the same one.
+pub use stage_api::scores::PROBABILITY_FLOOR;
 
 /// One scored entry as the blend sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -82,15 +82,13 @@ pub struct Waterfall {
 impl Waterfall {
     /// Adds one entry: the model's probability of the target, the probability after the
     /// n-gram blend and the final one (each floored as the record floors it), and the
-    /// target's bytes. Returns the entry's final cost in bits.
-    pub fn add(&mut self, model_p: f32, p_ngram: f64, p_final: f64, bytes: u8) -> f64 {
+    /// target's bytes.
+    pub fn add(&mut self, model_p: f32, p_ngram: f64, p_final: f64, bytes: u8) {
         self.neural_nll -= (model_p as f64).max(PROBABILITY_FLOOR).ln();
         self.ngram_nll -= p_ngram.max(PROBABILITY_FLOOR).ln();
-        let nll = -p_final.max(PROBABILITY_FLOOR).ln();
-        self.final_nll += nll;
+        self.final_nll -= p_final.max(PROBABILITY_FLOOR).ln();
         self.bytes += bytes as u64;
         self.entries += 1;
-        nll / std::f64::consts::LN_2
     }
 
     /// Adds a later chunk's sums.
@@ -179,7 +177,7 @@ mod tests {
     fn the_waterfall_is_bits_per_byte_at_each_step() {
         let mut w = Waterfall::default();
         // p = 1/2 everywhere over 2 bytes: 1 bit each step, 0.5 bits per byte.
-        assert_eq!(w.add(0.5, 0.5, 0.5, 2), 1.0);
+        w.add(0.5, 0.5, 0.5, 2);
         assert_eq!(w.neural_bpb(), 0.5);
         assert_eq!(w.final_bpb(), 0.5);
         // The n-gram and final steps improve on the model: fewer bits.
@@ -190,7 +188,8 @@ mod tests {
         assert_eq!(better.final_bpb(), 0.0);
         // A zero probability is floored, not infinite.
         let mut floored = Waterfall::default();
-        assert!(floored.add(0.0, 0.0, 0.0, 1).is_finite());
+        floored.add(0.0, 0.0, 0.0, 1);
+        assert!(floored.final_bpb().is_finite());
         w.merge(&better);
         assert_eq!((w.entries, w.bytes), (2, 3));
         assert_eq!(w.val_loss_nats(), std::f64::consts::LN_2 / 2.0);

@@ -281,6 +281,12 @@ impl ChainEnd {
                 .into_iter()
                 .map(|p| -p.log2())
                 .collect()),
+            // A pass2 table's are derived from its final probability, not stored.
+            ("bits", None) => Ok(self
+                .column("p_final")?
+                .into_iter()
+                .map(stage_api::scores::bits)
+                .collect()),
             _ => read_column::<Float64Type>(&self.table, name),
         }
     }

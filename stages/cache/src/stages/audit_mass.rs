@@ -15,7 +15,6 @@ use stage_api::{
 };
 
 use super::*;
-use crate::blend::PROBABILITY_FLOOR;
 use crate::ngram::{NgramMatch, NgramTables};
 use crate::phrase::{PhraseMatch, PhraseTables};
 
@@ -195,8 +194,7 @@ impl Stage for AuditMassStage {
         let choices = crate::mass::choices(&tokens, &positions, &candidates);
         report.phase("candidates", started);
 
-        let ln2 = std::f64::consts::LN_2;
-        let bits = |p: f64| -p.max(PROBABILITY_FLOOR).ln() / ln2;
+        let bits = stage_api::scores::bits;
         let schema = stage_api::arrow_schema(MASS);
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from_iter_values(

@@ -21,15 +21,25 @@ use crate::phrase::{PhraseMatch, PhraseTables};
 
 pub struct CacheStage;
 
-/// `matches`: one row per val position.
+/// `matches`: one row per val position. The two `q` columns are not stored: SQL
+/// computes them from the counts, as [`crate::ngram::cache_q`] does (§5.1), which
+/// keeps a gigabyte of f64s per 62M positions out of every build and every read.
 const MATCHES_TABLE: &[Column] = &[
     Column::new("position", I64),
     Column::new("ngram_order", U8),
-    Column::new("ngram_q", F64),
+    Column::derived(
+        "ngram_q",
+        F64,
+        "CAST(least(ngram_full, ngram_context) AS DOUBLE) / CAST(greatest(ngram_context, 1) AS DOUBLE)",
+    ),
     Column::new("ngram_context", U32),
     Column::new("ngram_full", U32),
     Column::new("phrase_length", U16),
-    Column::new("phrase_q", F64),
+    Column::derived(
+        "phrase_q",
+        F64,
+        "CAST(least(phrase_full, phrase_context) AS DOUBLE) / CAST(greatest(phrase_context, 1) AS DOUBLE)",
+    ),
     Column::new("phrase_context", U32),
     Column::new("phrase_full", U32),
 ];
@@ -57,7 +67,8 @@ impl Stage for CacheStage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "cache",
-        version: 2,
+        // 3: `ngram_q` and `phrase_q` derived in SQL, no longer stored.
+        version: 3,
         summary: "val tokens -> per-position n-gram and phrase matches, per-order statistics",
         inputs: &[Input::required("tokens", &[VAL_TOKENS])],
         outputs: &[
@@ -238,11 +249,9 @@ fn matches_batch(
             start as i64..(start + ng.len()) as i64,
         )),
         Arc::new(UInt8Array::from_iter_values(ng.iter().map(|m| m.order))),
-        Arc::new(Float64Array::from_iter_values(ng.iter().map(|m| m.q()))),
         Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.context))),
         Arc::new(UInt32Array::from_iter_values(ng.iter().map(|m| m.full))),
         Arc::new(UInt16Array::from_iter_values(ph.iter().map(|m| m.length))),
-        Arc::new(Float64Array::from_iter_values(ph.iter().map(|m| m.q()))),
         Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.context))),
         Arc::new(UInt32Array::from_iter_values(ph.iter().map(|m| m.full))),
     ];
