@@ -59,12 +59,22 @@ impl OrderPass {
                 &NGRAM_PRIMES,
                 &mut hashes,
             );
-            for (i, &h) in hashes[..end - start].iter().enumerate() {
-                let p = start + i;
-                let ctx_key = (h & mask) as usize;
-                let full_key =
-                    ((h ^ (tokens[p] as u32).wrapping_mul(target_prime)) & mask) as usize;
-                out[p] = (ctx[ctx_key], full[full_key]);
+            let keys = |i: usize| {
+                let h = hashes[i];
+                let target = (tokens[start + i] as u32).wrapping_mul(target_prime);
+                ((h & mask) as usize, ((h ^ target) & mask) as usize)
+            };
+            let n = end - start;
+            for i in 0..n {
+                // Every bucket is a cache miss (two 64 MB tables): ask for the ones
+                // PREFETCH_DISTANCE positions ahead while this one is counted.
+                if i + PREFETCH_DISTANCE < n {
+                    let (c, f) = keys(i + PREFETCH_DISTANCE);
+                    prefetch(ctx, c);
+                    prefetch(full, f);
+                }
+                let (ctx_key, full_key) = keys(i);
+                out[start + i] = (ctx[ctx_key], full[full_key]);
                 ctx[ctx_key] += 1;
                 full[full_key] += 1;
             }
