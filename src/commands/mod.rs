@@ -332,6 +332,19 @@ impl Session {
             let Some(schema) = &file.schema else { continue };
             let columns: Vec<String> = schema.iter().map(|(c, t)| format!("{c} {t}")).collect();
             println!("\n{name}: {}", columns.join(", "));
+            // The columns the file leaves out because SQL computes them.
+            let declared = name.strip_suffix(".parquet").and_then(|table| {
+                let stage = self.registry.get(&manifest.stage)?;
+                match stage.spec().output(table)?.what {
+                    stage_api::Produced::Table(columns) => Some(columns),
+                    stage_api::Produced::File { .. } => None,
+                }
+            });
+            for column in declared.unwrap_or(&[]) {
+                if let Some(sql) = column.derived {
+                    println!("  derived in SQL: {} = {sql}", column.name);
+                }
+            }
             if rows > 0 {
                 let path = dir.join(name);
                 let batches = first_rows(&path, rows)
