@@ -261,7 +261,7 @@ fn stages_lists_kinds_and_defaults() {
         "{out}"
     );
     assert!(
-        out.contains("  outputs:\n    scores(position i64, token u16, model_p f32, p_ngram f64, p_final f64, bits f64, bytes u8)\n"),
+        out.contains("  outputs:\n    scores(position i64, token u16, model_p f32, p_ngram f64, p_final f64, bits f64 (derived), bytes u8)\n"),
         "{out}"
     );
     // pass1's parameters, one set per model.

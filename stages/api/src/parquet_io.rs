@@ -179,6 +179,10 @@ where
                             .map_err(format)?;
                         Ok((chunks, value))
                     })
+                    .collect::<Vec<Result<_, StageError>>>()
+                    // Every group of the window finishes, so that a failure names the
+                    // first bad row group whichever thread got to it first.
+                    .into_iter()
                     .collect::<Result<Vec<_>, StageError>>()
             },
             || append(before),
