@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use stage_api::AnyStage;
+use stage_api::{AnyStage, Column, Produced};
 
 #[derive(Default)]
 pub struct Registry {
@@ -33,6 +33,14 @@ impl Registry {
 
     pub fn get(&self, kind: &str) -> Option<&dyn AnyStage> {
         self.stages.get(kind).map(|s| s.as_ref())
+    }
+
+    /// The declared columns of a stage's table (`pass2`, `scores`), if both exist.
+    pub fn table_columns(&self, kind: &str, table: &str) -> Option<&'static [Column]> {
+        match self.get(kind)?.spec().output(table)?.what {
+            Produced::Table(columns) => Some(columns),
+            Produced::File { .. } => None,
+        }
     }
 
     pub fn kinds(&self) -> Vec<&'static str> {

@@ -19,7 +19,7 @@ use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ident, ParquetReadOptions, SessionConfig, SessionContext};
-use stage_api::{Column, Produced};
+use stage_api::Column;
 
 use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
@@ -107,13 +107,7 @@ impl SqlSession {
                 // A damaged artifact's files are all withheld: which one is damaged says
                 // nothing about whether the others were written by the same build.
                 let problem = (!problems.is_empty()).then(|| problems.join("; "));
-                let declared = registry
-                    .get(&r.stage)
-                    .and_then(|stage| stage.spec().output(stem))
-                    .and_then(|output| match output.what {
-                        Produced::Table(columns) => Some(columns),
-                        Produced::File { .. } => None,
-                    });
+                let declared = registry.table_columns(&r.stage, stem);
                 entries.push(Entry {
                     node: r.node.clone(),
                     rerun: r.rerun,
@@ -153,8 +147,7 @@ impl SqlSession {
                             .collect()
                     }
                     Err(e) => {
-                        entry.problem =
-                            Some(format!("{path_text}: {}", first_line(&e.to_string())))
+                        entry.problem = Some(format!("{path_text}: {}", first_line(&e.to_string())))
                     }
                 }
             }

@@ -54,7 +54,10 @@ fn the_bigram_chain_prints_a_waterfall_that_sql_reproduces() {
     let manifest: serde_json::Value =
         serde_json::from_str(&p.ok(&["show", "scores", "--json"])).unwrap();
     let stored = manifest["files"]["scores.parquet"]["schema"].to_string();
-    assert!(stored.contains("p_final") && !stored.contains("bits"), "{stored}");
+    assert!(
+        stored.contains("p_final") && !stored.contains("bits"),
+        "{stored}"
+    );
     let f64s = |text: &str| -> Vec<f64> { text.split(',').map(|v| v.parse().unwrap()).collect() };
     let scores = p.sql("SELECT p_final, bits FROM scores");
     for line in scores.lines().skip(1) {

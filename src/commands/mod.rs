@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::pipeline::Pipeline;
-use crate::recipe::{short, Ingredients};
+use crate::recipe::short;
 use crate::registry::Registry;
 use crate::remote::Remote;
 use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
@@ -14,6 +14,7 @@ use crate::sql::{self, Format, SqlSession};
 use crate::store::{verify_artifact, Manifest, Store, Stored};
 
 mod compare;
+mod ingredients;
 mod legality;
 mod remote;
 mod sql_input;
@@ -237,7 +238,7 @@ impl Session {
             println!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(());
         }
-        print_ingredients(node, recipe, ingredients, &self.pipeline);
+        ingredients::print(node, recipe, ingredients, &self.pipeline);
         let state = match &r.state {
             NodeState::Cached { content_hash } => {
                 format!("cached (content {})", short(content_hash))
@@ -333,13 +334,9 @@ impl Session {
             let columns: Vec<String> = schema.iter().map(|(c, t)| format!("{c} {t}")).collect();
             println!("\n{name}: {}", columns.join(", "));
             // The columns the file leaves out because SQL computes them.
-            let declared = name.strip_suffix(".parquet").and_then(|table| {
-                let stage = self.registry.get(&manifest.stage)?;
-                match stage.spec().output(table)?.what {
-                    stage_api::Produced::Table(columns) => Some(columns),
-                    stage_api::Produced::File { .. } => None,
-                }
-            });
+            let declared = name
+                .strip_suffix(".parquet")
+                .and_then(|table| self.registry.table_columns(&manifest.stage, table));
             for column in declared.unwrap_or(&[]) {
                 if let Some(sql) = column.derived {
                     println!("  derived in SQL: {} = {sql}", column.name);
@@ -578,32 +575,4 @@ fn first_rows(path: &Path, rows: usize) -> Result<Vec<arrow::array::RecordBatch>
         .with_limit(rows)
         .build()?;
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
-}
-
-fn print_ingredients(node: &str, recipe: &str, ingredients: &Ingredients, pipeline: &Pipeline) {
-    let def = pipeline.node(node).expect("node exists");
-    println!("node     {node}");
-    println!("stage    {} v{}", ingredients.stage, ingredients.version);
-    println!(
-        "params   {}",
-        serde_json::to_string(&ingredients.params).unwrap_or_default()
-    );
-    for (input, hash) in &ingredients.inputs {
-        println!(
-            "input    {input} = node '{}', content {hash}",
-            def.inputs[input]
-        );
-    }
-    for (role, files) in &ingredients.files {
-        for (file, path) in files.iter().zip(&def.files[role]) {
-            println!(
-                "file     {role}: {} blake3 {}  ({})",
-                file.name,
-                file.blake3,
-                path.display()
-            );
-        }
-    }
-    println!("recipe   {recipe}");
-    println!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
 }
