@@ -25,6 +25,8 @@ pub fn available_bytes() -> u64 {
         && rlimit.rlim_cur != libc::RLIM_INFINITY
     {
         let used = proc_field("/proc/self/status", "VmSize:").unwrap_or(0) * 1024;
+        // rlim_t is u64 here, not on every target.
+        #[allow(clippy::unnecessary_cast)]
         limits.push((rlimit.rlim_cur as u64).saturating_sub(used));
     }
     limits.into_iter().min().unwrap_or(u64::MAX)

@@ -92,11 +92,10 @@ impl Session {
                 tally.absent += 1;
                 if !quiet && !r.rerun {
                     println!(
-                        "{:<width$} {:<12} {:<14} {}",
+                        "{:<width$} {:<12} {:<14} its current recipe is not in the local store; `cachemoney run` builds it",
                         r.node,
                         r.stage,
                         "not built",
-                        "its current recipe is not in the local store; `cachemoney run` builds it"
                     );
                 }
                 continue;

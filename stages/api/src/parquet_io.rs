@@ -191,7 +191,7 @@ where
         encoded_before = encoded?;
     }
     append(encoded_before)?;
-    drop(append);
+    // The last use of `append`, which borrows the writer mutably.
     let file = file_writer.into_inner().map_err(format)?;
     file.sync_all().map_err(|e| StageError::io(path, e))?;
     Ok(values)

@@ -21,6 +21,10 @@
 //! shows that numpy with its SIMD paths disabled (`NPY_DISABLE_CPU_FEATURES`) falls back
 //! to libm, i.e. to [`f32::exp`].
 
+// numpy's constants, digit for digit as its sources write them (more digits than an f32
+// holds: each rounds to the float32 numpy uses).
+#![allow(clippy::excessive_precision)]
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 = −(C1 + C2), split so that `k·C1` is exact for the k that occur.
 const CODY_WAITE_C1: f32 = -6.931_457_52e-1;

@@ -40,6 +40,8 @@ print(f"compared {compared} mismatched {mismatched}", flush=True)
 /// The bit ranges [lo, hi) of every float32 in [numpy's underflow bound, its overflow
 /// bound]: the positive ones, then the negative ones (sign bit set).
 fn domain() -> [(u64, u64); 2] {
+    // The bounds' exact decimal values, as numpy writes them.
+    #[allow(clippy::excessive_precision)]
     let (x_max, x_min) = (88.722_839_355_468_75f32, -103.972_084_045_410_156_25f32);
     [
         (0, x_max.to_bits() as u64 + 1),

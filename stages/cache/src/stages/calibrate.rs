@@ -245,7 +245,7 @@ fn rank_slices(
     params: &CalibrateParams,
 ) -> Result<Vec<Range<usize>>, StageError> {
     if params.ranks == 1 {
-        return Ok(vec![0..rows]);
+        return Ok(std::iter::once(0..rows).collect());
     }
     let targets = table_rows(&ctx.input("cache")?.file("matches.parquet"))?.max(1) - 1;
     let windows = windows(targets, params.window_len, params.stride);
