@@ -398,26 +398,17 @@ async fn register(
             .await?;
         return Ok(ctx.table_provider(name).await?.schema());
     }
+    // The file holds exactly the declaration's stored columns: the runner checks every
+    // build against it, and a recipe names the stage's version.
     let stored = ctx
         .read_parquet(path, ParquetReadOptions::default())
         .await?;
-    let in_file = |column: &str| stored.schema().has_column_with_unqualified_name(column);
     let mut select = Vec::new();
     for column in declared {
-        match column.derived {
-            // A file that holds it anyway (written before it was derived) is read as is.
-            Some(sql) if !in_file(column.name) => {
-                select.push(stored.parse_sql_expr(sql)?.alias(column.name))
-            }
-            _ => select.push(ident(column.name)),
-        }
-    }
-    // Columns the declaration does not name (there should be none: the runner checks
-    // every build against it) stay visible rather than silently dropped.
-    for field in stored.schema().fields() {
-        if !declared.iter().any(|c| c.name == field.name()) {
-            select.push(ident(field.name()));
-        }
+        select.push(match column.derived {
+            Some(sql) => stored.parse_sql_expr(sql)?.alias(column.name),
+            None => ident(column.name),
+        });
     }
     let view = stored.select(select)?.into_view();
     let schema = view.schema();
