@@ -5,81 +5,66 @@
 //!
 //! "Score, then update" over a stream is one sequential pass per table, but the count a
 //! position sees is simply the number of earlier positions with the same key, so each
-//! n-gram order is an independent pass and orders run in parallel. The phrase cache shares
+//! n-gram table is an independent pass and tables run in parallel. The phrase cache shares
 //! one table pair among its lengths, so it is one pass that, at each position, first reads
 //! every length and then inserts every length.
+//!
+//! The n-gram cache needs no full tables. The full key of order n at position p hashes the
+//! n − 1 tokens before p and the token at p: exactly the context key of order n + 1 at
+//! p + 1 (the reference's tables rest on the same identity, [`crate::ngram`]). So the
+//! number of q < p with p's full key is the number of q' = q + 1 < p + 1 with the
+//! context key of p + 1: order n + 1's causal context count one position later. One
+//! context pass per width, 1 to `max_order` (the widest standing in for the top order's
+//! full table), gives every count: half the random memory traffic of a pair per order.
 
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hashes, full_hash, prefetch, zeroed_table, NGRAM_PRIMES, PHRASE_PRIMES,
-    PREFETCH_DISTANCE,
+    context_hash, context_hashes, full_hash, prefetch, zeroed_table, KEY_BLOCK, NGRAM_PRIMES,
+    PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::ngram::{NgramConfig, NgramMatch};
+use crate::partition::rank_among_equal_keys;
 use crate::phrase::{PhraseConfig, PhraseMatch};
 use crate::ConfigError;
 
-const BLOCK: usize = 1 << 20;
-
-/// What one order's pass needs, kept across the orders a thread runs: fresh 64 MB tables
-/// and a 0.5 GB result per order cost more in page faults (zeroing every new page) than
-/// clearing the same memory again.
+/// One width's causal context counts: the rank of each position's key among the equal
+/// keys before it ([`rank_among_equal_keys`]). Kept across the passes a thread runs: a
+/// fresh quarter-gigabyte per pass costs more in page faults than reusing the pages.
 #[derive(Default)]
-struct OrderPass {
-    ctx: Vec<u32>,
-    full: Vec<u32>,
-    /// Per position: (context count before p, full count before p).
-    counts: Vec<(u32, u32)>,
+struct ContextPass {
+    /// `counts[p]`, for every p in 0..=len: how many q in width..p have p's context key
+    /// (the `width` tokens before it); 0 where p < width. `counts[len]` is the count of
+    /// the key no position has, the stream's last `width` tokens, which the full count
+    /// of the last position needs.
+    counts: Vec<u32>,
+    /// Scratch for the ranking.
+    runs: Vec<u32>,
 }
 
-impl OrderPass {
+impl ContextPass {
     fn run(&mut self, tokens: &[u16], width: usize, buckets: usize) {
         let mask = (buckets - 1) as u32;
-        for table in [&mut self.ctx, &mut self.full] {
-            if table.len() == buckets {
-                table.fill(0);
-            } else {
-                *table = zeroed_table(buckets);
-            }
+        if self.counts.len() != tokens.len() + 1 {
+            // Huge pages: a quarter of a gigabyte in 4 KB pages faults in slowly.
+            self.counts = zeroed_table(tokens.len() + 1);
         }
-        let (ctx, full, out) = (&mut self.ctx, &mut self.full, &mut self.counts);
-        out.resize(tokens.len(), (0, 0));
-        out[..width.min(tokens.len())].fill((0, 0));
-        if tokens.len() <= width {
+        let counts = &mut self.counts;
+        counts[..width.min(tokens.len() + 1)].fill(0);
+        if tokens.len() < width {
             return;
         }
-        let target_prime = NGRAM_PRIMES[width % NGRAM_PRIMES.len()];
-        let mut hashes = vec![0u32; BLOCK];
+        // Each position's key in its own slot, then every key replaced by its rank.
         let mut start = width;
         while start < tokens.len() {
-            let end = (start + BLOCK).min(tokens.len());
-            context_hashes(
-                &tokens[start - width..end],
-                width,
-                &NGRAM_PRIMES,
-                &mut hashes,
-            );
-            let keys = |i: usize| {
-                let h = hashes[i];
-                let target = (tokens[start + i] as u32).wrapping_mul(target_prime);
-                ((h & mask) as usize, ((h ^ target) & mask) as usize)
-            };
-            let n = end - start;
-            for i in 0..n {
-                // Every bucket is a cache miss (two 64 MB tables): ask for the ones
-                // PREFETCH_DISTANCE positions ahead while this one is counted.
-                if i + PREFETCH_DISTANCE < n {
-                    let (c, f) = keys(i + PREFETCH_DISTANCE);
-                    prefetch(ctx, c);
-                    prefetch(full, f);
-                }
-                let (ctx_key, full_key) = keys(i);
-                out[start + i] = (ctx[ctx_key], full[full_key]);
-                ctx[ctx_key] += 1;
-                full[full_key] += 1;
-            }
+            let end = (start + KEY_BLOCK).min(tokens.len());
+            let keys = &mut counts[start..end];
+            context_hashes(&tokens[start - width..end], width, &NGRAM_PRIMES, keys);
+            keys.iter_mut().for_each(|h| *h &= mask);
             start = end;
         }
+        counts[tokens.len()] = context_hash(tokens, tokens.len(), width, &NGRAM_PRIMES) & mask;
+        rank_among_equal_keys(&mut counts[width..], buckets, &mut self.runs);
     }
 }
 
@@ -88,30 +73,43 @@ impl OrderPass {
 pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMatch>, ConfigError> {
     config.validate()?;
     let mut result = vec![NgramMatch::default(); tokens.len()];
-    // Orders in parallel, one per core at a time; each pass's counts are merged highest
-    // order first, so the outcome does not depend on scheduling.
-    let orders: Vec<usize> = (config.min_order..=config.max_order).rev().collect();
+    // Widths top down, one per core at a time. Order n = width + 1 takes its context
+    // counts from its own width's pass and its full counts from the pass one wider,
+    // shifted by a position, so each group keeps the pass above it (`above`). Orders are
+    // merged highest first, so the outcome does not depend on scheduling.
+    let widths: Vec<usize> = (config.min_order - 1..=config.max_order).rev().collect();
     let threads = rayon::current_num_threads().max(1);
-    let mut passes: Vec<OrderPass> = (0..threads).map(|_| OrderPass::default()).collect();
-    for group in orders.chunks(threads) {
+    let mut passes: Vec<ContextPass> = (0..threads).map(|_| ContextPass::default()).collect();
+    let mut above = ContextPass::default();
+    for (round, group) in widths.chunks(threads).enumerate() {
         group
             .par_iter()
             .zip(passes.par_iter_mut())
-            .for_each(|(&order, pass)| pass.run(tokens, order - 1, config.buckets));
-        for (&order, pass) in group.iter().zip(&passes) {
-            result.par_iter_mut().zip(pass.counts.par_iter()).for_each(
-                |(slot, &(context, full))| {
+            .for_each(|(&width, pass)| pass.run(tokens, width, config.buckets));
+        for (i, &width) in group.iter().enumerate() {
+            let wider = match (round, i) {
+                // The widest pass only supplies the top order's full counts.
+                (0, 0) => continue,
+                (_, 0) => &above,
+                _ => &passes[i - 1],
+            };
+            let order = (width + 1) as u8;
+            let (context_counts, full_counts) = (&passes[i].counts, &wider.counts[1..]);
+            result
+                .par_iter_mut()
+                .zip(context_counts.par_iter().zip(full_counts.par_iter()))
+                .for_each(|(slot, (&context, &full))| {
                     if slot.matched() || context < config.min_count || full == 0 {
                         return;
                     }
                     *slot = NgramMatch {
-                        order: order as u8,
+                        order,
                         context,
                         full,
                     };
-                },
-            );
+                });
         }
+        std::mem::swap(&mut above, &mut passes[group.len() - 1]);
     }
     Ok(result)
 }
@@ -195,7 +193,6 @@ const PHRASE_BLOCK: usize = 1 << 14;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::context_hash;
 
     fn stream(n: usize, seed: u32) -> Vec<u16> {
         let mut state = seed;
@@ -264,6 +261,73 @@ mod tests {
                 .count() as u32;
             let full = (width..p).filter(|&q| fkey(q) == fkey(p)).count() as u32;
             assert_eq!((m.context, m.full), (context, full), "p {p}");
+        }
+    }
+
+    /// The n-gram rule written out directly: a context and a full table per order, each
+    /// position read top order first, then added to every order.
+    fn direct_ngram_lookups(tokens: &[u16], ng: &NgramConfig) -> Vec<NgramMatch> {
+        let mask = (ng.buckets - 1) as u32;
+        let mut ctx = vec![vec![0u32; ng.buckets]; ng.max_order + 1];
+        let mut full = ctx.clone();
+        let mut expected = vec![NgramMatch::default(); tokens.len()];
+        for p in 0..tokens.len() {
+            let keys: Vec<(usize, usize, usize)> = (ng.min_order..=ng.max_order)
+                .rev()
+                .filter(|&n| p >= n - 1)
+                .map(|n| {
+                    let h = context_hash(tokens, p, n - 1, &NGRAM_PRIMES);
+                    let f = full_hash(h, tokens[p], n - 1, &NGRAM_PRIMES);
+                    (n, (h & mask) as usize, (f & mask) as usize)
+                })
+                .collect();
+            if let Some(&(n, c, f)) = keys
+                .iter()
+                .find(|&&(n, c, f)| ctx[n][c] >= ng.min_count && full[n][f] > 0)
+            {
+                expected[p] = NgramMatch {
+                    order: n as u8,
+                    context: ctx[n][c],
+                    full: full[n][f],
+                };
+            }
+            for &(n, c, f) in &keys {
+                ctx[n][c] += 1;
+                full[n][f] += 1;
+            }
+        }
+        expected
+    }
+
+    /// The one-pass-per-width counts (full counts borrowed from the next order's context
+    /// counts) against the direct rule, on every position: the last one's full counts
+    /// come from the key past the end of the stream.
+    #[test]
+    fn ngram_pass_equals_the_direct_definition() {
+        for (min_order, max_order, min_count) in [(2, 16, 1), (2, 16, 3), (4, 9, 1)] {
+            let ng = NgramConfig {
+                min_order,
+                max_order,
+                buckets: 1 << 10, // small enough for keys of different orders to collide
+                min_count,
+            };
+            let tokens = stream(3000, 9);
+            let got = ngram_lookups(&tokens, &ng).unwrap();
+            assert!(got.iter().filter(|m| m.matched()).count() > 2000);
+            assert!(got.last().unwrap().matched());
+            assert_eq!(got, direct_ngram_lookups(&tokens, &ng), "{ng:?}");
+        }
+        // Streams no longer than the widest context.
+        for len in [0, 1, 2, 3, 15, 16, 17, 18] {
+            let tokens: Vec<u16> = (0..len).map(|i| (i % 2) as u16).collect();
+            let ng = NgramConfig {
+                buckets: 1 << 10,
+                ..NgramConfig::default()
+            };
+            assert_eq!(
+                ngram_lookups(&tokens, &ng).unwrap(),
+                direct_ngram_lookups(&tokens, &ng)
+            );
         }
     }
 

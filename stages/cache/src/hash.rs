@@ -188,42 +188,49 @@ pub fn zeroed_table(buckets: usize) -> Vec<u32> {
     table
 }
 
-/// Positions hashed per block when counting, to bound scratch memory.
-const BLOCK: usize = 1 << 20;
+/// Positions hashed per block when counting: a block's keys (64 KB) stay in L2 between
+/// hashing them and scattering them.
+pub const KEY_BLOCK: usize = 1 << 14;
 
 /// A count table of `buckets` entries: for every position p ≥ width, +1 at the masked
 /// context hash of the `width` tokens before p or, with `full`, at the full hash (the
-/// target folded in). This is the record's `np.bincount` per table.
+/// target folded in). This is the record's `np.bincount` per table, counted by
+/// partitions ([`crate::partition`]): the keys are hashed twice rather than kept.
+/// `runs` is the partitions' scratch space, reused from call to call.
 pub fn count_keys(
     tokens: &[u16],
     width: usize,
     primes: &[u32],
     full: bool,
     buckets: usize,
+    runs: &mut Vec<u16>,
 ) -> Vec<u32> {
     let mask = (buckets - 1) as u32;
-    let mut table = zeroed_table(buckets);
     if tokens.len() <= width {
-        return table;
+        return zeroed_table(buckets);
     }
     let target_prime = primes[width % primes.len()];
-    let mut hashes = vec![0u32; BLOCK];
-    let mut start = width;
-    while start < tokens.len() {
-        let end = (start + BLOCK).min(tokens.len());
-        let count = end - start;
-        context_hashes(&tokens[start - width..end], width, primes, &mut hashes);
-        if full {
-            for (h, &t) in hashes[..count].iter_mut().zip(&tokens[start..end]) {
-                *h ^= (t as u32).wrapping_mul(target_prime);
+    crate::partition::count_table(buckets, runs, |emit| {
+        let mut hashes = vec![0u32; KEY_BLOCK];
+        let mut start = width;
+        while start < tokens.len() {
+            let end = (start + KEY_BLOCK).min(tokens.len());
+            let keys = &mut hashes[..end - start];
+            context_hashes(&tokens[start - width..end], width, primes, keys);
+            let target = |t: u16| {
+                if full {
+                    (t as u32).wrapping_mul(target_prime)
+                } else {
+                    0
+                }
+            };
+            for (h, &t) in keys.iter_mut().zip(&tokens[start..end]) {
+                *h = (*h ^ target(t)) & mask;
             }
+            emit(keys);
+            start = end;
         }
-        for &h in &hashes[..count] {
-            table[(h & mask) as usize] += 1;
-        }
-        start = end;
-    }
-    table
+    })
 }
 
 #[cfg(test)]

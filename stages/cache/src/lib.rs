@@ -21,6 +21,7 @@ pub mod memory;
 pub mod ngram;
 pub mod normalised;
 pub mod numpy_exp;
+pub mod partition;
 pub mod phrase;
 pub mod stages;
 pub mod synthetic;

@@ -26,14 +26,15 @@ pub fn cache_stage_peak_bytes(
         |count: u64, buckets: u64| count.saturating_mul(buckets).saturating_mul(COUNT_BYTES);
     let estimate = match mode {
         // Every context table and the top full table at once, then the phrase tables'
-        // per-length partials beside their two sums; lookups stream in chunks.
+        // per-length partials beside their two sums, and each counting thread's
+        // partitioned keys (u16 per position); lookups stream in chunks.
         Mode::Reference => tables(orders + 1, ngram_buckets)
             .saturating_add(tables(2 * lengths + 2, phrase_buckets))
-            .saturating_add(per_token(8)),
-        // One pair of tables and one (ctx, full) pair per position for each order being
-        // counted (one per thread), plus the 12-byte results of both caches.
-        Mode::Causal => tables(2 * threads.min(orders), ngram_buckets)
-            .saturating_add(per_token(8 * threads.min(orders)))
+            .saturating_add(per_token(8 + 2 * threads)),
+        // Counts and ranking scratch per position for each width being counted (one
+        // per thread), the counts kept from the round before, the phrase pass's table
+        // pair and the 12-byte results of both caches.
+        Mode::Causal => per_token(8 * threads.min(orders + 1) + 4)
             .saturating_add(tables(2, phrase_buckets))
             .saturating_add(per_token(24)),
         // Exact counting: window keys, their scatter and the per-partition tables.

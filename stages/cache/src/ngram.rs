@@ -105,8 +105,8 @@ impl NgramTables {
             .collect();
         let mut tables: Vec<Vec<u32>> = jobs
             .par_iter()
-            .map(|&(order, full)| {
-                count_keys(tokens, order - 1, &NGRAM_PRIMES, full, config.buckets)
+            .map_init(Vec::new, |runs, &(order, full)| {
+                count_keys(tokens, order - 1, &NGRAM_PRIMES, full, config.buckets, runs)
             })
             .collect();
         let full_top = tables.pop().expect("the full job is last");
@@ -293,7 +293,14 @@ mod tests {
         };
         let tables = NgramTables::build(&tokens, &config).unwrap();
         for order in 2..=16 {
-            let direct = count_keys(&tokens, order - 1, &NGRAM_PRIMES, true, 1 << 10);
+            let direct = count_keys(
+                &tokens,
+                order - 1,
+                &NGRAM_PRIMES,
+                true,
+                1 << 10,
+                &mut Vec::new(),
+            );
             assert_eq!(tables.full_table(order), direct, "order {order}");
         }
     }

@@ -83,10 +83,10 @@ impl PhraseTables {
             .collect();
         let partial: Vec<(bool, Vec<u32>)> = jobs
             .par_iter()
-            .map(|&(length, full)| {
+            .map_init(Vec::new, |runs, &(length, full)| {
                 (
                     full,
-                    count_keys(tokens, length, &PHRASE_PRIMES, full, config.buckets),
+                    count_keys(tokens, length, &PHRASE_PRIMES, full, config.buckets, runs),
                 )
             })
             .collect();
