@@ -12,16 +12,17 @@
 //! The reference's count tables are 2^24 buckets shared by every context that hashes
 //! there; merged contexts are what makes its ratios exceed 1. Here a window of tokens is
 //! identified by two independent polynomial fingerprints modulo the Mersenne prime
-//! 2^61 − 1: the first (61 bits) is the key, 12 bits of the second pick the partition the
-//! key is counted in. Two different windows of w tokens merge only if both agree, with
-//! probability ≤ w / 2^61 · 2^−12 per pair: over 62M windows, about 10^−5 expected false
-//! merges per window length. (Even then the mass stays ≤ 1: see [`window_counts`].)
+//! 2^61 − 1: the first (61 bits) is the key, and 12 bits of the second must agree too (10
+//! pick the partition the key is counted in, 2 ride in the key's spare top bits). Two
+//! different windows of w tokens merge only if both agree, with probability
+//! ≤ w / 2^61 · 2^−12 per pair: over 62M windows, about 10^−5 expected false merges per
+//! window length. (Even then the mass stays ≤ 1: see [`window_counts`].)
 //!
 //! # Counting earlier occurrences in parallel
 //! For a window length w, `count_before[e]` is the number of windows ending before e (as
 //! an exclusive end) equal to the one ending at e. That is the window's rank among its
 //! equal keys in position order, which needs no sequential pass over one big table:
-//! windows are scattered, in position order, into 4,096 partitions by their second
+//! windows are scattered, in position order, into 1,024 partitions by their second
 //! fingerprint, and each partition is counted with a small hash table that stays in cache.
 //! The full count needs no table of its own: the context of width w at p followed by its
 //! target is the window of width w + 1 ending at p + 1.
@@ -36,7 +37,12 @@ const MERSENNE_61: u64 = (1 << 61) - 1;
 /// The fingerprints' bases: fixed, so the counts (and every artifact) are reproducible.
 pub(crate) const BASE_KEY: u64 = 0x0A3B_1C5D_7E9F_2468 % MERSENNE_61;
 const BASE_PARTITION: u64 = 0x1F2E_3D4C_5B6A_7988 % MERSENNE_61;
-const PARTITION_BITS: u32 = 12;
+/// Bits of the second fingerprint that two equal windows share: the partition's and
+/// the ones folded into the key.
+const CHECK_BITS: u32 = 12;
+/// 1,024 partitions of about 60,000 windows at 62M: few enough write streams for the
+/// scatter, small enough for each partition's counter (2 MB) to stay in cache.
+const PARTITION_BITS: u32 = 10;
 
 #[inline(always)]
 fn mul_mod(a: u64, b: u64) -> u64 {
@@ -103,8 +109,21 @@ impl Rolling {
 /// position order, so each partition's counting pass sees its windows in stream order:
 /// the count a window gets is the number of equal windows before it.
 pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
+    window_counts_with(tokens, width, &mut Scratch::default())
+}
+
+/// The per-window buffers of [`window_counts`], kept between the widths a thread counts:
+/// fresh ones would fault in 0.6 GB of new pages per width at 62M tokens.
+#[derive(Default)]
+struct Scratch {
+    /// Each window's check bits, whose low bits name its partition.
+    partition_of: Vec<u16>,
+    scattered: Vec<u64>,
+}
+
+fn window_counts_with(tokens: &[u16], width: usize, scratch: &mut Scratch) -> Vec<u32> {
     let ends = tokens.len() + 1;
-    let mut counts = vec![0u32; ends];
+    let mut counts = crate::hash::zeroed_table(ends);
     if width == 0 || tokens.len() < width {
         return counts;
     }
@@ -113,7 +132,8 @@ pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
     let windows = ends - first_end;
 
     // Pass 1: each window's partition, and the partitions' sizes.
-    let mut partition_of = vec![0u16; windows];
+    let partition_of = &mut scratch.partition_of;
+    partition_of.resize(windows, 0);
     let mut sizes = vec![0usize; partitions];
     let mut rolling = Rolling::new(&tokens[..width], BASE_PARTITION);
     for (i, slot) in partition_of.iter_mut().enumerate() {
@@ -121,9 +141,9 @@ pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
         if i > 0 {
             rolling.slide(tokens[e - 1 - width], tokens[e - 1]);
         }
-        let partition = (rolling.value & (partitions as u64 - 1)) as usize;
-        *slot = partition as u16;
-        sizes[partition] += 1;
+        let check = (rolling.value & ((1 << CHECK_BITS) - 1)) as u16;
+        *slot = check;
+        sizes[check as usize & (partitions - 1)] += 1;
     }
 
     // Pass 2: scatter the keys into their partitions, in position order.
@@ -133,15 +153,17 @@ pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
         starts.push(starts.last().unwrap() + size);
     }
     let mut cursor = starts[..partitions].to_vec();
-    let mut scattered = vec![0u64; windows];
+    let scattered = &mut scratch.scattered;
+    scattered.resize(windows, 0);
     let mut rolling = Rolling::new(&tokens[..width], BASE_KEY);
-    for (i, &partition) in partition_of.iter().enumerate() {
+    for (i, &check) in partition_of.iter().enumerate() {
         let e = first_end + i;
         if i > 0 {
             rolling.slide(tokens[e - 1 - width], tokens[e - 1]);
         }
-        let slot = &mut cursor[partition as usize];
-        scattered[*slot] = rolling.value;
+        let slot = &mut cursor[check as usize & (partitions - 1)];
+        // The check bits the partition does not hold, above the key's 61 bits.
+        scattered[*slot] = rolling.value | (check as u64 >> PARTITION_BITS) << 61;
         *slot += 1;
     }
 
@@ -158,15 +180,15 @@ pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
 
     // Pass 4: back to position order, walking the partitions' cursors again.
     let mut cursor = starts[..partitions].to_vec();
-    for (i, &partition) in partition_of.iter().enumerate() {
-        let slot = &mut cursor[partition as usize];
+    for (i, &check) in partition_of.iter().enumerate() {
+        let slot = &mut cursor[check as usize & (partitions - 1)];
         counts[first_end + i] = scattered[*slot] as u32;
         *slot += 1;
     }
     counts
 }
 
-/// Occurrence counts of 61-bit keys, cleared in O(1) between partitions by a generation
+/// Occurrence counts of 63-bit keys (a fingerprint and two check bits), cleared in O(1) between partitions by a generation
 /// stamp.
 struct KeyCounter {
     /// (key, count, generation)
@@ -212,7 +234,9 @@ impl KeyCounter {
 fn counts_for(tokens: &[u16], widths: &[usize]) -> Vec<Vec<u32>> {
     widths
         .par_iter()
-        .map(|&w| window_counts(tokens, w))
+        .map_init(Scratch::default, |scratch, &w| {
+            window_counts_with(tokens, w, scratch)
+        })
         .collect()
 }
 
