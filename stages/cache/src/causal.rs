@@ -20,8 +20,8 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes, full_hash, prefetch, zeroed_table, KEY_BLOCK, NGRAM_PRIMES,
-    PHRASE_PRIMES, PREFETCH_DISTANCE,
+    context_hash, context_hashes, context_hashes_of_widths, full_hash, prefetch, zeroed_table,
+    KEY_BLOCK, NGRAM_PRIMES, PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::partition::rank_among_equal_keys;
@@ -118,8 +118,8 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
 /// (longest first, first hit wins), then every length is inserted.
 ///
 /// The pass is sequential (every length shares one table pair), but its keys are pure
-/// functions of the tokens: each block's hashes are computed first, length by length with
-/// the vectorised [`context_hashes`], and the walk prefetches the buckets of the position
+/// functions of the tokens: each block's hashes are computed first, every length at once
+/// with [`context_hashes_of_widths`], and the walk prefetches the buckets of the position
 /// [`PREFETCH_DISTANCE`] ahead, so it waits on memory less and multiplies nothing.
 pub fn phrase_lookups(
     tokens: &[u16],
@@ -132,23 +132,21 @@ pub fn phrase_lookups(
     let mut result = vec![PhraseMatch::default(); tokens.len()];
     let lengths = &config.lengths;
     // Per length, the block's masked (context, full) keys; `None` before the length fits.
-    let mut hashes = vec![vec![0u32; PHRASE_BLOCK]; lengths.len()];
+    let mut hashes = vec![0u32; lengths.len() * PHRASE_BLOCK];
     let mut block_keys = vec![vec![None; PHRASE_BLOCK]; lengths.len()];
     let mut start = 0;
     while start < tokens.len() {
         let end = (start + PHRASE_BLOCK).min(tokens.len());
-        for (li, &length) in lengths.iter().enumerate() {
-            let first = start.max(length);
-            let keys = &mut block_keys[li];
-            keys[..first.min(end) - start].fill(None);
-            if first >= end {
-                continue;
-            }
-            let out = &mut hashes[li][first - start..end - start];
-            context_hashes(&tokens[first - length..end], length, &PHRASE_PRIMES, out);
-            for (p, &h) in (first..end).zip(out.iter()) {
-                let full_key = full_hash(h, tokens[p], length, &PHRASE_PRIMES) & mask;
-                keys[p - start] = Some(((h & mask) as usize, full_key as usize));
+        let n = end - start;
+        context_hashes_of_widths(tokens, start, n, lengths, &PHRASE_PRIMES, &mut hashes);
+        for (li, (&length, keys)) in lengths.iter().zip(&mut block_keys).enumerate() {
+            for (i, key) in keys[..n].iter_mut().enumerate() {
+                let p = start + i;
+                *key = (p >= length).then(|| {
+                    let h = hashes[li * n + i];
+                    let full_key = full_hash(h, tokens[p], length, &PHRASE_PRIMES) & mask;
+                    ((h & mask) as usize, full_key as usize)
+                });
             }
         }
         for p in start..end {

@@ -132,6 +132,58 @@ pub fn lookups_in_blocks<T: Copy + Default + Send>(
     out
 }
 
+/// Context hashes of each width in `widths` for the positions `start..start + len`, row
+/// by row in the order of `widths`: `out[k · len + i]` is the hash of the `widths[k]`
+/// tokens before `start + i`. Entries for positions below their width (which have no such
+/// context) hold unspecified values.
+///
+/// One pass per width up to the widest, rather than w passes for each width w: the
+/// context of width w + 1 at p is the context of width w at p − 1 with the token at p − 1
+/// folded in under prime w, so each width is the one below it shifted by one position.
+/// The n-gram lookups' 15 widths cost 15 passes instead of 120, the phrase lookups'
+/// lengths 64/48/32/16 cost 64 instead of 160.
+pub fn context_hashes_of_widths(
+    tokens: &[u16],
+    start: usize,
+    len: usize,
+    widths: &[usize],
+    primes: &[u32],
+    out: &mut [u32],
+) {
+    let widest = widths.iter().copied().max().unwrap_or(0);
+    assert!(out.len() >= widths.len() * len && start + len <= tokens.len());
+    if len == 0 || widest == 0 {
+        return;
+    }
+    // Width 1 at every position from `widest − 1` before the block on: each width up
+    // needs one position further left.
+    let from = start.saturating_sub(widest - 1);
+    let span = start + len - from;
+    let folded = |w: usize, p: usize| (tokens[p - 1] as u32).wrapping_mul(primes[w % primes.len()]);
+    let mut current: Vec<u32> = (from..start + len)
+        .map(|p| if p >= 1 { folded(0, p) } else { 0 })
+        .collect();
+    let mut next = vec![0u32; span];
+    for width in 1..=widest {
+        for (k, _) in widths.iter().enumerate().filter(|&(_, &w)| w == width) {
+            out[k * len..(k + 1) * len].copy_from_slice(&current[start - from..]);
+        }
+        if width == widest {
+            break;
+        }
+        let prime = primes[width % primes.len()];
+        next[0] = 0;
+        for (i, (h, &t)) in next[1..]
+            .iter_mut()
+            .zip(&tokens[from..start + len - 1])
+            .enumerate()
+        {
+            *h = current[i] ^ (t as u32).wrapping_mul(prime);
+        }
+        std::mem::swap(&mut current, &mut next);
+    }
+}
+
 /// Context hashes of width `width` for the positions `start..start + out.len()`; entries
 /// for positions below `width` (which have no such context) are left untouched.
 pub fn context_hashes_at(
@@ -284,6 +336,31 @@ mod tests {
 
     /// The AVX2 build of the bulk hash (taken on this CPU if it has AVX2) and the baseline
     /// one compute the same keys.
+    #[test]
+    fn hashes_of_many_widths_equal_the_direct_hashes() {
+        let tokens: Vec<u16> = (0..3000u32)
+            .map(|i| ((i * 7919 + i / 7) % 1024) as u16)
+            .collect();
+        let ngram: Vec<usize> = (1..=15).collect();
+        let phrase = [64, 48, 32, 16];
+        for (widths, primes) in [
+            (&ngram[..], &NGRAM_PRIMES[..]),
+            (&phrase[..], &PHRASE_PRIMES[..]),
+        ] {
+            // Blocks at the very start (positions below the widths), inside, and at the end.
+            for (start, len) in [(0, 100), (3, 70), (40, 1), (1000, 1500), (2900, 100)] {
+                let mut out = vec![0u32; widths.len() * len];
+                context_hashes_of_widths(&tokens, start, len, widths, primes, &mut out);
+                for (k, &width) in widths.iter().enumerate() {
+                    for i in (0..len).filter(|&i| start + i >= width) {
+                        let expected = context_hash(&tokens, start + i, width, primes);
+                        assert_eq!(out[k * len + i], expected, "width {width} p {}", start + i);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn dispatched_bulk_hashes_equal_the_portable_ones() {
         let tokens: Vec<u16> = (0..10_000u32).map(|i| ((i * 7919) % 1024) as u16).collect();

@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes_at, count_keys, full_hash, lookups_in_blocks, prefetch,
+    context_hash, context_hashes_of_widths, count_keys, full_hash, lookups_in_blocks, prefetch,
     NGRAM_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::{check_buckets, ConfigError};
@@ -227,10 +227,9 @@ impl NgramTables {
         let (min_order, max_order) = (self.config.min_order, self.config.max_order);
         let len = out.len();
         // hashes[(order − min_order) · len + i]: the context hash of position start + i.
-        let mut hashes = vec![0u32; (max_order - min_order + 1) * len];
-        for (order, row) in (min_order..=max_order).zip(hashes.chunks_mut(len.max(1))) {
-            context_hashes_at(tokens, start, order - 1, &NGRAM_PRIMES, row);
-        }
+        let widths: Vec<usize> = (min_order - 1..max_order).collect();
+        let mut hashes = vec![0u32; widths.len() * len];
+        context_hashes_of_widths(tokens, start, len, &widths, &NGRAM_PRIMES, &mut hashes);
         let hash = |order: usize, i: usize| hashes[(order - min_order) * len + i];
         // Which orders a lookup will probe is known only once it runs (it stops at its
         // match), but neighbouring positions tend to match at similar orders: prefetch

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes_at, count_keys, full_hash, lookups_in_blocks, prefetch,
+    context_hash, context_hashes_of_widths, count_keys, full_hash, lookups_in_blocks, prefetch,
     zeroed_table, PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::{check_buckets, ConfigError};
@@ -165,9 +165,7 @@ impl PhraseTables {
         let lengths = &self.config.lengths;
         let len = out.len();
         let mut hashes = vec![0u32; lengths.len() * len];
-        for (&length, row) in lengths.iter().zip(hashes.chunks_mut(len.max(1))) {
-            context_hashes_at(tokens, start, length, &PHRASE_PRIMES, row);
-        }
+        context_hashes_of_widths(tokens, start, len, lengths, &PHRASE_PRIMES, &mut hashes);
         let hash = |k: usize, i: usize| hashes[k * len + i];
         let prefetch_position = |i: usize, count: usize| {
             let p = start + i;
