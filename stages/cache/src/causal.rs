@@ -117,65 +117,43 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
 /// Causal phrase lookups: one pass over the stream; at each position every length is read
 /// (longest first, first hit wins), then every length is inserted.
 ///
-/// The pass is sequential (every length shares one table pair), but its keys are pure
-/// functions of the tokens: each block's hashes are computed first, every length at once
-/// with [`context_hashes_of_widths`], and the walk prefetches the buckets of the position
-/// [`PREFETCH_DISTANCE`] ahead, so it waits on memory less and multiplies nothing.
+/// Every length shares one table pair, so the pass is sequential in position, but the
+/// context table and the full table never meet until a position's counts are compared:
+/// the two tables are walked side by side, one per core, a block of positions at a time,
+/// and each block's counts are then merged. A walk hashes its block at every length at
+/// once ([`context_hashes_of_widths`]) and prefetches the buckets of the position
+/// [`PREFETCH_DISTANCE`] ahead.
 pub fn phrase_lookups(
     tokens: &[u16],
     config: &PhraseConfig,
 ) -> Result<Vec<PhraseMatch>, ConfigError> {
     config.validate()?;
-    let mask = (config.buckets - 1) as u32;
-    let mut ctx = zeroed_table(config.buckets);
-    let mut full = zeroed_table(config.buckets);
     let mut result = vec![PhraseMatch::default(); tokens.len()];
     let lengths = &config.lengths;
-    // Per length, the block's masked (context, full) keys; `None` before the length fits.
-    let mut hashes = vec![0u32; lengths.len() * PHRASE_BLOCK];
-    let mut block_keys = vec![vec![None; PHRASE_BLOCK]; lengths.len()];
+    let mut context = PhraseTableWalk::new(config, false);
+    let mut full = PhraseTableWalk::new(config, true);
     let mut start = 0;
     while start < tokens.len() {
         let end = (start + PHRASE_BLOCK).min(tokens.len());
         let n = end - start;
-        context_hashes_of_widths(tokens, start, n, lengths, &PHRASE_PRIMES, &mut hashes);
-        for (li, (&length, keys)) in lengths.iter().zip(&mut block_keys).enumerate() {
-            for (i, key) in keys[..n].iter_mut().enumerate() {
-                let p = start + i;
-                *key = (p >= length).then(|| {
-                    let h = hashes[li * n + i];
-                    let full_key = full_hash(h, tokens[p], length, &PHRASE_PRIMES) & mask;
-                    ((h & mask) as usize, full_key as usize)
-                });
-            }
-        }
-        for p in start..end {
-            if let Some(ahead) = (p + PREFETCH_DISTANCE < end).then_some(p + PREFETCH_DISTANCE) {
-                for keys in &block_keys {
-                    if let Some((c, f)) = keys[ahead - start] {
-                        prefetch(&ctx, c);
-                        prefetch(&full, f);
-                    }
-                }
-            }
-            for (li, keys) in block_keys.iter().enumerate() {
-                let Some((ctx_key, full_key)) = keys[p - start] else {
+        rayon::join(
+            || context.walk(tokens, start, n, lengths),
+            || full.walk(tokens, start, n, lengths),
+        );
+        for (i, slot) in result[start..end].iter_mut().enumerate() {
+            let p = start + i;
+            for (li, &length) in lengths.iter().enumerate() {
+                if p < length {
                     continue;
-                };
-                let (context, full_count) = (ctx[ctx_key], full[full_key]);
-                if context >= config.min_count && full_count > 0 {
-                    result[p] = PhraseMatch {
-                        length: lengths[li] as u16,
+                }
+                let (context, full) = (context.counts[li * n + i], full.counts[li * n + i]);
+                if context >= config.min_count && full > 0 {
+                    *slot = PhraseMatch {
+                        length: length as u16,
                         context,
-                        full: full_count,
+                        full,
                     };
                     break;
-                }
-            }
-            for keys in &block_keys {
-                if let Some((ctx_key, full_key)) = keys[p - start] {
-                    ctx[ctx_key] += 1;
-                    full[full_key] += 1;
                 }
             }
         }
@@ -184,8 +162,73 @@ pub fn phrase_lookups(
     Ok(result)
 }
 
-/// Positions per block of the causal phrase pass: its hashes (4 bytes per length) and
-/// keys stay in cache.
+/// One of the phrase cache's two tables, walked causally a block at a time.
+struct PhraseTableWalk {
+    table: Vec<u32>,
+    mask: u32,
+    /// The full table's keys fold in the target.
+    full: bool,
+    /// The block's keys, then (`counts`) what each key had before its position: row per
+    /// length, `[li · n + i]` for position start + i; unspecified where p < length.
+    keys: Vec<u32>,
+    counts: Vec<u32>,
+}
+
+impl PhraseTableWalk {
+    fn new(config: &PhraseConfig, full: bool) -> PhraseTableWalk {
+        let cells = config.lengths.len() * PHRASE_BLOCK;
+        PhraseTableWalk {
+            table: zeroed_table(config.buckets),
+            mask: (config.buckets - 1) as u32,
+            full,
+            keys: vec![0; cells],
+            counts: vec![0; cells],
+        }
+    }
+
+    /// Reads, then adds, every length's key at each position of start..start + n.
+    fn walk(&mut self, tokens: &[u16], start: usize, n: usize, lengths: &[usize]) {
+        let (table, keys, counts, mask) =
+            (&mut self.table, &mut self.keys, &mut self.counts, self.mask);
+        context_hashes_of_widths(tokens, start, n, lengths, &PHRASE_PRIMES, keys);
+        for (li, &length) in lengths.iter().enumerate() {
+            let row = &mut keys[li * n..(li + 1) * n];
+            for (i, key) in row.iter_mut().enumerate() {
+                let h = if self.full {
+                    full_hash(*key, tokens[start + i], length, &PHRASE_PRIMES)
+                } else {
+                    *key
+                };
+                *key = h & mask;
+            }
+        }
+        // Lengths that fit at every position of the block (all but the stream's start).
+        let fits = |i: usize, length: usize| start + i >= length;
+        for i in 0..n {
+            if i + PREFETCH_DISTANCE < n {
+                let ahead = i + PREFETCH_DISTANCE;
+                for (li, &length) in lengths.iter().enumerate() {
+                    if fits(ahead, length) {
+                        prefetch(table, keys[li * n + ahead] as usize);
+                    }
+                }
+            }
+            for (li, &length) in lengths.iter().enumerate() {
+                if fits(i, length) {
+                    counts[li * n + i] = table[keys[li * n + i] as usize];
+                }
+            }
+            for (li, &length) in lengths.iter().enumerate() {
+                if fits(i, length) {
+                    table[keys[li * n + i] as usize] += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Positions per block of the causal phrase pass: its keys and counts (8 bytes per length
+/// and position) stay in cache.
 const PHRASE_BLOCK: usize = 1 << 14;
 
 #[cfg(test)]
@@ -371,8 +414,8 @@ mod tests {
 
     #[test]
     fn same_result_with_one_and_two_threads() {
-        let (ng, _) = small();
-        let tokens = stream(20_000, 11);
+        let (ng, ph) = small();
+        let tokens = stream(40_000, 11);
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
@@ -383,6 +426,9 @@ mod tests {
             .unwrap();
         let a = one.install(|| ngram_lookups(&tokens, &ng).unwrap());
         let b = two.install(|| ngram_lookups(&tokens, &ng).unwrap());
+        assert_eq!(a, b);
+        let a = one.install(|| phrase_lookups(&tokens, &ph).unwrap());
+        let b = two.install(|| phrase_lookups(&tokens, &ph).unwrap());
         assert_eq!(a, b);
     }
 }

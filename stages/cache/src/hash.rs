@@ -184,28 +184,6 @@ pub fn context_hashes_of_widths(
     }
 }
 
-/// Context hashes of width `width` for the positions `start..start + out.len()`; entries
-/// for positions below `width` (which have no such context) are left untouched.
-pub fn context_hashes_at(
-    tokens: &[u16],
-    start: usize,
-    width: usize,
-    primes: &[u32],
-    out: &mut [u32],
-) {
-    let first = start.max(width);
-    let end = start + out.len();
-    if first >= end {
-        return;
-    }
-    context_hashes(
-        &tokens[first - width..end],
-        width,
-        primes,
-        &mut out[first - start..],
-    );
-}
-
 /// A zeroed count table of `buckets` entries, backed by huge pages where the kernel
 /// offers them.
 ///
