@@ -28,44 +28,40 @@ use crate::partition::rank_among_equal_keys;
 use crate::phrase::{PhraseConfig, PhraseMatch};
 use crate::ConfigError;
 
-/// One width's causal context counts: the rank of each position's key among the equal
-/// keys before it ([`rank_among_equal_keys`]). Kept across the passes a thread runs: a
-/// fresh quarter-gigabyte per pass costs more in page faults than reusing the pages.
-#[derive(Default)]
-struct ContextPass {
-    /// `counts[p]`, for every p in 0..=len: how many q in width..p have p's context key
-    /// (the `width` tokens before it); 0 where p < width. `counts[len]` is the count of
-    /// the key no position has, the stream's last `width` tokens, which the full count
-    /// of the last position needs.
-    counts: Vec<u32>,
-    /// Scratch for the ranking.
-    runs: Vec<u32>,
-}
-
-impl ContextPass {
-    fn run(&mut self, tokens: &[u16], width: usize, buckets: usize) {
-        let mask = (buckets - 1) as u32;
-        if self.counts.len() != tokens.len() + 1 {
-            // Huge pages: a quarter of a gigabyte in 4 KB pages faults in slowly.
-            self.counts = zeroed_table(tokens.len() + 1);
-        }
-        let counts = &mut self.counts;
-        counts[..width.min(tokens.len() + 1)].fill(0);
-        if tokens.len() < width {
-            return;
-        }
-        // Each position's key in its own slot, then every key replaced by its rank.
-        let mut start = width;
-        while start < tokens.len() {
-            let end = (start + KEY_BLOCK).min(tokens.len());
-            let keys = &mut counts[start..end];
-            context_hashes(&tokens[start - width..end], width, &NGRAM_PRIMES, keys);
-            keys.iter_mut().for_each(|h| *h &= mask);
-            start = end;
-        }
-        counts[tokens.len()] = context_hash(tokens, tokens.len(), width, &NGRAM_PRIMES) & mask;
-        rank_among_equal_keys(&mut counts[width..], buckets, &mut self.runs);
+/// One width's causal context counts into `counts`, for every p in 0..=len: how many q in
+/// width..p have p's context key (the `width` tokens before it), the key's rank among the
+/// equal keys before it ([`rank_among_equal_keys`], with `runs` its scratch); 0 where
+/// p < width. `counts[len]` is the count of the key no position has, the stream's last
+/// `width` tokens, which the full count of the last position needs. Both buffers are
+/// kept across the passes a thread runs: a fresh quarter-gigabyte per pass costs more in
+/// page faults than reusing the pages.
+fn context_counts(
+    tokens: &[u16],
+    width: usize,
+    buckets: usize,
+    counts: &mut Vec<u32>,
+    runs: &mut Vec<u32>,
+) {
+    let mask = (buckets - 1) as u32;
+    if counts.len() != tokens.len() + 1 {
+        // Huge pages: a quarter of a gigabyte in 4 KB pages faults in slowly.
+        *counts = zeroed_table(tokens.len() + 1);
     }
+    counts[..width.min(tokens.len() + 1)].fill(0);
+    if tokens.len() < width {
+        return;
+    }
+    // Each position's key in its own slot, then every key replaced by its rank.
+    let mut start = width;
+    while start < tokens.len() {
+        let end = (start + KEY_BLOCK).min(tokens.len());
+        let keys = &mut counts[start..end];
+        context_hashes(&tokens[start - width..end], width, &NGRAM_PRIMES, keys);
+        keys.iter_mut().for_each(|h| *h &= mask);
+        start = end;
+    }
+    counts[tokens.len()] = context_hash(tokens, tokens.len(), width, &NGRAM_PRIMES) & mask;
+    rank_among_equal_keys(&mut counts[width..], buckets, runs);
 }
 
 /// Causal n-gram lookups for every position: the highest order whose earlier context
@@ -79,25 +75,30 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
     // merged highest first, so the outcome does not depend on scheduling.
     let widths: Vec<usize> = (config.min_order - 1..=config.max_order).rev().collect();
     let threads = rayon::current_num_threads().max(1);
-    let mut passes: Vec<ContextPass> = (0..threads).map(|_| ContextPass::default()).collect();
-    let mut above = ContextPass::default();
+    // Each thread's counts and ranking scratch; the counts of the round before are kept
+    // in `above`, without scratch of their own.
+    let mut counts: Vec<Vec<u32>> = vec![Vec::new(); threads];
+    let mut scratch: Vec<Vec<u32>> = vec![Vec::new(); threads];
+    let mut above = Vec::new();
     for (round, group) in widths.chunks(threads).enumerate() {
         group
             .par_iter()
-            .zip(passes.par_iter_mut())
-            .for_each(|(&width, pass)| pass.run(tokens, width, config.buckets));
+            .zip(counts.par_iter_mut().zip(scratch.par_iter_mut()))
+            .for_each(|(&width, (out, runs))| {
+                context_counts(tokens, width, config.buckets, out, runs)
+            });
         for (i, &width) in group.iter().enumerate() {
             let wider = match (round, i) {
                 // The widest pass only supplies the top order's full counts.
                 (0, 0) => continue,
                 (_, 0) => &above,
-                _ => &passes[i - 1],
+                _ => &counts[i - 1],
             };
             let order = (width + 1) as u8;
-            let (context_counts, full_counts) = (&passes[i].counts, &wider.counts[1..]);
+            let (contexts, fulls) = (&counts[i], &wider[1..]);
             result
                 .par_iter_mut()
-                .zip(context_counts.par_iter().zip(full_counts.par_iter()))
+                .zip(contexts.par_iter().zip(fulls.par_iter()))
                 .for_each(|(slot, (&context, &full))| {
                     if slot.matched() || context < config.min_count || full == 0 {
                         return;
@@ -109,7 +110,7 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
                     };
                 });
         }
-        std::mem::swap(&mut above, &mut passes[group.len() - 1]);
+        std::mem::swap(&mut above, &mut counts[group.len() - 1]);
     }
     Ok(result)
 }

@@ -188,8 +188,8 @@ fn window_counts_with(tokens: &[u16], width: usize, scratch: &mut Scratch) -> Ve
     counts
 }
 
-/// Occurrence counts of 63-bit keys (a fingerprint and two check bits), cleared in O(1) between partitions by a generation
-/// stamp.
+/// Occurrence counts of 63-bit keys (a fingerprint and two check bits), cleared in O(1)
+/// between partitions by a generation stamp.
 struct KeyCounter {
     /// (key, count, generation)
     slots: Vec<(u64, u32, u32)>,

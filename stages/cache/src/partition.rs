@@ -45,26 +45,30 @@ impl Split {
         key & ((1 << self.local_bits) - 1)
     }
 
-    /// Where each partition's run starts in the scattered order, from every key's
-    /// partition; one more entry than partitions (the last is the number of keys).
-    fn run_starts(&self, keys: impl Iterator<Item = u32>) -> Vec<usize> {
-        let mut starts = vec![0usize; self.partitions + 1];
-        for key in keys {
-            starts[self.partition(key) + 1] += 1;
+    /// Adds each key of `keys` to its partition's size, kept at `sizes[partition + 1]`
+    /// so that [`Split::run_starts`] can turn the sizes into starts in place.
+    fn tally(&self, sizes: &mut [usize], keys: &[u32]) {
+        for &key in keys {
+            sizes[self.partition(key) + 1] += 1;
         }
-        for i in 0..self.partitions {
-            starts[i + 1] += starts[i];
-        }
-        starts
     }
 
-    /// Writes every key's local bits into its partition's run of `runs`, stream order
-    /// kept within each run.
-    fn scatter(&self, keys: impl Iterator<Item = u32>, starts: &[usize], runs: &mut [u32]) {
-        let mut cursor = starts[..self.partitions].to_vec();
-        for key in keys {
+    /// Where each partition's run starts in the scattered order, from the tallied sizes;
+    /// one more entry than partitions (the last is the number of keys).
+    fn run_starts(&self, mut sizes: Vec<usize>) -> Vec<usize> {
+        for i in 0..self.partitions {
+            sizes[i + 1] += sizes[i];
+        }
+        sizes
+    }
+
+    /// Writes each key's local bits at its partition's cursor in `runs` and moves the
+    /// cursor on: called block after block, it keeps stream order within each run.
+    fn scatter<T: From<u16>>(&self, cursor: &mut [usize], keys: &[u32], runs: &mut [T]) {
+        for &key in keys {
             let slot = &mut cursor[self.partition(key)];
-            runs[*slot] = self.local(key);
+            // `local_bits` is at most LOCAL_BITS = 16.
+            runs[*slot] = T::from(self.local(key) as u16);
             *slot += 1;
         }
     }
@@ -75,12 +79,14 @@ impl Split {
 /// that repeated calls reuse its pages.
 pub fn rank_among_equal_keys(keys: &mut [u32], buckets: usize, runs: &mut Vec<u32>) {
     let split = Split::of(buckets);
-    let starts = split.run_starts(keys.iter().copied());
+    let mut sizes = vec![0usize; split.partitions + 1];
+    split.tally(&mut sizes, keys);
+    let starts = split.run_starts(sizes);
     if runs.len() < keys.len() {
         *runs = crate::hash::zeroed_table(keys.len());
     }
     let runs = &mut runs[..keys.len()];
-    split.scatter(keys.iter().copied(), &starts, runs);
+    split.scatter(&mut starts[..split.partitions].to_vec(), keys, runs);
     let mut seen = vec![0u32; 1 << split.local_bits];
     for partition in 0..split.partitions {
         seen.fill(0);
@@ -111,34 +117,21 @@ pub fn count_table(
     for_each_block: impl Fn(&mut dyn FnMut(&[u32])),
 ) -> Vec<u32> {
     let split = Split::of(buckets);
-    let mut starts = vec![0usize; split.partitions + 1];
-    for_each_block(&mut |block| {
-        for &key in block {
-            starts[split.partition(key) + 1] += 1;
-        }
-    });
-    for i in 0..split.partitions {
-        starts[i + 1] += starts[i];
-    }
+    let mut sizes = vec![0usize; split.partitions + 1];
+    for_each_block(&mut |block| split.tally(&mut sizes, block));
+    let starts = split.run_starts(sizes);
     let total = starts[split.partitions];
     if runs.len() < total {
         // No huge-page hint: sequential writes miss the TLB only once per page.
         *runs = vec![0u16; total];
     }
     let mut cursor = starts[..split.partitions].to_vec();
-    for_each_block(&mut |block| {
-        for &key in block {
-            let slot = &mut cursor[split.partition(key)];
-            runs[*slot] = split.local(key) as u16;
-            *slot += 1;
-        }
-    });
+    for_each_block(&mut |block| split.scatter(&mut cursor, block, runs));
     assert_eq!(
         cursor[..],
         starts[1..],
         "the two walks produced different keys"
     );
-    debug_assert!(split.local_bits <= 16, "local keys are u16");
     let mut table = crate::hash::zeroed_table(buckets);
     for (partition, counts) in table.chunks_mut(1 << split.local_bits).enumerate() {
         for &local in &runs[starts[partition]..starts[partition + 1]] {
