@@ -246,7 +246,9 @@ where
 }
 
 /// Rows `rows` (clipped to the table) of one column: only the row groups that hold them
-/// are decoded, so a stage that needs a table's first 5% reads about 5% of it.
+/// are decoded, and within those only the pages that hold them, so a stage that needs a
+/// table's first 5% reads about 5% of it, and a range straddling two row groups costs
+/// about its own length rather than two whole groups.
 pub fn read_column_rows<T>(
     path: &Path,
     name: &str,
@@ -256,6 +258,7 @@ where
     T: arrow::datatypes::ArrowPrimitiveType,
 {
     use arrow::array::{Array, AsArray};
+    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
     use parquet::arrow::ProjectionMask;
 
     let file = File::open(path).map_err(|e| StageError::io(path, e))?;
@@ -268,71 +271,120 @@ where
         .position(|f| f.name() == name)
         .ok_or_else(|| StageError::input(path, format!("no column '{name}'")))?;
     let mask = ProjectionMask::roots(metadata.parquet_schema(), [index]);
-    // Row groups are decoded in parallel, each straight into its slice of the output.
-    let mut groups = Vec::new(); // (index, its first row, rows)
+    // The row groups that hold some of `rows`, each with the rows of it wanted:
+    // (row group, rows of it to skip, rows to take, rows it holds).
+    let mut groups = Vec::new();
     let mut first_row = 0;
     for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
         let size = group.num_rows() as usize;
-        if first_row < rows.end && first_row + size > rows.start {
-            groups.push((index, first_row, size));
+        let (start, end) = (rows.start.max(first_row), rows.end.min(first_row + size));
+        if start < end {
+            groups.push((index, start - first_row, end - start, size));
         }
         first_row += size;
     }
-    let offset = groups.first().map_or(0, |g| g.1);
-    let mut values = vec![T::Native::default(); groups.iter().map(|g| g.2).sum()];
+    // Row groups are decoded in parallel, each straight into its slice of the output.
+    // The output is not zeroed first: every slot is written once below (zeroing cost a
+    // twentieth of `pass2`, which reads ten columns a row group at a time).
+    let total = groups.iter().map(|g| g.2).sum();
+    let mut values: Vec<T::Native> = Vec::with_capacity(total);
     let mut slices = Vec::with_capacity(groups.len());
-    let mut rest = values.as_mut_slice();
-    for &(group, _, size) in &groups {
-        let (slice, tail) = rest.split_at_mut(size);
-        slices.push((group, slice));
+    let mut rest = &mut values.spare_capacity_mut()[..total];
+    for &(group, skip, take, size) in &groups {
+        let (slice, tail) = rest.split_at_mut(take);
+        slices.push((group, skip, size, slice));
         rest = tail;
     }
-    slices.into_par_iter().try_for_each(|(group, slice)| {
-        let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
-            .with_projection(mask.clone())
-            .with_row_groups(vec![group])
-            .with_batch_size(ROW_GROUP_ROWS)
-            .build()
-            .map_err(|e| StageError::format(path, e))?;
-        let mut filled = 0;
-        for batch in reader {
-            let batch = batch.map_err(|e| StageError::format(path, e))?;
-            let column = batch.column(0);
-            if column.null_count() > 0 {
+    slices
+        .into_par_iter()
+        .try_for_each(|(group, skip, size, slice)| {
+            let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+            let mut builder =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
+                    .with_projection(mask.clone())
+                    .with_row_groups(vec![group])
+                    .with_batch_size(ROW_GROUP_ROWS);
+            if slice.len() < size {
+                // Whole pages before and after the rows are skipped undecoded.
+                builder = builder.with_row_selection(RowSelection::from(vec![
+                    RowSelector::skip(skip),
+                    RowSelector::select(slice.len()),
+                    RowSelector::skip(size - skip - slice.len()),
+                ]));
+            }
+            let reader = builder.build().map_err(|e| StageError::format(path, e))?;
+            let mut filled = 0;
+            for batch in reader {
+                let batch = batch.map_err(|e| StageError::format(path, e))?;
+                let column = batch.column(0);
+                if column.null_count() > 0 {
+                    return Err(StageError::input(
+                        path,
+                        format!("column '{name}' has nulls"),
+                    ));
+                }
+                let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
+                    StageError::input(
+                        path,
+                        format!("column '{name}' is {}: {e}", column.data_type()),
+                    )
+                })?;
+                let part = cast.as_primitive::<T>().values();
+                let end = filled + part.len();
+                if end > slice.len() {
+                    return Err(StageError::input(
+                        path,
+                        format!("row group {group} holds more rows than its metadata says"),
+                    ));
+                }
+                slice[filled..end].write_copy_of_slice(part);
+                filled = end;
+            }
+            if filled != slice.len() {
                 return Err(StageError::input(
                     path,
-                    format!("column '{name}' has nulls"),
+                    format!("row group {group} holds fewer rows than its metadata says"),
                 ));
             }
-            let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
-                StageError::input(
-                    path,
-                    format!("column '{name}' is {}: {e}", column.data_type()),
-                )
-            })?;
-            let part = cast.as_primitive::<T>().values();
-            let end = filled + part.len();
-            if end > slice.len() {
-                return Err(StageError::input(
-                    path,
-                    format!("row group {group} holds more rows than its metadata says"),
-                ));
-            }
-            slice[filled..end].copy_from_slice(part);
-            filled = end;
-        }
-        if filled != slice.len() {
-            return Err(StageError::input(
-                path,
-                format!("row group {group} holds fewer rows than its metadata says"),
-            ));
-        }
-        Ok(())
-    })?;
-    let start = rows.start.max(offset) - offset;
-    let end = rows.end.min(offset + values.len()).max(offset) - offset;
-    values.truncate(end);
-    values.drain(..start.min(end));
+            Ok(())
+        })?;
+    // SAFETY: each slice was checked above to be filled exactly, and together the
+    // slices are the first `total` slots of the capacity.
+    unsafe { values.set_len(total) };
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Int64Type};
+
+    /// Ranges inside one row group, across a boundary, past the end and empty: each
+    /// comes back as exactly its rows, whichever pages and groups were skipped.
+    #[test]
+    fn a_range_of_rows_reads_exactly_those_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let len = 2 * ROW_GROUP_ROWS + 12_345;
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let column = Int64Array::from_iter_values((0..len as i64).map(|i| i * 3 + 1));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(column)]).unwrap();
+        write_parquet(&path, schema, [batch], &ParquetLayout::default()).unwrap();
+        let g = ROW_GROUP_ROWS;
+        for rows in [
+            0..10,
+            g - 7..g + 70_000,
+            5..2 * g + 3,
+            2 * g + 12_000..usize::MAX,
+            g + 40_000..g + 40_000,
+            0..usize::MAX,
+        ] {
+            let got = read_column_rows::<Int64Type>(&path, "v", rows.clone()).unwrap();
+            let expected: Vec<i64> = (rows.start.min(len)..rows.end.min(len))
+                .map(|i| i as i64 * 3 + 1)
+                .collect();
+            assert!(got == expected, "rows {rows:?}: {} values", got.len());
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::blend::{BlendParams, Entry};
+use crate::blend::{Entry, PreparedBlend};
 use crate::hash::{context_hash, full_hash, zeroed_table, NGRAM_PRIMES, PHRASE_PRIMES};
 use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
 use crate::normalised::{Rolling, BASE_KEY};
@@ -32,7 +32,7 @@ pub struct MassSample<'a> {
     pub entropy: f32,
     pub model: &'a [f32],
     /// The blend of the rank that scored this position.
-    pub blend: &'a BlendParams,
+    pub blend: &'a PreparedBlend,
 }
 
 /// Σ_v p_final(v) and p_final(target) at one sampled position.
@@ -405,6 +405,7 @@ pub fn normalised_candidates(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blend::BlendParams;
 
     fn stream(n: usize) -> Vec<u16> {
         let mut state = 7u32;
@@ -430,7 +431,7 @@ mod tests {
     fn samples(
         positions: &[usize],
         model: &[f32],
-        blend: &'static BlendParams,
+        blend: &'static PreparedBlend,
     ) -> Vec<MassSample<'static>> {
         let model: &'static [f32] = Box::leak(model.to_vec().into_boxed_slice());
         positions
@@ -464,11 +465,14 @@ mod tests {
         let (ng, ph) = small_configs();
         let positions: Vec<usize> = (100..6000).step_by(97).collect();
         let model = vec![1.0f32 / 16.0; 16];
-        let blend = Box::leak(Box::new(BlendParams {
-            phrase_min_length: 16,
-            phrase_max_length: 32,
-            ..BlendParams::default()
-        }));
+        let blend = Box::leak(Box::new(
+            BlendParams {
+                phrase_min_length: 16,
+                phrase_max_length: 32,
+                ..BlendParams::default()
+            }
+            .prepared(),
+        ));
         let samples = samples(&positions, &model, blend);
 
         let lookups = crate::normalised::ngram_lookups(&tokens, &ng).unwrap();

@@ -11,6 +11,7 @@ use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, UInt16Type
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sha2::{Digest, Sha256};
 
+use cachemoney_cache::figures::Waterfall;
 use cachemoney_cache::{
     calibrate, BlendParams, CalibrationGrid, Entry, NgramConfig, NgramTables, PhraseConfig,
     PhraseTables,
@@ -236,6 +237,28 @@ fn check_case(case: &str) {
         close(neural, want("neural_only_bpb")),
         "{case}: neural {neural}"
     );
+
+    // The waterfall as `pass2` sums it: logs of products, in chunks merged in order.
+    let mut waterfall = Waterfall::default();
+    for (chunk, chunk_bytes) in entries.chunks(65_536).zip(bytes.chunks(65_536)) {
+        let mut part = Waterfall::default();
+        for (entry, &b) in chunk.iter().zip(chunk_bytes) {
+            let (ngram, last) = params.blend(entry);
+            part.add(entry.model_p, ngram, last, b as u8);
+        }
+        waterfall.merge(&part);
+    }
+    for (key, got) in [
+        ("val_bpb", waterfall.final_bpb()),
+        ("val_loss_nats", waterfall.val_loss_nats()),
+        ("neural_only_bpb", waterfall.neural_bpb()),
+    ] {
+        assert!(
+            close(got, want(key)),
+            "{case}: waterfall {key} {got} vs {}",
+            want(key)
+        );
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type
 use serde::{Deserialize, Serialize};
 use stage_api::{read_column_rows, table_rows, Input, Read, StageContext, StageError};
 
-use crate::blend::{BlendParams, Entry};
+use crate::blend::{BlendParams, Entry, PreparedBlend};
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 
@@ -245,7 +245,7 @@ impl Calibration {
                 .map(|r| {
                     (
                         r.first_row + r.rows,
-                        self.blend_with(r.alpha_high, r.entropy_thresh),
+                        self.blend_with(r.alpha_high, r.entropy_thresh).prepared(),
                     )
                 })
                 .collect(),
@@ -268,7 +268,7 @@ impl Calibration {
 }
 
 /// The blends of a calibration's ranks, by the pass-1 rows they score.
-pub struct RankBlends(Vec<(usize, BlendParams)>);
+pub struct RankBlends(Vec<(usize, PreparedBlend)>);
 
 impl RankBlends {
     /// How many pass-1 rows the ranks cover (all of pass 1, for a matching calibration).
@@ -277,7 +277,7 @@ impl RankBlends {
     }
 
     /// The blend of the rank that scores pass-1 row `row` (the last rank's past the end).
-    pub fn for_row(&self, row: usize) -> &BlendParams {
+    pub fn for_row(&self, row: usize) -> &PreparedBlend {
         let rank = self.0.partition_point(|&(end, _)| end <= row);
         &self.0[rank.min(self.0.len() - 1)].1
     }

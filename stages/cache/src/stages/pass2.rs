@@ -44,7 +44,9 @@ impl Stage for Pass2Stage {
         kind: "pass2",
         // 3: the phrase weight's exp as numpy computes it; per-rank blends.
         // 4: `bits` derived in SQL, no longer stored; tokens and bytes delta-packed.
-        version: 4,
+        // 5: the waterfall's logs taken of products of 16 probabilities (the summary's
+        //    last digits change, within 1e-14 relative).
+        version: 5,
         summary: "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall",
         inputs: &CHAIN_INPUTS,
         outputs: &[
