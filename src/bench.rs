@@ -385,6 +385,11 @@ fn engine(tokens: &[u16], repeats: usize) -> Result<()> {
             stopwatch(|| cache::normalised::phrase_lookups(tokens, &phrase_config));
         normalised?;
         record("causal-normalised phrase pass", s);
+        let (s, normalised) = stopwatch(|| {
+            cache::normalised::lookups(tokens, Some(&ngram_config), Some(&phrase_config))
+        });
+        normalised?;
+        record("causal-normalised, both in one walk", s);
     }
     let med = |label: &str| {
         times

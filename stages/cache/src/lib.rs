@@ -14,6 +14,7 @@
 pub mod blend;
 pub mod calibrate;
 pub mod causal;
+pub mod classes;
 pub mod figures;
 pub mod hash;
 pub mod mass;

@@ -8,27 +8,24 @@
 //! sums to 1 over the vocabulary; the blend weights depend on the entropy and the order,
 //! never on the target, so the blended distribution sums to 1 too.
 //!
-//! # Exact counts without hashing collisions
+//! # Exact counts
 //! The reference's count tables are 2^24 buckets shared by every context that hashes
-//! there; merged contexts are what makes its ratios exceed 1. Here a window of tokens is
-//! identified by two independent polynomial fingerprints modulo the Mersenne prime
-//! 2^61 − 1: the first (61 bits) is the key, and 12 bits of the second must agree too (10
-//! pick the partition the key is counted in, 2 ride in the key's spare top bits). Two
-//! different windows of w tokens merge only if both agree, with probability
-//! ≤ w / 2^61 · 2^−12 per pair: over 62M windows, about 10^−5 expected false merges per
-//! window length. (Even then the mass stays ≤ 1: see [`window_counts`].)
+//! there; merged contexts are what makes its ratios exceed 1. Here equal windows are
+//! found exactly, by class ids built one width from the last (see [`crate::classes`]):
+//! for each width, each end gets the number of equal windows ending before it. The
+//! context count at p of width w is that number for the window ending at p, and the full
+//! count needs no table of its own: the context followed by its target is the window of
+//! width w + 1 ending at p + 1.
 //!
-//! # Counting earlier occurrences in parallel
-//! For a window length w, `count_before[e]` is the number of windows ending before e (as
-//! an exclusive end) equal to the one ending at e. That is the window's rank among its
-//! equal keys in position order, which needs no sequential pass over one big table:
-//! windows are scattered, in position order, into 1,024 partitions by their second
-//! fingerprint, and each partition is counted with a small hash table that stays in cache.
-//! The full count needs no table of its own: the context of width w at p followed by its
-//! target is the window of width w + 1 ending at p + 1.
+//! Both caches come from one walk over the widths. The n-gram's widths (1 to the highest
+//! order) are built a token at a time; a phrase length beyond them is reached in jumps
+//! of that many tokens, its class being the pair of two shorter windows' classes.
+
+use std::collections::BTreeSet;
 
 use rayon::prelude::*;
 
+use crate::classes::{Prefix, Ranks, Stepper, Windows};
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 use crate::ConfigError;
@@ -36,14 +33,6 @@ use crate::ConfigError;
 const MERSENNE_61: u64 = (1 << 61) - 1;
 /// The fingerprints' bases: fixed, so the counts (and every artifact) are reproducible.
 pub(crate) const BASE_KEY: u64 = 0x0A3B_1C5D_7E9F_2468 % MERSENNE_61;
-const BASE_PARTITION: u64 = 0x1F2E_3D4C_5B6A_7988 % MERSENNE_61;
-/// Bits of the second fingerprint that two equal windows share: the partition's and
-/// the ones folded into the key.
-const CHECK_BITS: u32 = 12;
-/// 1,024 partitions of about 60,000 windows at 62M: few enough write streams for the
-/// scatter, small enough for each partition's counter (2 MB) to stay in cache.
-const PARTITION_BITS: u32 = 10;
-
 #[inline(always)]
 fn mul_mod(a: u64, b: u64) -> u64 {
     let product = a as u128 * b as u128;
@@ -102,176 +91,12 @@ impl Rolling {
     }
 }
 
-/// For every exclusive end e in 0..=len, how many windows of `width` tokens ending before
-/// e equal the one ending at e (0 where e < width: there is no such window).
-///
-/// Sequential within one width (the widths run in parallel). The partitions are filled in
-/// position order, so each partition's counting pass sees its windows in stream order:
-/// the count a window gets is the number of equal windows before it.
-pub fn window_counts(tokens: &[u16], width: usize) -> Vec<u32> {
-    window_counts_with(tokens, width, &mut Scratch::default())
-}
-
-/// The per-window buffers of [`window_counts`], kept between the widths a thread counts:
-/// fresh ones would fault in 0.6 GB of new pages per width at 62M tokens.
-#[derive(Default)]
-struct Scratch {
-    /// Each window's check bits, whose low bits name its partition.
-    partition_of: Vec<u16>,
-    scattered: Vec<u64>,
-}
-
-fn window_counts_with(tokens: &[u16], width: usize, scratch: &mut Scratch) -> Vec<u32> {
-    let ends = tokens.len() + 1;
-    let mut counts = crate::hash::zeroed_table(ends);
-    if width == 0 || tokens.len() < width {
-        return counts;
-    }
-    let partitions = 1usize << PARTITION_BITS;
-    let first_end = width;
-    let windows = ends - first_end;
-
-    // Pass 1: each window's partition, and the partitions' sizes.
-    let partition_of = &mut scratch.partition_of;
-    partition_of.resize(windows, 0);
-    let mut sizes = vec![0usize; partitions];
-    let mut rolling = Rolling::new(&tokens[..width], BASE_PARTITION);
-    for (i, slot) in partition_of.iter_mut().enumerate() {
-        let e = first_end + i;
-        if i > 0 {
-            rolling.slide(tokens[e - 1 - width], tokens[e - 1]);
-        }
-        let check = (rolling.value & ((1 << CHECK_BITS) - 1)) as u16;
-        *slot = check;
-        sizes[check as usize & (partitions - 1)] += 1;
-    }
-
-    // Pass 2: scatter the keys into their partitions, in position order.
-    let mut starts = Vec::with_capacity(partitions + 1);
-    starts.push(0usize);
-    for size in &sizes {
-        starts.push(starts.last().unwrap() + size);
-    }
-    let mut cursor = starts[..partitions].to_vec();
-    let scattered = &mut scratch.scattered;
-    scattered.resize(windows, 0);
-    let mut rolling = Rolling::new(&tokens[..width], BASE_KEY);
-    for (i, &check) in partition_of.iter().enumerate() {
-        let e = first_end + i;
-        if i > 0 {
-            rolling.slide(tokens[e - 1 - width], tokens[e - 1]);
-        }
-        let slot = &mut cursor[check as usize & (partitions - 1)];
-        // The check bits the partition does not hold, above the key's 61 bits.
-        scattered[*slot] = rolling.value | (check as u64 >> PARTITION_BITS) << 61;
-        *slot += 1;
-    }
-
-    // Pass 3: within each partition, replace every key by the number of equal keys before
-    // it. Keys are uniform already, so their low bits index an open-addressed table.
-    let largest = sizes.iter().copied().max().unwrap_or(0);
-    let mut table = KeyCounter::with_room_for(largest);
-    for range in starts.windows(2) {
-        table.clear();
-        for slot in &mut scattered[range[0]..range[1]] {
-            *slot = table.count_and_add(*slot) as u64;
-        }
-    }
-
-    // Pass 4: back to position order, walking the partitions' cursors again.
-    let mut cursor = starts[..partitions].to_vec();
-    for (i, &check) in partition_of.iter().enumerate() {
-        let slot = &mut cursor[check as usize & (partitions - 1)];
-        counts[first_end + i] = scattered[*slot] as u32;
-        *slot += 1;
-    }
-    counts
-}
-
-/// Occurrence counts of 63-bit keys (a fingerprint and two check bits), cleared in O(1)
-/// between partitions by a generation stamp.
-struct KeyCounter {
-    /// (key, count, generation)
-    slots: Vec<(u64, u32, u32)>,
-    mask: usize,
-    generation: u32,
-}
-
-impl KeyCounter {
-    fn with_room_for(keys: usize) -> KeyCounter {
-        let size = (2 * keys).next_power_of_two().max(16);
-        KeyCounter {
-            slots: vec![(0, 0, 0); size],
-            mask: size - 1,
-            generation: 0,
-        }
-    }
-
-    fn clear(&mut self) {
-        self.generation += 1;
-    }
-
-    /// How many times `key` was added before, then add it once more.
-    #[inline]
-    fn count_and_add(&mut self, key: u64) -> u32 {
-        let mut i = (key as usize) & self.mask;
-        loop {
-            let slot = &mut self.slots[i];
-            if slot.2 != self.generation {
-                *slot = (key, 1, self.generation);
-                return 0;
-            }
-            if slot.0 == key {
-                slot.1 += 1;
-                return slot.1 - 1;
-            }
-            i = (i + 1) & self.mask;
-        }
-    }
-}
-
-/// Window counts for every width in `widths`, computed in parallel, in `widths`' order.
-fn counts_for(tokens: &[u16], widths: &[usize]) -> Vec<Vec<u32>> {
-    widths
-        .par_iter()
-        .map_init(Scratch::default, |scratch, &w| {
-            window_counts_with(tokens, w, scratch)
-        })
-        .collect()
-}
-
 /// Causal-normalised n-gram lookups for every position: the highest order whose context
 /// occurred at least `min_count` times before p, with that context's count and how many of
 /// those occurrences were followed by p's token (`full`, possibly 0). `config.buckets` is
 /// not used: the counts are exact.
 pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMatch>, ConfigError> {
-    config.validate()?;
-    let mut result = vec![NgramMatch::default(); tokens.len()];
-    // Orders ascending, so a higher order that qualifies overwrites a lower one. Widths are
-    // counted a few at a time (each count array is 4 bytes per token).
-    let widths: Vec<usize> = (config.min_order - 1..=config.max_order).collect();
-    let mut previous: Option<(usize, Vec<u32>)> = None;
-    for group in widths.chunks(rayon::current_num_threads().max(1)) {
-        for (width, counts) in group.iter().copied().zip(counts_for(tokens, group)) {
-            if let Some((context_width, context_counts)) = previous.take() {
-                let order = context_width + 1;
-                result.par_iter_mut().enumerate().for_each(|(p, slot)| {
-                    let context = context_counts[p];
-                    if context >= config.min_count && p >= context_width {
-                        *slot = NgramMatch {
-                            order: order as u8,
-                            context,
-                            // The context and its target: the window one longer, ending
-                            // one later.
-                            full: counts[p + 1],
-                        };
-                    }
-                });
-            }
-            previous = Some((width, counts));
-        }
-    }
-    Ok(result)
+    Ok(lookups(tokens, Some(config), None)?.0)
 }
 
 /// Causal-normalised phrase lookups: the longest length whose context occurred at least
@@ -280,24 +105,203 @@ pub fn phrase_lookups(
     tokens: &[u16],
     config: &PhraseConfig,
 ) -> Result<Vec<PhraseMatch>, ConfigError> {
-    config.validate()?;
-    let mut result = vec![PhraseMatch::default(); tokens.len()];
-    // Shortest first, so a longer length that qualifies overwrites a shorter one.
-    for &length in config.lengths.iter().rev() {
-        let mut pair = counts_for(tokens, &[length, length + 1]);
-        let (context_counts, full_counts) = (pair.remove(0), pair.remove(0));
-        result.par_iter_mut().enumerate().for_each(|(p, slot)| {
-            let context = context_counts[p];
-            if context >= config.min_count && p >= length {
-                *slot = PhraseMatch {
-                    length: length as u16,
-                    context,
-                    full: full_counts[p + 1],
-                };
+    Ok(lookups(tokens, None, Some(config))?.1)
+}
+
+/// Both caches' lookups from one walk over the widths (an empty vector for a cache not
+/// asked for): the phrase lengths build on the n-gram's widths instead of counting
+/// them again.
+pub fn lookups(
+    tokens: &[u16],
+    ngram: Option<&NgramConfig>,
+    phrase: Option<&PhraseConfig>,
+) -> Result<(Vec<NgramMatch>, Vec<PhraseMatch>), ConfigError> {
+    let mut needed = BTreeSet::new();
+    let mut chained = BTreeSet::new();
+    if let Some(config) = ngram {
+        config.validate()?;
+        needed.extend(config.min_order - 1..=config.max_order);
+    }
+    if let Some(config) = phrase {
+        config.validate()?;
+        for &length in &config.lengths {
+            needed.extend([length, length + 1]);
+            chained.insert(length);
+        }
+    }
+    // The width whose classes longer windows are built from, a token at a time up to it.
+    let step = match (ngram, phrase) {
+        (Some(config), _) => config.max_order,
+        (None, Some(config)) => *config.lengths.iter().min().expect("validated"),
+        (None, None) => return Ok((Vec::new(), Vec::new())),
+    };
+    chained.extend(1..=step);
+
+    let mut ngram_result = ngram.map(|_| vec![NgramMatch::default(); tokens.len()]);
+    let mut phrase_result: Option<Vec<PhraseMatch>> = None;
+    walk_widths(tokens, step, &chained, &needed, |ranks| {
+        let ranks = &ranks;
+        if let (Some(config), Some(result)) = (ngram, ngram_result.as_mut()) {
+            fold_ngram(result, config, ranks);
+        }
+        if let Some(config) = phrase {
+            let wanted =
+                |w: usize| config.lengths.contains(&w) || config.lengths.contains(&(w - 1));
+            if wanted(ranks.width) {
+                // Allocated when first needed: the n-gram's early widths, the walk's
+                // largest, run without it.
+                let result =
+                    phrase_result.get_or_insert_with(|| vec![PhraseMatch::default(); tokens.len()]);
+                fold_phrase(result, config, ranks);
+            }
+        }
+    });
+    let phrase_result =
+        phrase.map(|_| phrase_result.unwrap_or_else(|| vec![PhraseMatch::default(); tokens.len()]));
+    Ok((
+        ngram_result.unwrap_or_default(),
+        phrase_result.unwrap_or_default(),
+    ))
+}
+
+/// Builds the classes of every width in `chained` (which holds 1..=step) in ascending
+/// order, and hands `emit` the ranks of every width in `needed`, ascending. A chained
+/// width beyond `step` is reached in jumps of `step` tokens where it can be, then a token
+/// at a time; a needed width that is not chained is one token past the chained width
+/// before it, and is counted without being kept.
+fn walk_widths(
+    tokens: &[u16],
+    step: usize,
+    chained: &BTreeSet<usize>,
+    needed: &BTreeSet<usize>,
+    mut emit: impl FnMut(Ranks),
+) {
+    let (mut windows, ranks) = Windows::of_tokens(tokens);
+    if needed.contains(&1) {
+        emit(Ranks {
+            width: 1,
+            ends: &windows.ends,
+            ranks: &ranks,
+        });
+    }
+    drop(ranks);
+    let mut stepper = Stepper::default();
+    let mut step_classes: Option<Vec<u32>> = (step == 1).then(|| windows.by_end(tokens.len()));
+    for &target in chained.union(needed).filter(|&&w| w > 1) {
+        if !chained.contains(&target) {
+            debug_assert_eq!(windows.width + 1, target);
+            stepper.beside(&windows, Prefix::Token(tokens), &mut emit);
+            continue;
+        }
+        while windows.width < target {
+            let prefix = match &step_classes {
+                Some(by_end) if windows.width + step <= target => Prefix::Classes {
+                    width: step,
+                    by_end,
+                },
+                _ => Prefix::Token(tokens),
+            };
+            let width = windows.width + prefix.width();
+            stepper.extend(&mut windows, prefix, |ranks| {
+                if width == target && needed.contains(&width) {
+                    emit(ranks);
+                }
+            });
+            if width == step && step_classes.is_none() {
+                step_classes = Some(windows.by_end(tokens.len()));
+            }
+        }
+    }
+}
+
+/// Calls `f` on the slot of position `end − back` for every end that `ranks` lists, with
+/// its rank; in parallel over blocks of positions (the ends are ascending).
+fn at_ends<T: Send>(
+    result: &mut [T],
+    ranks: &Ranks<'_>,
+    back: usize,
+    f: impl Fn(&mut T, u32) + Sync,
+) {
+    const BLOCK: usize = 1 << 16;
+    result
+        .par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, slots)| {
+            let first = block * BLOCK + back;
+            let from = ranks.ends.partition_point(|&e| (e as usize) < first);
+            let to = ranks
+                .ends
+                .partition_point(|&e| (e as usize) < first + slots.len());
+            for (&e, &rank) in ranks.ends[from..to].iter().zip(&ranks.ranks[from..to]) {
+                f(&mut slots[e as usize - first], rank);
+            }
+        });
+}
+
+/// The n-gram's part of width w: the full counts of order w (chosen at the width before),
+/// then order w + 1 chosen where its context count qualifies. Orders ascend, so a higher
+/// order that qualifies overwrites a lower one.
+fn fold_ngram(result: &mut [NgramMatch], config: &NgramConfig, ranks: &Ranks<'_>) {
+    let width = ranks.width;
+    if (config.min_order..=config.max_order).contains(&width) {
+        // The context and its target: the window one longer, ending one later.
+        at_ends(result, ranks, 1, |slot, rank| {
+            if slot.order as usize == width {
+                slot.full = rank;
             }
         });
     }
-    Ok(result)
+    let order = width + 1;
+    if (config.min_order..=config.max_order).contains(&order) {
+        let chosen = NgramMatch {
+            order: order as u8,
+            context: 0,
+            full: 0,
+        };
+        if config.min_count == 0 {
+            // Every context qualifies, even one seen never before.
+            let from = width.min(result.len());
+            result[from..]
+                .par_iter_mut()
+                .for_each(|slot| *slot = chosen);
+        }
+        at_ends(result, ranks, 0, |slot, context| {
+            if context >= config.min_count {
+                *slot = NgramMatch { context, ..chosen };
+            }
+        });
+    }
+}
+
+/// The phrase's part of width w: the full counts of length w − 1, then length w chosen
+/// where its context count qualifies (lengths ascend, so longer ones win).
+fn fold_phrase(result: &mut [PhraseMatch], config: &PhraseConfig, ranks: &Ranks<'_>) {
+    let width = ranks.width;
+    if config.lengths.contains(&(width - 1)) {
+        at_ends(result, ranks, 1, |slot, rank| {
+            if slot.length as usize == width - 1 {
+                slot.full = rank;
+            }
+        });
+    }
+    if config.lengths.contains(&width) {
+        let chosen = PhraseMatch {
+            length: width as u16,
+            context: 0,
+            full: 0,
+        };
+        if config.min_count == 0 {
+            let from = width.min(result.len());
+            result[from..]
+                .par_iter_mut()
+                .for_each(|slot| *slot = chosen);
+        }
+        at_ends(result, ranks, 0, |slot, context| {
+            if context >= config.min_count {
+                *slot = PhraseMatch { context, ..chosen };
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -330,21 +334,41 @@ mod tests {
             .count() as u32
     }
 
+    /// Every width's ranks, whether reached a token at a time, in jumps, or counted on
+    /// the side, are the counts of earlier equal windows at every end.
     #[test]
-    fn window_counts_are_exact_counts_of_earlier_equal_windows() {
+    fn every_width_ranks_earlier_equal_windows() {
         let tokens = stream(3000, 5);
-        for width in [1, 2, 3, 7, 16, 17, 65] {
-            let counts = window_counts(&tokens, width);
-            assert_eq!(counts.len(), tokens.len() + 1);
-            for end in (0..=tokens.len()).step_by(7) {
-                let expected = if end < width {
+        let chained: BTreeSet<usize> = (1..=4).chain([7, 16, 65]).collect();
+        let needed: BTreeSet<usize> = [1, 2, 3, 4, 7, 8, 16, 17, 65, 66].into();
+        let mut emitted = Vec::new();
+        walk_widths(&tokens, 4, &chained, &needed, |ranks| {
+            let mut by_end = vec![0u32; tokens.len() + 1];
+            for (&e, &r) in ranks.ends.iter().zip(ranks.ranks) {
+                by_end[e as usize] = r;
+            }
+            for (end, &count) in by_end.iter().enumerate() {
+                let expected = if end < ranks.width {
                     0
                 } else {
-                    earlier_equal_windows(&tokens, width, end)
+                    earlier_equal_windows(&tokens, ranks.width, end)
                 };
-                assert_eq!(counts[end], expected, "width {width} end {end}");
+                assert_eq!(count, expected, "width {} end {end}", ranks.width);
             }
-        }
+            emitted.push(ranks.width);
+        });
+        assert_eq!(emitted, needed.into_iter().collect::<Vec<_>>());
+    }
+
+    /// Both caches from one walk are each cache's own walk.
+    #[test]
+    fn one_walk_for_both_caches_is_two_walks() {
+        let tokens = stream(4000, 3);
+        let (ngram, phrase) = (NgramConfig::default(), PhraseConfig::default());
+        let (a, b) = lookups(&tokens, Some(&ngram), Some(&phrase)).unwrap();
+        assert_eq!(a, ngram_lookups(&tokens, &ngram).unwrap());
+        assert_eq!(b, phrase_lookups(&tokens, &phrase).unwrap());
+        assert!(b.iter().any(|m| m.matched()) && a.iter().any(|m| m.order >= 8));
     }
 
     /// The defining properties, against brute force: the highest order whose context was
@@ -379,8 +403,8 @@ mod tests {
                     next_tokens[tokens[e] as usize] += 1;
                 }
             }
-            assert_eq!(m.context, next_tokens.iter().sum::<u32>(), "p {p}");
-            assert_eq!(m.full, next_tokens[tokens[p] as usize], "p {p}");
+            assert_eq!({ m.context }, next_tokens.iter().sum::<u32>(), "p {p}");
+            assert_eq!({ m.full }, next_tokens[tokens[p] as usize], "p {p}");
             let mass: f64 = next_tokens
                 .iter()
                 .map(|&c| crate::ngram::cache_q(m.context, c))
@@ -406,8 +430,8 @@ mod tests {
                 .find(|&l| p >= l && earlier_equal_windows(&tokens, l, p) >= 1);
             assert_eq!(m.matched().then_some(m.length as usize), expected, "p {p}");
             if let Some(l) = expected {
-                assert_eq!(m.context, earlier_equal_windows(&tokens, l, p));
-                assert_eq!(m.full, earlier_equal_windows(&tokens, l + 1, p + 1));
+                assert_eq!({ m.context }, earlier_equal_windows(&tokens, l, p));
+                assert_eq!({ m.full }, earlier_equal_windows(&tokens, l + 1, p + 1));
             }
         }
     }

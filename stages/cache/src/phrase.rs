@@ -39,7 +39,11 @@ impl PhraseConfig {
     }
 }
 
+/// The phrase result for one position, packed to 10 bytes like [`NgramMatch`].
+///
+/// [`NgramMatch`]: crate::ngram::NgramMatch
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[repr(C, packed)]
 pub struct PhraseMatch {
     /// 0 when unmatched.
     pub length: u16,

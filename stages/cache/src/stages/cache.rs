@@ -121,14 +121,16 @@ impl Stage for CacheStage {
                 Lookups::Made(ngram, phrase)
             }
             Mode::CausalNormalised => {
+                // One walk over the widths for both caches: the phrase lengths are built
+                // from the n-gram's widths.
                 let started = Instant::now();
-                let ngram = crate::normalised::ngram_lookups(&tokens, &params.ngram())
-                    .map_err(node_error)?;
-                report.phase("ngram_exact_pass", started);
-                let started = Instant::now();
-                let phrase = crate::normalised::phrase_lookups(&tokens, &params.phrase())
-                    .map_err(node_error)?;
-                report.phase("phrase_exact_pass", started);
+                let (ngram, phrase) = crate::normalised::lookups(
+                    &tokens,
+                    Some(&params.ngram()),
+                    Some(&params.phrase()),
+                )
+                .map_err(node_error)?;
+                report.phase("exact_pass", started);
                 Lookups::Made(ngram, phrase)
             }
         };

@@ -1,0 +1,569 @@
+//! Equal windows of tokens, named by exact class ids, one width after another.
+//!
+//! The causal-normalised cache needs, for every window width w it uses and every end e,
+//! the number of windows of width w ending before e that are equal to the one ending at e.
+//! Comparing windows token by token is too slow, and hashing them is not exact. Instead,
+//! every window that occurs at least twice gets a *class*: a u32 shared by exactly the
+//! windows equal to it. The window of width w + k ending at e is the window of width k
+//! ending at e − w followed by the window of width w ending at e, so its key is the pair
+//! of their classes, 64 bits that identify it exactly. Counting those keys gives the next
+//! width's ranks and classes, with no collisions to reason about.
+//!
+//! A window that occurs once has no class: every longer window ending at the same place
+//! contains it, so it occurs once too, and its count of earlier equal windows stays 0.
+//! Such ends are dropped, and each width works on fewer ends than the one before (on
+//! web text, most 16-token windows occur once).
+//!
+//! # Counting keys on every core
+//! The keys are scattered into partitions by a hash, keeping their order within each
+//! partition; each partition is counted with a small table that stays in cache, then the
+//! ranks and classes are gathered back into the keys' order. Each pass runs in parallel
+//! (chunks of keys, or groups of partitions) and none depends on the thread count, so the
+//! results are the same on any machine.
+
+use rayon::prelude::*;
+
+/// The class of a window that occurs only once (or of no window, before a width's first end).
+pub(crate) const SINGLETON: u32 = u32::MAX;
+
+/// Keys per chunk in the passes that walk keys in order.
+const CHUNK: usize = 1 << 18;
+/// At most 1,024 partitions: the scatter's write streams stay few, and a partition of the
+/// 62M keys of a full width still has a table (2 MB) that fits in cache.
+const MAX_PARTITION_BITS: u32 = 10;
+/// Aim for partitions of about 2^16 keys.
+const KEYS_PER_PARTITION_BITS: u32 = 16;
+
+/// The windows of one width that occur at least twice in the stream.
+pub(crate) struct Windows {
+    pub width: usize,
+    /// Their exclusive ends, ascending.
+    pub ends: Vec<u32>,
+    /// Their classes, parallel to `ends`.
+    pub class: Vec<u32>,
+}
+
+/// One width's ranks: for each listed end, how many equal windows end before it. An end
+/// not listed has none (its window occurs once, or the stream is too short for it).
+pub(crate) struct Ranks<'a> {
+    pub width: usize,
+    pub ends: &'a [u32],
+    pub ranks: &'a [u32],
+}
+
+/// The classes of a shorter width that a step puts in front of the windows it extends.
+#[derive(Clone, Copy)]
+pub(crate) enum Prefix<'a> {
+    /// Width 1: a window of one token is its own class.
+    Token(&'a [u16]),
+    /// The classes of `width`, by end (SINGLETON where none).
+    Classes { width: usize, by_end: &'a [u32] },
+}
+
+impl Prefix<'_> {
+    pub fn width(&self) -> usize {
+        match self {
+            Prefix::Token(_) => 1,
+            Prefix::Classes { width, .. } => *width,
+        }
+    }
+
+    /// The class of the window of this width ending at `end` (which is ≥ the width).
+    #[inline(always)]
+    fn class_at(&self, end: usize) -> u32 {
+        match self {
+            Prefix::Token(tokens) => tokens[end - 1] as u32,
+            Prefix::Classes { by_end, .. } => by_end[end],
+        }
+    }
+}
+
+impl Windows {
+    /// Width 1: a token's class is the token. Also returns each listed end's rank.
+    pub fn of_tokens(tokens: &[u16]) -> (Windows, Vec<u32>) {
+        let mut totals = vec![0u32; 1 << 16];
+        for &t in tokens {
+            totals[t as usize] += 1;
+        }
+        let mut seen = vec![0u32; 1 << 16];
+        let (mut ends, mut class, mut ranks) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &t) in tokens.iter().enumerate() {
+            if totals[t as usize] >= 2 {
+                ends.push(i as u32 + 1);
+                class.push(t as u32);
+                ranks.push(seen[t as usize]);
+                seen[t as usize] += 1;
+            }
+        }
+        let windows = Windows {
+            width: 1,
+            ends,
+            class,
+        };
+        (windows, ranks)
+    }
+
+    /// The classes by end, SINGLETON where there is none: what a [`Prefix::Classes`]
+    /// reads.
+    pub fn by_end(&self, stream_len: usize) -> Vec<u32> {
+        let mut by_end = vec![SINGLETON; stream_len + 1];
+        for (&e, &c) in self.ends.iter().zip(&self.class) {
+            by_end[e as usize] = c;
+        }
+        by_end
+    }
+}
+
+/// Counts one width from the one before, reusing its buffers from width to width: fresh
+/// ones would fault in about a gigabyte of new pages per width at 62M tokens.
+#[derive(Default)]
+pub(crate) struct Stepper {
+    /// Each key's partition (SKIP: no key).
+    partition: Vec<u16>,
+    /// The keys scattered by partition, then each one's class and rank.
+    runs: Vec<u64>,
+    /// Where each chunk's keys of each partition went.
+    cursors: Vec<Vec<usize>>,
+    ranks: Vec<u32>,
+}
+
+/// A window whose prefix part occurs once: it occurs once too, and is not counted.
+const SKIP: u16 = u16::MAX;
+
+impl Stepper {
+    /// Extends `windows` by `prefix.width()` tokens, in place: hands `emit` the ranks of
+    /// the longer windows, then keeps those that occur more than once.
+    pub fn extend(&mut self, windows: &mut Windows, prefix: Prefix, emit: impl FnOnce(Ranks)) {
+        let (width, first) = (windows.width + prefix.width(), first_end(windows, prefix));
+        match prefix {
+            Prefix::Token(tokens) if windows.width == 1 && small_vocabulary(tokens) => {
+                self.count_pairs(windows, tokens, first)
+            }
+            _ => {
+                let n = windows.ends.len() - first;
+                self.scatter_and_count(&|i| key_at(windows, prefix, first + i), n);
+                // The longer windows' classes replace the shorter ones' in place: every
+                // key was made from its class before the gather.
+                self.gather(Some(&mut windows.class[first..]));
+            }
+        }
+        emit(Ranks {
+            width,
+            ends: &windows.ends[first..],
+            ranks: &self.ranks,
+        });
+        // Keep the windows that occur more than once.
+        let mut kept = 0;
+        for i in first..windows.ends.len() {
+            if windows.class[i] != SINGLETON {
+                windows.ends[kept] = windows.ends[i];
+                windows.class[kept] = windows.class[i];
+                kept += 1;
+            }
+        }
+        windows.ends.truncate(kept);
+        windows.class.truncate(kept);
+        if windows.ends.capacity() > kept + kept / 4 + 1024 {
+            windows.ends.shrink_to_fit();
+            windows.class.shrink_to_fit();
+        }
+        windows.width = width;
+    }
+
+    /// Width 2 from width 1 when the vocabulary is small: a pair of tokens indexes a
+    /// table of every pair directly, and is its own class. Two sequential passes, and no
+    /// scatter: this is the width with the most windows.
+    fn count_pairs(&mut self, windows: &mut Windows, tokens: &[u16], first: usize) {
+        let vocabulary = vocabulary(tokens);
+        let pairs = vocabulary * vocabulary;
+        let n = windows.ends.len() - first;
+        self.fit(n);
+        resize(&mut self.ranks, n);
+        let (ends, class) = (&windows.ends[first..], &mut windows.class[first..]);
+        let pair =
+            |e: u32, class: u32| tokens[e as usize - 2] as usize * vocabulary + class as usize;
+        // One block per thread: each block's histogram, then, with the counts of the
+        // blocks before it as a start, each block's ranks.
+        let block = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let histograms: Vec<Vec<u32>> = ends
+            .par_chunks(block)
+            .zip(class.par_chunks(block))
+            .map(|(ends, class)| {
+                let mut counts = vec![0u32; pairs];
+                for (&e, &c) in ends.iter().zip(class) {
+                    counts[pair(e, c)] += 1;
+                }
+                counts
+            })
+            .collect();
+        let mut totals = vec![0u32; pairs];
+        let mut before = Vec::with_capacity(histograms.len());
+        for counts in histograms {
+            before.push(totals.clone());
+            totals.iter_mut().zip(&counts).for_each(|(t, c)| *t += c);
+        }
+        self.ranks
+            .par_chunks_mut(block)
+            .zip(ends.par_chunks(block))
+            .zip(class.par_chunks_mut(block))
+            .zip(before.into_par_iter())
+            .for_each(|(((ranks, ends), class), mut seen)| {
+                for ((rank, &e), c) in ranks.iter_mut().zip(ends).zip(class) {
+                    let key = pair(e, *c);
+                    *rank = seen[key];
+                    seen[key] += 1;
+                    *c = if totals[key] >= 2 {
+                        key as u32
+                    } else {
+                        SINGLETON
+                    };
+                }
+            });
+    }
+
+    /// The ranks of the windows `prefix.width()` tokens longer than `windows`, which are
+    /// left as they are.
+    pub fn beside(&mut self, windows: &Windows, prefix: Prefix, emit: impl FnOnce(Ranks)) {
+        let (width, first) = (windows.width + prefix.width(), first_end(windows, prefix));
+        self.scatter_and_count(
+            &|i| key_at(windows, prefix, first + i),
+            windows.ends.len() - first,
+        );
+        self.gather(None);
+        emit(Ranks {
+            width,
+            ends: &windows.ends[first..],
+            ranks: &self.ranks,
+        });
+    }
+
+    /// Drops buffer capacity far beyond what `keys` keys need: the widths' windows thin
+    /// out, and the memory is better given back than kept for a width that never comes.
+    fn fit(&mut self, keys: usize) {
+        // Shrunk in place (the allocator gives the tail's pages back), so the pages
+        // kept are not faulted in again.
+        let roomy = |capacity: usize| capacity > keys + keys / 4 + 1024;
+        if roomy(self.runs.capacity()) {
+            self.runs.truncate(keys);
+            self.runs.shrink_to_fit();
+        }
+        if roomy(self.partition.capacity()) {
+            self.partition.truncate(keys);
+            self.partition.shrink_to_fit();
+        }
+        if roomy(self.ranks.capacity()) {
+            self.ranks.truncate(keys);
+            self.ranks.shrink_to_fit();
+        }
+    }
+
+    /// Passes 1–3 over the keys `key_of(0..n)` (None: no key): partitions, scatter,
+    /// count. The runs then hold each key's class and rank.
+    fn scatter_and_count(&mut self, key_of: &(dyn Fn(usize) -> Option<u64> + Sync), n: usize) {
+        self.fit(n);
+        let bits = (n >> KEYS_PER_PARTITION_BITS)
+            .next_power_of_two()
+            .trailing_zeros()
+            .min(MAX_PARTITION_BITS);
+        let partitions = 1usize << bits;
+        let partition_of = |key: u64| -> usize {
+            if bits == 0 {
+                0
+            } else {
+                (mix(key) >> (64 - bits)) as usize
+            }
+        };
+
+        // Pass 1: each key's partition, and each chunk's partition sizes.
+        resize(&mut self.partition, n);
+        let histograms: Vec<Vec<u32>> = self
+            .partition
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .map(|(chunk, ids)| {
+                let mut sizes = vec![0u32; partitions];
+                for (j, id) in ids.iter_mut().enumerate() {
+                    *id = match key_of(chunk * CHUNK + j) {
+                        Some(key) => {
+                            let p = partition_of(key);
+                            sizes[p] += 1;
+                            p as u16
+                        }
+                        None => SKIP,
+                    };
+                }
+                sizes
+            })
+            .collect();
+        // Partitions one after another, and within a partition the chunks in order, so
+        // each partition's run is in key order.
+        let mut starts = vec![0usize; partitions + 1];
+        self.cursors = vec![vec![0usize; partitions]; histograms.len()];
+        let mut at = 0;
+        for p in 0..partitions {
+            starts[p] = at;
+            for (chunk, sizes) in histograms.iter().enumerate() {
+                self.cursors[chunk][p] = at;
+                at += sizes[p] as usize;
+            }
+        }
+        starts[partitions] = at;
+
+        // Pass 2: scatter. Each thread owns a contiguous group of partitions, so it writes
+        // only its own slice of the runs while reading every key.
+        resize(&mut self.runs, at);
+        let groups = partition_groups(&starts, rayon::current_num_threads().max(1));
+        let mut slices = Vec::with_capacity(groups.len());
+        let mut rest = self.runs.as_mut_slice();
+        for group in &groups {
+            let (slice, tail) = rest.split_at_mut(starts[group.end] - starts[group.start]);
+            slices.push((group.clone(), slice));
+            rest = tail;
+        }
+        let (partition, cursors) = (&self.partition, &self.cursors);
+        slices.into_par_iter().for_each(|(group, slice)| {
+            let base = starts[group.start];
+            for (chunk, ids) in partition.chunks(CHUNK).enumerate() {
+                let mut cursor: Vec<usize> = cursors[chunk][group.clone()]
+                    .iter()
+                    .map(|&s| s - base)
+                    .collect();
+                for (j, &id) in ids.iter().enumerate() {
+                    let p = id as usize;
+                    if id != SKIP && group.contains(&p) {
+                        let slot = &mut cursor[p - group.start];
+                        slice[*slot] = key_of(chunk * CHUNK + j).expect("a key in pass 1");
+                        *slot += 1;
+                    }
+                }
+            }
+        });
+
+        // Pass 3: count each partition, replacing each key by its class and rank.
+        let mut run_slices = Vec::with_capacity(partitions);
+        let mut rest = self.runs.as_mut_slice();
+        for p in 0..partitions {
+            let (slice, tail) = rest.split_at_mut(starts[p + 1] - starts[p]);
+            run_slices.push((starts[p], slice));
+            rest = tail;
+        }
+        run_slices
+            .into_par_iter()
+            .for_each_init(Counter::default, |counter, (start, run)| {
+                counter.rank_and_classify(run, start as u32)
+            });
+    }
+
+    /// Pass 4: each key's rank (into `self.ranks`) and class (into `classes`, if given),
+    /// back in key order; no key: rank 0 and SINGLETON.
+    fn gather(&mut self, classes: Option<&mut [u32]>) {
+        let n = self.partition.len();
+        resize(&mut self.ranks, n);
+        let cursors = std::mem::take(&mut self.cursors);
+        let (runs, partition) = (&self.runs, &self.partition);
+        let walk = |ranks: &mut [u32],
+                    classes: Option<&mut [u32]>,
+                    ids: &[u16],
+                    mut cursor: Vec<usize>| {
+            let mut classes = classes.map(|c| c.iter_mut());
+            for (rank, &id) in ranks.iter_mut().zip(ids) {
+                let (r, class) = if id == SKIP {
+                    (0, SINGLETON)
+                } else {
+                    let slot = &mut cursor[id as usize];
+                    let entry = runs[*slot];
+                    *slot += 1;
+                    (entry as u32, (entry >> 32) as u32)
+                };
+                *rank = r;
+                if let Some(classes) = classes.as_mut() {
+                    *classes.next().expect("one class per key") = class;
+                }
+            }
+        };
+        match classes {
+            Some(classes) => self
+                .ranks
+                .par_chunks_mut(CHUNK)
+                .zip(classes.par_chunks_mut(CHUNK))
+                .zip(partition.par_chunks(CHUNK))
+                .zip(cursors.into_par_iter())
+                .for_each(|(((ranks, classes), ids), cursor)| {
+                    walk(ranks, Some(classes), ids, cursor)
+                }),
+            None => self
+                .ranks
+                .par_chunks_mut(CHUNK)
+                .zip(partition.par_chunks(CHUNK))
+                .zip(cursors.into_par_iter())
+                .for_each(|((ranks, ids), cursor)| walk(ranks, None, ids, cursor)),
+        }
+    }
+}
+
+/// Resizes a scratch buffer to `len`, zeroing only what was never allocated.
+fn resize<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) {
+    buffer.resize(len, T::default());
+}
+
+/// One more than the largest token.
+fn vocabulary(tokens: &[u16]) -> usize {
+    tokens.iter().copied().max().map_or(0, |t| t as usize + 1)
+}
+
+/// Whether every pair of tokens fits a direct table of at most 2^22 counts (16 MB).
+fn small_vocabulary(tokens: &[u16]) -> bool {
+    vocabulary(tokens).pow(2) <= 1 << 22
+}
+
+/// The index of the first window long enough to be extended by `prefix`.
+fn first_end(windows: &Windows, prefix: Prefix) -> usize {
+    let width = windows.width + prefix.width();
+    windows.ends.partition_point(|&e| (e as usize) < width)
+}
+
+/// The key of window `i` extended by `prefix`: the prefix part's class, then the
+/// window's own; None if the prefix part occurs once.
+#[inline(always)]
+fn key_at(windows: &Windows, prefix: Prefix, i: usize) -> Option<u64> {
+    let e = windows.ends[i] as usize;
+    let left = prefix.class_at(e - windows.width);
+    (left != SINGLETON).then(|| (left as u64) << 32 | windows.class[i] as u64)
+}
+
+/// Splits the partitions into about `threads` contiguous groups of similar size.
+fn partition_groups(starts: &[usize], threads: usize) -> Vec<std::ops::Range<usize>> {
+    let partitions = starts.len() - 1;
+    let total = starts[partitions];
+    let mut groups = Vec::new();
+    let mut first = 0;
+    for t in 1..=threads {
+        let target = total * t / threads;
+        let mut last = first;
+        while last < partitions && (starts[last + 1] <= target || t == threads) {
+            last += 1;
+        }
+        if last > first {
+            groups.push(first..last);
+            first = last;
+        }
+    }
+    if first < partitions {
+        groups.push(first..partitions);
+    }
+    groups
+}
+
+#[inline(always)]
+fn mix(key: u64) -> u64 {
+    (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// One partition's distinct keys, cleared in O(1) between partitions by a generation
+/// stamp: (key, local id, generation) per slot, and each local id's count.
+#[derive(Default)]
+struct Counter {
+    slots: Vec<(u64, u32, u32)>,
+    counts: Vec<u32>,
+    generation: u32,
+}
+
+impl Counter {
+    /// Replaces each key of `run` by (class << 32 | rank), classes numbered from `first`.
+    fn rank_and_classify(&mut self, run: &mut [u64], first: u32) {
+        let size = (2 * run.len()).next_power_of_two().max(16);
+        if self.slots.len() < size {
+            self.slots = vec![(0, 0, 0); size];
+            self.generation = 0;
+        }
+        self.generation += 1;
+        let (generation, mask) = (self.generation, size - 1);
+        self.counts.clear();
+        for entry in run.iter_mut() {
+            let key = *entry;
+            let mut i = mix(key) as usize & mask;
+            let local = loop {
+                let slot = &mut self.slots[i];
+                if slot.2 != generation {
+                    *slot = (key, self.counts.len() as u32, generation);
+                    self.counts.push(0);
+                    break slot.1;
+                }
+                if slot.0 == key {
+                    break slot.1;
+                }
+                i = (i + 1) & mask;
+            };
+            let count = &mut self.counts[local as usize];
+            *entry = (local as u64) << 32 | *count as u64;
+            *count += 1;
+        }
+        for entry in run.iter_mut() {
+            let local = (*entry >> 32) as u32;
+            let class = if self.counts[local as usize] >= 2 {
+                first + local
+            } else {
+                SINGLETON
+            };
+            *entry = (class as u64) << 32 | (*entry & 0xFFFF_FFFF);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Many partitions, some keys missing: each key's rank is the number of equal keys
+    /// before it, and its class is shared by exactly the keys equal to it.
+    #[test]
+    fn ranks_and_classes_are_those_of_the_keys_in_order() {
+        let mut stepper = Stepper::default();
+        for n in [0usize, 1, 7, 1000, 300_000, 2_000] {
+            let keys: Vec<Option<u64>> = (0..n as u64)
+                .map(|i| (i % 11 != 3).then_some((i * 2_654_435_761 % 997) * (1 << 40) + i % 13))
+                .collect();
+            stepper.scatter_and_count(&|i| keys[i], n);
+            let mut classes = vec![0u32; n];
+            stepper.gather(Some(&mut classes));
+            let ranks = stepper.ranks.clone();
+            let mut totals: HashMap<u64, u32> = HashMap::new();
+            for k in keys.iter().flatten() {
+                *totals.entry(*k).or_default() += 1;
+            }
+            let mut seen: HashMap<u64, u32> = HashMap::new();
+            let mut class_of: HashMap<u64, u32> = HashMap::new();
+            let mut key_of: HashMap<u32, u64> = HashMap::new();
+            for (i, key) in keys.iter().enumerate() {
+                let Some(k) = *key else {
+                    assert_eq!((ranks[i], classes[i]), (0, SINGLETON));
+                    continue;
+                };
+                let rank = seen.entry(k).or_default();
+                assert_eq!(ranks[i], *rank, "n {n} key {i}");
+                *rank += 1;
+                if totals[&k] == 1 {
+                    assert_eq!(classes[i], SINGLETON);
+                } else {
+                    assert!((classes[i] as usize) < n);
+                    assert_eq!(*class_of.entry(k).or_insert(classes[i]), classes[i]);
+                    assert_eq!(*key_of.entry(classes[i]).or_insert(k), k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn partition_groups_cover_every_partition_once() {
+        let starts = [0, 5, 5, 9, 30, 31, 40];
+        for threads in 1..=8 {
+            let groups = partition_groups(&starts, threads);
+            assert_eq!(groups.first().unwrap().start, 0);
+            assert_eq!(groups.last().unwrap().end, 6);
+            for pair in groups.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+            }
+        }
+    }
+}
