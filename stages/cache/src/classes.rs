@@ -171,14 +171,14 @@ impl Stepper {
     }
 
     /// Width 2 from width 1 when the vocabulary is small: a pair of tokens indexes a
-    /// table of every pair directly, and is its own class. Two sequential passes, and no
-    /// scatter: this is the width with the most windows.
+    /// table of every pair directly, and is its own class: two passes over a block per
+    /// thread, and no scatter, for the width with the most windows.
     fn count_pairs(&mut self, windows: &mut Windows, tokens: &[u16], first: usize) {
         let vocabulary = vocabulary(tokens);
         let pairs = vocabulary * vocabulary;
         let n = windows.ends.len() - first;
         self.fit(n);
-        resize(&mut self.ranks, n);
+        self.ranks.resize(n, 0);
         let (ends, class) = (&windows.ends[first..], &mut windows.class[first..]);
         let pair =
             |e: u32, class: u32| tokens[e as usize - 2] as usize * vocabulary + class as usize;
@@ -275,7 +275,7 @@ impl Stepper {
         };
 
         // Pass 1: each key's partition, and each chunk's partition sizes.
-        resize(&mut self.partition, n);
+        self.partition.resize(n, 0);
         let histograms: Vec<Vec<u32>> = self
             .partition
             .par_chunks_mut(CHUNK)
@@ -311,7 +311,7 @@ impl Stepper {
 
         // Pass 2: scatter. Each thread owns a contiguous group of partitions, so it writes
         // only its own slice of the runs while reading every key.
-        resize(&mut self.runs, at);
+        self.runs.resize(at, 0);
         let groups = partition_groups(&starts, rayon::current_num_threads().max(1));
         let mut slices = Vec::with_capacity(groups.len());
         let mut rest = self.runs.as_mut_slice();
@@ -358,7 +358,7 @@ impl Stepper {
     /// back in key order; no key: rank 0 and SINGLETON.
     fn gather(&mut self, classes: Option<&mut [u32]>) {
         let n = self.partition.len();
-        resize(&mut self.ranks, n);
+        self.ranks.resize(n, 0);
         let cursors = std::mem::take(&mut self.cursors);
         let (runs, partition) = (&self.runs, &self.partition);
         let walk = |ranks: &mut [u32],
@@ -399,11 +399,6 @@ impl Stepper {
                 .for_each(|((ranks, ids), cursor)| walk(ranks, None, ids, cursor)),
         }
     }
-}
-
-/// Resizes a scratch buffer to `len`, zeroing only what was never allocated.
-fn resize<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) {
-    buffer.resize(len, T::default());
 }
 
 /// One more than the largest token.
