@@ -34,7 +34,8 @@ const MAX_PARTITION_BITS: u32 = 10;
 /// Aim for partitions of about 2^16 keys.
 const KEYS_PER_PARTITION_BITS: u32 = 16;
 
-/// The windows of one width that occur at least twice in the stream.
+/// The windows of one width that occur at least twice in the stream, and perhaps a few
+/// that do not, marked with the class SINGLETON (dropping them costs a pass).
 pub(crate) struct Windows {
     pub width: usize,
     /// Their exclusive ends, ascending.
@@ -152,7 +153,19 @@ impl Stepper {
             ends: &windows.ends[first..],
             ranks: &self.ranks,
         });
-        // Keep the windows that occur more than once.
+        windows.width = width;
+        // Keep the windows that occur more than once. Where only a few occur once, they
+        // stay, with the class SINGLETON, which makes them no key (see `key_at`): a pass
+        // over every window costs more than carrying them.
+        let once = windows.class[first..]
+            .iter()
+            .filter(|&&c| c == SINGLETON)
+            .count();
+        if once < (windows.ends.len() - first) / 8 {
+            // The few too short for this width go the same way.
+            windows.class[..first].fill(SINGLETON);
+            return;
+        }
         let mut kept = 0;
         for i in first..windows.ends.len() {
             if windows.class[i] != SINGLETON {
@@ -167,7 +180,6 @@ impl Stepper {
             windows.ends.shrink_to_fit();
             windows.class.shrink_to_fit();
         }
-        windows.width = width;
     }
 
     /// Width 2 from width 1 when the vocabulary is small: a pair of tokens indexes a
@@ -311,6 +323,9 @@ impl Stepper {
 
         // Pass 2: scatter. Each thread owns a contiguous group of partitions, so it writes
         // only its own slice of the runs while reading every key.
+        if self.runs.capacity() < at {
+            self.runs = crate::hash::zeroed_with_huge_pages(at);
+        }
         self.runs.resize(at, 0);
         let groups = partition_groups(&starts, rayon::current_num_threads().max(1));
         let mut slices = Vec::with_capacity(groups.len());
@@ -418,12 +433,16 @@ fn first_end(windows: &Windows, prefix: Prefix) -> usize {
 }
 
 /// The key of window `i` extended by `prefix`: the prefix part's class, then the
-/// window's own; None if the prefix part occurs once.
+/// window's own; None if either part occurs once.
 #[inline(always)]
 fn key_at(windows: &Windows, prefix: Prefix, i: usize) -> Option<u64> {
+    let class = windows.class[i];
+    if class == SINGLETON {
+        return None;
+    }
     let e = windows.ends[i] as usize;
     let left = prefix.class_at(e - windows.width);
-    (left != SINGLETON).then(|| (left as u64) << 32 | windows.class[i] as u64)
+    (left != SINGLETON).then_some((left as u64) << 32 | class as u64)
 }
 
 /// Splits the partitions into about `threads` contiguous groups of similar size.

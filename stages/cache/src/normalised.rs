@@ -338,11 +338,23 @@ mod tests {
     /// the side, are the counts of earlier equal windows at every end.
     #[test]
     fn every_width_ranks_earlier_equal_windows() {
-        let tokens = stream(3000, 5);
+        // Drifting text, where longer windows soon occur once and are dropped, and a
+        // text repeated with a few changes, where most windows recur and the few that
+        // occur once are carried along instead.
+        let mut repeated: Vec<u16> = (0..3000).map(|i| ((i % 97) * 7 % 12) as u16).collect();
+        for i in [500, 1234, 2900] {
+            repeated[i] = 11 - repeated[i];
+        }
+        for tokens in [stream(3000, 5), repeated] {
+            check_every_width(&tokens);
+        }
+    }
+
+    fn check_every_width(tokens: &[u16]) {
         let chained: BTreeSet<usize> = (1..=4).chain([7, 16, 65]).collect();
         let needed: BTreeSet<usize> = [1, 2, 3, 4, 7, 8, 16, 17, 65, 66].into();
         let mut emitted = Vec::new();
-        walk_widths(&tokens, 4, &chained, &needed, |ranks| {
+        walk_widths(tokens, 4, &chained, &needed, |ranks| {
             let mut by_end = vec![0u32; tokens.len() + 1];
             for (&e, &r) in ranks.ends.iter().zip(ranks.ranks) {
                 by_end[e as usize] = r;
@@ -351,7 +363,7 @@ mod tests {
                 let expected = if end < ranks.width {
                     0
                 } else {
-                    earlier_equal_windows(&tokens, ranks.width, end)
+                    earlier_equal_windows(tokens, ranks.width, end)
                 };
                 assert_eq!(count, expected, "width {} end {end}", ranks.width);
             }
