@@ -123,8 +123,8 @@ pub(crate) struct Stepper {
     partition: Vec<u16>,
     /// The keys scattered by partition, then each one's class and rank.
     runs: Vec<u64>,
-    /// Where each chunk's keys of each partition went.
-    cursors: Vec<Vec<usize>>,
+    /// Where each chunk's partition segments start in its region of the runs.
+    offsets: Vec<Vec<usize>>,
     ranks: Vec<u32>,
 }
 
@@ -271,6 +271,11 @@ impl Stepper {
 
     /// Passes 1–3 over the keys `key_of(0..n)` (None: no key): partitions, scatter,
     /// count. The runs then hold each key's class and rank.
+    ///
+    /// The runs are laid out chunk by chunk, each chunk's keys grouped by partition, so
+    /// that the scatter and the gather touch only their own chunk's few megabytes; a
+    /// partition is its segments in every chunk, counted in chunk order, which is key
+    /// order.
     fn scatter_and_count(&mut self, key_of: &(dyn Fn(usize) -> Option<u64> + Sync), n: usize) {
         self.fit(n);
         let bits = (n >> KEYS_PER_PARTITION_BITS)
@@ -288,12 +293,12 @@ impl Stepper {
 
         // Pass 1: each key's partition, and each chunk's partition sizes.
         self.partition.resize(n, 0);
-        let histograms: Vec<Vec<u32>> = self
+        let histograms: Vec<Vec<usize>> = self
             .partition
             .par_chunks_mut(CHUNK)
             .enumerate()
             .map(|(chunk, ids)| {
-                let mut sizes = vec![0u32; partitions];
+                let mut sizes = vec![0usize; partitions];
                 for (j, id) in ids.iter_mut().enumerate() {
                     *id = match key_of(chunk * CHUNK + j) {
                         Some(key) => {
@@ -307,65 +312,70 @@ impl Stepper {
                 sizes
             })
             .collect();
-        // Partitions one after another, and within a partition the chunks in order, so
-        // each partition's run is in key order.
-        let mut starts = vec![0usize; partitions + 1];
-        self.cursors = vec![vec![0usize; partitions]; histograms.len()];
-        let mut at = 0;
-        for p in 0..partitions {
-            starts[p] = at;
-            for (chunk, sizes) in histograms.iter().enumerate() {
-                self.cursors[chunk][p] = at;
-                at += sizes[p] as usize;
-            }
+        // Each chunk's partition segments, as offsets into its region of the runs (one
+        // more than partitions: the last is the region's size).
+        self.offsets = histograms
+            .iter()
+            .map(|sizes| {
+                let mut offsets = Vec::with_capacity(partitions + 1);
+                offsets.push(0);
+                for size in sizes {
+                    offsets.push(offsets.last().unwrap() + size);
+                }
+                offsets
+            })
+            .collect();
+        let total: usize = self.offsets.iter().map(|o| o[partitions]).sum();
+        if self.runs.capacity() < total {
+            self.runs = crate::hash::zeroed_with_huge_pages(total);
         }
-        starts[partitions] = at;
+        self.runs.resize(total, 0);
 
-        // Pass 2: scatter. Each thread owns a contiguous group of partitions, so it writes
-        // only its own slice of the runs while reading every key.
-        if self.runs.capacity() < at {
-            self.runs = crate::hash::zeroed_with_huge_pages(at);
-        }
-        self.runs.resize(at, 0);
-        let groups = partition_groups(&starts, rayon::current_num_threads().max(1));
-        let mut slices = Vec::with_capacity(groups.len());
-        let mut rest = self.runs.as_mut_slice();
-        for group in &groups {
-            let (slice, tail) = rest.split_at_mut(starts[group.end] - starts[group.start]);
-            slices.push((group.clone(), slice));
-            rest = tail;
-        }
-        let (partition, cursors) = (&self.partition, &self.cursors);
-        slices.into_par_iter().for_each(|(group, slice)| {
-            let base = starts[group.start];
-            for (chunk, ids) in partition.chunks(CHUNK).enumerate() {
-                let mut cursor: Vec<usize> = cursors[chunk][group.clone()]
-                    .iter()
-                    .map(|&s| s - base)
-                    .collect();
+        // Pass 2: scatter, each chunk into its own region.
+        let (partition, offsets) = (&self.partition, &self.offsets);
+        chunk_regions(&mut self.runs, offsets)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(chunk, region)| {
+                let mut cursor = offsets[chunk][..partitions].to_vec();
+                let ids = &partition[chunk * CHUNK..(chunk * CHUNK + CHUNK).min(n)];
                 for (j, &id) in ids.iter().enumerate() {
-                    let p = id as usize;
-                    if id != SKIP && group.contains(&p) {
-                        let slot = &mut cursor[p - group.start];
-                        slice[*slot] = key_of(chunk * CHUNK + j).expect("a key in pass 1");
+                    if id != SKIP {
+                        let slot = &mut cursor[id as usize];
+                        region[*slot] = key_of(chunk * CHUNK + j).expect("a key in pass 1");
                         *slot += 1;
                     }
                 }
-            }
-        });
+            });
 
-        // Pass 3: count each partition, replacing each key by its class and rank.
-        let mut run_slices = Vec::with_capacity(partitions);
-        let mut rest = self.runs.as_mut_slice();
-        for p in 0..partitions {
-            let (slice, tail) = rest.split_at_mut(starts[p + 1] - starts[p]);
-            run_slices.push((starts[p], slice));
-            rest = tail;
+        // Pass 3: count each partition (its segments, in chunk order), replacing each
+        // key by its class and rank. Classes are numbered from the partition's first
+        // key's place in partition order, so they are unique and below n.
+        let mut segments: Vec<Vec<&mut [u64]>> = (0..partitions).map(|_| Vec::new()).collect();
+        for (region, offsets) in chunk_regions(&mut self.runs, offsets)
+            .into_iter()
+            .zip(offsets)
+        {
+            let mut rest = region;
+            for (p, segment) in segments.iter_mut().enumerate() {
+                let (own, tail) = rest.split_at_mut(offsets[p + 1] - offsets[p]);
+                segment.push(own);
+                rest = tail;
+            }
         }
-        run_slices
+        let mut first = 0usize;
+        let numbered: Vec<(u32, Vec<&mut [u64]>)> = segments
+            .into_iter()
+            .map(|segments| {
+                let start = first as u32;
+                first += segments.iter().map(|s| s.len()).sum::<usize>();
+                (start, segments)
+            })
+            .collect();
+        numbered
             .into_par_iter()
-            .for_each_init(Counter::default, |counter, (start, run)| {
-                counter.rank_and_classify(run, start as u32)
+            .for_each_init(Counter::default, |counter, (start, mut segments)| {
+                counter.rank_and_classify(&mut segments, start)
             });
     }
 
@@ -374,19 +384,24 @@ impl Stepper {
     fn gather(&mut self, classes: Option<&mut [u32]>) {
         let n = self.partition.len();
         self.ranks.resize(n, 0);
-        let cursors = std::mem::take(&mut self.cursors);
-        let (runs, partition) = (&self.runs, &self.partition);
-        let walk = |ranks: &mut [u32],
-                    classes: Option<&mut [u32]>,
-                    ids: &[u16],
-                    mut cursor: Vec<usize>| {
+        let (runs, partition, offsets) = (&self.runs, &self.partition, &self.offsets);
+        let mut regions = Vec::with_capacity(offsets.len());
+        let mut at = 0;
+        for o in offsets {
+            let size = *o.last().unwrap();
+            regions.push(&runs[at..at + size]);
+            at += size;
+        }
+        let walk = |chunk: usize, ranks: &mut [u32], classes: Option<&mut [u32]>| {
+            let (region, ids) = (regions[chunk], &partition[chunk * CHUNK..]);
+            let mut cursor = offsets[chunk].clone();
             let mut classes = classes.map(|c| c.iter_mut());
             for (rank, &id) in ranks.iter_mut().zip(ids) {
                 let (r, class) = if id == SKIP {
                     (0, SINGLETON)
                 } else {
                     let slot = &mut cursor[id as usize];
-                    let entry = runs[*slot];
+                    let entry = region[*slot];
                     *slot += 1;
                     (entry as u32, (entry >> 32) as u32)
                 };
@@ -401,19 +416,27 @@ impl Stepper {
                 .ranks
                 .par_chunks_mut(CHUNK)
                 .zip(classes.par_chunks_mut(CHUNK))
-                .zip(partition.par_chunks(CHUNK))
-                .zip(cursors.into_par_iter())
-                .for_each(|(((ranks, classes), ids), cursor)| {
-                    walk(ranks, Some(classes), ids, cursor)
-                }),
+                .enumerate()
+                .for_each(|(chunk, (ranks, classes))| walk(chunk, ranks, Some(classes))),
             None => self
                 .ranks
                 .par_chunks_mut(CHUNK)
-                .zip(partition.par_chunks(CHUNK))
-                .zip(cursors.into_par_iter())
-                .for_each(|((ranks, ids), cursor)| walk(ranks, None, ids, cursor)),
+                .enumerate()
+                .for_each(|(chunk, ranks)| walk(chunk, ranks, None)),
         }
     }
+}
+
+/// The runs split into each chunk's region.
+fn chunk_regions<'a>(runs: &'a mut [u64], offsets: &[Vec<usize>]) -> Vec<&'a mut [u64]> {
+    let mut regions = Vec::with_capacity(offsets.len());
+    let mut rest = runs;
+    for o in offsets {
+        let (region, tail) = rest.split_at_mut(*o.last().unwrap());
+        regions.push(region);
+        rest = tail;
+    }
+    regions
 }
 
 /// One more than the largest token.
@@ -445,29 +468,6 @@ fn key_at(windows: &Windows, prefix: Prefix, i: usize) -> Option<u64> {
     (left != SINGLETON).then_some((left as u64) << 32 | class as u64)
 }
 
-/// Splits the partitions into about `threads` contiguous groups of similar size.
-fn partition_groups(starts: &[usize], threads: usize) -> Vec<std::ops::Range<usize>> {
-    let partitions = starts.len() - 1;
-    let total = starts[partitions];
-    let mut groups = Vec::new();
-    let mut first = 0;
-    for t in 1..=threads {
-        let target = total * t / threads;
-        let mut last = first;
-        while last < partitions && (starts[last + 1] <= target || t == threads) {
-            last += 1;
-        }
-        if last > first {
-            groups.push(first..last);
-            first = last;
-        }
-    }
-    if first < partitions {
-        groups.push(first..partitions);
-    }
-    groups
-}
-
 #[inline(always)]
 fn mix(key: u64) -> u64 {
     (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -483,9 +483,11 @@ struct Counter {
 }
 
 impl Counter {
-    /// Replaces each key of `run` by (class << 32 | rank), classes numbered from `first`.
-    fn rank_and_classify(&mut self, run: &mut [u64], first: u32) {
-        let size = (2 * run.len()).next_power_of_two().max(16);
+    /// Replaces each key of the partition's `segments` (in key order) by
+    /// (class << 32 | rank), classes numbered from `first`.
+    fn rank_and_classify(&mut self, segments: &mut [&mut [u64]], first: u32) {
+        let keys: usize = segments.iter().map(|s| s.len()).sum();
+        let size = (2 * keys).next_power_of_two().max(16);
         if self.slots.len() < size {
             self.slots = vec![(0, 0, 0); size];
             self.generation = 0;
@@ -493,7 +495,7 @@ impl Counter {
         self.generation += 1;
         let (generation, mask) = (self.generation, size - 1);
         self.counts.clear();
-        for entry in run.iter_mut() {
+        for entry in segments.iter_mut().flat_map(|s| s.iter_mut()) {
             let key = *entry;
             let mut i = mix(key) as usize & mask;
             let local = loop {
@@ -512,7 +514,7 @@ impl Counter {
             *entry = (local as u64) << 32 | *count as u64;
             *count += 1;
         }
-        for entry in run.iter_mut() {
+        for entry in segments.iter_mut().flat_map(|s| s.iter_mut()) {
             let local = (*entry >> 32) as u32;
             let class = if self.counts[local as usize] >= 2 {
                 first + local
@@ -564,19 +566,6 @@ mod tests {
                     assert_eq!(*class_of.entry(k).or_insert(classes[i]), classes[i]);
                     assert_eq!(*key_of.entry(classes[i]).or_insert(k), k);
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn partition_groups_cover_every_partition_once() {
-        let starts = [0, 5, 5, 9, 30, 31, 40];
-        for threads in 1..=8 {
-            let groups = partition_groups(&starts, threads);
-            assert_eq!(groups.first().unwrap().start, 0);
-            assert_eq!(groups.last().unwrap().end, 6);
-            for pair in groups.windows(2) {
-                assert_eq!(pair[0].end, pair[1].start);
             }
         }
     }
