@@ -11,15 +11,15 @@
 //!
 //! A window that occurs once has no class: every longer window ending at the same place
 //! contains it, so it occurs once too, and its count of earlier equal windows stays 0.
-//! Such ends are dropped, and each width works on fewer ends than the one before (on
-//! web text, most 16-token windows occur once).
+//! Such ends are dropped (or, when they are few, carried as no key), and each width works
+//! on fewer ends than the one before (on web text, most 16-token windows occur once).
 //!
 //! # Counting keys on every core
 //! The keys are scattered into partitions by a hash, keeping their order within each
 //! partition; each partition is counted with a small table that stays in cache, then the
 //! ranks and classes are gathered back into the keys' order. Each pass runs in parallel
-//! (chunks of keys, or groups of partitions) and none depends on the thread count, so the
-//! results are the same on any machine.
+//! (over chunks of keys, or over partitions) and none depends on the thread count, so
+//! the results are the same on any machine.
 
 use rayon::prelude::*;
 
@@ -136,9 +136,13 @@ impl Stepper {
     /// the longer windows, then keeps those that occur more than once.
     pub fn extend(&mut self, windows: &mut Windows, prefix: Prefix, emit: impl FnOnce(Ranks)) {
         let (width, first) = (windows.width + prefix.width(), first_end(windows, prefix));
-        match prefix {
-            Prefix::Token(tokens) if windows.width == 1 && small_vocabulary(tokens) => {
-                self.count_pairs(windows, tokens, first)
+        let pairs = match prefix {
+            Prefix::Token(tokens) if windows.width == 1 => pair_table(tokens),
+            _ => None,
+        };
+        match (prefix, pairs) {
+            (Prefix::Token(tokens), Some(vocabulary)) => {
+                self.count_pairs(windows, tokens, vocabulary, first)
             }
             _ => {
                 let n = windows.ends.len() - first;
@@ -185,8 +189,13 @@ impl Stepper {
     /// Width 2 from width 1 when the vocabulary is small: a pair of tokens indexes a
     /// table of every pair directly, and is its own class: two passes over a block per
     /// thread, and no scatter, for the width with the most windows.
-    fn count_pairs(&mut self, windows: &mut Windows, tokens: &[u16], first: usize) {
-        let vocabulary = vocabulary(tokens);
+    fn count_pairs(
+        &mut self,
+        windows: &mut Windows,
+        tokens: &[u16],
+        vocabulary: usize,
+        first: usize,
+    ) {
         let pairs = vocabulary * vocabulary;
         let n = windows.ends.len() - first;
         self.fit(n);
@@ -254,19 +263,15 @@ impl Stepper {
     fn fit(&mut self, keys: usize) {
         // Shrunk in place (the allocator gives the tail's pages back), so the pages
         // kept are not faulted in again.
-        let roomy = |capacity: usize| capacity > keys + keys / 4 + 1024;
-        if roomy(self.runs.capacity()) {
-            self.runs.truncate(keys);
-            self.runs.shrink_to_fit();
+        fn shrink<T>(buffer: &mut Vec<T>, keys: usize) {
+            if buffer.capacity() > keys + keys / 4 + 1024 {
+                buffer.truncate(keys);
+                buffer.shrink_to_fit();
+            }
         }
-        if roomy(self.partition.capacity()) {
-            self.partition.truncate(keys);
-            self.partition.shrink_to_fit();
-        }
-        if roomy(self.ranks.capacity()) {
-            self.ranks.truncate(keys);
-            self.ranks.shrink_to_fit();
-        }
+        shrink(&mut self.runs, keys);
+        shrink(&mut self.partition, keys);
+        shrink(&mut self.ranks, keys);
     }
 
     /// Passes 1–3 over the keys `key_of(0..n)` (None: no key): partitions, scatter,
@@ -333,7 +338,7 @@ impl Stepper {
 
         // Pass 2: scatter, each chunk into its own region.
         let (partition, offsets) = (&self.partition, &self.offsets);
-        chunk_regions(&mut self.runs, offsets)
+        chunk_regions_mut(&mut self.runs, offsets)
             .into_par_iter()
             .enumerate()
             .for_each(|(chunk, region)| {
@@ -352,7 +357,7 @@ impl Stepper {
         // key by its class and rank. Classes are numbered from the partition's first
         // key's place in partition order, so they are unique and below n.
         let mut segments: Vec<Vec<&mut [u64]>> = (0..partitions).map(|_| Vec::new()).collect();
-        for (region, offsets) in chunk_regions(&mut self.runs, offsets)
+        for (region, offsets) in chunk_regions_mut(&mut self.runs, offsets)
             .into_iter()
             .zip(offsets)
         {
@@ -384,14 +389,8 @@ impl Stepper {
     fn gather(&mut self, classes: Option<&mut [u32]>) {
         let n = self.partition.len();
         self.ranks.resize(n, 0);
-        let (runs, partition, offsets) = (&self.runs, &self.partition, &self.offsets);
-        let mut regions = Vec::with_capacity(offsets.len());
-        let mut at = 0;
-        for o in offsets {
-            let size = *o.last().unwrap();
-            regions.push(&runs[at..at + size]);
-            at += size;
-        }
+        let (partition, offsets) = (&self.partition, &self.offsets);
+        let regions = chunk_regions(&self.runs, offsets);
         let walk = |chunk: usize, ranks: &mut [u32], classes: Option<&mut [u32]>| {
             let (region, ids) = (regions[chunk], &partition[chunk * CHUNK..]);
             let mut cursor = offsets[chunk].clone();
@@ -427,26 +426,37 @@ impl Stepper {
     }
 }
 
-/// The runs split into each chunk's region.
-fn chunk_regions<'a>(runs: &'a mut [u64], offsets: &[Vec<usize>]) -> Vec<&'a mut [u64]> {
-    let mut regions = Vec::with_capacity(offsets.len());
+/// The runs split into each chunk's region (the last of a chunk's offsets is its size).
+fn chunk_regions<'a>(runs: &'a [u64], offsets: &[Vec<usize>]) -> Vec<&'a [u64]> {
     let mut rest = runs;
-    for o in offsets {
-        let (region, tail) = rest.split_at_mut(*o.last().unwrap());
-        regions.push(region);
-        rest = tail;
-    }
-    regions
+    offsets
+        .iter()
+        .map(|o| {
+            let (region, tail) = rest.split_at(*o.last().unwrap());
+            rest = tail;
+            region
+        })
+        .collect()
 }
 
-/// One more than the largest token.
-fn vocabulary(tokens: &[u16]) -> usize {
-    tokens.iter().copied().max().map_or(0, |t| t as usize + 1)
+/// [`chunk_regions`], to write.
+fn chunk_regions_mut<'a>(runs: &'a mut [u64], offsets: &[Vec<usize>]) -> Vec<&'a mut [u64]> {
+    let mut rest = runs;
+    offsets
+        .iter()
+        .map(|o| {
+            let (region, tail) = std::mem::take(&mut rest).split_at_mut(*o.last().unwrap());
+            rest = tail;
+            region
+        })
+        .collect()
 }
 
-/// Whether every pair of tokens fits a direct table of at most 2^22 counts (16 MB).
-fn small_vocabulary(tokens: &[u16]) -> bool {
-    vocabulary(tokens).pow(2) <= 1 << 22
+/// The vocabulary's size (one more than the largest token) if every pair of tokens fits
+/// a direct table of at most 2^22 counts (16 MB).
+fn pair_table(tokens: &[u16]) -> Option<usize> {
+    let vocabulary = tokens.iter().copied().max().map_or(0, |t| t as usize + 1);
+    (vocabulary * vocabulary <= 1 << 22).then_some(vocabulary)
 }
 
 /// The index of the first window long enough to be extended by `prefix`.

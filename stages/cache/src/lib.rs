@@ -16,6 +16,7 @@ pub mod calibrate;
 pub mod causal;
 pub mod classes;
 pub mod figures;
+pub(crate) mod fingerprint;
 pub mod hash;
 pub mod mass;
 pub mod memory;

@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 
 use crate::blend::{Entry, PreparedBlend};
+use crate::fingerprint::{Rolling, BASE_KEY};
 use crate::hash::{context_hash, full_hash, zeroed_table, NGRAM_PRIMES, PHRASE_PRIMES};
 use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
-use crate::normalised::{Rolling, BASE_KEY};
 use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
 use crate::ConfigError;
 

@@ -30,67 +30,6 @@ use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 use crate::ConfigError;
 
-const MERSENNE_61: u64 = (1 << 61) - 1;
-/// The fingerprints' bases: fixed, so the counts (and every artifact) are reproducible.
-pub(crate) const BASE_KEY: u64 = 0x0A3B_1C5D_7E9F_2468 % MERSENNE_61;
-#[inline(always)]
-fn mul_mod(a: u64, b: u64) -> u64 {
-    let product = a as u128 * b as u128;
-    let folded = (product as u64 & MERSENNE_61) + (product >> 61) as u64;
-    let folded = (folded & MERSENNE_61) + (folded >> 61);
-    if folded >= MERSENNE_61 {
-        folded - MERSENNE_61
-    } else {
-        folded
-    }
-}
-
-#[inline(always)]
-fn add_mod(a: u64, b: u64) -> u64 {
-    let sum = a + b;
-    if sum >= MERSENNE_61 {
-        sum - MERSENNE_61
-    } else {
-        sum
-    }
-}
-
-fn pow_mod(base: u64, exponent: usize) -> u64 {
-    (0..exponent).fold(1, |acc, _| mul_mod(acc, base))
-}
-
-/// A rolling polynomial fingerprint of the last `width` tokens (token + 1, so that
-/// token 0 is not the zero polynomial).
-pub(crate) struct Rolling {
-    base: u64,
-    /// base^(width − 1): the weight of the token leaving the window.
-    top: u64,
-    pub(crate) value: u64,
-}
-
-impl Rolling {
-    pub(crate) fn new(window: &[u16], base: u64) -> Rolling {
-        let value = window
-            .iter()
-            .fold(0, |h, &t| add_mod(mul_mod(h, base), t as u64 + 1));
-        Rolling {
-            base,
-            top: pow_mod(base, window.len().saturating_sub(1)),
-            value,
-        }
-    }
-
-    /// Slide by one token: `leaving` drops out at the old end, `entering` comes in.
-    #[inline(always)]
-    pub(crate) fn slide(&mut self, leaving: u16, entering: u16) {
-        let without = add_mod(
-            self.value,
-            MERSENNE_61 - mul_mod(leaving as u64 + 1, self.top),
-        );
-        self.value = add_mod(mul_mod(without, self.base), entering as u64 + 1);
-    }
-}
-
 /// Causal-normalised n-gram lookups for every position: the highest order whose context
 /// occurred at least `min_count` times before p, with that context's count and how many of
 /// those occurrences were followed by p's token (`full`, possibly 0). `config.buckets` is
@@ -142,17 +81,22 @@ pub fn lookups(
     walk_widths(tokens, step, &chained, &needed, |ranks| {
         let ranks = &ranks;
         if let (Some(config), Some(result)) = (ngram, ngram_result.as_mut()) {
-            fold_ngram(result, config, ranks);
+            let orders = config.min_order..=config.max_order;
+            fold(result, ranks, config.min_count, |context_width| {
+                Some(context_width + 1).filter(|order| orders.contains(order))
+            });
         }
         if let Some(config) = phrase {
-            let wanted =
-                |w: usize| config.lengths.contains(&w) || config.lengths.contains(&(w - 1));
-            if wanted(ranks.width) {
+            let length_of = |w: usize| Some(w).filter(|w| config.lengths.contains(w));
+            if length_of(ranks.width)
+                .or(length_of(ranks.width - 1))
+                .is_some()
+            {
                 // Allocated when first needed: the n-gram's early widths, the walk's
                 // largest, run without it.
                 let result =
                     phrase_result.get_or_insert_with(|| vec![PhraseMatch::default(); tokens.len()]);
-                fold_phrase(result, config, ranks);
+                fold(result, ranks, config.min_count, length_of);
             }
         }
     });
@@ -189,7 +133,11 @@ fn walk_widths(
     let mut step_classes: Option<Vec<u32>> = (step == 1).then(|| windows.by_end(tokens.len()));
     for &target in chained.union(needed).filter(|&&w| w > 1) {
         if !chained.contains(&target) {
-            debug_assert_eq!(windows.width + 1, target);
+            assert_eq!(
+                windows.width + 1,
+                target,
+                "a width counted beside the chain"
+            );
             stepper.beside(&windows, Prefix::Token(tokens), &mut emit);
             continue;
         }
@@ -238,67 +186,78 @@ fn at_ends<T: Send>(
         });
 }
 
-/// The n-gram's part of width w: the full counts of order w (chosen at the width before),
-/// then order w + 1 chosen where its context count qualifies. Orders ascend, so a higher
-/// order that qualifies overwrites a lower one.
-fn fold_ngram(result: &mut [NgramMatch], config: &NgramConfig, ranks: &Ranks<'_>) {
-    let width = ranks.width;
-    if (config.min_order..=config.max_order).contains(&width) {
-        // The context and its target: the window one longer, ending one later.
-        at_ends(result, ranks, 1, |slot, rank| {
-            if slot.order as usize == width {
-                slot.full = rank;
-            }
-        });
+/// A cache's per-position choice, as the folds below see it: a label (the n-gram's
+/// order, the phrase's length) and the two counts.
+trait Choice: Copy + Send {
+    fn label(&self) -> usize;
+    fn chosen(label: usize, context: u32) -> Self;
+    fn set_full(&mut self, full: u32);
+}
+
+impl Choice for NgramMatch {
+    fn label(&self) -> usize {
+        self.order as usize
     }
-    let order = width + 1;
-    if (config.min_order..=config.max_order).contains(&order) {
-        let chosen = NgramMatch {
+    fn chosen(order: usize, context: u32) -> Self {
+        NgramMatch {
             order: order as u8,
-            context: 0,
+            context,
             full: 0,
-        };
-        if config.min_count == 0 {
-            // Every context qualifies, even one seen never before.
-            let from = width.min(result.len());
-            result[from..]
-                .par_iter_mut()
-                .for_each(|slot| *slot = chosen);
         }
-        at_ends(result, ranks, 0, |slot, context| {
-            if context >= config.min_count {
-                *slot = NgramMatch { context, ..chosen };
-            }
-        });
+    }
+    fn set_full(&mut self, full: u32) {
+        self.full = full;
     }
 }
 
-/// The phrase's part of width w: the full counts of length w − 1, then length w chosen
-/// where its context count qualifies (lengths ascend, so longer ones win).
-fn fold_phrase(result: &mut [PhraseMatch], config: &PhraseConfig, ranks: &Ranks<'_>) {
+impl Choice for PhraseMatch {
+    fn label(&self) -> usize {
+        self.length as usize
+    }
+    fn chosen(length: usize, context: u32) -> Self {
+        PhraseMatch {
+            length: length as u16,
+            context,
+            full: 0,
+        }
+    }
+    fn set_full(&mut self, full: u32) {
+        self.full = full;
+    }
+}
+
+/// One cache's part of width w. `label_of(c)` is the label a context of width c stands
+/// for, if the cache has one (an order is its context's width + 1; a phrase length, its
+/// context's width). First, the full counts of the choices made at width w − 1: a
+/// context and its target are the window one longer, ending one later. Then the choices
+/// whose context of width w qualifies; labels ascend with the width, so a higher one that
+/// qualifies overwrites a lower one. (The two never touch the same choice: one reads the
+/// label of width w − 1, the other writes that of width w.)
+fn fold<M: Choice>(
+    result: &mut [M],
+    ranks: &Ranks<'_>,
+    min_count: u32,
+    label_of: impl Fn(usize) -> Option<usize>,
+) {
     let width = ranks.width;
-    if config.lengths.contains(&(width - 1)) {
+    if let Some(label) = label_of(width - 1) {
         at_ends(result, ranks, 1, |slot, rank| {
-            if slot.length as usize == width - 1 {
-                slot.full = rank;
+            if slot.label() == label {
+                slot.set_full(rank);
             }
         });
     }
-    if config.lengths.contains(&width) {
-        let chosen = PhraseMatch {
-            length: width as u16,
-            context: 0,
-            full: 0,
-        };
-        if config.min_count == 0 {
+    if let Some(label) = label_of(width) {
+        if min_count == 0 {
+            // Every context qualifies, even one never seen before.
             let from = width.min(result.len());
             result[from..]
                 .par_iter_mut()
-                .for_each(|slot| *slot = chosen);
+                .for_each(|slot| *slot = M::chosen(label, 0));
         }
         at_ends(result, ranks, 0, |slot, context| {
-            if context >= config.min_count {
-                *slot = PhraseMatch { context, ..chosen };
+            if context >= min_count {
+                *slot = M::chosen(label, context);
             }
         });
     }
