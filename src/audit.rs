@@ -217,7 +217,13 @@ fn compare(
             );
             // The rebuild's list counts too: a manifest written before the stage declared
             // the entry volatile does not list it.
-            if stored.volatile_report.contains(key) || rebuilt.volatile_report.contains(key) {
+            if key == stage_api::NUMERICS_KEY {
+                notes.push(format!(
+                    "stored bytes computed with {}, the rebuild with {}: other kernels may give other bytes",
+                    text(a),
+                    text(b)
+                ));
+            } else if stored.volatile_report.contains(key) || rebuilt.volatile_report.contains(key) {
                 notes.push(format!("{line} (describes the build, not compared)"));
             } else {
                 differences.push(line);
@@ -225,6 +231,15 @@ fn compare(
         }
     }
     (differences, notes)
+}
+
+/// A report entry's text, without JSON's quotes.
+fn text(value: Option<&serde_json::Value>) -> String {
+    match value {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "kernels it did not record".into(),
+    }
 }
 
 /// How a stored file departs from its manifest entry (`on_disk`: its blake3 now, `None`

@@ -171,9 +171,11 @@ impl Session {
         let selected = self.selected(nodes)?;
         let lock = self.store.lock(wait)?;
         self.store.sweep_tmp(&lock)?;
-        let resolved = self.context_with(Some(&remote)).resolve()?;
+        let ctx = self.context_with(Some(&remote));
+        let resolved = ctx.resolve()?;
         let width = self.pipeline.name_width();
         let mut tally = Tally::default();
+        let mut numerics = runner::NumericsNotes::default();
         // What to fetch: all of it at once (many small artifacts are bound by round
         // trips), then one line per node in pipeline order.
         let wanted: Vec<&Resolved> = resolved
@@ -224,6 +226,7 @@ impl Session {
                             ingredients: ingredients.clone(),
                         },
                     )?;
+                    numerics.check(&ctx, self.pipeline.node(&r.node)?, &manifest);
                     tally.moved += 1;
                     tally.transfer.add(transfer);
                     line(
@@ -250,6 +253,9 @@ impl Session {
         tally.transfer.seconds = seconds;
         if !quiet || tally.failed > 0 {
             print_tally(&tally, "pulled", remote.url());
+        }
+        for line in numerics.lines() {
+            eprintln!("{line}");
         }
         Ok(tally.failed == 0)
     }

@@ -18,9 +18,11 @@ use crate::remote::Remote;
 use crate::store::{Manifest, NodeRef, Store, Stored};
 
 mod build;
+mod numerics;
 mod remote;
 
 pub(crate) use build::{build, BuildRequest};
+pub(crate) use numerics::NumericsNotes;
 pub(crate) use remote::fetch_resolved;
 use remote::{prefetch, pull_node, push_node};
 
@@ -300,6 +302,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
     let mut content: BTreeMap<String, String> = BTreeMap::new();
     let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
     let mut outcomes = Vec::new();
+    let mut numerics = NumericsNotes::default();
     for node in ctx
         .pipeline
         .nodes
@@ -369,8 +372,14 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                         manifest: Some(old),
                         ..
                     } => {
+                        let cause = match numerics::mismatch(ctx, node, old) {
+                            Some((recorded, here)) => format!(
+                                "the stored bytes were computed with {recorded}, these with {here}"
+                            ),
+                            None => "the stage is not deterministic".to_string(),
+                        };
                         eprintln!(
-                            "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): the stage is not deterministic",
+                            "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): {cause}",
                             node.name,
                             short(&old.content_hash),
                             short(&built.content_hash)
@@ -390,6 +399,9 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
                 }
             }
         };
+        if matches!(action, Action::Reused | Action::Pulled) {
+            numerics.check(ctx, node, &manifest);
+        }
         // Write-through, for what was reused too: a run killed between its commit here
         // and its upload finishes the upload now.
         if let (Some(remote), false) = (ctx.remote, action == Action::Pulled) {
@@ -442,6 +454,9 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
             "{} legality re-run node(s) (NODE_cutN, listed by `status`): {reruns_built} built in {rerun_seconds:.2}s, {reruns_reused} reused",
             reruns_built + reruns_reused
         );
+    }
+    for line in numerics.lines() {
+        eprintln!("{line}");
     }
     Ok(outcomes)
 }

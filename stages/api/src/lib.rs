@@ -70,7 +70,23 @@ pub trait Stage: Send + Sync + 'static {
     fn headline(&self, _report: &serde_json::Map<String, Value>) -> Option<String> {
         None
     }
+
+    /// Where a node's bytes depend on the machine that computes them (libtorch picks its
+    /// kernels by processor), the kernels this machine would compute `params` with, as
+    /// one line of text. The stage records what it did compute with in its report under
+    /// [`NUMERICS_KEY`] (as a volatile entry: it describes the build), and the runner
+    /// compares the two wherever it uses an artifact it did not just build (reused from
+    /// another machine's store, pulled from a remote, audited), so that bytes from
+    /// other kernels are said, never silent. Stages whose bytes are the same everywhere
+    /// have none.
+    fn numerics(_params: &Self::Params) -> Option<String> {
+        None
+    }
 }
+
+/// The report entry in which a stage records the kernels it computed with (see
+/// [`Stage::numerics`]).
+pub const NUMERICS_KEY: &str = "numerics";
 
 /// A stage's parameters. Unknown parameters are an error (`#[serde(deny_unknown_fields)]`)
 /// and missing ones take their defaults (`#[serde(default)]`).
@@ -99,6 +115,9 @@ pub trait AnyStage: Send + Sync {
     fn run(&self, ctx: &StageContext) -> Result<StageReport, StageError>;
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String>;
+
+    /// See [`Stage::numerics`]; `params` are canonical.
+    fn numerics(&self, params: &Value) -> Option<String>;
 }
 
 impl<S: Stage> AnyStage for S {
@@ -135,6 +154,11 @@ impl<S: Stage> AnyStage for S {
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
         Stage::headline(self, report)
+    }
+
+    fn numerics(&self, params: &Value) -> Option<String> {
+        let params: S::Params = serde_json::from_value(params.clone()).ok()?;
+        S::numerics(&params)
     }
 }
 

@@ -1,15 +1,39 @@
 //! Training and pass-1 throughput of the GPT on this machine's CPU (or CUDA when
-//! present), for the record's shape and the small demo shape.
+//! present), for the record's shape and the small demo shape, with libtorch's own
+//! kernels for this processor (`numerics = "native"`) and then, in a child process
+//! started with the pinned environment, with `numerics = "portable"`: what pinning
+//! costs (libtorch reads its kernel choice once, at start, so one process cannot
+//! measure both).
 //!
-//! ./dev run is not needed: `cargo run --release -p cachemoney-gpt --example throughput`
-//! (after `./dev setup`).
+//! ./dev run is not needed: `cargo run --release -p cachemoney-gpt-torch --example
+//! throughput` (after `./dev setup`); `-- demo` measures the demo shape alone.
 
 use std::time::Instant;
 
 use cachemoney_gpt_torch::{score, Gpt, GptConfig, TokenStream, TrainConfig, Trainer};
+use gpt::Numerics;
 use tch::{nn, Device};
 
+/// The argument that marks the child process that measures the portable profile.
+const PORTABLE_CHILD: &str = "--portable-child";
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let portable = args.iter().any(|a| a == PORTABLE_CHILD);
+    let demo_only = args.iter().any(|a| a == "demo");
+    measure(if portable { "portable" } else { "native" }, demo_only);
+    if !portable && !gpt::numerics::environment(Numerics::Portable).is_empty() {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(&args)
+            .arg(PORTABLE_CHILD)
+            .envs(gpt::numerics::environment(Numerics::Portable).iter().copied())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn measure(numerics: &str, demo_only: bool) {
     let device = Device::cuda_if_available();
     let shapes = [
         (
@@ -35,10 +59,23 @@ fn main() {
         .map(|i| ((i * 7919) % 1024) as u16)
         .collect();
     println!(
-        "device {device:?}, {} torch threads",
-        tch::get_num_threads()
+        "device {device:?}, {} torch threads, numerics {numerics}: {}",
+        tch::get_num_threads(),
+        gpt::numerics::this_machine(
+            if numerics == "portable" {
+                Numerics::Portable
+            } else {
+                Numerics::Native
+            },
+            if device == Device::Cpu {
+                gpt::Device::Cpu
+            } else {
+                gpt::Device::Cuda
+            }
+        )
     );
-    for (label, config, batch) in shapes {
+    let shapes = if demo_only { &shapes[..1] } else { &shapes[..] };
+    for (label, config, batch) in shapes.iter().cloned() {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(device);
         let model = Gpt::new(&vs.root(), &config).unwrap();

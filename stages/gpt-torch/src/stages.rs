@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{UInt16Type, UInt8Type};
+use gpt::numerics::{self, Numerics};
 use gpt::{Device, Request, Schedule, Task, TrainParams};
 use pass1::{Pass1Params, Pass1Table};
 use stage_api::{
@@ -177,8 +178,24 @@ fn xz_size(path: &Path) -> Result<u64, StageError> {
     Ok(compressed.len() as u64)
 }
 
+/// Refuses to compute when this process's environment is not what `mode` pins (so a
+/// worker started by hand cannot write other bytes under the same recipe), and says
+/// which kernels it computes with, on which processor, for the report.
+fn pinned_numerics(
+    ctx: &StageContext,
+    mode: Numerics,
+    device: Device,
+) -> Result<(String, String), StageError> {
+    numerics::check_environment(mode).map_err(|m| ctx.error(m))?;
+    Ok((
+        numerics::this_machine(mode, device),
+        numerics::Cpu::this().describe(),
+    ))
+}
+
 fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     let params: TrainParams = ctx.params_as()?;
+    let (numerics, cpu) = pinned_numerics(ctx, params.numerics, params.device)?;
     tch::set_num_threads(params.threads as i32);
     let tokens = ctx.input("tokens")?;
     if let Some(message) = vocab_mismatch(&params.model, tokens)? {
@@ -335,7 +352,9 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
             "within_budget",
             compressed + code_bytes <= ARTIFACT_BUDGET_BYTES,
         )
-        .with("device", serde_json::to_value(params.device).unwrap()))
+        .with("device", serde_json::to_value(params.device).unwrap())
+        .with_volatile(numerics::REPORT_KEY, numerics)
+        .with_volatile("cpu", cpu))
 }
 
 /// Reads a `train` artifact's `config.json` and `model.safetensors` into a model on
@@ -372,6 +391,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         return Err(ctx.error("the GPT worker scores only model = \"gpt\""));
     };
     let options = &params;
+    let (numerics, cpu) = pinned_numerics(ctx, options.numerics, options.device)?;
     tch::set_num_threads(options.threads as i32);
     let tokens = ctx.input("tokens")?;
     let (val, val_bytes) = pass1::read_val(tokens)?;
@@ -428,5 +448,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         .with("windows", windows as u64)
         .with("n_ctx", n_ctx as u64)
         .with("stride", options.stride as u64)
-        .with("device", serde_json::to_value(options.device).unwrap()))
+        .with("device", serde_json::to_value(options.device).unwrap())
+        .with_volatile(numerics::REPORT_KEY, numerics)
+        .with_volatile("cpu", cpu))
 }

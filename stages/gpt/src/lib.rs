@@ -10,6 +10,7 @@
 //! anything runs), and the process boundary.
 
 pub mod config;
+pub mod numerics;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ use stage_api::{
 };
 
 pub use config::{GptConfig, ShapeError};
+pub use numerics::Numerics;
 pub use worker::{run_in_worker, Request, Response, Task};
 
 /// Where the GPT stages compute. Part of the recipe: CUDA kernels round differently
@@ -78,6 +80,9 @@ pub struct TrainParams {
     /// libtorch's CPU threads. Part of the recipe, unlike the runner's `--threads`:
     /// libtorch splits its reductions by thread count, so the bits depend on it.
     pub threads: usize,
+    /// `"portable"`: the same bytes on every x86-64 CPU with AVX2; `"native"`: libtorch's
+    /// fastest kernels for this processor (see [`numerics`]).
+    pub numerics: Numerics,
 }
 
 impl Default for TrainParams {
@@ -101,6 +106,7 @@ impl Default for TrainParams {
             val_tokens: 0,
             device: Device::Cpu,
             threads: DEFAULT_TORCH_THREADS,
+            numerics: Numerics::Portable,
         }
     }
 }
@@ -240,8 +246,12 @@ impl Stage for TrainStage {
         ..StageSpec::NONE
     };
 
-    fn run(&self, ctx: &StageContext, _: TrainParams) -> Result<StageReport, StageError> {
-        run_in_worker(Task::Train, ctx)
+    fn run(&self, ctx: &StageContext, params: TrainParams) -> Result<StageReport, StageError> {
+        run_in_worker(Task::Train, ctx, params.numerics)
+    }
+
+    fn numerics(params: &TrainParams) -> Option<String> {
+        Some(numerics::this_machine(params.numerics, params.device))
     }
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {

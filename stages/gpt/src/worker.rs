@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{InputArtifact, StageContext, StageError, StageReport};
 
+use crate::numerics::{self, Numerics};
+
 /// The worker binary's file name; it is looked for next to the running executable.
 pub const WORKER: &str = "cachemoney-gpt";
 
@@ -174,8 +176,13 @@ pub fn worker_path() -> Result<PathBuf, String> {
     Ok(exe.with_file_name(WORKER))
 }
 
-/// Runs `task` for `ctx` in the worker process and returns its report.
-pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, StageError> {
+/// Runs `task` for `ctx` in the worker process, its environment set for `numerics`, and
+/// returns its report.
+pub fn run_in_worker(
+    task: Task,
+    ctx: &StageContext,
+    numerics: Numerics,
+) -> Result<StageReport, StageError> {
     let fail = |message: String| StageError::Param {
         node: ctx.node.clone(),
         message,
@@ -190,6 +197,7 @@ pub fn run_in_worker(task: Task, ctx: &StageContext) -> Result<StageReport, Stag
     let request = Request::from_context(task, ctx);
     let mut command = Command::new(&worker);
     command
+        .envs(numerics::environment(numerics).iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -113,6 +113,7 @@ fn run_scorer(
     command
         .args(args)
         .current_dir(&ctx.work_dir)
+        .envs(gpt::numerics::environment(params.numerics).iter().copied())
         .envs(&params.env)
         .env(REQUEST_ENV, &request_path)
         .stdin(Stdio::piped())

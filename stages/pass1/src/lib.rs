@@ -149,7 +149,7 @@ impl Stage for Pass1Stage {
         let tokens = ctx.input("tokens")?;
         let mut volatile = Vec::new();
         let table = match &params {
-            Pass1Params::Gpt(_) => return run_in_worker(Task::Pass1, ctx),
+            Pass1Params::Gpt(gpt) => return run_in_worker(Task::Pass1, ctx, gpt.numerics),
             Pass1Params::Command(command) => {
                 volatile.push(command::SCORER_LOG.to_string());
                 command::command_pass1(ctx, command)?
@@ -176,7 +176,20 @@ impl Stage for Pass1Stage {
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
         report.volatile_files = volatile;
+        if let Some(numerics) = Self::numerics(&params) {
+            report = report.with_volatile(stage_api::NUMERICS_KEY, numerics);
+        }
         Ok(report.with("model", params.model_name()))
+    }
+
+    /// The GPT and a scorer run libtorch (a scorer may); the bigram and an import do not.
+    fn numerics(params: &Pass1Params) -> Option<String> {
+        let (mode, device) = match params {
+            Pass1Params::Gpt(p) => (p.numerics, p.device),
+            Pass1Params::Command(p) => (p.numerics, gpt::Device::Cpu),
+            Pass1Params::Bigram(_) | Pass1Params::Import(_) => return None,
+        };
+        Some(gpt::numerics::this_machine(mode, device))
     }
 }
 

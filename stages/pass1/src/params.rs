@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use gpt::Device;
+use gpt::{Device, Numerics};
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
 
@@ -84,6 +84,9 @@ pub struct GptParams {
     pub device: Device,
     /// libtorch's CPU threads; part of the recipe because the bits depend on it.
     pub threads: usize,
+    /// `"portable"` (the same bytes on every x86-64 CPU with AVX2) or `"native"`
+    /// (libtorch's fastest kernels here); see `gpt::numerics`.
+    pub numerics: Numerics,
     pub mass_sample: usize,
     pub mass_seed: u64,
 }
@@ -96,6 +99,7 @@ impl Default for GptParams {
             batch: 32,
             device: Device::Cpu,
             threads: gpt::DEFAULT_TORCH_THREADS,
+            numerics: Numerics::Portable,
             mass_sample: 4096,
             mass_seed: 1337,
         }
@@ -110,8 +114,11 @@ impl Default for GptParams {
 pub struct CommandParams {
     /// The program and its arguments, e.g. `[".venv/bin/python", "scorer.py"]`.
     pub command: Vec<String>,
-    /// Extra environment variables for the program.
+    /// Extra environment variables for the program (they win over `numerics`' ones).
     pub env: BTreeMap<String, String>,
+    /// The environment that pins libtorch's kernels (and MKL's, oneDNN's) for a scorer
+    /// that uses PyTorch: `"portable"` (the default) or `"native"`; see `gpt::numerics`.
+    pub numerics: Numerics,
     /// Seconds before the program is killed and the node fails.
     pub timeout_s: u64,
     /// As for the bigram: how many positions get their whole distribution asked for.
@@ -124,6 +131,7 @@ impl Default for CommandParams {
         CommandParams {
             command: Vec::new(),
             env: BTreeMap::new(),
+            numerics: Numerics::Portable,
             timeout_s: 3600,
             mass_sample: 4096,
             mass_seed: 1337,
