@@ -7,6 +7,10 @@
 //! `p_final`, say) is a view over its file that computes them, so queries see the table
 //! the stage declares. Statements that would write (DDL, DML, COPY, SET) are refused:
 //! the store only changes through `run` and `gc`.
+//!
+//! `ln` is the stages' own (the `libm` crate's, in pure Rust), not the C library's that
+//! DataFusion calls: glibc picks its `log` by processor, and a derived column (`bits`)
+//! must be the very f64 the stages compute, on every machine.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +28,28 @@ use stage_api::Column;
 use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::store::Store;
+
+/// `ln(x)` as the stages compute it (`libm::log`), in place of DataFusion's.
+fn natural_log() -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{
+        ColumnarValue, ScalarUDF, Signature, SimpleScalarUDF, Volatility,
+    };
+    let fun = Arc::new(|args: &[ColumnarValue]| {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        let x = arrays[0]
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .expect("the signature coerces to Float64");
+        let out: Float64Array = x.unary(libm::log);
+        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
+    });
+    ScalarUDF::from(SimpleScalarUDF::new_with_signature(
+        "ln",
+        Signature::uniform(1, vec![DataType::Float64], Volatility::Immutable),
+        DataType::Float64,
+        fun,
+    ))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -77,6 +103,7 @@ impl SqlSession {
     ) -> Result<SqlSession> {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
+        ctx.register_udf(natural_log());
         let catalog = ctx.catalog("datafusion").expect("default catalog exists");
 
         let mut entries = Vec::new();

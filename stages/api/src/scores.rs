@@ -13,12 +13,13 @@ pub const PROBABILITY_FLOOR: f64 = 1e-12;
 /// division by ln 2.
 #[inline]
 pub fn bits(p_final: f64) -> f64 {
-    -p_final.max(PROBABILITY_FLOOR).ln() / std::f64::consts::LN_2
+    -libm::log(p_final.max(PROBABILITY_FLOOR)) / std::f64::consts::LN_2
 }
 
-/// [`bits`] in SQL over a `p_final` column. DataFusion's `ln` is the same libm call, the
-/// floor and ln 2 are written as literals that parse to the same f64s, and negation and
-/// division are exact IEEE operations, so the two agree to the bit.
+/// [`bits`] in SQL over a `p_final` column. cachemoney's SQL session replaces
+/// DataFusion's `ln` with the same `libm::log`, the floor and ln 2 are written as
+/// literals that parse to the same f64s, and negation and division are exact IEEE
+/// operations, so the two agree to the bit.
 pub const BITS_SQL: &str = "-ln(greatest(p_final, 1e-12)) / 0.6931471805599453";
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ impl BlendParams {
 
     /// The entry's final NLL in nats.
     pub fn nll(&self, entry: &Entry) -> f64 {
-        -self.blend(entry).1.max(PROBABILITY_FLOOR).ln()
+        -libm::log(self.blend(entry).1.max(PROBABILITY_FLOOR))
     }
 
     /// This blend with its per-order and per-length terms worked out once.
@@ -145,7 +145,7 @@ impl BlendParams {
 /// `1 / (1 + e^(−2(H − threshold)))`: near 1 when the entropy is well above the threshold.
 #[inline]
 fn sigmoid_above(entropy: f32, threshold: f64) -> f64 {
-    1.0 / (1.0 + (-2.0 * (entropy as f64 - threshold)).exp())
+    1.0 / (1.0 + libm::exp(-2.0 * (entropy as f64 - threshold)))
 }
 
 /// A [`BlendParams`] with what depends only on the n-gram order or the phrase length

@@ -108,10 +108,11 @@ pub fn calibrate(
                             .ngram
                             .matched()
                             .then(|| params.ngram_alpha_from_sigma(sigma, e.ngram.order));
-                        -blend_with_weights(e, ngram_weight, phrase_weight)
-                            .1
-                            .max(PROBABILITY_FLOOR)
-                            .ln()
+                        -libm::log(
+                            blend_with_weights(e, ngram_weight, phrase_weight)
+                                .1
+                                .max(PROBABILITY_FLOOR),
+                        )
                     })
                     .sum();
                 GridPoint {

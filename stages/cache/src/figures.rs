@@ -107,14 +107,14 @@ impl NllSum {
     }
 
     fn close(&mut self) {
-        self.nats -= self.product.ln();
+        self.nats -= libm::log(self.product);
         self.product = 1.0;
         self.factors = 0;
     }
 
     /// The sum so far, in nats.
     pub fn nats(&self) -> f64 {
-        self.nats - self.product.ln()
+        self.nats - libm::log(self.product)
     }
 
     /// Adds a later chunk's sum: this chunk's open product is closed first, so the

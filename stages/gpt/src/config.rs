@@ -86,7 +86,7 @@ impl GptConfig {
     pub fn effective_rope_base(&self) -> f64 {
         if self.seq_len > self.rope_train_len && self.rope_dims > 2 {
             let ratio = self.seq_len as f64 / self.rope_train_len as f64;
-            self.rope_base * ratio.powf(self.rope_dims as f64 / (self.rope_dims as f64 - 2.0))
+            self.rope_base * libm::pow(ratio, self.rope_dims as f64 / (self.rope_dims as f64 - 2.0))
         } else {
             self.rope_base
         }

@@ -198,7 +198,7 @@ pub fn check_distributions(
             let entropy: f64 = -probs
                 .iter()
                 .filter(|&&p| p > 0.0)
-                .map(|&p| p as f64 * (p as f64).ln())
+                .map(|&p| p as f64 * libm::log(p as f64))
                 .sum::<f64>();
             if (entropy - reported as f64).abs() > ENTROPY_TOLERANCE {
                 return Finding::fail(

@@ -279,7 +279,7 @@ impl ChainEnd {
             ("bits", Some(_)) => Ok(self
                 .column("model_p")?
                 .into_iter()
-                .map(|p| -p.log2())
+                .map(|p| -libm::log2(p))
                 .collect()),
             // A pass2 table's are derived from its final probability, not stored.
             ("bits", None) => Ok(self

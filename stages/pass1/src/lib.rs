@@ -234,7 +234,7 @@ impl Pass1Table {
     /// Entries, bytes and the neural BPB, summed in order (a parallel float sum would
     /// depend on the thread count).
     pub fn summary(&self) -> StageReport {
-        let nll: f64 = self.model_p.iter().map(|&p| -(p as f64).ln()).sum();
+        let nll: f64 = self.model_p.iter().map(|&p| -libm::log(p as f64)).sum();
         let bytes: u64 = self.bytes.iter().map(|&b| b as u64).sum();
         StageReport::default()
             .with("entries", self.position.len() as u64)
@@ -324,12 +324,12 @@ pub fn bigram_pass1(
             let total: f64 = row.iter().map(|&c| c as f64 + params.add_k).sum();
             let log_p: Vec<f64> = row
                 .iter()
-                .map(|&c| ((c as f64 + params.add_k) / total).ln() * inverse_t)
+                .map(|&c| libm::log((c as f64 + params.add_k) / total) * inverse_t)
                 .collect();
             let max = log_p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = log_p.iter().map(|l| (l - max).exp()).sum();
-            let log_z = max + z.ln();
-            let probs: Vec<f64> = log_p.iter().map(|l| (l - log_z).exp()).collect();
+            let z: f64 = log_p.iter().map(|l| libm::exp(l - max)).sum();
+            let log_z = max + libm::log(z);
+            let probs: Vec<f64> = log_p.iter().map(|l| libm::exp(l - log_z)).collect();
             let entropy = -probs
                 .iter()
                 .zip(&log_p)
