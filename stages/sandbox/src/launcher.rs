@@ -1,0 +1,271 @@
+//! The launcher: this executable re-entered to confine one program (see the crate's
+//! documentation for the why). It runs before anything else in `main`, so it is
+//! single-threaded when it enters its namespaces, which the kernel requires.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use landlock::{
+    Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{Confinement, Isolation, COULD_NOT_START, DEVICES, GPU_DEVICES, SYSTEM_READ};
+
+/// What the caller hands the launcher.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Launch {
+    pub confinement: Confinement,
+    /// Where the launcher reports its [`Isolation`] (a caller's file, out of the
+    /// program's reach).
+    pub status: PathBuf,
+}
+
+/// The newest Landlock ABI whose rights have been checked here: the crate enforces
+/// what the kernel has of it.
+const LANDLOCK_ABI: ABI = ABI::V6;
+
+pub(crate) fn main(path: &Path) -> ! {
+    let Some(launch) = std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Launch>(&bytes).ok())
+    else {
+        eprintln!(
+            "cachemoney sandbox: cannot read the launch description {}",
+            path.display()
+        );
+        std::process::exit(COULD_NOT_START);
+    };
+    let mut isolation = Isolation::default();
+    // Orphans of the program (a double fork) come back to us, to be killed.
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+    }
+    match enter_namespaces() {
+        Ok(()) => isolation.namespaces = true,
+        Err(why) => isolation.missing.push(why),
+    }
+    let terminate = Arc::new(AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone());
+    // Opened before Landlock closes the way to it; written after.
+    let report = File::create(&launch.status);
+    match confine(&launch.confinement) {
+        Ok((abi, complete)) => {
+            isolation.landlock = Some(abi);
+            isolation.landlock_complete = complete;
+        }
+        Err(why) => isolation.missing.push(why),
+    }
+    match report {
+        Ok(mut file) => {
+            let _ = file.write_all(&serde_json::to_vec(&isolation).expect("serialises"));
+        }
+        Err(e) => {
+            eprintln!(
+                "cachemoney sandbox: cannot write {}: {e}",
+                launch.status.display()
+            );
+            std::process::exit(COULD_NOT_START);
+        }
+    }
+    let code = run(&launch.confinement, &terminate);
+    kill_descendants();
+    std::process::exit(code)
+}
+
+/// New user, PID, network and IPC namespaces, with this user's ids mapped to
+/// themselves. The next process started is PID 1 of the new PID namespace.
+fn enter_namespaces() -> Result<(), String> {
+    // SAFETY: plain system calls with integer arguments.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
+    // SAFETY: as above; we are single-threaded, which CLONE_NEWUSER requires.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(format!(
+            "no unprivileged namespaces here ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let write = |file: &str, text: String| std::fs::write(file, text);
+    let _ = write("/proc/self/setgroups", "deny".into());
+    let _ = write("/proc/self/uid_map", format!("{uid} {uid} 1\n"));
+    let _ = write("/proc/self/gid_map", format!("{gid} {gid} 1\n"));
+    Ok(())
+}
+
+/// Landlock on this process (and so the program): the filesystem rights of
+/// `confinement`, no TCP, no signals or abstract sockets beyond the sandbox.
+fn confine(confinement: &Confinement) -> Result<(u8, bool), String> {
+    let abi = LANDLOCK_ABI;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::from_read(abi);
+    // No device, pipe or socket nodes: an output that is a FIFO would hang its reader.
+    let write = all & !(AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::MakeFifo);
+    let device = AccessFs::from_file(abi);
+    let fail = |e: landlock::RulesetError| format!("Landlock: {e}");
+    let ruleset = Ruleset::default()
+        .handle_access(all)
+        .map_err(fail)?
+        .handle_access(AccessNet::from_all(ABI::V4))
+        .map_err(fail)?
+        .scope(Scope::from_all(abi))
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?;
+    let mut rules: Vec<PathBeneath<PathFd>> = Vec::new();
+    let mut allow = |path: &Path, access: BitFlags<AccessFs>| {
+        // A path that is not there grants nothing.
+        if let Ok(fd) = PathFd::new(path) {
+            let access = if path.is_dir() {
+                access
+            } else {
+                access & AccessFs::from_file(abi)
+            };
+            rules.push(PathBeneath::new(fd, access));
+        }
+    };
+    let read_paths = SYSTEM_READ
+        .iter()
+        .map(Path::new)
+        .chain(confinement.read.iter().map(PathBuf::as_path));
+    for path in read_paths {
+        allow(path, read);
+    }
+    for path in &confinement.write {
+        allow(path, write);
+    }
+    for path in DEVICES.iter().map(PathBuf::from).chain(gpu_devices()) {
+        allow(&path, device);
+    }
+    let ruleset = ruleset
+        .add_rules(rules.into_iter().map(Ok::<_, landlock::RulesetError>))
+        .map_err(fail)?;
+    let status = ruleset.restrict_self().map_err(fail)?;
+    let effective = ABI::from(status.landlock) as i32 as u8;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => Ok((effective, true)),
+        RulesetStatus::PartiallyEnforced => Ok((effective, false)),
+        RulesetStatus::NotEnforced => Err("no Landlock in this kernel".into()),
+    }
+}
+
+/// `/dev/nvidia*` and `/dev/dri`, where they exist.
+fn gpu_devices() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for prefix in GPU_DEVICES {
+        let prefix = Path::new(prefix);
+        let (Some(dir), Some(stem)) = (prefix.parent(), prefix.file_name()) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&*stem.to_string_lossy()) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Starts the program and waits for it, or kills it on SIGTERM. Returns the exit code
+/// to pass on (128 + signal for a killed program, as a shell says it).
+fn run(confinement: &Confinement, terminate: &AtomicBool) -> i32 {
+    let mut command = Command::new(&confinement.program);
+    command
+        .args(&confinement.args)
+        .env_clear()
+        .envs(confinement.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&confinement.cwd);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe. The program (PID 1 of its namespace when
+        // there is one) dies with the launcher, and its namespace with it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!(
+                "cachemoney sandbox: cannot start {}: {e}",
+                confinement.program.display()
+            );
+            return COULD_NOT_START;
+        }
+    };
+    loop {
+        if terminate.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return 128 + libc::SIGTERM;
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                return status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(libc::SIGKILL));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return COULD_NOT_START,
+        }
+    }
+}
+
+/// Kills whatever the program left: its orphans were re-parented to us (we are their
+/// subreaper), each killed and reaped, until none is left. In a PID namespace the
+/// kernel has done it already when its first process exited.
+fn kill_descendants() {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    for _ in 0..10_000 {
+        let children = children_of(me);
+        if children.is_empty() {
+            return;
+        }
+        for pid in children {
+            // SAFETY: kill(2) on a process that is our child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        // SAFETY: waitpid with a null status pointer, non-blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The processes whose parent is `parent`, from `/proc`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name is in parentheses and may hold spaces: the fields
+                    // after the last ')' are state, then the parent's pid.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
