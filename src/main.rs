@@ -256,6 +256,9 @@ enum RemoteCommand {
 }
 
 fn main() -> ExitCode {
+    // A scorer's sandbox launcher is this program re-entered (cachemoney-sandbox): it
+    // must start single-threaded, before anything else runs.
+    sandbox::enter_launcher_if_requested();
     // Like other Unix filters: `cachemoney sql … | head` ends quietly instead of
     // panicking on a closed pipe.
     // SAFETY: restoring a signal's default disposition before any thread starts.

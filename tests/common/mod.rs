@@ -11,6 +11,24 @@ use assert_cmd::Command;
 
 pub mod s3;
 
+/// Live (not zombie) processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+                .unwrap_or(true);
+            !zombie && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(marker)
+        })
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -225,9 +243,15 @@ inputs.calibration = "calibration"
                 if rel == ".lock" || rel.starts_with(".cache") {
                     continue;
                 }
-                if path.is_dir() {
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if meta.is_dir() {
                     files.insert(rel + "/", String::new());
                     stack.push(path);
+                } else if !meta.is_file() {
+                    // A link, a FIFO (reading one would hang): its kind, not its content.
+                    files.insert(rel, format!("{:?}", meta.file_type()));
                 } else {
                     files.insert(
                         rel,

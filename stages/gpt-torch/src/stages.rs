@@ -411,7 +411,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         options.stride,
         options.batch,
         params.temperature,
-        &pass1::mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed),
+        &pass1::probe_positions(tokens, val.len() - 1, params.mass_sample, params.mass_seed)?,
         |done| bar.inc(done as u64),
     );
     bar.finish_and_clear();

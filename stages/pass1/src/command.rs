@@ -8,36 +8,57 @@
 //! Everything it wrote is then validated as strictly as an imported table, because a
 //! scorer's bug must be a one-line error here, not a wrong number three stages later.
 //!
-//! A scorer is a black box: whether its numbers are legal is the legality probes' job,
-//! so an unnormalised distribution is written through (the probe must see it), while
-//! anything that is not a distribution at all (a missing candidate, a NaN) is refused.
+//! A scorer is a black box that may be written to fool the legality probes, so it runs
+//! confined (`cachemoney-sandbox`): in a fresh private directory holding copies of its
+//! own files (`files.scorer`) and of its inputs, with an environment of its recipe's
+//! alone, reading nothing else of the project or the store, writing only its output
+//! directory and a private home, without network, its whole process tree killed when
+//! it ends. The original run and every legality re-run look the same from inside: the
+//! same file names, the same request keys, the same environment; only the data differ.
+//!
+//! Whether its numbers are legal is the legality probes' job, so an unnormalised
+//! distribution is written through (the probe must see it), while anything that is not
+//! a distribution at all (a missing candidate, a NaN) is refused.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use arrow::datatypes::{DataType, Float32Type, Int64Type, UInt16Type};
 use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+use sandbox::{Confinement, Finished, Isolation};
 use serde::Serialize;
 use stage_api::{read_column, StageContext, StageError};
 
 use crate::params::CommandParams;
-use crate::{import_pass1, mass_sample_positions, read_val, Pass1Table};
+use crate::{import_pass1, read_val, Pass1Table};
 
-/// The protocol's name and version, first in every request.
-pub const PROTOCOL: &str = "cachemoney-scorer/1";
+/// The protocol's name and version, first in every request. Version 2: paths are
+/// relative to the scorer's working directory (private copies), and the request no
+/// longer names the node (a re-run must not be told from the original).
+pub const PROTOCOL: &str = "cachemoney-scorer/2";
 /// The environment variable that names the request file.
 pub const REQUEST_ENV: &str = "CACHEMONEY_REQUEST";
 /// The scorer's stdout and stderr, kept in the artifact (volatile: not hashed).
 pub const SCORER_LOG: &str = "scorer.log";
+/// What the sandbox achieved for this run, kept in the artifact (volatile) for the
+/// legality probes to report.
+pub const SANDBOX_REPORT: &str = "sandbox.json";
+/// The log keeps this many bytes from the start and as many from the end of what the
+/// scorer printed, and says how much it dropped between.
+pub const LOG_CAP: usize = 512 * 1024;
 
-/// What the scorer is asked to do.
+/// Every input file the scorer sees is dated this (2001-09-09): a date that differs
+/// from run to run would tell a re-run from the original.
+const INPUT_MTIME_SECONDS: u64 = 1_000_000_000;
+
+/// What the scorer is asked to do. Paths are relative to its working directory.
 #[derive(Debug, Serialize)]
 pub struct Request {
     pub protocol: &'static str,
-    pub node: String,
     pub vocab_size: usize,
     /// `val.parquet` of the tokens artifact: position, token, doc, bytes.
     pub val_parquet: PathBuf,
@@ -46,7 +67,7 @@ pub struct Request {
     pub val_tokens: usize,
     pub train_parquet: PathBuf,
     pub vocab_parquet: PathBuf,
-    /// The node's `inputs.model` artifact directory (model.safetensors, config.json).
+    /// A copy of the node's `inputs.model` artifact (model.safetensors, config.json).
     pub model_dir: Option<PathBuf>,
     /// Score every target position from `first` to `last` (inclusive): one row each at
     /// least (a sliding window may score some twice).
@@ -58,127 +79,410 @@ pub struct Request {
     pub output_dir: PathBuf,
 }
 
-/// Runs the scorer and returns its validated table, or a one-line error.
-pub fn command_pass1(ctx: &StageContext, params: &CommandParams) -> Result<Pass1Table, StageError> {
+/// The scorer's private directory: its working directory, with its files, its inputs
+/// (`in/`), its output directory (`out/`) and a home (`home/`, also its TMPDIR), all
+/// deleted after the run. Beside it, out of the scorer's reach, the control directory
+/// where the sandbox launcher is told what to do and reports back.
+struct Workspace {
+    root: PathBuf,
+    control: PathBuf,
+}
+
+impl Workspace {
+    /// A fresh one in the store's scratch area, under a random name.
+    fn create(ctx: &StageContext) -> Result<Workspace, StageError> {
+        let scratch = ctx.out_dir.parent().unwrap_or(&ctx.out_dir);
+        let name = format!("sandbox-{:016x}", random_u64());
+        let root = scratch.join(&name);
+        let control = scratch.join(format!("{name}.control"));
+        for dir in [
+            root.clone(),
+            root.join("in"),
+            root.join("out"),
+            root.join("home/tmp"),
+            control.clone(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
+        }
+        Ok(Workspace { root, control })
+    }
+
+    fn out(&self) -> PathBuf {
+        self.root.join("out")
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_dir_all(&self.control);
+    }
+}
+
+/// A random number for a directory name (the hasher's per-process random keys).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// Copies `from` to `to` (a directory: its files, recursively) and dates it
+/// [`INPUT_MTIME_SECONDS`]. A copy, not a link: a link would lead back into the store
+/// and its link count would differ between runs.
+fn copy_input(from: &Path, to: &Path) -> Result<(), StageError> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).map_err(|e| StageError::io(to, e))?;
+        let entries = std::fs::read_dir(from).map_err(|e| StageError::io(from, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name == "manifest.json" {
+                continue;
+            }
+            copy_input(&entry.path(), &to.join(name))?;
+        }
+    } else {
+        std::fs::copy(from, to).map_err(|e| StageError::io(to, e))?;
+    }
+    date(to)
+}
+
+fn date(path: &Path) -> Result<(), StageError> {
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(INPUT_MTIME_SECONDS);
+    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+    file.set_times(std::fs::FileTimes::new().set_accessed(when).set_modified(when))
+        .map_err(|e| StageError::io(path, e))
+}
+
+/// Runs the scorer and returns its validated table and what its sandbox achieved, or a
+/// one-line error.
+pub fn command_pass1(
+    ctx: &StageContext,
+    params: &CommandParams,
+) -> Result<(Pass1Table, Isolation), StageError> {
     let tokens = ctx.input("tokens")?;
     let (val, val_bytes) = read_val(tokens)?;
     let vocab_size = read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-    let scratch = ctx.output("scorer");
-    let output_dir = scratch.join("out");
-    std::fs::create_dir_all(&output_dir).map_err(|e| StageError::io(&output_dir, e))?;
-    let shard = scratch.join("val.bin");
-    text::shards::write_shard(&shard, &val)?;
+    let workspace = Workspace::create(ctx)?;
+    let outcome = prepare(ctx, params, &workspace, tokens, &val, vocab_size).and_then(|request| {
+        let isolation = run_scorer(ctx, params, &workspace, &request)?;
+        check_directory(ctx, &workspace)?;
+        let table = read_outputs(&workspace.root, &request, &val_bytes)?;
+        Ok((table, isolation))
+    });
+    match outcome {
+        Ok(done) => {
+            workspace.remove();
+            Ok(done)
+        }
+        Err(e) => Err(keep_for_inspection(ctx, e, &workspace)),
+    }
+}
+
+/// Fills the workspace: the scorer's files where its command line expects them, copies
+/// of its inputs, and the request.
+fn prepare(
+    ctx: &StageContext,
+    params: &CommandParams,
+    workspace: &Workspace,
+    tokens: &stage_api::InputArtifact,
+    val: &[u16],
+    vocab_size: usize,
+) -> Result<Request, StageError> {
+    let root = &workspace.root;
+    for file in ctx.files("scorer") {
+        let relative = relative_to(file, &ctx.work_dir).ok_or_else(|| {
+            StageError::input(
+                file,
+                "files.scorer must lie inside the pipeline's directory: the scorer gets a copy at the same relative path",
+            )
+        })?;
+        let to = root.join(&relative);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StageError::io(parent, e))?;
+        }
+        std::fs::copy(file, &to).map_err(|e| StageError::io(&to, e))?;
+        date(&to)?;
+    }
+    let input = |name: &str| PathBuf::from("in").join(name);
+    for name in ["val.parquet", "train.parquet", "vocab.parquet"] {
+        copy_input(&tokens.file(name), &root.join(input(name)))?;
+    }
+    text::shards::write_shard(&root.join(input("val.bin")), val)?;
+    date(&root.join(input("val.bin")))?;
+    let model_dir = match ctx.inputs.get("model") {
+        Some(model) => {
+            copy_input(&model.dir, &root.join(input("model")))?;
+            Some(input("model"))
+        }
+        None => None,
+    };
     let request = Request {
         protocol: PROTOCOL,
-        node: ctx.node.clone(),
         vocab_size,
-        val_parquet: tokens.file("val.parquet"),
-        val_shard: shard,
+        val_parquet: input("val.parquet"),
+        val_shard: input("val.bin"),
         val_tokens: val.len(),
-        train_parquet: tokens.file("train.parquet"),
-        vocab_parquet: tokens.file("vocab.parquet"),
-        model_dir: ctx.inputs.get("model").map(|m| m.dir.clone()),
+        train_parquet: input("train.parquet"),
+        vocab_parquet: input("vocab.parquet"),
+        model_dir,
         score_first: 1,
         score_last: val.len() - 1,
-        distributions: mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed),
-        output_dir: output_dir.clone(),
+        distributions: crate::probe_positions(tokens, val.len() - 1, params.mass_sample, params.mass_seed)?,
+        output_dir: PathBuf::from("out"),
     };
-    let log_path = ctx.output(SCORER_LOG);
-    let outcome = run_scorer(ctx, params, &request, &scratch, &log_path)
-        .and_then(|()| check_directory(ctx, &scratch))
-        .and_then(|()| read_outputs(&request, &val_bytes));
-    match outcome {
-        Ok(table) => {
-            std::fs::remove_dir_all(&scratch).map_err(|e| StageError::io(&scratch, e))?;
-            Ok(table)
+    let path = root.join("request.json");
+    let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
+    std::fs::write(&path, body).map_err(|e| StageError::io(&path, e))?;
+    date(&path)?;
+    date(&root.join("in"))?;
+    Ok(request)
+}
+
+/// `path` relative to `base`, if it lies inside it: as written (a link inside the
+/// pipeline's directory to files elsewhere is still inside), else once both are
+/// resolved.
+fn relative_to(path: &Path, base: &Path) -> Option<PathBuf> {
+    if let Ok(rest) = path.strip_prefix(base) {
+        if !rest.components().any(|c| c == std::path::Component::ParentDir) {
+            return Some(rest.to_path_buf());
         }
-        Err(e) => Err(keep_for_inspection(ctx, e, &scratch, &log_path)),
     }
+    let path = path.canonicalize().ok()?;
+    let base = base.canonicalize().ok()?;
+    path.strip_prefix(&base).ok().map(Path::to_path_buf)
+}
+
+/// The program to run: a path with a separator is the pipeline directory's, a bare
+/// name is looked up in `PATH`, as a shell would.
+fn resolve_program(ctx: &StageContext, program: &str) -> Result<PathBuf, StageError> {
+    let found = if program.contains('/') {
+        Some(ctx.work_dir.join(program))
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    match found {
+        Some(path) if path.exists() => std::path::absolute(&path).map_err(|e| StageError::io(&path, e)),
+        _ => Err(ctx.error(format!(
+            "cannot start the scorer {program} (in {}): no such program",
+            ctx.work_dir.display()
+        ))),
+    }
+}
+
+/// What the program needs to read to run: the installation it belongs to, for each
+/// link on the way to the real file (`.venv/bin/python` → the virtualenv and the
+/// Python it points at). An installation is the directory above a `bin`, else the
+/// program's own directory; one that holds the store is refused in favour of the
+/// program's directory alone, so that no rule ever reaches the store.
+fn program_prefixes(program: &Path, store: &Path) -> Vec<PathBuf> {
+    let mut prefixes = Vec::new();
+    let mut hop = program.to_path_buf();
+    for _ in 0..16 {
+        if let Some(dir) = hop.parent() {
+            let installation = match dir.file_name() {
+                Some(name) if name == "bin" => dir.parent().unwrap_or(dir),
+                _ => dir,
+            };
+            let candidates = [installation, dir];
+            if let Some(safe) = candidates.iter().find(|c| !store.starts_with(c)) {
+                prefixes.push(safe.to_path_buf());
+            } else {
+                prefixes.push(hop.clone());
+            }
+        }
+        match std::fs::read_link(&hop) {
+            Ok(target) => {
+                hop = match hop.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    prefixes
+}
+
+/// The environment the scorer gets: nothing of ours but what makes a program run, the
+/// numerics it is pinned to, and its recipe's own `env`. The same in every run.
+fn environment(params: &CommandParams) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        ("HOME", "home"),
+        ("TMPDIR", "home/tmp"),
+        ("LANG", "C.UTF-8"),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        (REQUEST_ENV, "request.json"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(
+        gpt::numerics::environment(params.numerics)
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    for (k, v) in &params.env {
+        env.retain(|(name, _)| name != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
 }
 
 fn run_scorer(
     ctx: &StageContext,
     params: &CommandParams,
+    workspace: &Workspace,
     request: &Request,
-    scratch: &Path,
-    log_path: &Path,
-) -> Result<(), StageError> {
+) -> Result<Isolation, StageError> {
     let body = serde_json::to_vec_pretty(request).expect("requests serialise");
-    let request_path = scratch.join("request.json");
-    std::fs::write(&request_path, &body).map_err(|e| StageError::io(&request_path, e))?;
-    let log = File::create(log_path).map_err(|e| StageError::io(log_path, e))?;
-    let log_err = log.try_clone().map_err(|e| StageError::io(log_path, e))?;
     let (program, args) = params.command.split_first().expect("validated: not empty");
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .current_dir(&ctx.work_dir)
-        .envs(gpt::numerics::environment(params.numerics).iter().copied())
-        .envs(&params.env)
-        .env(REQUEST_ENV, &request_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_err));
-    isolate(&mut command);
-    let mut child = command.spawn().map_err(|e| {
-        ctx.error(format!(
-            "cannot start the scorer {program} (in {}): {e}",
-            ctx.work_dir.display()
-        ))
-    })?;
-    // A scorer that never reads its stdin must not block us: write from a thread.
-    let mut stdin = child.stdin.take().expect("piped");
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&body);
+    let program_path = resolve_program(ctx, program)?;
+    let store = ctx
+        .out_dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(&ctx.out_dir);
+    let mut read = vec![workspace.root.clone()];
+    read.extend(program_prefixes(&program_path, store));
+    for extra in &params.read {
+        read.push(ctx.work_dir.join(extra));
+    }
+    // HOME and TMPDIR are relative in `environment`: made absolute here, where the
+    // workspace is known (the scorer sees the same relative layout in every run).
+    let env = environment(params)
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "HOME" | "TMPDIR" => {
+                let path = workspace.root.join(&v).display().to_string();
+                (k, path)
+            }
+            _ => (k, v),
+        })
+        .collect();
+    let confinement = Confinement {
+        program: program_path,
+        args: args.iter().map(Into::into).collect(),
+        cwd: workspace.root.clone(),
+        env,
+        read,
+        write: vec![workspace.out(), workspace.root.join("home")],
+    };
+    let mut running = sandbox::spawn(
+        &confinement,
+        &workspace.control,
+        Stdio::piped(),
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .map_err(|e| ctx.error(format!("cannot start the scorer {program}: {e}")))?;
+    let log = Arc::new(Mutex::new(CappedLog::default()));
+    let readers: Vec<_> = [
+        running.stdout().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        running.stderr().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut stream| {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 64 * 1024];
+            while let Ok(n) = stream.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().expect("not poisoned").push(&buffer[..n]);
+            }
+        })
+    })
+    .collect();
+    // A scorer that never reads its stdin must not block us: write from a thread. Its
+    // pipe closes when the tree is killed, whoever holds it.
+    let writer = running.stdin().map(|mut stdin| {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&body);
+        })
     });
     let deadline = Instant::now() + Duration::from_secs(params.timeout_s);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                kill_group(&child);
-                let _ = child.wait();
-                return Err(ctx.error(format!(
-                    "the scorer ran past its timeout of {} s and was killed (params.timeout_s); its log: {}{}",
-                    params.timeout_s,
-                    log_path.display(),
-                    last_line(log_path)
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(ctx.error(format!("waiting for the scorer: {e}"))),
-        }
-    };
-    let _ = writer.join();
-    if !status.success() {
-        return Err(ctx.error(format!(
+    let finished = running
+        .wait(deadline)
+        .map_err(|e| ctx.error(format!("waiting for the scorer: {e}")))?;
+    for reader in readers {
+        let _ = reader.join();
+    }
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
+    let log_path = ctx.output(SCORER_LOG);
+    let text = log.lock().expect("not poisoned").finish();
+    std::fs::write(&log_path, &text).map_err(|e| StageError::io(&log_path, e))?;
+    let isolation = running
+        .isolation()
+        .map_err(|m| ctx.error(format!("the scorer's sandbox: {m}")))?;
+    match finished {
+        Finished::TimedOut => Err(ctx.error(format!(
+            "the scorer ran past its timeout of {} s and was killed with everything it started (params.timeout_s); its log: {}{}",
+            params.timeout_s,
+            log_path.display(),
+            last_line(&log_path)
+        ))),
+        Finished::Exited(status) if status.code() == Some(sandbox::COULD_NOT_START) => Err(ctx.error(format!(
+            "cannot start the scorer {program} (in its sandbox); its log: {}{}",
+            log_path.display(),
+            last_line(&log_path)
+        ))),
+        Finished::Exited(status) if !status.success() => Err(ctx.error(format!(
             "the scorer failed ({status}); its log: {}{}",
             log_path.display(),
-            last_line(log_path)
-        )));
+            last_line(&log_path)
+        ))),
+        Finished::Exited(_) => Ok(isolation),
     }
-    Ok(())
 }
 
-/// The scorer gets its own process group (so that a timeout kills what it started too)
-/// and dies with cachemoney, as the GPT worker does.
-fn isolate(command: &mut Command) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        command.process_group(0);
-    }
-    gpt::worker::die_with_parent(command);
+/// What a scorer printed, at most [`LOG_CAP`] bytes from its start and as many from its
+/// end: a scorer that prints gigabytes must not fill the store (or a remote).
+#[derive(Default)]
+struct CappedLog {
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    dropped: u64,
 }
 
-fn kill_group(child: &std::process::Child) {
-    #[cfg(unix)]
-    // SAFETY: kill(2) with a process group id we created; no memory is touched.
-    unsafe {
-        libc::kill(-(child.id() as i32), libc::SIGKILL);
+impl CappedLog {
+    fn push(&mut self, mut bytes: &[u8]) {
+        let room = LOG_CAP - self.head.len();
+        let now = bytes.len().min(room);
+        self.head.extend_from_slice(&bytes[..now]);
+        bytes = &bytes[now..];
+        self.tail.extend(bytes);
+        let over = self.tail.len().saturating_sub(LOG_CAP);
+        self.tail.drain(..over);
+        self.dropped += over as u64;
     }
-    #[cfg(not(unix))]
-    let _ = child;
+
+    fn finish(&self) -> Vec<u8> {
+        let mut out = self.head.clone();
+        if self.dropped > 0 {
+            out.extend_from_slice(
+                format!(
+                    "\n[cachemoney: {} bytes of the scorer's output dropped here; the log keeps the first and the last {} KiB]\n",
+                    self.dropped,
+                    LOG_CAP / 1024
+                )
+                .as_bytes(),
+            );
+        }
+        out.extend(self.tail.iter());
+        out
+    }
 }
 
 /// `: LAST LINE` of the log, or `: (empty)`.
@@ -196,26 +500,45 @@ fn last_line(log: &Path) -> String {
     }
 }
 
-/// The scorer writes only in its output directory: the artifact directory around it
-/// must hold nothing new, and its outputs must be files, not links to elsewhere.
-fn check_directory(ctx: &StageContext, scratch: &Path) -> Result<(), StageError> {
+/// The scorer's outputs must be plain files in a plain directory: not links out of it,
+/// not pipes or devices (reading a FIFO would hang), and nothing may have appeared in
+/// the artifact's own directory.
+fn check_directory(ctx: &StageContext, workspace: &Workspace) -> Result<(), StageError> {
     let entries = std::fs::read_dir(&ctx.out_dir).map_err(|e| StageError::io(&ctx.out_dir, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name != SCORER_LOG && entry.path() != scratch {
+        if name != SCORER_LOG {
             return Err(StageError::input(
                 entry.path(),
                 "written by the scorer outside its output directory (request.output_dir)",
             ));
         }
     }
+    let out = workspace.out();
+    match std::fs::symlink_metadata(&out) {
+        Ok(meta) if meta.is_dir() => {}
+        _ => {
+            return Err(StageError::input(
+                &out,
+                "not a directory any more: the scorer replaced its output directory (by a link?)",
+            ))
+        }
+    }
     for name in ["pass1.parquet", "distributions.parquet"] {
-        let path = scratch.join("out").join(name);
+        let path = out.join(name);
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => return Err(StageError::input(
-                &path,
-                "a symbolic link: the scorer must write its outputs inside its output directory",
-            )),
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(StageError::input(
+                    &path,
+                    "a symbolic link: the scorer must write its outputs inside its output directory",
+                ))
+            }
+            Ok(meta) if !meta.is_file() => {
+                return Err(StageError::input(
+                    &path,
+                    "not a regular file (a pipe or a device?): the scorer must write its outputs as files",
+                ))
+            }
             Ok(_) => {}
             Err(_) if name == "distributions.parquet" => {}
             Err(_) => {
@@ -260,8 +583,9 @@ fn check_schema(path: &Path, wanted: &[(&str, DataType)]) -> Result<(), StageErr
     Ok(())
 }
 
-fn read_outputs(request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, StageError> {
-    let pass1_path = request.output_dir.join("pass1.parquet");
+fn read_outputs(root: &Path, request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, StageError> {
+    let output_dir = root.join(&request.output_dir);
+    let pass1_path = output_dir.join("pass1.parquet");
     check_schema(
         &pass1_path,
         &[
@@ -277,8 +601,7 @@ fn read_outputs(request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, Stage
         .iter()
         .map(|&p| val_bytes[p as usize])
         .collect();
-    table.distributions =
-        read_distributions(&request.output_dir.join("distributions.parquet"), request)?;
+    table.distributions = read_distributions(&output_dir.join("distributions.parquet"), request)?;
     Ok(table)
 }
 
@@ -348,14 +671,29 @@ fn read_distributions(path: &Path, request: &Request) -> Result<Vec<(i64, Vec<f3
     Ok(out)
 }
 
+/// Removes what a scorer left that is neither a plain file nor a directory (a FIFO, a
+/// socket, a link out of the store): a tool that reads the kept directory must not hang
+/// or be led elsewhere.
+fn defuse(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => defuse(&path),
+            Ok(meta) if meta.is_file() => {}
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 /// On failure the scorer's directory and log are moved beside the scratch directory
 /// (swept at the next run), and the error names them there.
-fn keep_for_inspection(
-    ctx: &StageContext,
-    error: StageError,
-    scratch: &Path,
-    log: &Path,
-) -> StageError {
+fn keep_for_inspection(ctx: &StageContext, error: StageError, workspace: &Workspace) -> StageError {
+    let _ = std::fs::remove_dir_all(&workspace.control);
     let kept = ctx.out_dir.with_file_name(format!(
         "{}.failed-scorer",
         ctx.out_dir
@@ -364,11 +702,15 @@ fn keep_for_inspection(
             .unwrap_or_default()
     ));
     let _ = std::fs::remove_dir_all(&kept);
+    let scratch = &workspace.root;
     if std::fs::rename(scratch, &kept).is_err() {
+        let _ = std::fs::remove_dir_all(scratch);
         return error;
     }
+    defuse(&kept);
+    let log = ctx.output(SCORER_LOG);
     let kept_log = kept.join(SCORER_LOG);
-    let _ = std::fs::rename(log, &kept_log);
+    let _ = std::fs::rename(&log, &kept_log);
     let moved = |path: &Path| -> PathBuf {
         if let Ok(rest) = path.strip_prefix(scratch) {
             kept.join(rest)
@@ -379,7 +721,9 @@ fn keep_for_inspection(
         }
     };
     let text = |message: String| {
-        message.replace(&log.display().to_string(), &kept_log.display().to_string())
+        message
+            .replace(&log.display().to_string(), &kept_log.display().to_string())
+            .replace(&scratch.display().to_string(), &kept.display().to_string())
     };
     match error {
         StageError::Input { path, message } => StageError::Input {

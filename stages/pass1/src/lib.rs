@@ -100,6 +100,10 @@ impl Stage for Pass1Stage {
                 command::SCORER_LOG,
                 "model = \"command\": the scorer's stdout and stderr (volatile: not hashed)",
             ),
+            Output::file_if(
+                command::SANDBOX_REPORT,
+                "model = \"command\": what confined the scorer on this machine (volatile: not hashed)",
+            ),
         ],
         metrics: &["neural_bpb"],
         variants: Some(Variants {
@@ -148,11 +152,18 @@ impl Stage for Pass1Stage {
         Self::check_wiring(&params, &connected, &files).map_err(|m| ctx.error(m))?;
         let tokens = ctx.input("tokens")?;
         let mut volatile = Vec::new();
+        let mut sandbox = None;
         let table = match &params {
             Pass1Params::Gpt(gpt) => return run_in_worker(Task::Pass1, ctx, gpt.numerics),
             Pass1Params::Command(command) => {
                 volatile.push(command::SCORER_LOG.to_string());
-                command::command_pass1(ctx, command)?
+                volatile.push(command::SANDBOX_REPORT.to_string());
+                let (table, isolation) = command::command_pass1(ctx, command)?;
+                let path = ctx.output(command::SANDBOX_REPORT);
+                std::fs::write(&path, serde_json::to_vec_pretty(&isolation).expect("json"))
+                    .map_err(|e| StageError::io(&path, e))?;
+                sandbox = Some(isolation.describe());
+                table
             }
             Pass1Params::Bigram(bigram) => {
                 let (val, val_bytes) = read_val(tokens)?;
@@ -160,7 +171,13 @@ impl Stage for Pass1Stage {
                 let train = read_column::<UInt16Type>(&train_path, "token")?;
                 let vocab_size =
                     read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-                bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram)
+                let kept = probe_positions(
+                    tokens,
+                    val.len() - 1,
+                    bigram.mass_sample,
+                    bigram.mass_seed,
+                )?;
+                bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram, &kept)
                     .map_err(|m| StageError::input(&train_path, m))?
             }
             Pass1Params::Import(_) => {
@@ -178,6 +195,9 @@ impl Stage for Pass1Stage {
         report.volatile_files = volatile;
         if let Some(numerics) = Self::numerics(&params) {
             report = report.with_volatile(stage_api::NUMERICS_KEY, numerics);
+        }
+        if let Some(sandbox) = sandbox {
+            report = report.with_volatile("sandbox", sandbox);
         }
         Ok(report.with("model", params.model_name()))
     }
@@ -228,6 +248,35 @@ pub fn distributions_schema() -> Arc<Schema> {
 /// [`stage_api::sample_positions`]).
 pub fn mass_sample_positions(targets: usize, count: usize, seed: u64) -> Vec<i64> {
     stage_api::sample_positions(targets, count, seed)
+}
+
+/// The table of a tokens artifact that names the positions where a judge wants every
+/// pass-1 source's whole distribution (a legality re-run's secret sample; see
+/// `perturb`). Absent from a `tokenize` artifact.
+pub const PROBE_POSITIONS: &str = "probe_positions.parquet";
+
+/// Where this run keeps whole distributions: the positions its tokens' judge asks for,
+/// when there is one, else the node's own `mass_sample` drawn with `mass_seed`.
+pub fn probe_positions(
+    tokens: &InputArtifact,
+    targets: usize,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<i64>, StageError> {
+    let path = tokens.file(PROBE_POSITIONS);
+    if !path.exists() {
+        return Ok(mass_sample_positions(targets, count, seed));
+    }
+    let positions = read_column::<Int64Type>(&path, "position")?;
+    let ordered = positions.windows(2).all(|w| w[0] < w[1]);
+    let inside = positions.iter().all(|&p| p >= 1 && p as usize <= targets);
+    if !ordered || !inside {
+        return Err(StageError::input(
+            &path,
+            format!("positions must be increasing and within 1..={targets}"),
+        ));
+    }
+    Ok(positions)
 }
 
 impl Pass1Table {
@@ -294,6 +343,7 @@ pub fn bigram_pass1(
     val_bytes: &[u8],
     vocab_size: usize,
     params: &BigramParams,
+    kept: &[i64],
 ) -> Result<Pass1Table, String> {
     if vocab_size > BIGRAM_MAX_VOCAB {
         return Err(format!("the bigram model keeps a dense table and supports vocabularies up to {BIGRAM_MAX_VOCAB} (this one has {vocab_size})"));
@@ -339,7 +389,7 @@ pub fn bigram_pass1(
         })
         .collect();
     let mut table = Pass1Table::default();
-    for p in mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed) {
+    for &p in kept {
         let prev = val[p as usize - 1] as usize;
         if prev < v {
             table.distributions.push((p, rows[prev].0.clone()));
@@ -488,7 +538,8 @@ mod tests {
         let val: Vec<u16> = vec![0, 1, 2, 3, 0, 5];
         let bytes = vec![0, 1, 1, 1, 1, 1];
         let params = BigramParams::default();
-        let table = bigram_pass1(&train, &val, &bytes, 8, &params).unwrap();
+        let kept = mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed);
+        let table = bigram_pass1(&train, &val, &bytes, 8, &params, &kept).unwrap();
         assert_eq!(table.position, vec![1, 2, 3, 4, 5]);
         // 0 → 1 is what train always does: close to 1, and sharper than untempered.
         assert!(table.model_p[0] > 0.99, "{}", table.model_p[0]);

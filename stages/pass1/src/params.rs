@@ -121,6 +121,10 @@ pub struct CommandParams {
     pub numerics: Numerics,
     /// Seconds before the program is killed and the node fails.
     pub timeout_s: u64,
+    /// Paths (relative to the pipeline's directory, or absolute) the scorer may read
+    /// beside its own files, its inputs and its interpreter's installation: a model
+    /// cache, say. Never the store.
+    pub read: Vec<String>,
     /// As for the bigram: how many positions get their whole distribution asked for.
     pub mass_sample: usize,
     pub mass_seed: u64,
@@ -133,6 +137,7 @@ impl Default for CommandParams {
             env: BTreeMap::new(),
             numerics: Numerics::Portable,
             timeout_s: 3600,
+            read: Vec::new(),
             mass_sample: 4096,
             mass_seed: 1337,
         }

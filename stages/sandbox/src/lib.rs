@@ -188,9 +188,24 @@ pub fn spawn(
 }
 
 impl Running {
-    /// The launcher's (and so the program's) process id.
+    /// The launcher's process id.
     pub fn id(&self) -> u32 {
         self.launcher.id()
+    }
+
+    /// The program's stdin, if [`spawn`] was given a pipe (taken once).
+    pub fn stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.launcher.stdin.take()
+    }
+
+    /// The program's stdout, if [`spawn`] was given a pipe (taken once).
+    pub fn stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.launcher.stdout.take()
+    }
+
+    /// The program's stderr, if [`spawn`] was given a pipe (taken once).
+    pub fn stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.launcher.stderr.take()
     }
 
     /// Waits for the program until `deadline`; past it, kills the program's whole tree.
@@ -253,6 +268,21 @@ impl Drop for Running {
             self.terminate();
         }
     }
+}
+
+/// The Landlock ABI this kernel offers, or none (not built in, or not enabled at boot).
+pub fn landlock_abi() -> Option<u8> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the documented query form: a null attribute, size 0, the version flag.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    (abi > 0).then_some(abi as u8)
 }
 
 /// Call first thing in `main`: if this process was started as a sandbox launcher, it
