@@ -233,7 +233,8 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
         eprintln!("this CPU has one dispatch level: no other kernels to compare");
         return;
     }
-    let lower = levels[1].1.clone();
+    // Explicit on both sides: the suite itself may run under a forced level.
+    let (here, lower) = (levels[0].1.clone(), levels[levels.len() - 1].1.clone());
     let remote = tempfile::tempdir().unwrap();
     let url = format!("file://{}", remote.path().display());
     let project = tiny_project("native");
@@ -243,7 +244,7 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
         .unwrap()
         .to_string();
 
-    let out = project.run(&["run"]);
+    let out = project.run_with(&here, &["run"]);
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
@@ -257,7 +258,7 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
         notes[0]
     );
 
-    let audit = project.run(&["audit", "model"]);
+    let audit = project.run_with(&here, &["audit", "model"]);
     assert!(!audit.status.success(), "other kernels, other bytes");
     let audit = String::from_utf8(audit.stdout).unwrap();
     assert!(audit.contains("DIFFERS"), "{audit}");
@@ -269,7 +270,7 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
     );
 
     let second = tiny_project("native");
-    let out = second.run(&["pull", "--remote", &url]);
+    let out = second.run_with(&here, &["pull", "--remote", &url]);
     assert!(out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -279,7 +280,7 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
         "{stderr}"
     );
 
-    let forced = project.run(&["run", "--force", "model"]);
+    let forced = project.run_with(&here, &["run", "--force", "model"]);
     let stderr = String::from_utf8(forced.stderr).unwrap();
     let warning = stderr
         .lines()
