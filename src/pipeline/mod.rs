@@ -30,6 +30,7 @@ use toml::Spanned;
 use crate::registry::Registry;
 
 mod reruns;
+pub mod secret;
 mod seeds;
 mod source;
 use seeds::check_seeds;
@@ -88,6 +89,8 @@ pub struct Node {
 pub struct Rerun {
     pub base: String,
     pub number: usize,
+    /// The perturbing node itself (a copy of the chain's source), not a member's copy.
+    pub source: bool,
 }
 
 /// Which node of `pipeline.toml` a per-seed copy was made from, and for which seed.
@@ -313,15 +316,17 @@ impl Pipeline {
         if let Some(error) = miswired {
             return Err(error);
         }
-        let order = match reruns::add_reruns(&mut nodes, registry) {
-            Ok(true) => topological_order(&nodes).expect("re-runs copy an acyclic chain"),
-            Ok(false) => order,
+        let store_dir = base.join(file.store.as_deref().unwrap_or("artifacts"));
+        let mut judges_key = || secret::judges_key(&store_dir).map_err(|e| format!("{e:#}"));
+        let order = match reruns::add_reruns(&mut nodes, registry, &mut judges_key) {
+            Ok((true, salt)) => ordered(&nodes, salt.as_deref().unwrap_or(""))
+                .expect("re-runs copy an acyclic chain"),
+            Ok((false, _)) => order,
             Err(problem) => {
                 let span = source.key_span(&["nodes", &problem.node]);
                 bail!("{}: node '{}': {}", at(span), problem.node, problem.message)
             }
         };
-        let store_dir = base.join(file.store.as_deref().unwrap_or("artifacts"));
         Ok(Pipeline {
             path: path.to_path_buf(),
             store_dir,
@@ -433,6 +438,66 @@ fn directory_of(path: &Path) -> PathBuf {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The order a pipeline with re-runs is built in: the plain topological order (by
+/// depth, then name), except that each node and its re-run copies are one group, built
+/// one after the other in an order drawn from `salt` (the judges' secret), so that a
+/// scorer cannot count on its original run coming first. A re-run's perturbing node
+/// goes in the same wave as what it perturbs, so that every copy is ready with its
+/// original.
+fn ordered(
+    nodes: &BTreeMap<String, Node>,
+    salt: &str,
+) -> std::result::Result<Vec<String>, Vec<String>> {
+    let plain = topological_order(nodes)?;
+    let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in &plain {
+        let node = &nodes[name];
+        let step = usize::from(!node.rerun.as_ref().is_some_and(|r| r.source));
+        let d = node
+            .inputs
+            .values()
+            .map(|up| depth[up.as_str()] + step)
+            .max()
+            .unwrap_or(0);
+        depth.insert(name, d);
+    }
+    let key = |name: &str| {
+        let node = &nodes[name];
+        let group = node.rerun.as_ref().map_or(name, |r| r.base.as_str());
+        let draw = blake3::hash(format!("{salt}\0{name}").as_bytes());
+        (depth[name], group.to_string(), *draw.as_bytes())
+    };
+    // Kahn's algorithm, always taking the ready node with the smallest key.
+    let mut waiting: BTreeMap<&str, usize> = nodes
+        .iter()
+        .map(|(name, n)| (name.as_str(), n.inputs.len()))
+        .collect();
+    let mut ready: BTreeSet<(usize, String, [u8; 32], &str)> = BTreeSet::new();
+    for (name, count) in &waiting {
+        if *count == 0 {
+            let (d, g, h) = key(name);
+            ready.insert((d, g, h, name));
+        }
+    }
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(next) = ready.pop_first() {
+        let name = next.3;
+        order.push(name.to_string());
+        for (other, node) in nodes {
+            let uses = node.inputs.values().filter(|up| up.as_str() == name).count();
+            if uses > 0 {
+                let count = waiting.get_mut(other.as_str()).expect("every node");
+                *count -= uses;
+                if *count == 0 {
+                    let (d, g, h) = key(other);
+                    ready.insert((d, g, h, other.as_str()));
+                }
+            }
+        }
+    }
+    Ok(order)
 }
 
 pub(crate) fn topological_order(

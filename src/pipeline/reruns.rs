@@ -23,11 +23,15 @@ pub struct Problem {
 }
 
 /// Adds the re-runs every judging node asks for and wires them in. Returns whether it
-/// added anything. Cuts with equal parameters share a number across judges.
+/// added anything, and the secret the judges were given (if any asked for one): it also
+/// orders the runs. Cuts with equal parameters share a number across judges. `secret`
+/// is asked for only when a judge leaves its secret parameter empty.
 pub fn add_reruns(
     nodes: &mut BTreeMap<String, Node>,
     registry: &Registry,
-) -> Result<bool, Problem> {
+    secret: &mut dyn FnMut() -> Result<String, String>,
+) -> Result<(bool, Option<String>), Problem> {
+    let mut salt = None;
     let spec_of = |n: &Node| {
         registry
             .get(&n.stage)
@@ -41,7 +45,7 @@ pub fn add_reruns(
         .collect();
     let mut numbered_cuts: Vec<Value> = Vec::new();
     for judge_name in &judges {
-        let judge = nodes[judge_name].clone();
+        let mut judge = nodes[judge_name].clone();
         let reruns = spec_of(&judge).reruns.expect("filtered");
         let problem = |message: String| Problem {
             node: judge_name.clone(),
@@ -110,10 +114,49 @@ pub fn add_reruns(
                 )));
             }
         }
-        let cuts = judge.params[reruns.param]
+        let judge_secret = match reruns.secret_param {
+            Some(param) => {
+                let given = judge.params[param].as_str().unwrap_or("").to_string();
+                let value = if given.is_empty() {
+                    secret().map_err(&problem)?
+                } else {
+                    given
+                };
+                judge.params[param] = Value::from(value.clone());
+                salt.get_or_insert_with(|| value.clone());
+                Some(value)
+            }
+            None => None,
+        };
+        let mut cuts = judge.params[reruns.param]
             .as_array()
             .cloned()
             .unwrap_or_default();
+        // What every entry takes from the judge and from the chain's members.
+        for cut in &mut cuts {
+            let Some(entry) = cut.as_object_mut() else {
+                continue;
+            };
+            if let Some(value) = &judge_secret {
+                entry.insert("secret".into(), Value::from(value.clone()));
+            }
+            for (product, param, as_param) in reruns.inherit {
+                if entry.get(*as_param).is_some_and(|v| !v.is_null()) {
+                    continue;
+                }
+                if let Some(member) = members.iter().find(|m| produces(&nodes[*m], product)) {
+                    let value = nodes[member].params.get(*param).cloned().unwrap_or(Value::from(0));
+                    entry.insert(as_param.to_string(), value);
+                }
+            }
+        }
+        // The member that produces the companion product, when it is not the end.
+        let companion = reruns.companion.and_then(|(product, input, copies)| {
+            let member = members
+                .iter()
+                .find(|m| *m != end_name && produces(&nodes[*m], product))?;
+            Some((member.clone(), input, copies))
+        });
         if cuts.len() > reruns.wired_as.len() {
             return Err(problem(format!(
                 "params.{}: {} entries; at most {}",
@@ -156,6 +199,7 @@ pub fn add_reruns(
                     rerun: Some(Rerun {
                         base: source.clone(),
                         number,
+                        source: true,
                     }),
                 },
             )?;
@@ -184,14 +228,25 @@ pub fn add_reruns(
                         rerun: Some(Rerun {
                             base: member.clone(),
                             number,
+                            source: false,
                         }),
                         ..original
                     },
                 )?;
             }
             wired.insert(reruns.wired_as[i].to_string(), copy_name(end_name));
+            if let Some((member, _, copies)) = &companion {
+                wired.insert(copies[i].to_string(), copy_name(member));
+            }
         }
+        if let Some((member, input, _)) = &companion {
+            wired.insert(input.to_string(), member.clone());
+        }
+        // The judge reads the entries as its re-runs were made from them.
+        judge.params[reruns.param] = Value::Array(cuts.clone());
+        let params = judge.params.clone();
         let judge = nodes.get_mut(judge_name).expect("exists");
+        judge.params = params;
         judge.inputs.extend(wired);
         if let Some(label) = reruns.label_param {
             if judge.params[label].as_str() == Some("") {
@@ -199,7 +254,7 @@ pub fn add_reruns(
             }
         }
     }
-    Ok(!judges.is_empty())
+    Ok((!judges.is_empty(), salt))
 }
 
 /// Adds a re-run node, once: the same copy serves every judge whose chain has it.
@@ -274,24 +329,35 @@ inputs.calibration = "calibration"
 stage = \"legality\"
 inputs.tokens = \"tokens\"
 inputs.chain = \"scores\"
+params.secret = \"s\"
 [nodes.judge_pass1]
 stage = \"legality\"
 inputs.tokens = \"tokens\"
 inputs.chain = \"pass1\"
-params.cuts = [{{ at = 0.3 }}, {{ at = 0.9 }}]
+params.secret = \"s\"
+params.cuts = [{{ at = 0.3 }}, {{ draw = 1 }}]
 "
         );
         let pipeline = parse(&text).unwrap();
         let node = |name: &str| pipeline.node(name).unwrap();
-        // Judges in name order: judge_pass1's 0.3 and 0.9 are cuts 1 and 2; then
-        // judge_scores' defaults 0.3 and 0.7 are 1 (shared) and 3.
+        // Judges in name order: judge_pass1's two entries are cuts 1 and 2; then
+        // judge_scores' defaults, a shuffle of draw 1 (the same as judge_pass1's second:
+        // shared) and a replace of draw 2, are 2 and 3.
         assert_eq!(node("judge_pass1").inputs["cut1"], "pass1_cut1");
         assert_eq!(node("judge_pass1").inputs["cut2"], "pass1_cut2");
-        assert_eq!(node("judge_scores").inputs["cut1"], "scores_cut1");
+        assert_eq!(node("judge_scores").inputs["cut1"], "scores_cut2");
         assert_eq!(node("judge_scores").inputs["cut2"], "scores_cut3");
         assert!(!node("judge_scores").inputs.contains_key("cut3"));
         assert_eq!(node("tokens_cut1").stage, "perturb");
         assert_eq!(node("tokens_cut1").params["at"], 0.3);
+        assert_eq!(node("tokens_cut3").params["kind"], "replace");
+        // Every entry carries the judge's secret and the original run's sample.
+        for cut in ["tokens_cut1", "tokens_cut2", "tokens_cut3"] {
+            assert_eq!(node(cut).params["secret"], "s");
+            assert_eq!(node(cut).params["original_sample"], 4096, "pass1's mass_sample");
+            assert_eq!(node(cut).params["original_seed"], 1337);
+        }
+        assert_eq!(node("judge_scores").params["cuts"][0]["secret"], "s");
         // Members read the perturbed tokens and each other; the model stays shared.
         assert_eq!(node("pass1_cut3").inputs["tokens"], "tokens_cut3");
         assert_eq!(node("pass1_cut3").inputs["model"], "model");
@@ -299,15 +365,54 @@ params.cuts = [{{ at = 0.3 }}, {{ at = 0.9 }}]
             node("scores_cut3").inputs["calibration"],
             "calibration_cut3"
         );
+        // A cache chain's judge reads its pass-1 runs too.
+        assert_eq!(node("judge_scores").inputs["pass1"], "pass1");
+        assert_eq!(node("judge_scores").inputs["pass1_cut2"], "pass1_cut3");
+        assert!(!node("judge_pass1").inputs.contains_key("pass1"));
         assert!(
             pipeline.node("model_cut1").is_err(),
             "the model is not retrained"
         );
         assert_eq!(node("judge_scores").params["chain"], "scores");
         assert!(node("scores_cut3").rerun.is_some() && node("scores").rerun.is_none());
-        // Topological: every re-run after what it reads.
+        // Topological: every re-run after what it reads; each run beside its original.
         let at = |n: &str| pipeline.nodes.iter().position(|x| x.name == n).unwrap();
         assert!(at("tokens_cut3") < at("pass1_cut3") && at("scores_cut3") < at("judge_scores"));
+        let pass1_runs: Vec<usize> = ["pass1", "pass1_cut1", "pass1_cut2", "pass1_cut3"]
+            .iter()
+            .map(|n| at(n))
+            .collect();
+        let (first, last) = (pass1_runs.iter().min().unwrap(), pass1_runs.iter().max().unwrap());
+        assert_eq!(last - first, 3, "the pass-1 runs are built one after another");
+    }
+
+    #[test]
+    fn the_order_of_a_nodes_runs_is_drawn_from_the_secret() {
+        let order_with = |secret: &str| {
+            let text = format!(
+                "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"pass1\"\nparams.secret = \"{secret}\"\nparams.cuts = [{{ draw = 1 }}, {{ draw = 2 }}, {{ draw = 3 }}]\n"
+            );
+            let pipeline = parse(&text).unwrap();
+            let runs: Vec<String> = pipeline
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .filter(|n| n.starts_with("pass1"))
+                .collect();
+            let main: Vec<String> = pipeline
+                .nodes
+                .iter()
+                .filter(|n| n.rerun.is_none())
+                .map(|n| n.name.clone())
+                .collect();
+            (runs, main)
+        };
+        let orders: Vec<_> = (0..8).map(|i| order_with(&format!("secret {i}"))).collect();
+        let distinct: std::collections::BTreeSet<&Vec<String>> = orders.iter().map(|(r, _)| r).collect();
+        assert!(distinct.len() > 2, "{distinct:?}");
+        assert!(orders.iter().any(|(runs, _)| runs[0] != "pass1"), "the original is not always first");
+        // The pipeline's own nodes keep their order whatever the secret.
+        assert!(orders.iter().all(|(_, main)| *main == orders[0].1));
     }
 
     #[test]

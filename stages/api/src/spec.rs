@@ -235,6 +235,19 @@ pub struct Reruns {
     pub param: &'static str,
     pub stage: &'static str,
     pub wired_as: &'static [&'static str],
+    /// A string parameter of the judging node holding the judge's secret: left empty,
+    /// the pipeline fills it with the store's (`$CACHEMONEY_SECRET`, else the store's
+    /// own `.secret`), and every entry of `param` gets it as its `secret`. The runs are
+    /// then built in an order drawn from it, each re-run copy beside its original.
+    pub secret_param: Option<&'static str>,
+    /// Parameters every entry of `param` takes from a member of the chain, unless the
+    /// entry sets them: (the product the member produces, its parameter, the entry's
+    /// parameter); 0 where the member has no such parameter.
+    pub inherit: &'static [(&'static str, &'static str, &'static str)],
+    /// The member producing this product, and its copies, wired into the judging node
+    /// too when it is not the chain's end: (product, the original's input, the copies'
+    /// inputs in entry order).
+    pub companion: Option<(&'static str, &'static str, &'static [&'static str])>,
 }
 
 /// An upstream artifact a stage reads.

@@ -18,7 +18,7 @@ mod perturb_stage;
 pub mod probes;
 mod stages;
 
-pub use perturb::{cut_position, perturb, CutParams, Perturbed};
+pub use perturb::{cut_position, perturb, CutParams, Kind, Perturbed};
 pub use perturb_stage::PerturbStage;
 pub use probes::{Finding, Verdict, PROBES};
 pub use stages::{LegalityParams, LegalityStage, LEGALITY_TABLE};

@@ -1,64 +1,128 @@
-//! Perturbed val streams: the prefix kept, the suffix after a cut replaced by a seeded
-//! shuffle of itself.
+//! The streams a chain is re-run on: the prefix kept up to a secret cut, everything after
+//! it changed, and a secret, fresh set of positions where the re-run is asked for whole
+//! distributions.
 //!
-//! A legal scorer's numbers for targets up to the cut cannot change (C1: they may
-//! depend on the prefix only), and its distribution at the first target after the cut
-//! cannot either, although that target changed (its prefix did not). A shuffle keeps
-//! the suffix's own tokens, so the stream stays in-distribution and the same length
-//! (every position is still scored), while every later bigram and longer context moves.
+//! Two kinds, each with a cut k (targets 1..=k keep their prefix and their token; the
+//! target at k+1 is always changed, its prefix is not):
+//!
+//! - **shuffle**: the suffix after k is a seeded shuffle of itself. It keeps the suffix's
+//!   own tokens, so the stream stays the same length and in distribution, while every
+//!   later bigram and longer context moves. A legal scorer's numbers up to k cannot
+//!   change (C1), nor its distribution at k+1 (target independence).
+//! - **replace**: at `hidden` secret positions after k+1, the target is replaced by a
+//!   token drawn from a proposal q (the val stream's own bigram, mixed with the uniform
+//!   distribution), so a replaced token reads like a real one. For a scorer whose
+//!   distributions sum to 1, E_u~q[p(u)/q(u)] = Σ_u p(u) = 1: the mean weight estimates
+//!   the mass where no distribution was ever asked for (the blind normalisation probe).
+//!   Those positions are never among the ones a run is asked about.
+//!
+//! Everything secret is drawn from the judge's secret (a store's own, unknown to whoever
+//! wrote the scorer) and the entry's `draw`: the cut, the shuffle, the replaced positions
+//! and tokens, and the positions asked about. A re-run asks for as many distributions as
+//! the original run does, at other positions, so a scorer cannot tell the runs apart by
+//! the request and cannot be honest only where it is asked.
 
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
 
-/// One cut: where, and how the suffix is shuffled. These are the `perturb` stage's
-/// parameters and the entries of the `legality` stage's `cuts`.
+/// How a re-run changes the stream after its cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Shuffle,
+    Replace,
+}
+
+/// One re-run: the `perturb` stage's parameters and an entry of the `legality` stage's
+/// `cuts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CutParams {
-    /// Where the cut falls, as a fraction of the val targets.
-    pub at: f64,
-    /// Seeds the shuffle of the suffix.
-    pub seed: u64,
-    /// The cut is moved to just before the first position, from `at` on, where pass-1
-    /// keeps its whole distribution (pass-1's `mass_sample` and `mass_seed`, whose
-    /// defaults these are), so that the distribution at the changed target exists in
-    /// both runs.
+    pub kind: Kind,
+    /// Where the cut falls, as a fraction of the val targets. Absent (the default): drawn
+    /// from the secret, in 5%–95% of the stream for a shuffle, 5%–50% for a replace
+    /// (which needs room after it).
+    pub at: Option<f64>,
+    /// Tells apart entries that are otherwise equal: each draws its own secret values.
+    pub draw: u32,
+    /// Positions where the re-run asks for whole distributions (0: as many as the
+    /// original run keeps).
     pub sample: usize,
-    pub sample_seed: u64,
+    /// `replace`: how many targets after the changed one are replaced.
+    pub hidden: usize,
+    /// The original run's sample (its pass-1's `mass_sample` and `mass_seed`; the
+    /// pipeline copies them when absent): the changed target is one of its positions,
+    /// so that the original has the distribution there too.
+    pub original_sample: Option<usize>,
+    pub original_seed: Option<u64>,
+    /// The judge's secret; the pipeline fills it from the store's.
+    pub secret: String,
 }
 
 impl Default for CutParams {
     fn default() -> Self {
         CutParams {
-            at: 0.5,
-            seed: 1337,
-            sample: 4096,
-            sample_seed: 1337,
+            kind: Kind::Shuffle,
+            at: None,
+            draw: 0,
+            sample: 0,
+            hidden: 4096,
+            original_sample: None,
+            original_seed: None,
+            secret: String::new(),
         }
     }
 }
 
 impl StageParams for CutParams {
     fn validate(&self) -> Result<(), StageError> {
-        if !(self.at > 0.0 && self.at < 1.0) {
-            return Err(StageError::invalid_param(
-                "at",
-                format!(
-                    "{} is not inside (0, 1): the cut is a fraction of the val targets",
-                    self.at
-                ),
-            ));
+        if let Some(at) = self.at {
+            if !(at > 0.0 && at < 1.0) {
+                return Err(StageError::invalid_param(
+                    "at",
+                    format!("{at} is not inside (0, 1): the cut is a fraction of the val targets"),
+                ));
+            }
         }
-        check_param("sample", self.sample, 0..=65_536, "as pass-1's mass_sample")
+        check_param("sample", self.sample, 0..=65_536, "as pass-1's mass_sample")?;
+        check_param("hidden", self.hidden, 1..=1 << 20, "replaced targets")?;
+        check_param(
+            "original_sample",
+            self.original_sample.unwrap_or(0),
+            0..=65_536,
+            "pass-1's mass_sample",
+        )
     }
 }
 
-/// A perturbed stream.
+impl CutParams {
+    /// The original run's sample: (count, seed).
+    fn original(&self) -> (usize, u64) {
+        (self.original_sample.unwrap_or(0), self.original_seed.unwrap_or(0))
+    }
+}
+
+/// A target replaced by the proposal, with the proposal's probability of the token drawn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hidden {
+    pub position: i64,
+    pub token: u16,
+    pub q: f64,
+}
+
+/// A perturbed stream and what the judge needs to read the re-run on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Perturbed {
+    pub kind: Kind,
     /// Targets 1..=cut keep their prefix and their token.
     pub cut: usize,
     pub tokens: Vec<u16>,
+    /// Where the re-run is asked for whole distributions: sorted, the changed target
+    /// among them, no hidden position.
+    pub probe_positions: Vec<i64>,
+    /// `replace`: the replaced targets, in stream order.
+    pub hidden: Vec<Hidden>,
 }
 
 impl Perturbed {
@@ -68,54 +132,249 @@ impl Perturbed {
     }
 }
 
+/// The share of the proposal that is the val bigram (the rest is uniform, so that every
+/// token has a probability of at least (1 − λ)/V and no weight is unbounded).
+pub const PROPOSAL_BIGRAM_SHARE: f64 = 0.9;
+/// The proposal bigram's pseudo-count.
+pub const PROPOSAL_ADD_K: f64 = 0.1;
+
+/// A stream of secret random numbers for one purpose of one entry: blake3 in XOF mode,
+/// keyed by the secret, the entry's draw and the purpose. Reproducible from the
+/// parameters alone; unpredictable without the secret.
+pub struct Secret {
+    reader: blake3::OutputReader,
+}
+
+impl Secret {
+    pub fn new(cut: &CutParams, purpose: &str) -> Secret {
+        let mut hasher = blake3::Hasher::new_derive_key("cachemoney legality secret v1");
+        hasher.update(cut.secret.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&cut.draw.to_le_bytes());
+        hasher.update(purpose.as_bytes());
+        Secret {
+            reader: hasher.finalize_xof(),
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut bytes = [0u8; 8];
+        self.reader.fill(&mut bytes);
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Uniform in 0..n (n > 0), without modulo bias worth the name at these sizes.
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// Uniform in [0, 1), 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `count` distinct positions of `range` not in `excluded` (sorted), each with the
+    /// same chance.
+    pub fn positions(
+        &mut self,
+        range: std::ops::RangeInclusive<i64>,
+        count: usize,
+        excluded: &std::collections::BTreeSet<i64>,
+    ) -> Vec<i64> {
+        let key = self.next_u64();
+        // The `count` smallest keys, kept in a bounded heap: memory in the sample's size,
+        // not the stream's (62M positions at the challenge's scale).
+        let mut smallest: std::collections::BinaryHeap<(u64, i64)> =
+            std::collections::BinaryHeap::with_capacity(count + 1);
+        for p in range.filter(|p| !excluded.contains(p)) {
+            let entry = (mix(key, p as u64), p);
+            if smallest.len() < count {
+                smallest.push(entry);
+            } else if smallest.peek().is_some_and(|top| entry < *top) {
+                smallest.pop();
+                smallest.push(entry);
+            }
+        }
+        let mut chosen: Vec<i64> = smallest.into_iter().map(|(_, p)| p).collect();
+        chosen.sort_unstable();
+        chosen
+    }
+}
+
+/// splitmix64's finaliser over a key and a value: a keyed order of positions.
+fn mix(key: u64, value: u64) -> u64 {
+    let mut z = key ^ value.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The cut for a stream of `len` tokens (targets 1..len).
 pub fn cut_position(len: usize, cut: &CutParams) -> Result<usize, String> {
     if len < 3 {
         return Err(format!("{len} val tokens: too few to cut (at least 3)"));
     }
     let targets = len - 1;
-    let wanted = ((cut.at * targets as f64).ceil() as usize).clamp(2, targets);
-    let sample = stage_api::sample_positions(targets, cut.sample, cut.sample_seed);
-    let first_changed = sample
-        .iter()
-        .map(|&p| p as usize)
-        .find(|&p| p >= wanted)
-        .unwrap_or(wanted);
-    Ok(first_changed - 1)
+    let high_share = match cut.kind {
+        Kind::Shuffle => 0.95,
+        Kind::Replace => 0.5,
+    };
+    let lowest = ((0.05 * targets as f64).ceil() as usize).clamp(2, targets);
+    let highest = ((high_share * targets as f64).floor() as usize).clamp(lowest, targets);
+    let (count, seed) = cut.original();
+    let original = stage_api::sample_positions(targets, count, seed);
+    let changed = match cut.at {
+        // Given: the first of the original's positions from there (or there).
+        Some(at) => {
+            let wanted = ((at * targets as f64).ceil() as usize).clamp(2, targets);
+            original
+                .iter()
+                .map(|&p| p as usize)
+                .find(|&p| p >= wanted)
+                .unwrap_or(wanted)
+        }
+        // Secret: one of the original's positions in the range, or any position there.
+        None => {
+            let mut secret = Secret::new(cut, "cut");
+            let inside: Vec<usize> = original
+                .iter()
+                .map(|&p| p as usize)
+                .filter(|p| (lowest..=highest).contains(p))
+                .collect();
+            if inside.is_empty() {
+                lowest + secret.below((highest - lowest + 1) as u64) as usize
+            } else {
+                inside[secret.below(inside.len() as u64) as usize]
+            }
+        }
+    };
+    Ok(changed - 1)
 }
 
-/// The stream with everything after the cut shuffled (Fisher–Yates driven by
-/// splitmix64 from `seed`, reproducible in a few lines of any language), and the first
-/// changed target made to differ from the original's.
-pub fn perturb(tokens: &[u16], cut: &CutParams) -> Result<Perturbed, String> {
-    let k = cut_position(tokens.len(), cut)?;
-    let mut out = tokens.to_vec();
-    let suffix = &mut out[k + 1..];
-    let mut state = cut.seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    for i in (1..suffix.len()).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        suffix.swap(i, j);
+/// The proposal q(· | previous token): the val stream's add-k bigram, mixed with the
+/// uniform distribution.
+pub struct Proposal {
+    vocab: usize,
+    counts: Vec<u32>,
+    totals: Vec<u64>,
+}
+
+impl Proposal {
+    pub fn new(tokens: &[u16], vocab: usize) -> Proposal {
+        let mut counts = vec![0u32; vocab * vocab];
+        let mut totals = vec![0u64; vocab];
+        for pair in tokens.windows(2) {
+            let (a, b) = (pair[0] as usize, pair[1] as usize);
+            if a < vocab && b < vocab {
+                counts[a * vocab + b] += 1;
+                totals[a] += 1;
+            }
+        }
+        Proposal {
+            vocab,
+            counts,
+            totals,
+        }
     }
-    let original = tokens[k + 1];
-    if suffix[0] == original {
-        let Some(other) = suffix.iter().position(|&t| t != original) else {
-            return Err(format!(
-                "every val token after position {k} is {original}: no shuffle can change the target at {}",
-                k + 1
-            ));
+
+    /// q(next | previous).
+    pub fn q(&self, previous: u16, next: u16) -> f64 {
+        let (a, b, v) = (previous as usize, next as usize, self.vocab as f64);
+        let bigram = (self.counts[a * self.vocab + b] as f64 + PROPOSAL_ADD_K)
+            / (self.totals[a] as f64 + PROPOSAL_ADD_K * v);
+        PROPOSAL_BIGRAM_SHARE * bigram + (1.0 - PROPOSAL_BIGRAM_SHARE) / v
+    }
+
+    /// A draw from q(· | previous), by inverse CDF in candidate order, avoiding `not`.
+    fn draw(&self, previous: u16, not: Option<u16>, secret: &mut Secret) -> u16 {
+        let weight = |t: usize| {
+            if Some(t as u16) == not {
+                0.0
+            } else {
+                self.q(previous, t as u16)
+            }
         };
-        suffix.swap(0, other);
+        let total: f64 = (0..self.vocab).map(weight).sum();
+        let mut left = secret.unit() * total;
+        for t in 0..self.vocab {
+            left -= weight(t);
+            if left < 0.0 {
+                return t as u16;
+            }
+        }
+        (0..self.vocab)
+            .rev()
+            .find(|&t| weight(t) > 0.0)
+            .unwrap_or(0) as u16
     }
+}
+
+/// The perturbed stream for `cut` (see the module's documentation).
+pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbed, String> {
+    let k = cut_position(tokens.len(), cut)?;
+    let targets = tokens.len() - 1;
+    let changed = k + 1;
+    let mut out = tokens.to_vec();
+    let mut hidden = Vec::new();
+    match cut.kind {
+        Kind::Shuffle => {
+            let suffix = &mut out[changed..];
+            let mut secret = Secret::new(cut, "shuffle");
+            for i in (1..suffix.len()).rev() {
+                let j = secret.below(i as u64 + 1) as usize;
+                suffix.swap(i, j);
+            }
+            let original = tokens[changed];
+            if suffix[0] == original {
+                let Some(other) = suffix.iter().position(|&t| t != original) else {
+                    return Err(format!(
+                        "every val token after position {k} is {original}: no shuffle can change the target at {changed}"
+                    ));
+                };
+                suffix.swap(0, other);
+            }
+        }
+        Kind::Replace => {
+            if vocab < 2 {
+                return Err("a vocabulary of one token: nothing to replace a target with".into());
+            }
+            let proposal = Proposal::new(tokens, vocab);
+            let mut secret = Secret::new(cut, "replace");
+            out[changed] = proposal.draw(out[changed - 1], Some(tokens[changed]), &mut secret);
+            let chosen = secret.positions(
+                changed as i64 + 1..=targets as i64,
+                cut.hidden,
+                &Default::default(),
+            );
+            for &t in &chosen {
+                let t = t as usize;
+                let token = proposal.draw(out[t - 1], None, &mut secret);
+                hidden.push(Hidden {
+                    position: t as i64,
+                    token,
+                    q: proposal.q(out[t - 1], token),
+                });
+                out[t] = token;
+            }
+        }
+    }
+    let count = match (cut.sample, cut.original().0) {
+        (0, 0) => 1,
+        (0, n) | (n, _) => n,
+    };
+    let mut excluded: std::collections::BTreeSet<i64> =
+        hidden.iter().map(|h| h.position).collect();
+    excluded.insert(changed as i64);
+    let mut probe_positions =
+        Secret::new(cut, "probe").positions(1..=targets as i64, count - 1, &excluded);
+    probe_positions.push(changed as i64);
+    probe_positions.sort_unstable();
     Ok(Perturbed {
+        kind: cut.kind,
         cut: k,
         tokens: out,
+        probe_positions,
+        hidden,
     })
 }
 
@@ -123,15 +382,27 @@ pub fn perturb(tokens: &[u16], cut: &CutParams) -> Result<Perturbed, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_prefix_stays_the_suffix_is_a_permutation_and_the_first_target_moves() {
-        let tokens: Vec<u16> = (0..1000).map(|i| (i * 7 % 13) as u16).collect();
-        let cut = CutParams {
-            at: 0.3,
+    fn secret(kind: Kind, draw: u32) -> CutParams {
+        CutParams {
+            kind,
+            draw,
+            secret: "a secret".into(),
+            original_sample: Some(64),
+            original_seed: Some(1337),
+            hidden: 50,
             ..CutParams::default()
-        };
-        let p = perturb(&tokens, &cut).unwrap();
-        assert!(p.cut >= 299, "{}", p.cut);
+        }
+    }
+
+    fn stream() -> Vec<u16> {
+        (0..10_000).map(|i| (i * 7 % 13) as u16).collect()
+    }
+
+    #[test]
+    fn a_shuffle_keeps_the_prefix_permutes_the_suffix_and_moves_the_first_target() {
+        let tokens = stream();
+        let cut = secret(Kind::Shuffle, 1);
+        let p = perturb(&tokens, 13, &cut).unwrap();
         assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         let (mut a, mut b) = (
@@ -141,37 +412,105 @@ mod tests {
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b);
-        assert_eq!(p, perturb(&tokens, &cut).unwrap(), "seeded");
-        let other = perturb(
-            &tokens,
-            &CutParams {
-                seed: 7,
-                ..cut.clone()
-            },
-        )
-        .unwrap();
-        assert_ne!(p.tokens, other.tokens);
+        assert_eq!(p, perturb(&tokens, 13, &cut).unwrap(), "the secret fixes it");
+        assert!(p.hidden.is_empty());
     }
 
     #[test]
-    fn the_cut_lands_just_before_a_sampled_position() {
+    fn the_secret_moves_everything_and_the_cut_lands_on_an_original_position() {
+        let tokens = stream();
+        let (a, b) = (secret(Kind::Shuffle, 1), secret(Kind::Shuffle, 2));
+        let other_secret = CutParams {
+            secret: "another".into(),
+            ..a.clone()
+        };
+        let pa = perturb(&tokens, 13, &a).unwrap();
+        let original = stage_api::sample_positions(9_999, 64, 1337);
+        for cut in [&a, &b, &other_secret] {
+            let p = perturb(&tokens, 13, cut).unwrap();
+            assert!(original.contains(&(p.changed() as i64)), "{}", p.cut);
+            assert!(p.cut >= 499 && p.cut < 9_500, "{}", p.cut);
+        }
+        let pb = perturb(&tokens, 13, &b).unwrap();
+        let pc = perturb(&tokens, 13, &other_secret).unwrap();
+        assert_ne!(pa.probe_positions, pb.probe_positions);
+        assert_ne!(pa.probe_positions, pc.probe_positions);
+        assert_ne!(pa.tokens, pc.tokens);
+    }
+
+    #[test]
+    fn a_rerun_asks_as_many_positions_as_the_original_the_changed_one_among_them() {
+        let p = perturb(&stream(), 13, &secret(Kind::Shuffle, 1)).unwrap();
+        assert_eq!(p.probe_positions.len(), 64);
+        assert!(p.probe_positions.contains(&(p.changed() as i64)));
+        assert!(p.probe_positions.windows(2).all(|w| w[0] < w[1]));
+        let original = stage_api::sample_positions(9_999, 64, 1337);
+        let shared = p
+            .probe_positions
+            .iter()
+            .filter(|q| original.contains(q))
+            .count();
+        assert!(shared < 5, "fresh positions, not the original's: {shared}");
+    }
+
+    #[test]
+    fn a_replace_hides_its_positions_and_records_the_proposal() {
+        let tokens = stream();
+        let p = perturb(&tokens, 13, &secret(Kind::Replace, 3)).unwrap();
+        assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
+        assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
+        assert!(p.cut < 5_000, "a replace cut leaves room: {}", p.cut);
+        assert_eq!(p.hidden.len(), 50);
+        let proposal = Proposal::new(&tokens, 13);
+        for h in &p.hidden {
+            let t = h.position as usize;
+            assert!(t > p.changed());
+            assert_eq!(p.tokens[t], h.token);
+            assert_eq!(h.q, proposal.q(p.tokens[t - 1], h.token));
+            assert!(!p.probe_positions.contains(&h.position), "a hidden position was asked about");
+        }
+        // Outside the hidden positions (and the changed target), the stream is the original.
+        let hidden: Vec<usize> = p.hidden.iter().map(|h| h.position as usize).collect();
+        for t in p.changed() + 1..tokens.len() {
+            if !hidden.contains(&t) {
+                assert_eq!(p.tokens[t], tokens[t]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_proposal_is_a_distribution_with_a_floor() {
+        let proposal = Proposal::new(&stream(), 13);
+        for previous in 0..13u16 {
+            let sum: f64 = (0..13u16).map(|t| proposal.q(previous, t)).sum();
+            assert!((sum - 1.0).abs() < 1e-12, "{sum}");
+            assert!((0..13u16).all(|t| proposal.q(previous, t) >= 0.1 / 13.0));
+        }
+    }
+
+    #[test]
+    fn an_explicit_cut_is_just_before_the_first_original_position_from_there() {
         let cut = CutParams {
-            at: 0.5,
-            sample: 64,
+            at: Some(0.5),
+            original_sample: Some(64),
+            original_seed: Some(1337),
             ..CutParams::default()
         };
         let k = cut_position(10_001, &cut).unwrap();
         let sample = stage_api::sample_positions(10_000, 64, 1337);
         assert!(sample.contains(&(k as i64 + 1)), "{k}");
         assert!(k + 1 >= 5000);
-        let unsampled = CutParams { sample: 0, ..cut };
+        let unsampled = CutParams {
+            original_sample: Some(0),
+            ..cut
+        };
         assert_eq!(cut_position(10_001, &unsampled).unwrap(), 4999);
     }
 
     #[test]
-    fn a_constant_suffix_cannot_be_perturbed() {
+    fn a_constant_suffix_cannot_be_shuffled() {
         let tokens = vec![3u16; 100];
-        let err = perturb(&tokens, &CutParams::default()).unwrap_err();
+        let err = perturb(&tokens, 4, &CutParams::default()).unwrap_err();
         assert!(err.contains("no shuffle can change the target"), "{err}");
     }
 }

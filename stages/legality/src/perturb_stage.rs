@@ -1,5 +1,7 @@
-//! The `perturb` stage: a tokens artifact whose val suffix after a cut is shuffled (the
-//! legality probes' re-runs start from it; see [`crate::perturb`]).
+//! The `perturb` stage: a tokens artifact whose val stream is changed after a secret cut
+//! (shuffled, or with hidden targets replaced), and the positions where the re-run on it
+//! is asked for whole distributions (the legality probes' re-runs start from it; see
+//! [`crate::perturb`]).
 
 use std::path::Path;
 
@@ -12,8 +14,13 @@ use text::{TokenTable, TOKEN_TABLE, VOCAB_TABLE};
 
 use crate::perturb::{perturb, CutParams};
 
-/// `perturb`: a tokens artifact whose val suffix after a cut is shuffled.
+/// `perturb`: a tokens artifact whose val stream is changed after a cut.
 pub struct PerturbStage;
+
+/// `probe_positions`: where every pass-1 source run on this artifact keeps its whole
+/// distribution (read by `pass1`, see `pass1::probe_positions`).
+pub const PROBE_POSITIONS_TABLE: &[stage_api::Column] =
+    &[stage_api::Column::new("position", stage_api::ColumnType::I64)];
 
 pub(crate) const VAL: Read = Read::table("val", &["token", "doc", "bytes"]);
 pub(crate) const VOCAB: Read = Read::table(
@@ -26,8 +33,9 @@ impl Stage for PerturbStage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "perturb",
-        version: 1,
-        summary: "tokens -> the same tokens with the val suffix after a cut shuffled (for the legality probes; made by the pipeline)",
+        // 2: secret cuts, the replace kind, probe positions.
+        version: 2,
+        summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
         inputs: &[Input::required(
             "tokens",
             &[VAL, VOCAB, Read::table("train", &["token"])],
@@ -36,7 +44,11 @@ impl Stage for PerturbStage {
             Output::table("train", TOKEN_TABLE),
             Output::table("val", TOKEN_TABLE),
             Output::table("vocab", VOCAB_TABLE),
-            Output::file("perturbation.json", "the cut and the first changed target"),
+            Output::table("probe_positions", PROBE_POSITIONS_TABLE),
+            Output::file(
+                "perturbation.json",
+                "the kind, the cut, the first changed target and how many targets are hidden",
+            ),
         ],
         ..StageSpec::NONE
     };
@@ -54,7 +66,9 @@ impl Stage for PerturbStage {
                 format!("token {bad} is outside the vocabulary"),
             ));
         }
-        let perturbed = perturb(&val, &cut).map_err(|m| StageError::input(&val_path, m))?;
+        let vocab = read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
+        let perturbed =
+            perturb(&val, vocab, &cut).map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
         for (pair, b) in changed.skip(perturbed.cut) {
             *b = rule.target_bytes(pair[0], pair[1]);
@@ -68,12 +82,16 @@ impl Stage for PerturbStage {
         for name in ["train.parquet", "vocab.parquet"] {
             link_or_copy(&tokens.file(name), &ctx.output(name))?;
         }
+        write_positions(&ctx.output("probe_positions.parquet"), &perturbed.probe_positions)?;
         let changed = perturbed.changed();
         let record = serde_json::json!({
+            "kind": perturbed.kind,
             "cut": perturbed.cut,
             "changed": changed,
             "original_target": val[changed],
             "new_target": perturbed.tokens[changed],
+            "hidden": perturbed.hidden.len(),
+            "probe_positions": perturbed.probe_positions.len(),
         });
         let path = ctx.output("perturbation.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&record).expect("json"))
@@ -82,6 +100,17 @@ impl Stage for PerturbStage {
             .with("cut", perturbed.cut as u64)
             .with("val_tokens", val.len() as u64))
     }
+}
+
+fn write_positions(path: &Path, positions: &[i64]) -> Result<u64, StageError> {
+    use std::sync::Arc;
+    let schema = stage_api::arrow_schema(PROBE_POSITIONS_TABLE);
+    let batch = arrow::array::RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(arrow::array::Int64Array::from(positions.to_vec()))],
+    )
+    .expect("one column");
+    stage_api::write_parquet(path, schema, [batch], &stage_api::ParquetLayout::default())
 }
 
 /// Unchanged tables are hard links where the file system allows (artifacts are never

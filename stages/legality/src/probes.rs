@@ -10,8 +10,11 @@ use text::sentencepiece::ByteTable;
 pub const PREFIX: &str = "c1-prefix";
 pub const TARGET: &str = "c1-target";
 pub const NORMALISED: &str = "c2-normalised";
+pub const BLIND: &str = "c2-blind";
+pub const COVERAGE: &str = "coverage";
 pub const BYTES: &str = "bytes";
-pub const PROBES: [&str; 4] = [PREFIX, TARGET, NORMALISED, BYTES];
+pub const SANDBOX: &str = "sandbox";
+pub const PROBES: [&str; 7] = [PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -160,35 +163,48 @@ pub fn first_distribution_difference(a: &[f32], b: &[f32]) -> Option<(usize, f32
 /// softmax rounding over a vocabulary is orders of magnitude below).
 pub const ENTROPY_TOLERANCE: f64 = 1e-3;
 
-/// C2 for distributions written by a model: at each position, Σ_v p(v) within
-/// `tolerance` of 1, every p(v) ≥ 0, and the distribution's p(target) and entropy equal
-/// to the model_p and entropy the chain scored with (else the distribution shown is not
-/// the one used).
+/// C2 for the distributions one run of a model wrote (`run` names it in the evidence):
+/// at each position, Σ_v p(v) within `tolerance` of 1, every p(v) ≥ 0, and the
+/// distribution's p(target) and entropy equal to the model_p and entropy that run scored
+/// with (else the distribution shown is not the one used). Returns how many were checked
+/// and the worst sum, or the first failure.
 pub fn check_distributions(
+    run: &str,
     distributions: &[(i64, Vec<f32>)],
     tokens: &[u16],
     scored_at: impl Fn(i64) -> Option<(f32, f32)>,
     tolerance: f64,
-) -> Finding {
+) -> Result<(u64, Option<(i64, f64)>), Finding> {
     let mut worst: Option<(i64, f64)> = None;
+    let checked = distributions.len() as u64;
     for (position, probs) in distributions {
         if let Some(v) = probs.iter().position(|&p| p.is_nan() || p < 0.0) {
-            return Finding::fail(
+            return Err(Finding::fail(
                 NORMALISED,
-                distributions.len() as u64,
+                checked,
                 *position,
                 0.0,
                 probs[v] as f64,
                 format!(
-                    "p(candidate {v}) = {} is negative or not a number",
+                    "{run}: p(candidate {v}) = {} is negative or not a number",
                     probs[v]
                 ),
-            );
+            ));
         }
         // In candidate order, in f64: the same sum on every machine.
         let sum: f64 = probs.iter().map(|&p| p as f64).sum();
         if worst.is_none_or(|(_, w)| (sum - 1.0).abs() > (w - 1.0).abs()) {
             worst = Some((*position, sum));
+        }
+        if (sum - 1.0).abs() > tolerance {
+            return Err(Finding::fail(
+                NORMALISED,
+                checked,
+                *position,
+                1.0,
+                sum,
+                format!("{run}: Σ_v p(v) = {sum:.9} at position {position}; tolerance {tolerance:e}"),
+            ));
         }
         let target = tokens[*position as usize] as usize;
         let scored = scored_at(*position);
@@ -201,56 +217,158 @@ pub fn check_distributions(
                 .map(|&p| p as f64 * libm::log(p as f64))
                 .sum::<f64>();
             if (entropy - reported as f64).abs() > ENTROPY_TOLERANCE {
-                return Finding::fail(
+                return Err(Finding::fail(
                     NORMALISED,
-                    distributions.len() as u64,
+                    checked,
                     *position,
                     entropy,
                     reported as f64,
-                    format!("the entropy the chain scored with ({reported} nats) is not its distribution's ({entropy:.6} nats): the distribution shown is not the one used"),
-                );
+                    format!("{run}: the entropy the chain scored with ({reported} nats) is not its distribution's ({entropy:.6} nats): the distribution shown is not the one used"),
+                ));
             }
         }
         if let (Some((scored, _)), Some(&shown)) = (scored, probs.get(target)) {
             if (scored as f64 - shown as f64).abs() > tolerance * (scored as f64).max(1e-30) {
-                return Finding::fail(
+                return Err(Finding::fail(
                     NORMALISED,
-                    distributions.len() as u64,
+                    checked,
                     *position,
                     scored as f64,
                     shown as f64,
-                    format!("the distribution's p(target {target}) is not the model_p the chain scored with: the distribution shown is not the one used"),
-                );
+                    format!("{run}: the distribution's p(target {target}) is not the model_p the chain scored with: the distribution shown is not the one used"),
+                ));
             }
         }
     }
-    let Some((position, sum)) = worst else {
-        return Finding::not_applicable(
-            NORMALISED,
-            "the pass-1 kept no distributions (model = \"import\", or mass_sample = 0)",
-        );
-    };
-    let detail = format!(
-        "Σ_v p(v) at {} positions; worst {sum:.9} at position {position}; tolerance {tolerance:e}",
-        distributions.len()
-    );
-    if (sum - 1.0).abs() <= tolerance {
-        Finding {
-            position: Some(position),
-            expected: Some(1.0),
-            observed: Some(sum),
-            ..Finding::pass(NORMALISED, distributions.len() as u64, detail)
+    Ok((checked, worst))
+}
+
+/// Φ⁻¹(1 − α): how many standard errors above the mean an honest estimate stays with
+/// probability 1 − α (one-sided, normal).
+pub fn one_sided_z(alpha: f64) -> f64 {
+    let tail = |z: f64| 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if tail(mid) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
         }
-    } else {
-        Finding::fail(
-            NORMALISED,
-            distributions.len() as u64,
-            position,
-            1.0,
-            sum,
-            detail,
-        )
     }
+    0.5 * (lo + hi)
+}
+
+/// The blind normalisation estimate from the importance weights p(u)/q(u) at the hidden
+/// targets: their mean estimates Σ_v p(v) there (1 for a distribution). Fails when even
+/// the interval's lower end, `z` standard errors below the mean, is above 1 + tolerance:
+/// an honest scorer fails with probability at most α (the weights of a distribution have
+/// mean 1; a heavy right tail raises the standard error with the mean, so it cannot push
+/// the lower end up).
+pub fn check_blind(weights: &[(i64, f64)], z: f64, tolerance: f64, alpha: f64) -> Finding {
+    let n = weights.len();
+    if n < 2 {
+        return Finding::fail(
+            BLIND,
+            n as u64,
+            0,
+            1.0,
+            f64::NAN,
+            "cannot be verified: fewer than 2 hidden targets were scored",
+        );
+    }
+    let mean = weights.iter().map(|(_, w)| w).sum::<f64>() / n as f64;
+    let variance = weights.iter().map(|(_, w)| (w - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let se = (variance / n as f64).sqrt();
+    let (low, high) = (mean - z * se, mean + z * se);
+    let worst = weights
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("n >= 2");
+    let detail = format!(
+        "mean weight p(u)/q(u) {mean:.4} over {n} hidden targets replaced by proposal draws (interval {low:.4} to {high:.4} at a false-alarm rate of {alpha:e}; a distribution's is 1, tolerance {tolerance}); a cheat that inflates p(target) at a fraction f of positions is among them with probability 1−(1−f)^{n}: 95% once f ≥ {:.3}%",
+        100.0 * (1.0 - 0.05f64.powf(1.0 / n as f64))
+    );
+    if low > 1.0 + tolerance {
+        Finding::fail(
+            BLIND,
+            n as u64,
+            worst.0,
+            1.0,
+            mean,
+            format!("the scorer puts more than probability 1 where it was never asked: {detail}; the largest weight {:.3} at position {}", worst.1, worst.0),
+        )
+    } else {
+        Finding {
+            position: Some(worst.0),
+            expected: Some(1.0),
+            observed: Some(mean),
+            ..Finding::pass(BLIND, n as u64, detail)
+        }
+    }
+}
+
+/// C4: each target scored exactly once. `positions` are the chain's entries, `bits` and
+/// `bytes` theirs.
+pub fn check_coverage(targets: usize, positions: &[i64], bits: &[f64], bytes: &[u8]) -> Finding {
+    let mut count = vec![0u32; targets + 1];
+    for &p in positions {
+        if p >= 1 && (p as usize) <= targets {
+            count[p as usize] += 1;
+        }
+    }
+    let missing = count[1..].iter().filter(|&&c| c == 0).count();
+    let repeated = count[1..].iter().filter(|&&c| c > 1).count();
+    let extra: u64 = count[1..].iter().map(|&c| c.saturating_sub(1) as u64).sum();
+    let (mut all_bits, mut all_bytes, mut once_bits, mut once_bytes) = (0f64, 0u64, 0f64, 0u64);
+    let mut seen = vec![false; targets + 1];
+    for row in 0..positions.len() {
+        all_bits += bits[row];
+        all_bytes += bytes[row] as u64;
+        let p = positions[row] as usize;
+        if p <= targets && !seen[p] {
+            seen[p] = true;
+            once_bits += bits[row];
+            once_bytes += bytes[row] as u64;
+        }
+    }
+    let (all, once) = (
+        all_bits / all_bytes.max(1) as f64,
+        once_bits / once_bytes.max(1) as f64,
+    );
+    let first = |want: &dyn Fn(u32) -> bool| {
+        (1..=targets).find(|&t| want(count[t])).unwrap_or(0) as i64
+    };
+    if missing > 0 {
+        return Finding::fail(
+            COVERAGE,
+            positions.len() as u64,
+            first(&|c| c == 0),
+            1.0,
+            0.0,
+            format!("{missing} of {targets} targets are never scored (first at position {})", first(&|c| c == 0)),
+        );
+    }
+    let detail = format!(
+        "{} entries for {targets} targets; BPB over every entry {all:.6}, over each target once {once:.6}",
+        positions.len()
+    );
+    if repeated > 0 {
+        let at = first(&|c| c > 1);
+        return Finding::fail(
+            COVERAGE,
+            positions.len() as u64,
+            at,
+            1.0,
+            count[at as usize] as f64,
+            format!(
+                "{repeated} targets are scored more than once ({extra} extra entries, first at position {at}, {} times), which moves the BPB by {:+.6}: {detail}",
+                count[at as usize],
+                all - once
+            ),
+        );
+    }
+    Finding::pass(COVERAGE, positions.len() as u64, format!("every target scored exactly once: {detail}"))
 }
 
 /// C2 for a cache chain, from its implied-mass audit: Σ_v p_final(v) at each sampled
@@ -372,7 +490,7 @@ mod tests {
     fn normalisation_needs_the_sum_and_the_scored_probability() {
         let tokens = [0u16, 1, 0];
         let good = vec![(1, vec![0.25f32, 0.75]), (2, vec![0.5, 0.5])];
-        let h = |probs: &[f64]| -probs.iter().map(|p| p * p.ln()).sum::<f64>() as f32;
+        let h = |probs: &[f64]| -probs.iter().map(|p| p * libm::log(*p)).sum::<f64>() as f32;
         let scored = |p: i64| {
             Some(if p == 1 {
                 (0.75, h(&[0.25, 0.75]))
@@ -380,27 +498,45 @@ mod tests {
                 (0.5, h(&[0.5, 0.5]))
             })
         };
-        assert_eq!(
-            check_distributions(&good, &tokens, scored, 1e-6).verdict,
-            Verdict::Pass
-        );
+        let check = |d: &[(i64, Vec<f32>)], s: &dyn Fn(i64) -> Option<(f32, f32)>| {
+            check_distributions("run", d, &tokens, s, 1e-6)
+        };
+        assert_eq!(check(&good, &scored).unwrap().0, 2);
         let heavy = vec![(1, vec![0.5f32, 0.75])];
-        let f = check_distributions(&heavy, &tokens, |_| Some((0.75, h(&[0.5, 0.75]))), 1e-6);
+        let f = check(&heavy, &|_| Some((0.75, h(&[0.5, 0.75])))).unwrap_err();
         assert_eq!((f.verdict, f.observed), (Verdict::Fail, Some(1.25)));
-        let other = check_distributions(&good, &tokens, |p| scored(p).map(|(_, h)| (0.9, h)), 1e-6);
-        assert_eq!(other.verdict, Verdict::Fail);
-        assert!(
-            other.detail.contains("not the one used"),
-            "{}",
-            other.detail
-        );
-        let flat = check_distributions(&good, &tokens, |p| scored(p).map(|(q, _)| (q, 0.1)), 1e-6);
-        assert_eq!(flat.verdict, Verdict::Fail);
+        let other = check(&good, &|p| scored(p).map(|(_, h)| (0.9, h))).unwrap_err();
+        assert!(other.detail.contains("not the one used"), "{}", other.detail);
+        let flat = check(&good, &|p| scored(p).map(|(q, _)| (q, 0.1))).unwrap_err();
         assert!(flat.detail.contains("entropy"), "{}", flat.detail);
-        assert_eq!(
-            check_distributions(&[], &tokens, scored, 1e-6).verdict,
-            Verdict::NotApplicable
-        );
+        assert_eq!(check(&[], &scored).unwrap(), (0, None));
+    }
+
+    #[test]
+    fn the_blind_estimate_passes_a_distribution_and_fails_an_inflated_one() {
+        // Weights of an honest scorer: mean 1 with a heavy right tail.
+        let honest: Vec<(i64, f64)> = (0..4000)
+            .map(|i| (i, if i % 10 == 0 { 5.5 } else { 0.5 }))
+            .collect();
+        let z = one_sided_z(1e-6);
+        assert!((z - 4.753).abs() < 0.01, "{z}");
+        assert_eq!(check_blind(&honest, z, 0.01, 1e-6).verdict, Verdict::Pass);
+        let inflated: Vec<(i64, f64)> = honest.iter().map(|&(p, w)| (p, w * 1.5)).collect();
+        let f = check_blind(&inflated, z, 0.01, 1e-6);
+        assert_eq!(f.verdict, Verdict::Fail, "{}", f.detail);
+        assert!(f.detail.contains("never asked"), "{}", f.detail);
+        assert_eq!(check_blind(&[(1, 1.0)], z, 0.01, 1e-6).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn coverage_finds_repeats_and_gaps_and_weighs_them() {
+        let once = check_coverage(3, &[1, 2, 3], &[1.0, 2.0, 3.0], &[1, 1, 1]);
+        assert_eq!(once.verdict, Verdict::Pass, "{}", once.detail);
+        let twice = check_coverage(3, &[1, 2, 3, 3, 3], &[1.0, 2.0, 3.0, 0.0, 0.0], &[1, 1, 1, 1, 1]);
+        assert_eq!((twice.verdict, twice.position), (Verdict::Fail, Some(3)));
+        assert!(twice.detail.contains("2 extra entries") && twice.detail.contains("-0.8"), "{}", twice.detail);
+        let gap = check_coverage(3, &[1, 3], &[1.0, 1.0], &[1, 1]);
+        assert_eq!((gap.verdict, gap.position), (Verdict::Fail, Some(2)));
     }
 
     #[test]
