@@ -108,10 +108,17 @@ class Gpt:
         return u.maximum(u * 0.5).square().matmul(self.w["mlp_down_bank"][i].t())
 
 
-def windows(targets, n_ctx, stride):  # §4.1, tail windows included
+def windows(targets, n_ctx, stride, tail):  # §4.1; tail "record" keeps §4.2's re-scored tail
+    covered = 0
     for start in range(0, targets, stride):
         length = min(start + n_ctx, targets) - start
-        yield start, length, 0 if start == 0 else max(length - stride, 0)
+        first = 0 if start == 0 else max(length - stride, 0)
+        if tail == "once":  # each target once: skip what an earlier window scored
+            first = max(first, covered - start)
+            if first >= length:
+                continue
+        covered = max(covered, start + length)
+        yield start, length, first
 
 
 def main():
@@ -120,6 +127,7 @@ def main():
     ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tail", choices=["once", "record"], default="once")
     args = ap.parse_args()
     request = json.load(sys.stdin)
     torch.set_num_threads(args.threads)
@@ -130,7 +138,7 @@ def main():
     tokens = pq.read_table(request["val_parquet"], columns=["token"])["token"].to_numpy().astype("int64")
     wanted = set(request["distributions"])
     n_ctx = config["seq_len"]
-    all_windows = list(windows(len(tokens) - 1, n_ctx, args.stride))
+    all_windows = list(windows(len(tokens) - 1, n_ctx, args.stride, args.tail))
     position, model_p, entropy, dists = [], [], [], {}
     with torch.no_grad():
         for g in range(0, len(all_windows), args.batch):

@@ -17,6 +17,8 @@ pub struct LegalityRow {
     /// The judging node.
     pub node: String,
     pub chain: String,
+    /// The BPB the chain claims (every entry counted), from the judge's report.
+    pub bpb: Option<f64>,
     pub probe: String,
     pub verdict: String,
     pub checked: u64,
@@ -27,7 +29,7 @@ pub struct LegalityRow {
 }
 
 impl Session {
-    /// Prints the matrix; returns whether every verdict shown passed or does not apply.
+    /// Prints the matrix; returns whether every verdict shown passed.
     pub fn legality(&self, wanted: &[String], json: bool) -> Result<bool> {
         let resolved = self.context().resolve()?;
         let products = Products::new(&self.pipeline, &self.registry);
@@ -69,8 +71,12 @@ impl Session {
                 .store
                 .artifact_dir(&r.stage, recipe)
                 .join(format!("{LEGALITY}.parquet"));
+            let bpb = self
+                .store
+                .manifest(&r.stage, recipe)?
+                .and_then(|m| m.report.get("bpb").and_then(|b| b.as_f64()));
             for batch in stage_api::read_parquet(&path)? {
-                rows.extend(rows_of(&judge.name, &batch));
+                rows.extend(rows_of(&judge.name, bpb, &batch));
             }
         }
         if rows.is_empty() {
@@ -91,7 +97,7 @@ impl Session {
     }
 }
 
-fn rows_of(node: &str, batch: &RecordBatch) -> Vec<LegalityRow> {
+fn rows_of(node: &str, bpb: Option<f64>, batch: &RecordBatch) -> Vec<LegalityRow> {
     let text = |name: &str| {
         batch
             .column_by_name(name)
@@ -127,6 +133,7 @@ fn rows_of(node: &str, batch: &RecordBatch) -> Vec<LegalityRow> {
         .map(|i| LegalityRow {
             node: node.to_string(),
             chain: chain.value(i).to_string(),
+            bpb,
             probe: probe.value(i).to_string(),
             verdict: verdict.value(i).to_string(),
             checked: checked.value(i),
@@ -138,33 +145,43 @@ fn rows_of(node: &str, batch: &RecordBatch) -> Vec<LegalityRow> {
         .collect()
 }
 
-/// Chains down, probes across; then one line of evidence per failure.
+/// Chains down, probes across; then one line of evidence per failure. A row is one
+/// judge: a chain judged by two nodes (with other cuts, say) gets a row for each, named
+/// after its node, so that no row mixes two judges' verdicts.
 fn print_matrix(rows: &[LegalityRow]) {
-    let mut chains: Vec<&str> = Vec::new();
+    let mut judges: Vec<(&str, &str, Option<f64>)> = Vec::new();
     let mut probes: Vec<&str> = Vec::new();
     for r in rows {
-        if !chains.contains(&r.chain.as_str()) {
-            chains.push(&r.chain);
+        if !judges.iter().any(|(node, _, _)| *node == r.node) {
+            judges.push((&r.node, &r.chain, r.bpb));
         }
         if !probes.contains(&r.probe.as_str()) {
             probes.push(&r.probe);
         }
     }
-    let width = chains.iter().map(|c| c.len()).max().unwrap_or(0).max(5);
+    let label = |node: &str, chain: &str| {
+        if judges.iter().filter(|(_, c, _)| *c == chain).count() > 1 {
+            format!("{chain} ({node})")
+        } else {
+            chain.to_string()
+        }
+    };
+    let labels: Vec<String> = judges.iter().map(|(n, c, _)| label(n, c)).collect();
+    let width = labels.iter().map(|c| c.len()).max().unwrap_or(0).max(5);
     let cell = |p: &str| p.len().max(6);
-    let mut header = format!("{:width$}", "chain");
+    let mut header = format!("{:width$}  {:>6}", "chain", "BPB");
     for p in &probes {
         header += &format!("  {:w$}", p, w = cell(p));
     }
     println!("{}", header.trim_end());
-    for chain in &chains {
-        let mut line = format!("{chain:width$}");
+    for ((node, _, bpb), name) in judges.iter().zip(&labels) {
+        let bpb = bpb.map_or("-".to_string(), |b| format!("{b:.4}"));
+        let mut line = format!("{name:width$}  {bpb:>6}");
         for p in &probes {
             let verdict = rows
                 .iter()
-                .find(|r| r.chain == *chain && r.probe == *p)
+                .find(|r| r.node == *node && r.probe == *p)
                 .map_or("-", |r| match r.verdict.as_str() {
-                    "not-applicable" => "n/a",
                     "fail" => "FAIL",
                     v => v,
                 });
@@ -174,7 +191,7 @@ fn print_matrix(rows: &[LegalityRow]) {
     }
     let failures: Vec<&LegalityRow> = rows.iter().filter(|r| r.verdict == "fail").collect();
     if failures.is_empty() {
-        println!("every probe passed or does not apply");
+        println!("every probe passed");
         return;
     }
     println!();
@@ -183,6 +200,6 @@ fn print_matrix(rows: &[LegalityRow]) {
             (Some(p), Some(e), Some(o)) => format!(" [position {p}: {e} vs {o}]"),
             _ => String::new(),
         };
-        println!("{} {}: {}{values}", r.chain, r.probe, r.detail);
+        println!("{} {}: {}{values}", label(&r.node, &r.chain), r.probe, r.detail);
     }
 }

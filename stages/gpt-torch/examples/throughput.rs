@@ -100,7 +100,7 @@ fn measure(numerics: &str, demo_only: bool) {
         let stride = 64;
         let val = &tokens[..(config.seq_len as usize * 4).min(tokens.len())];
         let started = Instant::now();
-        let scores = score::score(&model, val, stride, 8, 0.85, &[], |_| {});
+        let scores = score::score(&model, val, stride, score::Tail::Once, 8, 0.85, &[], |_| {});
         let seconds = started.elapsed().as_secs_f64();
         println!(
             "{label}: pass-1 {} entries (stride {stride}) in {:.2} s = {:.0} entries/s",

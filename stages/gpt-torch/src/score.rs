@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::model::Gpt;
 
-pub use stage_api::windows::{windows, Window};
+pub use stage_api::windows::{windows, Tail, Window};
 
 /// Per-entry values in pass-1 order (by window, then by position in the window).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -32,6 +32,7 @@ pub fn score(
     model: &Gpt,
     tokens: &[u16],
     stride: usize,
+    tail: Tail,
     batch: usize,
     temperature: f64,
     sample: &[i64],
@@ -41,7 +42,7 @@ pub fn score(
     let device = model.device();
     let n_ctx = model.config().seq_len as usize;
     let targets = tokens.len().saturating_sub(1);
-    let all = windows(targets, n_ctx, stride);
+    let all = windows(targets, n_ctx, stride, tail);
     let mut out = Scores::default();
     tch::no_grad(|| {
         for group in all.chunks(batch.max(1)) {
@@ -114,7 +115,7 @@ mod against_the_model {
         let config = small();
         let (_vs, model) = randomised(&config);
         let tokens: Vec<u16> = (0..100).map(|i| ((i * 37) % 1024) as u16).collect();
-        let scores = score::score(&model, &tokens, 8, 3, 0.85, &[5, 40, 99], |_| {});
+        let scores = score::score(&model, &tokens, 8, score::Tail::Record, 3, 0.85, &[5, 40, 99], |_| {});
         // The kept distributions sum to 1 and agree with model_p at the true token.
         assert_eq!(
             scores.distributions.iter().map(|d| d.0).collect::<Vec<_>>(),
@@ -127,7 +128,7 @@ mod against_the_model {
             let true_token = tokens[*position as usize] as usize;
             assert!((probs[true_token] - scores.model_p[row]).abs() < 1e-6);
         }
-        let entries: usize = score::windows(99, 32, 8)
+        let entries: usize = score::windows(99, 32, 8, score::Tail::Record)
             .iter()
             .map(|w| w.len - w.first_scored)
             .sum();

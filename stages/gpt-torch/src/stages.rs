@@ -403,12 +403,13 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
 
     let started = Instant::now();
     let n_ctx = model.config().seq_len as usize;
-    let windows = score::windows(val.len() - 1, n_ctx, options.stride).len();
+    let windows = score::windows(val.len() - 1, n_ctx, options.stride, options.tail).len();
     let bar = ctx.progress(windows as u64, "pass-1 windows");
     let scores = score::score(
         &model,
         &val,
         options.stride,
+        options.tail,
         options.batch,
         params.temperature,
         &pass1::probe_positions(tokens, val.len() - 1, params.mass_sample, params.mass_seed)?,
@@ -448,6 +449,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         .with("windows", windows as u64)
         .with("n_ctx", n_ctx as u64)
         .with("stride", options.stride as u64)
+        .with("tail", serde_json::to_value(options.tail).unwrap())
         .with("device", serde_json::to_value(options.device).unwrap())
         .with_volatile(numerics::REPORT_KEY, numerics)
         .with_volatile("cpu", cpu))

@@ -358,17 +358,21 @@ pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbe
             }
         }
     }
+    // As many as the original asked for (none when it asked for none: a re-run may not
+    // be told apart by what it asks), one of them the changed target.
     let count = match (cut.sample, cut.original().0) {
-        (0, 0) => 1,
         (0, n) | (n, _) => n,
     };
     let mut excluded: std::collections::BTreeSet<i64> =
         hidden.iter().map(|h| h.position).collect();
     excluded.insert(changed as i64);
-    let mut probe_positions =
-        Secret::new(cut, "probe").positions(1..=targets as i64, count - 1, &excluded);
-    probe_positions.push(changed as i64);
-    probe_positions.sort_unstable();
+    let mut probe_positions = Vec::new();
+    if count > 0 {
+        probe_positions =
+            Secret::new(cut, "probe").positions(1..=targets as i64, count - 1, &excluded);
+        probe_positions.push(changed as i64);
+        probe_positions.sort_unstable();
+    }
     Ok(Perturbed {
         kind: cut.kind,
         cut: k,

@@ -21,7 +21,6 @@ pub const PROBES: [&str; 7] = [PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTE
 pub enum Verdict {
     Pass,
     Fail,
-    NotApplicable,
 }
 
 impl Verdict {
@@ -29,7 +28,6 @@ impl Verdict {
         match self {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
-            Verdict::NotApplicable => "not-applicable",
         }
     }
 }
@@ -56,13 +54,6 @@ impl Finding {
             expected: None,
             observed: None,
             detail: detail.into(),
-        }
-    }
-
-    pub fn not_applicable(probe: &'static str, why: impl Into<String>) -> Finding {
-        Finding {
-            verdict: Verdict::NotApplicable,
-            ..Finding::pass(probe, 0, why)
         }
     }
 
@@ -380,7 +371,14 @@ pub fn check_mass(position: &[i64], mass: &[f64], tolerance: f64) -> Finding {
             .total_cmp(&(mass[b] - 1.0).abs())
             .then(b.cmp(&a))
     }) else {
-        return Finding::not_applicable(NORMALISED, "the audit sampled no positions");
+        return Finding::fail(
+            NORMALISED,
+            0,
+            0,
+            1.0,
+            f64::NAN,
+            "cannot be verified: the audit sampled no positions (its pass-1's mass_sample is 0)",
+        );
     };
     let over = mass.iter().filter(|m| (*m - 1.0).abs() > tolerance).count();
     let detail = format!(

@@ -197,8 +197,12 @@ impl Stage for LegalityStage {
             .iter()
             .filter_map(|p| Some(format!("{p} {}", report.get(*p)?.as_str()?)))
             .collect();
+        let claimed = report
+            .get("bpb")
+            .and_then(Value::as_f64)
+            .map_or(String::new(), |b| format!(" (claims BPB {b:.4})"));
         Some(format!(
-            "{}: {}",
+            "{}{claimed}: {}",
             report.get("chain")?.as_str()?,
             verdicts.join(", ")
         ))
@@ -250,24 +254,17 @@ impl Stage for LegalityStage {
                 perturbed,
             });
         }
+        let (bits, bytes) = (original.end.column("bits")?, original.end.bytes()?);
+        // The BPB the chain claims: every entry counted, as its own stage reports it.
+        let claimed = bits.iter().sum::<f64>()
+            / bytes.iter().map(|&b| b as u64).sum::<u64>().max(1) as f64;
         let findings = vec![
             prefix_probe(&original, &reruns)?,
             target_probe(ctx, &original, &reruns, &tokens)?,
             normalised_probe(ctx, &original, &reruns, &tokens, params.tolerance)?,
             blind_probe(&reruns, &params)?,
-            probes::check_coverage(
-                tokens.len() - 1,
-                &original.end.position,
-                &original.end.column("bits")?,
-                &original.end.bytes()?,
-            ),
-            probes::check_bytes(
-                &tokens,
-                &rule,
-                &original.end.position,
-                &original.end.column("bits")?,
-                &original.end.bytes()?,
-            ),
+            probes::check_coverage(tokens.len() - 1, &original.end.position, &bits, &bytes),
+            probes::check_bytes(&tokens, &rule, &original.end.position, &bits, &bytes),
             sandbox_probe(&original, &reruns),
         ];
         write_findings(&ctx.output("legality.parquet"), &params.chain, &findings)?;
@@ -277,6 +274,7 @@ impl Stage for LegalityStage {
             .count();
         let mut report = StageReport::default()
             .with("chain", params.chain.clone())
+            .with("bpb", claimed)
             .with("failed", failed as u64);
         for f in &findings {
             report = report.with(f.probe, f.verdict.as_str());

@@ -237,8 +237,20 @@ fn prepare(
     let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
     std::fs::write(&path, body).map_err(|e| StageError::io(&path, e))?;
     date(&path)?;
-    date(&root.join("in"))?;
+    date_directories(root)?;
     Ok(request)
+}
+
+/// Dates every directory under `root` (its files are dated when copied), deepest
+/// first: when a directory was made must not tell one run from another.
+fn date_directories(root: &Path) -> Result<(), StageError> {
+    let entries = std::fs::read_dir(root).map_err(|e| StageError::io(root, e))?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            date_directories(&entry.path())?;
+        }
+    }
+    date(root)
 }
 
 /// `path` relative to `base`, if it lies inside it: as written (a link inside the

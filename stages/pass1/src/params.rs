@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use gpt::{Device, Numerics};
 use serde::{Deserialize, Serialize};
-use stage_api::{check_param, StageError, StageParams};
+use stage_api::{check_param, windows::Tail, StageError, StageParams};
 
 use crate::MAX_MASS_SAMPLE;
 
@@ -78,6 +78,9 @@ pub struct GptParams {
     /// Targets scored per window after the first (the record's 64); windows are the
     /// model's `seq_len` long.
     pub stride: usize,
+    /// `"once"` (each target scored exactly once, the default) or `"record"` (the
+    /// record's short tail windows that score its last `stride` targets again).
+    pub tail: Tail,
     /// Windows per forward pass (the record's 32).
     pub batch: usize,
     /// `"cpu"` or `"cuda"`; part of the recipe (CUDA rounds differently).
@@ -96,6 +99,7 @@ impl Default for GptParams {
         GptParams {
             temperature: 0.85,
             stride: 64,
+            tail: Tail::Once,
             batch: 32,
             device: Device::Cpu,
             threads: gpt::DEFAULT_TORCH_THREADS,

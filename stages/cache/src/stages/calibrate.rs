@@ -16,7 +16,7 @@ use stage_api::{
 use super::*;
 use crate::blend::BlendParams;
 use crate::calibrate::{calibrate, CalibrationGrid, CalibrationResult};
-use stage_api::windows::{rank_rows, windows};
+use stage_api::windows::{rank_rows, windows, Tail};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -248,7 +248,13 @@ fn rank_slices(
         return Ok(std::iter::once(0..rows).collect());
     }
     let targets = table_rows(&ctx.input("cache")?.file("matches.parquet"))?.max(1) - 1;
-    let windows = windows(targets, params.window_len, params.stride);
+    // Pass 1 scored its tail once or as the record did: its row count tells which.
+    let entries = |tail| {
+        let all = windows(targets, params.window_len, params.stride, tail);
+        let n: usize = all.iter().map(|w| w.entries()).sum();
+        (all, n)
+    };
+    let ((once, once_rows), (record, record_rows)) = (entries(Tail::Once), entries(Tail::Record));
     let layout = || {
         format!(
             "ranks = {} splits pass 1 by its windows (window_len {}, stride {})",
@@ -256,17 +262,20 @@ fn rank_slices(
         )
     };
     let pass1 = ctx.input("pass1")?.file("pass1.parquet");
-    let expected: usize = windows.iter().map(|w| w.entries()).sum();
-    if expected != rows {
+    let windows = if rows == once_rows {
+        once
+    } else if rows == record_rows {
+        record
+    } else {
         return Err(StageError::input(
             &pass1,
             format!(
-                "{}, which give {expected} entries over {targets} targets, but pass 1 has {}",
+                "{}, which give {once_rows} entries over {targets} targets ({record_rows} with the record's tail), but pass 1 has {}",
                 layout(),
                 rows
             ),
         ));
-    }
+    };
     let positions = windows.iter().flat_map(|w| w.positions());
     if let Some((row, (&got, want))) = read_column::<Int64Type>(&pass1, "position")?
         .iter()
