@@ -254,25 +254,36 @@ impl Stage for LegalityStage {
                 perturbed,
             });
         }
+        // Each probe timed, as a phase of the report.
+        let mut report = StageReport::default();
+        let mut findings = Vec::new();
+        let mut clock = std::time::Instant::now();
+        let mut record = |report: &mut StageReport, name: &str, finding: Finding| {
+            findings.push(finding);
+            report.phase(name, clock);
+            clock = std::time::Instant::now();
+        };
+        record(&mut report, "prefix", prefix_probe(&original, &reruns)?);
+        record(&mut report, "target", target_probe(ctx, &original, &reruns, &tokens)?);
+        let normalised = normalised_probe(ctx, &original, &reruns, &tokens, params.tolerance)?;
+        record(&mut report, "normalised", normalised);
+        record(&mut report, "blind", blind_probe(&reruns, &params)?);
         let (bits, bytes) = (original.end.column("bits")?, original.end.bytes()?);
         // The BPB the chain claims: every entry counted, as its own stage reports it.
         let claimed = bits.iter().sum::<f64>()
             / bytes.iter().map(|&b| b as u64).sum::<u64>().max(1) as f64;
-        let findings = vec![
-            prefix_probe(&original, &reruns)?,
-            target_probe(ctx, &original, &reruns, &tokens)?,
-            normalised_probe(ctx, &original, &reruns, &tokens, params.tolerance)?,
-            blind_probe(&reruns, &params)?,
-            probes::check_coverage(tokens.len() - 1, &original.end.position, &bits, &bytes),
-            probes::check_bytes(&tokens, &rule, &original.end.position, &bits, &bytes),
-            sandbox_probe(&original, &reruns),
-        ];
+        let positions = &original.end.position;
+        let coverage = probes::check_coverage(tokens.len() - 1, positions, &bits, &bytes);
+        record(&mut report, "coverage", coverage);
+        let checked_bytes = probes::check_bytes(&tokens, &rule, positions, &bits, &bytes);
+        record(&mut report, "bytes", checked_bytes);
+        record(&mut report, "sandbox", sandbox_probe(&original, &reruns));
         write_findings(&ctx.output("legality.parquet"), &params.chain, &findings)?;
         let failed = findings
             .iter()
             .filter(|f| f.verdict == Verdict::Fail)
             .count();
-        let mut report = StageReport::default()
+        let mut report = report
             .with("chain", params.chain.clone())
             .with("bpb", claimed)
             .with("failed", failed as u64);
@@ -439,11 +450,15 @@ impl Table {
         read_column::<UInt8Type>(&self.table, "bytes")
     }
 
-    /// The row of each position's first entry.
-    fn first_rows(&self) -> HashMap<i64, usize> {
-        let mut first = HashMap::with_capacity(self.position.len());
+    /// The row of each wanted position's first entry (one pass over the positions; a
+    /// map of all 62M would cost seconds and gigabytes).
+    fn first_rows(&self, wanted: impl IntoIterator<Item = i64>) -> HashMap<i64, usize> {
+        let wanted: std::collections::HashSet<i64> = wanted.into_iter().collect();
+        let mut first = HashMap::with_capacity(wanted.len());
         for (row, &p) in self.position.iter().enumerate() {
-            first.entry(p).or_insert(row);
+            if wanted.contains(&p) {
+                first.entry(p).or_insert(row);
+            }
         }
         first
     }
@@ -628,7 +643,9 @@ fn model_target_probe(
     let mut checked = 0;
     let mut compared = Vec::new();
     let original_entropy = original.model().column("entropy")?;
-    let original_first = original.model().first_rows();
+    let original_first = original
+        .model()
+        .first_rows(reruns.iter().map(|r| r.perturbed.changed() as i64));
     for rerun in reruns {
         let t = rerun.perturbed.changed() as i64;
         let (from, to) = (tokens[t as usize], rerun.perturbed.tokens[t as usize]);
@@ -651,7 +668,7 @@ fn model_target_probe(
             ));
         }
         // The entropy weights the cache in the blend: it may not see the target either.
-        let rerun_first = run.model().first_rows();
+        let rerun_first = run.model().first_rows([t]);
         if let (Some(&ra), Some(&rb)) = (original_first.get(&t), rerun_first.get(&t)) {
             checked += 1;
             let (ha, hb) = (original_entropy[ra], run.model().column("entropy")?[rb]);
@@ -757,7 +774,9 @@ fn normalised_probe(
         };
         let model_p = run.model().column("model_p")?;
         let entropy = run.model().column("entropy")?;
-        let first = run.model().first_rows();
+        let first = run
+            .model()
+            .first_rows(run.distributions().iter().map(|(p, _)| *p));
         let scored_at = |p: i64| {
             first
                 .get(&p)
@@ -841,7 +860,7 @@ fn blind_probe(reruns: &[Rerun], params: &LegalityParams) -> Result<Finding, Sta
         let run = rerun.read()?;
         let end = &run.end;
         let scored = end.column(end.scored_column())?;
-        let first = end.first_rows();
+        let first = end.first_rows(rerun.perturbed.hidden.iter().map(|h| h.position));
         for hidden in &rerun.perturbed.hidden {
             if let Some(&row) = first.get(&hidden.position) {
                 weights.push((hidden.position, scored[row] / hidden.q));
