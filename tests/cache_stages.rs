@@ -436,8 +436,8 @@ fn implied_mass_is_one_for_causal_normalised_and_more_for_the_reference() {
 }
 
 /// The legality probes on the three modes: the record's reference fails C1 (prefix and
-/// target) and C2, causal holds the prefix but chooses by the target and is not
-/// normalised, causal-normalised passes everything.
+/// target) and C2 (and the blind estimate), causal holds the prefix but chooses by the
+/// target and is not normalised, causal-normalised passes everything.
 #[test]
 fn the_legality_probes_sort_the_three_cache_modes() {
     let p = Project::small();
@@ -463,9 +463,9 @@ fn the_legality_probes_sort_the_three_cache_modes() {
     );
     assert_eq!(
         verdicts,
-        "scores bytes pass; scores c1-prefix fail; scores c1-target fail; scores c2-normalised fail; \
-         scores_causal bytes pass; scores_causal c1-prefix pass; scores_causal c1-target fail; scores_causal c2-normalised fail; \
-         scores_normalised bytes pass; scores_normalised c1-prefix pass; scores_normalised c1-target pass; scores_normalised c2-normalised pass"
+        "scores bytes pass; scores c1-prefix fail; scores c1-target fail; scores c2-blind fail; scores c2-normalised fail; scores coverage pass; scores sandbox pass; \
+         scores_causal bytes pass; scores_causal c1-prefix pass; scores_causal c1-target fail; scores_causal c2-blind fail; scores_causal c2-normalised fail; scores_causal coverage pass; scores_causal sandbox pass; \
+         scores_normalised bytes pass; scores_normalised c1-prefix pass; scores_normalised c1-target pass; scores_normalised c2-blind pass; scores_normalised c2-normalised pass; scores_normalised coverage pass; scores_normalised sandbox pass"
     );
     // The evidence of a failure names a position before the cut and two values.
     let evidence = value(

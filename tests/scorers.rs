@@ -134,13 +134,22 @@ fn example_scorers_agree_with_our_models_and_the_probes_sort_them() {
         "the leaky scorer fails, so legality exits non-zero"
     );
     for chain in ["pass1", "pass1_torch", "pass1_bigram", "pass1_numpy"] {
-        for probe in ["c1-prefix", "c1-target", "c2-normalised", "bytes"] {
+        for probe in [
+            "c1-prefix",
+            "c1-target",
+            "c2-normalised",
+            "c2-blind",
+            "coverage",
+            "bytes",
+            "sandbox",
+        ] {
             assert_eq!(verdict(&rows, chain, probe), "pass", "{chain} {probe}");
         }
     }
     assert_eq!(verdict(&rows, "pass1_leaky", "c1-prefix"), "fail");
     assert_eq!(verdict(&rows, "pass1_leaky", "c1-target"), "fail");
     assert_eq!(verdict(&rows, "pass1_leaky", "c2-normalised"), "pass");
+    assert_eq!(verdict(&rows, "pass1_leaky", "c2-blind"), "fail");
     let evidence = rows
         .iter()
         .find(|r| r["chain"] == "pass1_leaky" && r["probe"] == "c1-prefix")

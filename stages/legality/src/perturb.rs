@@ -143,6 +143,10 @@ pub const PROPOSAL_ADD_K: f64 = 0.1;
 /// parameters alone; unpredictable without the secret.
 pub struct Secret {
     reader: blake3::OutputReader,
+    /// Read ahead: the XOF computes a 64-byte block per read, so reading 8 bytes at a
+    /// time would cost eight blocks per block (a 62M-token shuffle: seconds).
+    buffer: Box<[u8; 4096]>,
+    used: usize,
 }
 
 impl Secret {
@@ -154,13 +158,19 @@ impl Secret {
         hasher.update(purpose.as_bytes());
         Secret {
             reader: hasher.finalize_xof(),
+            buffer: Box::new([0; 4096]),
+            used: 4096,
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let mut bytes = [0u8; 8];
-        self.reader.fill(&mut bytes);
-        u64::from_le_bytes(bytes)
+        if self.used == self.buffer.len() {
+            self.reader.fill(&mut self.buffer[..]);
+            self.used = 0;
+        }
+        let bytes = &self.buffer[self.used..self.used + 8];
+        self.used += 8;
+        u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
     }
 
     /// Uniform in 0..n (n > 0), without modulo bias worth the name at these sizes.

@@ -277,8 +277,8 @@ pub fn check_blind(weights: &[(i64, f64)], z: f64, tolerance: f64, alpha: f64) -
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .expect("n >= 2");
     let detail = format!(
-        "mean weight p(u)/q(u) {mean:.4} over {n} hidden targets replaced by proposal draws (interval {low:.4} to {high:.4} at a false-alarm rate of {alpha:e}; a distribution's is 1, tolerance {tolerance}); a cheat that inflates p(target) at a fraction f of positions is among them with probability 1−(1−f)^{n}: 95% once f ≥ {:.3}%",
-        100.0 * (1.0 - 0.05f64.powf(1.0 / n as f64))
+        "mean weight p(u)/q(u) {mean:.4} over {n} hidden targets replaced by proposal draws (interval {low:.4} to {high:.4} at a false-alarm rate of {alpha:e}; a distribution's is 1, tolerance {tolerance}): it sees a mass above 1 by more than {:.4}",
+        z * se + tolerance
     );
     if low > 1.0 + tolerance {
         Finding::fail(

@@ -597,9 +597,11 @@ fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, StageError>
         probes::PREFIX,
         checked,
         format!(
-            "{checked} values before the secret cuts (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%)",
+            "{checked} values before the secret cuts (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {} cuts with probability about (1−r)^{}",
             cuts.join(", "),
-            escape_fraction(n)
+            escape_fraction(n),
+            cuts.len(),
+            cuts.len()
         ),
     ))
 }
