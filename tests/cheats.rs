@@ -282,3 +282,46 @@ inputs.chain = "recorder"
     assert_eq!(views[0], views[1]);
     assert_eq!(views[0], views[2]);
 }
+
+/// The judges' secret: the store's own (made on first use, readable by its user only),
+/// unless `CACHEMONEY_SECRET` gives one; the re-runs' recipes follow it, so two stores
+/// draw other cuts unless they are given the same secret.
+#[test]
+fn the_secret_is_the_stores_own_unless_given() {
+    use std::os::unix::fs::PermissionsExt;
+    let recipe_of_cut = |project: &Project, secret: Option<&str>| {
+        let mut cmd = project.cmd();
+        cmd.env_remove("CACHEMONEY_SECRET");
+        if let Some(secret) = secret {
+            cmd.env("CACHEMONEY_SECRET", secret);
+        }
+        let out = cmd.args(["status", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "tokens_cut1")
+            .map(|n| n["recipe"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let (a, b) = (Project::small(), Project::small());
+    for p in [&a, &b] {
+        p.write_pipeline(
+            &(Project::small_pipeline(300)
+                + "\n[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"bigram\"\n"
+                + "\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"pass1\"\n"),
+        );
+        // The cuts' recipes need the tokens' content.
+        p.ok(&["run", "--quiet", "--until", "tokens"]);
+    }
+    let (own_a, own_b) = (recipe_of_cut(&a, None), recipe_of_cut(&b, None));
+    assert_ne!(own_a, own_b, "two stores, two secrets");
+    assert_eq!(own_a, recipe_of_cut(&a, None), "a store keeps its secret");
+    let file = a.path().join("artifacts/.secret");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    assert_eq!(recipe_of_cut(&a, Some("shared")), recipe_of_cut(&b, Some("shared")));
+    assert_ne!(recipe_of_cut(&a, Some("shared")), own_a);
+}

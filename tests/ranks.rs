@@ -229,8 +229,10 @@ fn ranks_refuse_a_pass1_that_is_not_in_the_record_window_order() {
     let p = Project::small();
     p.ok(&["run"]); // the val tokens, to lay pass 1 out over
     let targets = csv_rows(&p, "SELECT count(*) - 1 FROM val")[0][0] as usize;
-    // Every target once, in order: a plain scorer's table, not the record's windows.
+    // Every target once, in order, and the last one again: neither the record's windows
+    // (which score their last 16 targets again) nor every target once.
     let rows: Vec<Row> = (1..=targets)
+        .chain([targets])
         .map(|position| Row {
             position,
             model_p: 0.5,

@@ -75,6 +75,14 @@ if mode == "network":
     attempt(lambda: socket.create_connection(("127.0.0.1", int(target)), timeout=2).sendall(b"leak"))
     write_outputs(out)
     sys.exit(0)
+if mode == "metadata":
+    # State for the next run, kept in a readable file's metadata (Landlock alone does
+    # not confine these calls).
+    attempt(lambda: os.setxattr(target, "user.state", b"the stream"))
+    attempt(lambda: os.utime(target, (1, 1)))
+    attempt(lambda: os.chmod(target, 0o600))
+    write_outputs(out)
+    sys.exit(0)
 if mode == "flood":
     chunk = b"x" * (1 << 20)
     for _ in range(2048):
@@ -106,7 +114,7 @@ fn project_with_hostile_scorer_at(
     project.ok(&["run", "--quiet"]);
     let target = target(&project);
     project.write_pipeline(&format!(
-        "{base}\n[nodes.scorer]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"command\"\nparams.command = [\".venv/bin/python\", \"hostile.py\", \"{mode}\", \"{target}\", \"--marker\", \"{marker}\"]\nparams.timeout_s = 60\nfiles.scorer = [\"hostile.py\"]\n"
+        "{base}\n[nodes.scorer]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"command\"\nparams.command = [\".venv/bin/python\", \"hostile.py\", \"{mode}\", \"{target}\", \"--marker\", \"{marker}\"]\nparams.timeout_s = 60\nparams.read = [\"state\"]\nfiles.scorer = [\"hostile.py\"]\n"
     ));
     project
 }
@@ -195,7 +203,9 @@ fn an_output_directory_replaced_by_a_link_is_refused() {
     let before = store_outside_tmp(&project);
     let line = project.fails(&["run", "--quiet"]);
     assert!(
-        line.contains("Permission denied") || line.contains("not a directory any more"),
+        line.contains("Permission denied")
+            || line.contains("Read-only file system")
+            || line.contains("not a directory any more"),
         "{line}"
     );
     assert_eq!(before, store_outside_tmp(&project));
@@ -255,4 +265,43 @@ fn two_gigabytes_on_stderr_leave_a_capped_log() {
     assert!(log.len() <= 1_100_000, "{} bytes", log.len());
     assert!(log.contains("bytes of the scorer's output dropped here"));
     assert!(log.trim_end().ends_with("the last line"), "the end is kept");
+}
+
+#[test]
+fn no_state_survives_in_a_readable_files_metadata() {
+    let project = project_with_hostile_scorer_at(
+        "metadata",
+        |p| {
+            let dir = p.path().join("state");
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join("kept");
+            std::fs::write(&file, "").unwrap();
+            file.display().to_string()
+        },
+        "meta-7a1",
+    );
+    let file = project.path().join("state/kept");
+    let before = std::fs::metadata(&file).unwrap();
+    project.ok(&["run", "--quiet"]);
+    let log = the_scorer_log(&project);
+    let isolation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::fs::read_dir(project.path().join("artifacts/pass1"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.path().join("sandbox.json"))
+                .find(|p| p.exists())
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    if isolation["read_only"] != true {
+        eprintln!("no read-only mounts here ({isolation}): the hole docs/legality.md names is open");
+        return;
+    }
+    assert_eq!(log.matches("attempt refused").count(), 3, "{log}");
+    let after = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((before.mtime(), before.mode()), (after.mtime(), after.mode()));
 }

@@ -41,7 +41,7 @@ pub enum Kind {
 pub struct CutParams {
     pub kind: Kind,
     /// Where the cut falls, as a fraction of the val targets. Absent (the default): drawn
-    /// from the secret, in 5%–95% of the stream for a shuffle, 5%–50% for a replace
+    /// from the secret, in 0%–95% of the stream for a shuffle, 5%–50% for a replace
     /// (which needs room after it).
     pub at: Option<f64>,
     /// Tells apart entries that are otherwise equal: each draws its own secret values.
@@ -225,11 +225,14 @@ pub fn cut_position(len: usize, cut: &CutParams) -> Result<usize, String> {
         return Err(format!("{len} val tokens: too few to cut (at least 3)"));
     }
     let targets = len - 1;
-    let high_share = match cut.kind {
-        Kind::Shuffle => 0.95,
-        Kind::Replace => 0.5,
+    // A shuffle's cut may fall anywhere up to 95%: a read-ahead confined to the first
+    // 5% escaped every probe when cuts started there (the red team's). A replace needs
+    // room after it for its hidden targets, and starts after the first 5%.
+    let (low_share, high_share) = match cut.kind {
+        Kind::Shuffle => (0.0, 0.95),
+        Kind::Replace => (0.05, 0.5),
     };
-    let lowest = ((0.05 * targets as f64).ceil() as usize).clamp(2, targets);
+    let lowest = ((low_share * targets as f64).ceil() as usize).clamp(2, targets);
     let highest = ((high_share * targets as f64).floor() as usize).clamp(lowest, targets);
     let (count, seed) = cut.original();
     let original = stage_api::sample_positions(targets, count, seed);

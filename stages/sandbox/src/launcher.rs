@@ -48,14 +48,21 @@ pub(crate) fn main(path: &Path) -> ! {
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
     }
+    // Opened before Landlock closes the way to it, and before the filesystem is made
+    // read-only (a mount with a file open for writing cannot be); written after.
+    let report = File::create(&launch.status);
     match enter_namespaces() {
-        Ok(()) => isolation.namespaces = true,
+        Ok(()) => {
+            isolation.namespaces = true;
+            match read_only_except(&launch.confinement.write) {
+                Ok(()) => isolation.read_only = true,
+                Err(why) => isolation.missing.push(why),
+            }
+        }
         Err(why) => isolation.missing.push(why),
     }
     let terminate = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone());
-    // Opened before Landlock closes the way to it; written after.
-    let report = File::create(&launch.status);
     match confine(&launch.confinement) {
         Ok((abi, complete)) => {
             isolation.landlock = Some(abi);
@@ -85,7 +92,11 @@ pub(crate) fn main(path: &Path) -> ! {
 fn enter_namespaces() -> Result<(), String> {
     // SAFETY: plain system calls with integer arguments.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC;
     // SAFETY: as above; we are single-threaded, which CLONE_NEWUSER requires.
     if unsafe { libc::unshare(flags) } != 0 {
         return Err(format!(
@@ -98,6 +109,95 @@ fn enter_namespaces() -> Result<(), String> {
     let _ = write("/proc/self/uid_map", format!("{uid} {uid} 1\n"));
     let _ = write("/proc/self/gid_map", format!("{gid} {gid} 1\n"));
     Ok(())
+}
+
+/// Every mount of this (private) mount namespace read-only, but `writable`, each bound
+/// onto itself first. Landlock decides which files may be opened, not whether a file
+/// the program may read can have its extended attributes, dates or mode changed: on a
+/// read-only mount none can, so nothing the program can read carries state to the next
+/// run (the red team kept a whole stream in a virtual environment's xattrs).
+fn read_only_except(writable: &[PathBuf]) -> Result<(), String> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |path: &Path| CString::new(path.as_os_str().as_bytes()).expect("no NUL in paths");
+    let fail = |what: &str| {
+        format!(
+            "no read-only mounts ({what}: {}): file metadata may carry state between runs",
+            std::io::Error::last_os_error()
+        )
+    };
+    let root = c(Path::new("/"));
+    // SAFETY: mount(2) with valid C strings and null data; we own this mount namespace.
+    if unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(fail("private mounts"));
+    }
+    for dir in writable {
+        let dir = c(dir);
+        // SAFETY: as above.
+        if unsafe {
+            libc::mount(
+                dir.as_ptr(),
+                dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(fail("a bind mount of a writable directory"));
+        }
+    }
+    set_read_only(&root, true, true).map_err(|_| fail("mount_setattr"))?;
+    for dir in writable {
+        set_read_only(&c(dir), false, true).map_err(|_| fail("mount_setattr"))?;
+    }
+    Ok(())
+}
+
+/// mount_setattr(2) (Linux 5.12): sets or clears MOUNT_ATTR_RDONLY on the mount at
+/// `path`, and on every mount below it when `recursive`.
+fn set_read_only(path: &std::ffi::CStr, read_only: bool, recursive: bool) -> Result<(), ()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let attr = MountAttr {
+        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_clr: if read_only { 0 } else { MOUNT_ATTR_RDONLY },
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: the syscall reads `attr` (its size given) and a valid C string.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 /// Landlock on this process (and so the program): the filesystem rights of

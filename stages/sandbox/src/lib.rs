@@ -87,8 +87,12 @@ pub struct Isolation {
     pub landlock: Option<u8>,
     /// Whether every right asked for is enforced (false: a best-effort subset).
     pub landlock_complete: bool,
-    /// New user, PID, network and IPC namespaces.
+    /// New user, mount, PID, network and IPC namespaces.
     pub namespaces: bool,
+    /// Every mount read-only but the program's writable directories: no file it can
+    /// read can carry state (extended attributes, dates, modes) to another run.
+    #[serde(default)]
+    pub read_only: bool,
     /// Why something is missing, in a few words each.
     pub missing: Vec<String>,
 }
@@ -100,7 +104,8 @@ impl Isolation {
         self.landlock.is_some()
     }
 
-    /// One line: `Landlock ABI 6, user/PID/network/IPC namespaces` or what is missing.
+    /// One line: `Landlock ABI 6, user/mount/PID/network/IPC namespaces, read-only mounts`
+    /// or what is missing.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         match self.landlock {
@@ -109,11 +114,14 @@ impl Isolation {
             None => parts.push("no Landlock".to_string()),
         }
         parts.push(if self.namespaces {
-            "user/PID/network/IPC namespaces".to_string()
+            "user/mount/PID/network/IPC namespaces".to_string()
         } else {
             "no namespaces (TCP blocked by Landlock where it can; the tree killed by a subreaper)"
                 .to_string()
         });
+        if self.read_only {
+            parts.push("read-only mounts".to_string());
+        }
         let mut line = parts.join(", ");
         if !self.missing.is_empty() {
             line += &format!(" [{}]", self.missing.join("; "));
