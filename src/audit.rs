@@ -223,7 +223,8 @@ fn compare(
                     text(a),
                     text(b)
                 ));
-            } else if stored.volatile_report.contains(key) || rebuilt.volatile_report.contains(key) {
+            } else if stored.volatile_report.contains(key) || rebuilt.volatile_report.contains(key)
+            {
                 notes.push(format!("{line} (describes the build, not compared)"));
             } else {
                 differences.push(line);

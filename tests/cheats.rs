@@ -89,11 +89,13 @@ fn verdicts(project: &Project) -> Verdicts {
     let rows: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
     let mut out = Verdicts::new();
     for r in rows {
-        let entry = out.entry(r["node"].as_str().unwrap().to_string()).or_insert((
-            r["chain"].as_str().unwrap().to_string(),
-            r["bpb"].as_f64().unwrap(),
-            BTreeMap::new(),
-        ));
+        let entry = out
+            .entry(r["node"].as_str().unwrap().to_string())
+            .or_insert((
+                r["chain"].as_str().unwrap().to_string(),
+                r["bpb"].as_f64().unwrap(),
+                BTreeMap::new(),
+            ));
         entry.2.insert(
             r["probe"].as_str().unwrap().to_string(),
             (
@@ -112,7 +114,11 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
     pipeline += &scorer("honest", "honest_scorer.py", "");
     pipeline += &cache_chain("honest");
     pipeline += &scorer("disclosed", "disclosed.py", "");
-    pipeline += &scorer("no_distributions", "no_distributions.py", "params.mass_sample = 0\n");
+    pipeline += &scorer(
+        "no_distributions",
+        "no_distributions.py",
+        "params.mass_sample = 0\n",
+    );
     pipeline += &scorer("store_reader", "store_reader.py", "");
     pipeline += &scorer("entropy_channel", "entropy_channel.py", "");
     pipeline += &cache_chain("entropy_channel");
@@ -134,29 +140,79 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
     }
     let (_, honest_chain_bpb, honest_chain) = &v["legality_scores_honest"];
     for (probe, (verdict, detail)) in honest_chain {
-        assert_eq!(verdict, "pass", "the honest cache chain's {probe}: {detail}");
+        assert_eq!(
+            verdict, "pass",
+            "the honest cache chain's {probe}: {detail}"
+        );
     }
 
     // (judge, the probe that must fail it, words its evidence must hold, the honest BPB
     // it would be compared with).
     let expected = [
-        ("legality_disclosed", "c1-prefix", "model_p at position", *honest_bpb),
+        (
+            "legality_disclosed",
+            "c1-prefix",
+            "model_p at position",
+            *honest_bpb,
+        ),
         ("legality_disclosed", "c2-blind", "never asked", *honest_bpb),
-        ("legality_no_distributions", "c1-target", "cannot be verified", *honest_bpb),
-        ("legality_no_distributions", "c2-normalised", "cannot be verified", *honest_bpb),
-        ("legality_store_reader", "c1-prefix", "depends on later tokens", *honest_bpb),
-        ("legality_entropy_channel", "c1-prefix", "entropy at position", *honest_bpb),
-        ("legality_scores_entropy_channel", "c1-prefix", "before the cut) changed", *honest_chain_bpb),
-        ("legality_duplicates", "coverage", "more than once", *honest_bpb),
-        ("legality_around_cuts", "c1-prefix", "depends on later tokens", *honest_bpb),
-        ("legality_scores_heavy_model", "c2-normalised", "Σ_v p(v) = 2.0", *honest_chain_bpb),
+        (
+            "legality_no_distributions",
+            "c1-target",
+            "cannot be verified",
+            *honest_bpb,
+        ),
+        (
+            "legality_no_distributions",
+            "c2-normalised",
+            "cannot be verified",
+            *honest_bpb,
+        ),
+        (
+            "legality_store_reader",
+            "c1-prefix",
+            "depends on later tokens",
+            *honest_bpb,
+        ),
+        (
+            "legality_entropy_channel",
+            "c1-prefix",
+            "entropy at position",
+            *honest_bpb,
+        ),
+        (
+            "legality_scores_entropy_channel",
+            "c1-prefix",
+            "before the cut) changed",
+            *honest_chain_bpb,
+        ),
+        (
+            "legality_duplicates",
+            "coverage",
+            "more than once",
+            *honest_bpb,
+        ),
+        (
+            "legality_around_cuts",
+            "c1-prefix",
+            "depends on later tokens",
+            *honest_bpb,
+        ),
+        (
+            "legality_scores_heavy_model",
+            "c2-normalised",
+            "Σ_v p(v) = 2.0",
+            *honest_chain_bpb,
+        ),
     ];
     for (judge, probe, evidence, baseline) in expected {
         let (chain, bpb, found) = &v[judge];
         let (verdict, detail) = &found[probe];
         assert_eq!(verdict, "fail", "{judge} {probe}: {detail}");
         assert!(detail.contains(evidence), "{judge} {probe}: {detail}");
-        eprintln!("{chain}: claims BPB {bpb:.4} (honest {baseline:.4}), failed by {probe}: {detail}");
+        eprintln!(
+            "{chain}: claims BPB {bpb:.4} (honest {baseline:.4}), failed by {probe}: {detail}"
+        );
     }
     // The cheats that change the scores claim a gain; the entropy channel's is in its
     // cache chain.
@@ -168,12 +224,19 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
         "legality_around_cuts",
         "legality_heavy_model",
     ] {
-        assert!(v[judge].1 < *honest_bpb, "{judge}: {} vs {honest_bpb}", v[judge].1);
+        assert!(
+            v[judge].1 < *honest_bpb,
+            "{judge}: {} vs {honest_bpb}",
+            v[judge].1
+        );
     }
     // The store reader found nothing to read in the sandbox, and said so.
     if sandbox::landlock_abi().is_some() {
         let log = scorer_logs(&project, "store_reader");
-        assert!(log.iter().all(|l| l.contains("found no original stream")), "{log:?}");
+        assert!(
+            log.iter().all(|l| l.contains("found no original stream")),
+            "{log:?}"
+        );
     }
 }
 
@@ -296,7 +359,11 @@ fn the_secret_is_the_stores_own_unless_given() {
             cmd.env("CACHEMONEY_SECRET", secret);
         }
         let out = cmd.args(["status", "--json"]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let status: Value = serde_json::from_slice(&out.stdout).unwrap();
         status
             .as_array()
@@ -322,6 +389,9 @@ fn the_secret_is_the_stores_own_unless_given() {
     let file = a.path().join("artifacts/.secret");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", file.display());
-    assert_eq!(recipe_of_cut(&a, Some("shared")), recipe_of_cut(&b, Some("shared")));
+    assert_eq!(
+        recipe_of_cut(&a, Some("shared")),
+        recipe_of_cut(&b, Some("shared"))
+    );
     assert_ne!(recipe_of_cut(&a, Some("shared")), own_a);
 }

@@ -461,7 +461,13 @@ fn audit_notes_build_facts_but_fails_on_other_report_differences() {
     let train = manifest(&project, "train");
     assert_eq!(
         train["volatile_report"],
-        serde_json::json!(["code_bytes", "artifact_bytes", "within_budget", "numerics", "cpu"])
+        serde_json::json!([
+            "code_bytes",
+            "artifact_bytes",
+            "within_budget",
+            "numerics",
+            "cpu"
+        ])
     );
     let path = project
         .path()

@@ -155,7 +155,10 @@ fn portable_gives_one_set_of_bytes_under_every_dispatch_level_and_native_does_no
             "portable bytes under the {level} level differ from the {} level's",
             levels[0].0
         );
-        assert_eq!(kernels, "cpu x86-64 portable (AVX2 kernels, MKL COMPATIBLE)");
+        assert_eq!(
+            kernels,
+            "cpu x86-64 portable (AVX2 kernels, MKL COMPATIBLE)"
+        );
     }
 
     let native: Vec<(String, String)> = levels
@@ -248,7 +251,10 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stdout.contains("model          train        reused"), "{stdout}");
+    assert!(
+        stdout.contains("model          train        reused"),
+        "{stdout}"
+    );
     let notes: Vec<&str> = stderr.lines().filter(|l| l.starts_with("note:")).collect();
     assert_eq!(notes.len(), 1, "{stderr}");
     assert!(
@@ -284,7 +290,9 @@ fn bytes_from_other_kernels_are_said_in_one_line_never_silent() {
     let stderr = String::from_utf8(forced.stderr).unwrap();
     let warning = stderr
         .lines()
-        .find(|l| l.starts_with("warning: node 'model' rebuilt with the same recipe gave different bytes"))
+        .find(|l| {
+            l.starts_with("warning: node 'model' rebuilt with the same recipe gave different bytes")
+        })
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(
         warning.contains(&format!(

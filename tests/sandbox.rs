@@ -106,8 +106,11 @@ fn project_with_hostile_scorer_at(
     marker: &str,
 ) -> Project {
     let project = Project::small();
-    std::os::unix::fs::symlink(common::repo_root().join(".venv"), project.path().join(".venv"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        common::repo_root().join(".venv"),
+        project.path().join(".venv"),
+    )
+    .unwrap();
     std::fs::write(project.path().join("hostile.py"), HOSTILE).unwrap();
     let base = Project::small_pipeline(300);
     project.write_pipeline(&base);
@@ -168,7 +171,10 @@ fn a_grandchild_holding_stdin_neither_hangs_the_run_nor_survives_it() {
         started.elapsed().as_secs() < 25,
         "the run waited for the grandchild"
     );
-    assert!(processes_with("stdin-4be").is_empty(), "the grandchild outlived the run");
+    assert!(
+        processes_with("stdin-4be").is_empty(),
+        "the grandchild outlived the run"
+    );
 }
 
 #[test]
@@ -188,8 +194,7 @@ fn a_grandchild_that_outlives_its_scorer_is_killed_before_it_writes() {
 fn writes_outside_the_output_directory_never_land() {
     let target = tempfile::tempdir().unwrap();
     let pwned = target.path().join("pwned");
-    let project =
-        project_with_hostile_scorer("absolute", &pwned.display().to_string(), "abs-31c");
+    let project = project_with_hostile_scorer("absolute", &pwned.display().to_string(), "abs-31c");
     project.ok(&["run", "--quiet"]);
     if confined() {
         assert!(!pwned.exists(), "an absolute-path write got through");
@@ -252,7 +257,10 @@ fn a_scorer_reaches_no_network() {
     let project = project_with_hostile_scorer("network", &port.to_string(), "net-a90");
     project.ok(&["run", "--quiet"]);
     if confined() {
-        assert!(listener.accept().is_err(), "the scorer connected to the host");
+        assert!(
+            listener.accept().is_err(),
+            "the scorer connected to the host"
+        );
         assert!(the_scorer_log(&project).contains("attempt refused"));
     }
 }
@@ -297,11 +305,16 @@ fn no_state_survives_in_a_readable_files_metadata() {
     )
     .unwrap();
     if isolation["read_only"] != true {
-        eprintln!("no read-only mounts here ({isolation}): the hole docs/legality.md names is open");
+        eprintln!(
+            "no read-only mounts here ({isolation}): the hole docs/legality.md names is open"
+        );
         return;
     }
     assert_eq!(log.matches("attempt refused").count(), 3, "{log}");
     let after = std::fs::metadata(&file).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!((before.mtime(), before.mode()), (after.mtime(), after.mode()));
+    assert_eq!(
+        (before.mtime(), before.mode()),
+        (after.mtime(), after.mode())
+    );
 }

@@ -311,11 +311,7 @@ fn the_scorer_dies_with_cachemoney() {
     let project = Project::small();
     // A marker on the command line finds the scorer's processes in /proc (inside its
     // PID namespace its own pid means nothing out here).
-    std::fs::write(
-        project.path().join("sleepy.sh"),
-        "#!/bin/sh\nsleep 61.25\n",
-    )
-    .unwrap();
+    std::fs::write(project.path().join("sleepy.sh"), "#!/bin/sh\nsleep 61.25\n").unwrap();
     let base = Project::small_pipeline(300);
     project.write_pipeline(&format!(
         "{base}\n[nodes.scorer]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"command\"\nparams.command = [\"sh\", \"sleepy.sh\"]\nfiles.scorer = [\"sleepy.sh\"]\n"

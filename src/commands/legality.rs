@@ -200,6 +200,11 @@ fn print_matrix(rows: &[LegalityRow]) {
             (Some(p), Some(e), Some(o)) => format!(" [position {p}: {e} vs {o}]"),
             _ => String::new(),
         };
-        println!("{} {}: {}{values}", label(&r.node, &r.chain), r.probe, r.detail);
+        println!(
+            "{} {}: {}{values}",
+            label(&r.node, &r.chain),
+            r.probe,
+            r.detail
+        );
     }
 }

@@ -486,7 +486,11 @@ fn ordered(
         let name = next.3;
         order.push(name.to_string());
         for (other, node) in nodes {
-            let uses = node.inputs.values().filter(|up| up.as_str() == name).count();
+            let uses = node
+                .inputs
+                .values()
+                .filter(|up| up.as_str() == name)
+                .count();
             if uses > 0 {
                 let count = waiting.get_mut(other.as_str()).expect("every node");
                 *count -= uses;

@@ -145,7 +145,11 @@ pub fn add_reruns(
                     continue;
                 }
                 if let Some(member) = members.iter().find(|m| produces(&nodes[*m], product)) {
-                    let value = nodes[member].params.get(*param).cloned().unwrap_or(Value::from(0));
+                    let value = nodes[member]
+                        .params
+                        .get(*param)
+                        .cloned()
+                        .unwrap_or(Value::from(0));
                     entry.insert(as_param.to_string(), value);
                 }
             }
@@ -354,7 +358,11 @@ params.cuts = [{{ at = 0.3 }}, {{ draw = 1 }}]
         // Every entry carries the judge's secret and the original run's sample.
         for cut in ["tokens_cut1", "tokens_cut2", "tokens_cut3"] {
             assert_eq!(node(cut).params["secret"], "s");
-            assert_eq!(node(cut).params["original_sample"], 4096, "pass1's mass_sample");
+            assert_eq!(
+                node(cut).params["original_sample"],
+                4096,
+                "pass1's mass_sample"
+            );
             assert_eq!(node(cut).params["original_seed"], 1337);
         }
         assert_eq!(node("judge_scores").params["cuts"][0]["secret"], "s");
@@ -382,8 +390,15 @@ params.cuts = [{{ at = 0.3 }}, {{ draw = 1 }}]
             .iter()
             .map(|n| at(n))
             .collect();
-        let (first, last) = (pass1_runs.iter().min().unwrap(), pass1_runs.iter().max().unwrap());
-        assert_eq!(last - first, 3, "the pass-1 runs are built one after another");
+        let (first, last) = (
+            pass1_runs.iter().min().unwrap(),
+            pass1_runs.iter().max().unwrap(),
+        );
+        assert_eq!(
+            last - first,
+            3,
+            "the pass-1 runs are built one after another"
+        );
     }
 
     #[test]
@@ -408,9 +423,13 @@ params.cuts = [{{ at = 0.3 }}, {{ draw = 1 }}]
             (runs, main)
         };
         let orders: Vec<_> = (0..8).map(|i| order_with(&format!("secret {i}"))).collect();
-        let distinct: std::collections::BTreeSet<&Vec<String>> = orders.iter().map(|(r, _)| r).collect();
+        let distinct: std::collections::BTreeSet<&Vec<String>> =
+            orders.iter().map(|(r, _)| r).collect();
         assert!(distinct.len() > 2, "{distinct:?}");
-        assert!(orders.iter().any(|(runs, _)| runs[0] != "pass1"), "the original is not always first");
+        assert!(
+            orders.iter().any(|(runs, _)| runs[0] != "pass1"),
+            "the original is not always first"
+        );
         // The pipeline's own nodes keep their order whatever the secret.
         assert!(orders.iter().all(|(_, main)| *main == orders[0].1));
     }

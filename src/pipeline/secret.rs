@@ -76,7 +76,10 @@ mod tests {
         assert_eq!(store_secret(a.path()).unwrap(), first);
         assert_ne!(store_secret(b.path()).unwrap(), first);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(a.path().join(FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(a.path().join(FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

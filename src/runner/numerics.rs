@@ -86,7 +86,11 @@ mod tests {
 
     #[test]
     fn the_note_is_one_line_naming_both_sides() {
-        let text = line("model, pass1", "cpu aarch64 native (x)", "cpu x86-64 portable (y)");
+        let text = line(
+            "model, pass1",
+            "cpu aarch64 native (x)",
+            "cpu x86-64 portable (y)",
+        );
         assert!(!text.contains('\n'));
         assert!(text.starts_with("note: model, pass1: computed with cpu aarch64 native (x);"));
         assert!(text.contains("this machine computes with cpu x86-64 portable (y)"));

@@ -150,8 +150,15 @@ mod tests {
                 }
                 // The two differ only at the tail: the same windows up to there.
                 let record = windows(targets, n_ctx, stride, Tail::Record);
-                let full = record.iter().take_while(|w| w.len == n_ctx.min(targets)).count();
-                assert_eq!(all[..full.min(all.len())], record[..full.min(all.len())], "{case}");
+                let full = record
+                    .iter()
+                    .take_while(|w| w.len == n_ctx.min(targets))
+                    .count();
+                assert_eq!(
+                    all[..full.min(all.len())],
+                    record[..full.min(all.len())],
+                    "{case}"
+                );
             }
         }
     }

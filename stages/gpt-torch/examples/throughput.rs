@@ -26,7 +26,11 @@ fn main() {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args(&args)
             .arg(PORTABLE_CHILD)
-            .envs(gpt::numerics::environment(Numerics::Portable).iter().copied())
+            .envs(
+                gpt::numerics::environment(Numerics::Portable)
+                    .iter()
+                    .copied(),
+            )
             .status()
             .unwrap();
         assert!(status.success());

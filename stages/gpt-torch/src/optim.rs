@@ -37,7 +37,10 @@ pub fn newton_schulz5(u: &Tensor) -> Tensor {
     } else {
         u.shallow_clone()
     };
-    let norm = sqrt(&x.square().sum_dim_intlist([-2, -1].as_slice(), true, x.kind()));
+    let norm = sqrt(
+        &x.square()
+            .sum_dim_intlist([-2, -1].as_slice(), true, x.kind()),
+    );
     let mut x = &x / (norm + 1e-7);
     let (a, b, c) = NS_COEFFICIENTS;
     for _ in 0..5 {

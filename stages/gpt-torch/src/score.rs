@@ -115,7 +115,16 @@ mod against_the_model {
         let config = small();
         let (_vs, model) = randomised(&config);
         let tokens: Vec<u16> = (0..100).map(|i| ((i * 37) % 1024) as u16).collect();
-        let scores = score::score(&model, &tokens, 8, score::Tail::Record, 3, 0.85, &[5, 40, 99], |_| {});
+        let scores = score::score(
+            &model,
+            &tokens,
+            8,
+            score::Tail::Record,
+            3,
+            0.85,
+            &[5, 40, 99],
+            |_| {},
+        );
         // The kept distributions sum to 1 and agree with model_p at the true token.
         assert_eq!(
             scores.distributions.iter().map(|d| d.0).collect::<Vec<_>>(),

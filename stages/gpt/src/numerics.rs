@@ -294,9 +294,18 @@ mod tests {
         );
         assert_ne!(native(Level::Avx2, None), native(Level::Avx512, None));
         // ATen honours a lower level from the environment, never a higher one.
-        assert_eq!(native(Level::Avx512, Some("avx2")), native(Level::Avx2, None));
-        assert_eq!(native(Level::Avx2, Some("avx512")), native(Level::Avx2, None));
-        assert_eq!(native(Level::Avx2, Some("nonsense")), native(Level::Avx2, None));
+        assert_eq!(
+            native(Level::Avx512, Some("avx2")),
+            native(Level::Avx2, None)
+        );
+        assert_eq!(
+            native(Level::Avx2, Some("avx512")),
+            native(Level::Avx2, None)
+        );
+        assert_eq!(
+            native(Level::Avx2, Some("nonsense")),
+            native(Level::Avx2, None)
+        );
     }
 
     #[test]

@@ -99,7 +99,10 @@ impl StageParams for CutParams {
 impl CutParams {
     /// The original run's sample: (count, seed).
     fn original(&self) -> (usize, u64) {
-        (self.original_sample.unwrap_or(0), self.original_seed.unwrap_or(0))
+        (
+            self.original_sample.unwrap_or(0),
+            self.original_seed.unwrap_or(0),
+        )
     }
 }
 
@@ -376,8 +379,7 @@ pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbe
     let count = match (cut.sample, cut.original().0) {
         (0, n) | (n, _) => n,
     };
-    let mut excluded: std::collections::BTreeSet<i64> =
-        hidden.iter().map(|h| h.position).collect();
+    let mut excluded: std::collections::BTreeSet<i64> = hidden.iter().map(|h| h.position).collect();
     excluded.insert(changed as i64);
     let mut probe_positions = Vec::new();
     if count > 0 {
@@ -429,7 +431,11 @@ mod tests {
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b);
-        assert_eq!(p, perturb(&tokens, 13, &cut).unwrap(), "the secret fixes it");
+        assert_eq!(
+            p,
+            perturb(&tokens, 13, &cut).unwrap(),
+            "the secret fixes it"
+        );
         assert!(p.hidden.is_empty());
     }
 
@@ -484,7 +490,10 @@ mod tests {
             assert!(t > p.changed());
             assert_eq!(p.tokens[t], h.token);
             assert_eq!(h.q, proposal.q(p.tokens[t - 1], h.token));
-            assert!(!p.probe_positions.contains(&h.position), "a hidden position was asked about");
+            assert!(
+                !p.probe_positions.contains(&h.position),
+                "a hidden position was asked about"
+            );
         }
         // Outside the hidden positions (and the changed target), the stream is the original.
         let hidden: Vec<usize> = p.hidden.iter().map(|h| h.position as usize).collect();

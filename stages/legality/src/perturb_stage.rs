@@ -19,8 +19,10 @@ pub struct PerturbStage;
 
 /// `probe_positions`: where every pass-1 source run on this artifact keeps its whole
 /// distribution (read by `pass1`, see `pass1::probe_positions`).
-pub const PROBE_POSITIONS_TABLE: &[stage_api::Column] =
-    &[stage_api::Column::new("position", stage_api::ColumnType::I64)];
+pub const PROBE_POSITIONS_TABLE: &[stage_api::Column] = &[stage_api::Column::new(
+    "position",
+    stage_api::ColumnType::I64,
+)];
 
 pub(crate) const VAL: Read = Read::table("val", &["token", "doc", "bytes"]);
 pub(crate) const VOCAB: Read = Read::table(
@@ -67,8 +69,7 @@ impl Stage for PerturbStage {
             ));
         }
         let vocab = read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-        let perturbed =
-            perturb(&val, vocab, &cut).map_err(|m| StageError::input(&val_path, m))?;
+        let perturbed = perturb(&val, vocab, &cut).map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
         for (pair, b) in changed.skip(perturbed.cut) {
             *b = rule.target_bytes(pair[0], pair[1]);
@@ -82,7 +83,10 @@ impl Stage for PerturbStage {
         for name in ["train.parquet", "vocab.parquet"] {
             link_or_copy(&tokens.file(name), &ctx.output(name))?;
         }
-        write_positions(&ctx.output("probe_positions.parquet"), &perturbed.probe_positions)?;
+        write_positions(
+            &ctx.output("probe_positions.parquet"),
+            &perturbed.probe_positions,
+        )?;
         let changed = perturbed.changed();
         let record = serde_json::json!({
             "kind": perturbed.kind,

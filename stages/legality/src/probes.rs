@@ -194,7 +194,9 @@ pub fn check_distributions(
                 *position,
                 1.0,
                 sum,
-                format!("{run}: Σ_v p(v) = {sum:.9} at position {position}; tolerance {tolerance:e}"),
+                format!(
+                    "{run}: Σ_v p(v) = {sum:.9} at position {position}; tolerance {tolerance:e}"
+                ),
             ));
         }
         let target = tokens[*position as usize] as usize;
@@ -327,9 +329,8 @@ pub fn check_coverage(targets: usize, positions: &[i64], bits: &[f64], bytes: &[
         all_bits / all_bytes.max(1) as f64,
         once_bits / once_bytes.max(1) as f64,
     );
-    let first = |want: &dyn Fn(u32) -> bool| {
-        (1..=targets).find(|&t| want(count[t])).unwrap_or(0) as i64
-    };
+    let first =
+        |want: &dyn Fn(u32) -> bool| (1..=targets).find(|&t| want(count[t])).unwrap_or(0) as i64;
     if missing > 0 {
         return Finding::fail(
             COVERAGE,
@@ -337,7 +338,10 @@ pub fn check_coverage(targets: usize, positions: &[i64], bits: &[f64], bytes: &[
             first(&|c| c == 0),
             1.0,
             0.0,
-            format!("{missing} of {targets} targets are never scored (first at position {})", first(&|c| c == 0)),
+            format!(
+                "{missing} of {targets} targets are never scored (first at position {})",
+                first(&|c| c == 0)
+            ),
         );
     }
     let detail = format!(
@@ -359,7 +363,11 @@ pub fn check_coverage(targets: usize, positions: &[i64], bits: &[f64], bytes: &[
             ),
         );
     }
-    Finding::pass(COVERAGE, positions.len() as u64, format!("every target scored exactly once: {detail}"))
+    Finding::pass(
+        COVERAGE,
+        positions.len() as u64,
+        format!("every target scored exactly once: {detail}"),
+    )
 }
 
 /// C2 for a cache chain, from its implied-mass audit: Σ_v p_final(v) at each sampled
@@ -504,7 +512,11 @@ mod tests {
         let f = check(&heavy, &|_| Some((0.75, h(&[0.5, 0.75])))).unwrap_err();
         assert_eq!((f.verdict, f.observed), (Verdict::Fail, Some(1.25)));
         let other = check(&good, &|p| scored(p).map(|(_, h)| (0.9, h))).unwrap_err();
-        assert!(other.detail.contains("not the one used"), "{}", other.detail);
+        assert!(
+            other.detail.contains("not the one used"),
+            "{}",
+            other.detail
+        );
         let flat = check(&good, &|p| scored(p).map(|(q, _)| (q, 0.1))).unwrap_err();
         assert!(flat.detail.contains("entropy"), "{}", flat.detail);
         assert_eq!(check(&[], &scored).unwrap(), (0, None));
@@ -523,16 +535,28 @@ mod tests {
         let f = check_blind(&inflated, z, 0.01, 1e-6);
         assert_eq!(f.verdict, Verdict::Fail, "{}", f.detail);
         assert!(f.detail.contains("never asked"), "{}", f.detail);
-        assert_eq!(check_blind(&[(1, 1.0)], z, 0.01, 1e-6).verdict, Verdict::Fail);
+        assert_eq!(
+            check_blind(&[(1, 1.0)], z, 0.01, 1e-6).verdict,
+            Verdict::Fail
+        );
     }
 
     #[test]
     fn coverage_finds_repeats_and_gaps_and_weighs_them() {
         let once = check_coverage(3, &[1, 2, 3], &[1.0, 2.0, 3.0], &[1, 1, 1]);
         assert_eq!(once.verdict, Verdict::Pass, "{}", once.detail);
-        let twice = check_coverage(3, &[1, 2, 3, 3, 3], &[1.0, 2.0, 3.0, 0.0, 0.0], &[1, 1, 1, 1, 1]);
+        let twice = check_coverage(
+            3,
+            &[1, 2, 3, 3, 3],
+            &[1.0, 2.0, 3.0, 0.0, 0.0],
+            &[1, 1, 1, 1, 1],
+        );
         assert_eq!((twice.verdict, twice.position), (Verdict::Fail, Some(3)));
-        assert!(twice.detail.contains("2 extra entries") && twice.detail.contains("-0.8"), "{}", twice.detail);
+        assert!(
+            twice.detail.contains("2 extra entries") && twice.detail.contains("-0.8"),
+            "{}",
+            twice.detail
+        );
         let gap = check_coverage(3, &[1, 3], &[1.0, 1.0], &[1, 1]);
         assert_eq!((gap.verdict, gap.position), (Verdict::Fail, Some(2)));
     }

@@ -221,7 +221,11 @@ impl Stage for LegalityStage {
                 format!("token {bad} is outside the vocabulary"),
             ));
         }
-        let original = Run::read("the original run", ctx.input("chain")?, ctx.inputs.get("pass1"))?;
+        let original = Run::read(
+            "the original run",
+            ctx.input("chain")?,
+            ctx.inputs.get("pass1"),
+        )?;
         let mut reruns = Vec::new();
         for (i, cut) in params.cuts.iter().enumerate() {
             let wired = |name: &str| {
@@ -264,14 +268,18 @@ impl Stage for LegalityStage {
             clock = std::time::Instant::now();
         };
         record(&mut report, "prefix", prefix_probe(&original, &reruns)?);
-        record(&mut report, "target", target_probe(ctx, &original, &reruns, &tokens)?);
+        record(
+            &mut report,
+            "target",
+            target_probe(ctx, &original, &reruns, &tokens)?,
+        );
         let normalised = normalised_probe(ctx, &original, &reruns, &tokens, params.tolerance)?;
         record(&mut report, "normalised", normalised);
         record(&mut report, "blind", blind_probe(&reruns, &params)?);
         let (bits, bytes) = (original.end.column("bits")?, original.end.bytes()?);
         // The BPB the chain claims: every entry counted, as its own stage reports it.
-        let claimed = bits.iter().sum::<f64>()
-            / bytes.iter().map(|&b| b as u64).sum::<u64>().max(1) as f64;
+        let claimed =
+            bits.iter().sum::<f64>() / bytes.iter().map(|&b| b as u64).sum::<u64>().max(1) as f64;
         let positions = &original.end.position;
         let coverage = probes::check_coverage(tokens.len() - 1, positions, &bits, &bytes);
         record(&mut report, "coverage", coverage);
@@ -314,25 +322,24 @@ impl Run {
     ) -> Result<Run, StageError> {
         let end_table = Table::read(end)?;
         let end_is_model = end_table.distributions.is_some();
-        let (own_model, model_dir) = match (end_is_model, model) {
-            (true, _) => (None, end.dir.clone()),
-            (false, Some(model)) => {
-                let table = Table::read(model)?;
-                if table.distributions.is_none() {
-                    return Err(StageError::input(
-                        &table.table,
-                        "input 'pass1' is not a pass-1 artifact",
-                    ));
+        let (own_model, model_dir) =
+            match (end_is_model, model) {
+                (true, _) => (None, end.dir.clone()),
+                (false, Some(model)) => {
+                    let table = Table::read(model)?;
+                    if table.distributions.is_none() {
+                        return Err(StageError::input(
+                            &table.table,
+                            "input 'pass1' is not a pass-1 artifact",
+                        ));
+                    }
+                    (Some(table), model.dir.clone())
                 }
-                (Some(table), model.dir.clone())
-            }
-            (false, None) => {
-                return Err(StageError::input(
+                (false, None) => return Err(StageError::input(
                     &end.dir,
                     "a cache chain's judge needs its pass-1 (input 'pass1'): the pipeline wires it",
-                ))
-            }
-        };
+                )),
+            };
         Ok(Run {
             label: label.to_string(),
             end: end_table,
@@ -631,7 +638,10 @@ fn target_probe(
         return Ok(rule);
     }
     Ok(Finding {
-        detail: format!("the model: {}; the cache rule: {}", model.detail, rule.detail),
+        detail: format!(
+            "the model: {}; the cache rule: {}",
+            model.detail, rule.detail
+        ),
         checked: model.checked + rule.checked,
         ..rule
     })
@@ -784,7 +794,13 @@ fn normalised_probe(
                 .get(&p)
                 .map(|&row| (model_p[row] as f32, entropy[row] as f32))
         };
-        match probes::check_distributions(&run.label, run.distributions(), stream, scored_at, tolerance) {
+        match probes::check_distributions(
+            &run.label,
+            run.distributions(),
+            stream,
+            scored_at,
+            tolerance,
+        ) {
             Err(failure) => return Ok(failure),
             Ok((n, run_worst)) => {
                 checked += n;
@@ -940,7 +956,10 @@ fn sandbox_probe(original: &Run, reruns: &[Rerun]) -> Finding {
     Finding::pass(
         probes::SANDBOX,
         reports.len() as u64,
-        format!("every run of the scorer was confined: {}", reports.join("; ")),
+        format!(
+            "every run of the scorer was confined: {}",
+            reports.join("; ")
+        ),
     )
 }
 

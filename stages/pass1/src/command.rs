@@ -152,8 +152,12 @@ fn copy_input(from: &Path, to: &Path) -> Result<(), StageError> {
 fn date(path: &Path) -> Result<(), StageError> {
     let when = SystemTime::UNIX_EPOCH + Duration::from_secs(INPUT_MTIME_SECONDS);
     let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-    file.set_times(std::fs::FileTimes::new().set_accessed(when).set_modified(when))
-        .map_err(|e| StageError::io(path, e))
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(when)
+            .set_modified(when),
+    )
+    .map_err(|e| StageError::io(path, e))
 }
 
 /// Runs the scorer and returns its validated table and what its sandbox achieved, or a
@@ -230,7 +234,12 @@ fn prepare(
         model_dir,
         score_first: 1,
         score_last: val.len() - 1,
-        distributions: crate::probe_positions(tokens, val.len() - 1, params.mass_sample, params.mass_seed)?,
+        distributions: crate::probe_positions(
+            tokens,
+            val.len() - 1,
+            params.mass_sample,
+            params.mass_seed,
+        )?,
         output_dir: PathBuf::from("out"),
     };
     let path = root.join("request.json");
@@ -258,7 +267,10 @@ fn date_directories(root: &Path) -> Result<(), StageError> {
 /// resolved.
 fn relative_to(path: &Path, base: &Path) -> Option<PathBuf> {
     if let Ok(rest) = path.strip_prefix(base) {
-        if !rest.components().any(|c| c == std::path::Component::ParentDir) {
+        if !rest
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
             return Some(rest.to_path_buf());
         }
     }
@@ -280,7 +292,9 @@ fn resolve_program(ctx: &StageContext, program: &str) -> Result<PathBuf, StageEr
         })
     };
     match found {
-        Some(path) if path.exists() => std::path::absolute(&path).map_err(|e| StageError::io(&path, e)),
+        Some(path) if path.exists() => {
+            std::path::absolute(&path).map_err(|e| StageError::io(&path, e))
+        }
         _ => Err(ctx.error(format!(
             "cannot start the scorer {program} (in {}): no such program",
             ctx.work_dir.display()
@@ -397,8 +411,12 @@ fn run_scorer(
     .map_err(|e| ctx.error(format!("cannot start the scorer {program}: {e}")))?;
     let log = Arc::new(Mutex::new(CappedLog::default()));
     let readers: Vec<_> = [
-        running.stdout().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        running.stderr().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        running
+            .stdout()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        running
+            .stderr()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -595,7 +613,11 @@ fn check_schema(path: &Path, wanted: &[(&str, DataType)]) -> Result<(), StageErr
     Ok(())
 }
 
-fn read_outputs(root: &Path, request: &Request, val_bytes: &[u8]) -> Result<Pass1Table, StageError> {
+fn read_outputs(
+    root: &Path,
+    request: &Request,
+    val_bytes: &[u8],
+) -> Result<Pass1Table, StageError> {
     let output_dir = root.join(&request.output_dir);
     let pass1_path = output_dir.join("pass1.parquet");
     check_schema(

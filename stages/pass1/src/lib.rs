@@ -171,12 +171,8 @@ impl Stage for Pass1Stage {
                 let train = read_column::<UInt16Type>(&train_path, "token")?;
                 let vocab_size =
                     read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-                let kept = probe_positions(
-                    tokens,
-                    val.len() - 1,
-                    bigram.mass_sample,
-                    bigram.mass_seed,
-                )?;
+                let kept =
+                    probe_positions(tokens, val.len() - 1, bigram.mass_sample, bigram.mass_seed)?;
                 bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram, &kept)
                     .map_err(|m| StageError::input(&train_path, m))?
             }

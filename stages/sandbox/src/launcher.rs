@@ -268,7 +268,11 @@ fn gpu_devices() -> Vec<PathBuf> {
             continue;
         };
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&*stem.to_string_lossy()) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&*stem.to_string_lossy())
+            {
                 found.push(entry.path());
             }
         }

@@ -61,8 +61,18 @@ pub struct Confinement {
 /// kernel's views of itself. Not `/dev` (a root program could read a disk), not `/tmp`,
 /// not `/home`.
 pub const SYSTEM_READ: &[&str] = &[
-    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc",
-    "/sys", "/nix/store",
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/bin",
+    "/sbin",
+    "/etc",
+    "/opt",
+    "/proc",
+    "/sys",
+    "/nix/store",
 ];
 
 /// Device files it may read and write: the harmless ones, and a GPU's.
@@ -261,12 +271,8 @@ impl Running {
                 self.status_path.display()
             )
         })?;
-        serde_json::from_slice(&text).map_err(|e| {
-            format!(
-                "{}: not a sandbox report: {e}",
-                self.status_path.display()
-            )
-        })
+        serde_json::from_slice(&text)
+            .map_err(|e| format!("{}: not a sandbox report: {e}", self.status_path.display()))
     }
 }
 
