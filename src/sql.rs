@@ -25,31 +25,12 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ident, ParquetReadOptions, SessionConfig, SessionContext};
 use stage_api::Column;
 
+mod ln;
+use ln::natural_log;
+
 use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::store::Store;
-
-/// `ln(x)` as the stages compute it (`libm::log`), in place of DataFusion's.
-fn natural_log() -> datafusion::logical_expr::ScalarUDF {
-    use datafusion::logical_expr::{
-        ColumnarValue, ScalarUDF, Signature, SimpleScalarUDF, Volatility,
-    };
-    let fun = Arc::new(|args: &[ColumnarValue]| {
-        let arrays = ColumnarValue::values_to_arrays(args)?;
-        let x = arrays[0]
-            .as_any()
-            .downcast_ref::<Float64Array>()
-            .expect("the signature coerces to Float64");
-        let out: Float64Array = x.unary(libm::log);
-        Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
-    });
-    ScalarUDF::from(SimpleScalarUDF::new_with_signature(
-        "ln",
-        Signature::uniform(1, vec![DataType::Float64], Volatility::Immutable),
-        DataType::Float64,
-        fun,
-    ))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -1,21 +1,22 @@
 //! Is this number legal? The probes of the criteria Parameter Golf's reviewers converged
-//! on (openai/parameter-golf issue #1017), run on any chain as a black box:
+//! on (openai/parameter-golf issue #1017), run on any chain as a black box, re-run on
+//! streams perturbed at secret cuts ([`perturb`]: a shuffle, and a replace that hides
+//! targets drawn from a proposal):
 //!
-//! - **C1 prefix invariance** (covers C3 score-before-update and C4 one pass in
-//!   practice): the chain is re-run on streams whose suffix after a cut is shuffled
-//!   ([`perturb`]), and every entry up to the cut must be bit-identical.
-//! - **C1 target independence:** the distribution at a position must not move when
-//!   only its target changes: for a model, its whole distribution at the first changed
-//!   target of each cut; for a cache rule, the choice the rule makes evaluated with
-//!   every candidate as the target (the `audit-mass` node's `states`).
-//! - **C2 normalisation:** Σ_v p(v) = 1 and p(v) ≥ 0 where distributions are kept.
-//! - **Byte accounting:** the chain's bytes against the challenge's rule.
+//! - **C1 prefix** (covers C3 and C4 in practice): every entry up to a cut bit-identical;
+//! - **C1 target:** the distribution does not move when only its target changes;
+//! - **C2 normalised:** every distribution returned in any run sums to 1 and is the one
+//!   scored; **C2 blind:** the mass where none was asked for, estimated by p(u)/q(u);
+//! - **coverage** (each target once), **bytes** (the challenge's rule) and **sandbox**.
 //!
-//! The stages here are adapters; the probes themselves are pure ([`probes`]).
+//! `stages` is the adapter, `runs` reads a chain's runs, `judge` runs each probe on
+//! them; the checks themselves are pure ([`probes`]). docs/legality.md has the why.
 
+mod judge;
 pub mod perturb;
 mod perturb_stage;
 pub mod probes;
+mod runs;
 mod stages;
 
 pub use perturb::{cut_position, perturb, CutParams, Kind, Perturbed};

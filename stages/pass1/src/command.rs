@@ -27,14 +27,16 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow::datatypes::{DataType, Float32Type, Int64Type, UInt16Type};
-use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+use arrow::datatypes::UInt16Type;
 use sandbox::{Confinement, Finished, Isolation};
 use serde::Serialize;
 use stage_api::{read_column, StageContext, StageError};
 
 use crate::params::CommandParams;
-use crate::{import_pass1, read_val, Pass1Table};
+
+mod outputs;
+use crate::{read_val, Pass1Table};
+use outputs::{check_directory, defuse, read_outputs};
 
 /// The protocol's name and version, first in every request. Version 2: paths are
 /// relative to the scorer's working directory (private copies), and the request no
@@ -527,200 +529,6 @@ fn last_line(log: &Path) -> String {
     match last {
         Some(line) => format!(": {}", line.trim()),
         None => " (empty)".into(),
-    }
-}
-
-/// The scorer's outputs must be plain files in a plain directory: not links out of it,
-/// not pipes or devices (reading a FIFO would hang), and nothing may have appeared in
-/// the artifact's own directory.
-fn check_directory(ctx: &StageContext, workspace: &Workspace) -> Result<(), StageError> {
-    let entries = std::fs::read_dir(&ctx.out_dir).map_err(|e| StageError::io(&ctx.out_dir, e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name != SCORER_LOG {
-            return Err(StageError::input(
-                entry.path(),
-                "written by the scorer outside its output directory (request.output_dir)",
-            ));
-        }
-    }
-    let out = workspace.out();
-    match std::fs::symlink_metadata(&out) {
-        Ok(meta) if meta.is_dir() => {}
-        _ => {
-            return Err(StageError::input(
-                &out,
-                "not a directory any more: the scorer replaced its output directory (by a link?)",
-            ))
-        }
-    }
-    for name in ["pass1.parquet", "distributions.parquet"] {
-        let path = out.join(name);
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(StageError::input(
-                    &path,
-                    "a symbolic link: the scorer must write its outputs inside its output directory",
-                ))
-            }
-            Ok(meta) if !meta.is_file() => {
-                return Err(StageError::input(
-                    &path,
-                    "not a regular file (a pipe or a device?): the scorer must write its outputs as files",
-                ))
-            }
-            Ok(_) => {}
-            Err(_) if name == "distributions.parquet" => {}
-            Err(_) => {
-                return Err(StageError::input(
-                    &path,
-                    "missing: the scorer exited 0 but did not write it",
-                ))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The protocol's column types, exactly: a float64 `model_p` would otherwise be
-/// narrowed silently, and a scorer that thinks it writes f64 has other surprises.
-fn check_schema(path: &Path, wanted: &[(&str, DataType)]) -> Result<(), StageError> {
-    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-    let metadata = ArrowReaderMetadata::load(&file, Default::default())
-        .map_err(|e| StageError::format(path, e))?;
-    let schema = metadata.schema();
-    for (name, kind) in wanted {
-        match schema.field_with_name(name) {
-            Ok(field) if field.data_type() == kind => {}
-            Ok(field) => {
-                return Err(StageError::input(
-                    path,
-                    format!(
-                        "column '{name}' is {}, the protocol says {kind}",
-                        field.data_type()
-                    ),
-                ))
-            }
-            Err(_) => {
-                let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                return Err(StageError::input(
-                    path,
-                    format!("no column '{name}' (it has: {})", have.join(", ")),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn read_outputs(
-    root: &Path,
-    request: &Request,
-    val_bytes: &[u8],
-) -> Result<Pass1Table, StageError> {
-    let output_dir = root.join(&request.output_dir);
-    let pass1_path = output_dir.join("pass1.parquet");
-    check_schema(
-        &pass1_path,
-        &[
-            ("position", DataType::Int64),
-            ("model_p", DataType::Float32),
-            ("entropy", DataType::Float32),
-        ],
-    )?;
-    let mut table = import_pass1(&pass1_path, val_bytes)?;
-    // Bytes are the tokens' (the challenge's rule), never the scorer's.
-    table.bytes = table
-        .position
-        .iter()
-        .map(|&p| val_bytes[p as usize])
-        .collect();
-    table.distributions = read_distributions(&output_dir.join("distributions.parquet"), request)?;
-    Ok(table)
-}
-
-/// One full distribution per requested position, candidates 0..V in order, every
-/// probability finite and non-negative. Sums are not checked here: that is the
-/// normalisation probe's finding to make.
-fn read_distributions(path: &Path, request: &Request) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
-    if request.distributions.is_empty() && !path.exists() {
-        return Ok(Vec::new());
-    }
-    if !path.exists() {
-        return Err(StageError::input(
-            path,
-            format!(
-                "missing: the request asked for the distribution at {} positions",
-                request.distributions.len()
-            ),
-        ));
-    }
-    check_schema(
-        path,
-        &[
-            ("position", DataType::Int64),
-            ("candidate", DataType::UInt16),
-            ("model_p", DataType::Float32),
-        ],
-    )?;
-    let position = read_column::<Int64Type>(path, "position")?;
-    let candidate = read_column::<UInt16Type>(path, "candidate")?;
-    let model_p = read_column::<Float32Type>(path, "model_p")?;
-    let v = request.vocab_size;
-    let expected_rows = request.distributions.len() * v;
-    let mut out: Vec<(i64, Vec<f32>)> = Vec::with_capacity(request.distributions.len());
-    for row in 0..position.len().min(expected_rows) {
-        let (want_position, want_candidate) = (request.distributions[row / v], row % v);
-        if position[row] != want_position || candidate[row] as usize != want_candidate {
-            return Err(StageError::input(
-                path,
-                format!(
-                    "row {row}: (position {}, candidate {}) where (position {want_position}, candidate {want_candidate}) was expected: one row per candidate 0..={} of a {v}-token vocabulary at each requested position, in order",
-                    position[row], candidate[row], v - 1
-                ),
-            ));
-        }
-        let p = model_p[row];
-        if !(p.is_finite() && p >= 0.0) {
-            return Err(StageError::input(
-                path,
-                format!("row {row}: model_p {p} is not a finite non-negative probability"),
-            ));
-        }
-        if want_candidate == 0 {
-            out.push((want_position, Vec::with_capacity(v)));
-        }
-        out.last_mut().expect("pushed at candidate 0").1.push(p);
-    }
-    if position.len() != expected_rows {
-        return Err(StageError::input(
-            path,
-            format!(
-                "{} rows where {} positions × {v} candidates = {expected_rows} were expected (a distribution over another vocabulary size, or positions missing or extra)",
-                position.len(),
-                request.distributions.len()
-            ),
-        ));
-    }
-    Ok(out)
-}
-
-/// Removes what a scorer left that is neither a plain file nor a directory (a FIFO, a
-/// socket, a link out of the store): a tool that reads the kept directory must not hang
-/// or be led elsewhere.
-fn defuse(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => defuse(&path),
-            Ok(meta) if meta.is_file() => {}
-            _ => {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
     }
 }
 
