@@ -7,11 +7,27 @@ use anyhow::Result;
 
 use super::{cache_chain_project, median, timed, timed_with_rss};
 
-/// The legality probes at scale: the reference chain (cache -> calibrate -> pass2) once,
-/// then everything its legality node adds (three perturbed streams, the chain re-run on
-/// each, the comparison), both forced, so that the ratio is the probes' cost in chains.
+/// The legality probes at scale: the reference chain (the bigram's pass-1 -> cache ->
+/// calibrate -> pass2) once, then everything its legality node adds (two perturbed
+/// streams, the chain re-run on each, the judge), both forced, so that the ratio is the
+/// probes' cost in chains.
 pub(super) fn legality_reruns(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
-    let judge = "\n[nodes.legality]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\n";
+    // The judge as the default pipeline wires a cache chain's: with its implied-mass
+    // audit, which the probes' cost includes.
+    let judge = r#"
+[nodes.mass]
+stage = "audit-mass"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.cache = "cache"
+inputs.calibration = "calibration"
+
+[nodes.legality]
+stage = "legality"
+inputs.tokens = "tokens"
+inputs.chain = "scores"
+inputs.mass = "mass"
+"#;
     let dir = cache_chain_project(scratch, targets, judge)?;
     timed(&dir, &["run", "-q", "--until", "scores"])?;
     let force = |nodes: &[String]| -> Vec<String> {
@@ -20,10 +36,11 @@ pub(super) fn legality_reruns(scratch: &Path, repeats: usize, targets: usize) ->
             .flat_map(|n| ["--force".to_string(), n.clone()])
             .collect()
     };
-    let chain: Vec<String> = ["cache", "calibration", "scores"]
+    // The bigram chain whole, its pass-1 included: each re-run runs all four.
+    let chain: Vec<String> = ["pass1", "cache", "calibration", "scores"]
         .map(String::from)
         .to_vec();
-    let mut probes = vec!["legality".to_string()];
+    let mut probes = vec!["mass".to_string(), "legality".to_string()];
     for i in 1..=2 {
         for node in ["tokens", "pass1", "cache", "calibration", "scores"] {
             probes.push(format!("{node}_cut{i}"));
@@ -52,7 +69,7 @@ pub(super) fn legality_reruns(scratch: &Path, repeats: usize, targets: usize) ->
     let (one, all) = (median(one), median(all));
     println!(
         "{:<44} median {:>8.2} s\n{:<44} median {:>8.2} s  ({:.2}× one chain; peak RSS {:.2} GB)",
-        "one chain (cache, calibrate, pass2)",
+        "one chain (bigram pass-1, cache, calibrate, pass2)",
         one,
         "probes (2 cuts: perturb, re-run, compare)",
         all,

@@ -27,7 +27,7 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
         original.distributions().iter().map(|(p, _)| *p).collect();
     let mut asked_only_in_reruns = BTreeSet::new();
     for rerun in reruns {
-        let run = &rerun.read()?;
+        let run = rerun.read()?;
         let cut = rerun.perturbed.cut as i64;
         let what = match rerun.perturbed.kind {
             Kind::Shuffle => "shuffled",
@@ -139,7 +139,6 @@ pub(crate) fn model_target_probe(
 ) -> Result<Finding, StageError> {
     let mut checked = 0;
     let mut compared = Vec::new();
-    let original_entropy = original.model().column("entropy")?;
     let original_first = original
         .model()
         .first_rows(reruns.iter().map(|r| r.perturbed.changed() as i64));
@@ -149,7 +148,7 @@ pub(crate) fn model_target_probe(
         if from == to {
             continue;
         }
-        let run = &rerun.read()?;
+        let run = rerun.read()?;
         let (Some(a), Some(b)) = (original.distribution_at(t), run.distribution_at(t)) else {
             continue;
         };
@@ -168,7 +167,8 @@ pub(crate) fn model_target_probe(
         let rerun_first = run.model().first_rows([t]);
         if let (Some(&ra), Some(&rb)) = (original_first.get(&t), rerun_first.get(&t)) {
             checked += 1;
-            let (ha, hb) = (original_entropy[ra], run.model().column("entropy")?[rb]);
+            let ha = original.model().values_at("entropy", &[ra])?[0];
+            let hb = run.model().values_at("entropy", &[rb])?[0];
             if ha.to_bits() != hb.to_bits() {
                 return Ok(Finding::fail(
                     probes::TARGET,
@@ -261,24 +261,26 @@ pub(crate) fn normalised_probe(
     let mut worst: Option<(i64, f64)> = None;
     let mut with_distributions = 0;
     for index in 0..=reruns.len() {
-        let read;
         let (run, stream) = match index {
             0 => (original, tokens),
-            i => {
-                read = reruns[i - 1].read()?;
-                (&read, reruns[i - 1].perturbed.tokens.as_slice())
-            }
+            i => (
+                reruns[i - 1].read()?,
+                reruns[i - 1].perturbed.tokens.as_slice(),
+            ),
         };
-        let model_p = run.model().column("model_p")?;
-        let entropy = run.model().column("entropy")?;
+        // Only the rows of the asked-about positions are read.
         let first = run
             .model()
             .first_rows(run.distributions().iter().map(|(p, _)| *p));
-        let scored_at = |p: i64| {
-            first
-                .get(&p)
-                .map(|&row| (model_p[row] as f32, entropy[row] as f32))
-        };
+        let rows: Vec<usize> = first.values().copied().collect();
+        let model_p = run.model().values_at("model_p", &rows)?;
+        let entropy = run.model().values_at("entropy", &rows)?;
+        let scored: std::collections::HashMap<i64, (f32, f32)> = first
+            .keys()
+            .zip(model_p.iter().zip(&entropy))
+            .map(|(&p, (&m, &h))| (p, (m as f32, h as f32)))
+            .collect();
+        let scored_at = |p: i64| scored.get(&p).copied();
         match probes::check_distributions(
             &run.label,
             run.distributions(),
@@ -368,12 +370,17 @@ pub(crate) fn blind_probe(
         replaced += 1;
         let run = rerun.read()?;
         let end = &run.end;
-        let scored = end.column(end.scored_column())?;
         let first = end.first_rows(rerun.perturbed.hidden.iter().map(|h| h.position));
-        for hidden in &rerun.perturbed.hidden {
-            if let Some(&row) = first.get(&hidden.position) {
-                weights.push((hidden.position, scored[row] / hidden.q));
-            }
+        let found: Vec<_> = rerun
+            .perturbed
+            .hidden
+            .iter()
+            .filter_map(|h| Some((h, *first.get(&h.position)?)))
+            .collect();
+        let rows: Vec<usize> = found.iter().map(|(_, row)| *row).collect();
+        let scored = end.values_at(end.scored_column(), &rows)?;
+        for ((hidden, _), p) in found.iter().zip(scored) {
+            weights.push((hidden.position, p / hidden.q));
         }
     }
     if replaced == 0 {

@@ -2,11 +2,14 @@
 //! table and their model's pass-1, read lazily (at 62M entries a run's columns hold
 //! gigabytes).
 
+use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use arrow::datatypes::{Float32Type, Float64Type, Int64Type, UInt8Type};
-use stage_api::{read_column, InputArtifact, StageError};
+use stage_api::{read_column, read_column_rows, InputArtifact, StageError};
 
 use crate::perturb::Perturbed;
 use crate::probes;
@@ -75,27 +78,73 @@ impl Run {
 }
 
 /// A re-run: where its artifacts are and the stream it was run on. Its tables are read
-/// by each probe in turn and dropped (at 62M entries a run's positions alone are half a
-/// gigabyte).
+/// once, by the first probe that asks (their positions are held compactly: at 62M
+/// entries a listed run's positions alone are half a gigabyte).
 pub(crate) struct Rerun<'a> {
     pub(crate) label: String,
     pub(crate) end: &'a InputArtifact,
     pub(crate) model: Option<&'a InputArtifact>,
     pub(crate) perturbed: Perturbed,
+    pub(crate) run: OnceCell<Run>,
 }
 
 impl Rerun<'_> {
-    pub(crate) fn read(&self) -> Result<Run, StageError> {
-        Run::read(&self.label, self.end, self.model)
+    pub(crate) fn read(&self) -> Result<&Run, StageError> {
+        if let Some(run) = self.run.get() {
+            return Ok(run);
+        }
+        let run = Run::read(&self.label, self.end, self.model)?;
+        Ok(self.run.get_or_init(|| run))
+    }
+}
+
+/// Which position each row of a table scores. A scorer that scores each target once, in
+/// order, writes rows `first, first + 1, …`: kept as that range, not as a vector.
+pub(crate) enum Positions {
+    Contiguous { first: i64, len: usize },
+    Listed(Vec<i64>),
+}
+
+impl Positions {
+    fn new(listed: Vec<i64>) -> Positions {
+        match listed.first() {
+            Some(&first) if listed.iter().zip(first..).all(|(&p, q)| p == q) => {
+                Positions::Contiguous {
+                    first,
+                    len: listed.len(),
+                }
+            }
+            _ => Positions::Listed(listed),
+        }
+    }
+
+    /// The positions as a slice (built for a contiguous table).
+    pub(crate) fn to_slice(&self) -> Cow<'_, [i64]> {
+        match self {
+            Positions::Contiguous { first, len } => {
+                Cow::Owned((*first..*first + *len as i64).collect())
+            }
+            Positions::Listed(v) => Cow::Borrowed(v),
+        }
+    }
+
+    /// How many leading rows score positions at or before `cut`, for a contiguous table.
+    fn rows_through(&self, cut: i64) -> Option<usize> {
+        match self {
+            Positions::Contiguous { first, len } => {
+                Some((cut - first + 1).clamp(0, *len as i64) as usize)
+            }
+            Positions::Listed(_) => None,
+        }
     }
 }
 
 /// A chain's table: a pass2 node's `scores`, or a pass-1 node's `pass1` and its kept
 /// distributions. Columns are read when compared, one at a time (at 62M entries each
-/// holds gigabytes).
+/// holds gigabytes), and only the rows a probe needs where it needs few.
 pub(crate) struct Table {
     pub(crate) table: PathBuf,
-    pub(crate) position: Vec<i64>,
+    pub(crate) positions: Positions,
     /// Set for a pass-1 table.
     pub(crate) distributions: Option<Vec<(i64, Vec<f32>)>>,
 }
@@ -118,7 +167,7 @@ impl Table {
             ));
         };
         Ok(Table {
-            position: read_column::<Int64Type>(&table, "position")?,
+            positions: Positions::new(read_column::<Int64Type>(&table, "position")?),
             table,
             distributions,
         })
@@ -141,42 +190,89 @@ impl Table {
     }
 
     pub(crate) fn column(&self, name: &str) -> Result<Vec<f64>, StageError> {
+        self.column_rows(name, 0..usize::MAX)
+    }
+
+    /// Rows `rows` (clipped to the table) of a column, as f64.
+    pub(crate) fn column_rows(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+    ) -> Result<Vec<f64>, StageError> {
         match (name, &self.distributions) {
-            ("model_p" | "entropy", _) => Ok(read_column::<Float32Type>(&self.table, name)?
-                .into_iter()
-                .map(f64::from)
-                .collect()),
+            ("model_p" | "entropy", _) => {
+                Ok(read_column_rows::<Float32Type>(&self.table, name, rows)?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect())
+            }
             // A pass-1 chain's bits are its model's.
             ("bits", Some(_)) => Ok(self
-                .column("model_p")?
+                .column_rows("model_p", rows)?
                 .into_iter()
                 .map(|p| -libm::log2(p))
                 .collect()),
             // A pass2 table's are derived from its final probability, not stored.
             ("bits", None) => Ok(self
-                .column("p_final")?
+                .column_rows("p_final", rows)?
                 .into_iter()
                 .map(stage_api::scores::bits)
                 .collect()),
-            _ => read_column::<Float64Type>(&self.table, name),
+            _ => read_column_rows::<Float64Type>(&self.table, name, rows),
         }
+    }
+
+    /// A column's values at a few rows: each read alone when they are few, picked from
+    /// the whole column when they are many (every page would be decoded anyway).
+    pub(crate) fn values_at(&self, name: &str, rows: &[usize]) -> Result<Vec<f64>, StageError> {
+        if rows.len() <= 64 {
+            let mut values = Vec::with_capacity(rows.len());
+            for &row in rows {
+                let value = self.column_rows(name, row..row + 1)?;
+                values.push(*value.first().ok_or_else(|| {
+                    StageError::input(&self.table, format!("no row {row} in column '{name}'"))
+                })?);
+            }
+            return Ok(values);
+        }
+        let whole = self.column(name)?;
+        Ok(rows.iter().map(|&row| whole[row]).collect())
     }
 
     pub(crate) fn bytes(&self) -> Result<Vec<u8>, StageError> {
         read_column::<UInt8Type>(&self.table, "bytes")
     }
 
-    /// The row of each wanted position's first entry (one pass over the positions; a
-    /// map of all 62M would cost seconds and gigabytes).
+    /// The row of each wanted position's first entry: by arithmetic for a contiguous
+    /// table, else in one pass over the positions with a bitmap of the wanted ones (a
+    /// hash lookup per entry cost seconds at 62M).
     pub(crate) fn first_rows(&self, wanted: impl IntoIterator<Item = i64>) -> HashMap<i64, usize> {
-        let wanted: std::collections::HashSet<i64> = wanted.into_iter().collect();
-        let mut first = HashMap::with_capacity(wanted.len());
-        for (row, &p) in self.position.iter().enumerate() {
-            if wanted.contains(&p) {
-                first.entry(p).or_insert(row);
+        let wanted: Vec<i64> = wanted.into_iter().collect();
+        match &self.positions {
+            Positions::Contiguous { first, len } => wanted
+                .into_iter()
+                .filter(|p| (*first..*first + *len as i64).contains(p))
+                .map(|p| (p, (p - first) as usize))
+                .collect(),
+            Positions::Listed(positions) => {
+                let bound = wanted
+                    .iter()
+                    .copied()
+                    .max()
+                    .map_or(0, |m| m.max(0) as usize + 1);
+                let mut marked = vec![false; bound];
+                for &p in wanted.iter().filter(|&&p| p >= 0) {
+                    marked[p as usize] = true;
+                }
+                let mut first = HashMap::with_capacity(wanted.len());
+                for (row, &p) in positions.iter().enumerate() {
+                    if p >= 0 && (p as usize) < bound && marked[p as usize] {
+                        first.entry(p).or_insert(row);
+                    }
+                }
+                first
             }
         }
-        first
     }
 }
 
@@ -197,19 +293,76 @@ pub(crate) fn read_distributions(path: &Path) -> Result<Vec<(i64, Vec<f32>)>, St
 }
 
 /// The first difference, at or before `cut`, between two tables' compared columns:
-/// (its row, the finding's pieces).
+/// (its row, the finding's pieces). Two contiguous tables are compared over the rows
+/// before the cut only.
 pub(crate) fn first_difference(
     a: &Table,
     b: &Table,
     cut: i64,
     checked: &mut u64,
 ) -> Result<Option<probes::Difference>, StageError> {
+    let prefix = match (&a.positions, &b.positions) {
+        (Positions::Contiguous { first: fa, .. }, Positions::Contiguous { first: fb, .. })
+            if fa == fb =>
+        {
+            a.positions
+                .rows_through(cut)
+                .zip(b.positions.rows_through(cut))
+        }
+        _ => None,
+    };
     let mut earliest: Option<probes::Difference> = None;
     for &name in a.compared_columns() {
-        let (x, y) = (a.column(name)?, b.column(name)?);
-        let (difference, n) =
-            probes::first_prefix_difference(&a.position, &b.position, (name, &x, &y), cut);
-        *checked += n;
+        let difference = match prefix {
+            Some((rows_a, rows_b)) => {
+                let rows = rows_a.min(rows_b);
+                let (x, y) = (a.column_rows(name, 0..rows)?, b.column_rows(name, 0..rows)?);
+                let first = match &a.positions {
+                    Positions::Contiguous { first, .. } => *first,
+                    Positions::Listed(_) => unreachable!("matched contiguous above"),
+                };
+                let differing = x
+                    .iter()
+                    .zip(&y)
+                    .position(|(p, q)| p.to_bits() != q.to_bits());
+                // Values compared up to and including the first difference.
+                *checked += differing.map_or(rows, |row| row + 1) as u64;
+                match (differing, rows_a == rows_b) {
+                    (Some(row), _) => Some(probes::Difference {
+                        row,
+                        position: first + row as i64,
+                        column: name.into(),
+                        original: x[row],
+                        perturbed: y[row],
+                    }),
+                    // One scored fewer entries before the cut than the other.
+                    (None, false) => Some(probes::Difference {
+                        row: rows,
+                        position: first + rows as i64,
+                        column: "position".into(),
+                        original: if rows < rows_a {
+                            (first + rows as i64) as f64
+                        } else {
+                            f64::NAN
+                        },
+                        perturbed: if rows < rows_b {
+                            (first + rows as i64) as f64
+                        } else {
+                            f64::NAN
+                        },
+                    }),
+                    (None, true) => None,
+                }
+            }
+            None => {
+                let (x, y) = (a.column(name)?, b.column(name)?);
+                let (pa, pb) = (a.positions.to_slice(), b.positions.to_slice());
+                let (difference, n) =
+                    probes::first_prefix_difference(&pa, &pb, (name, &x, &y), cut);
+                *checked += n;
+                difference
+            }
+        };
         if let Some(d) = difference {
             if earliest.as_ref().is_none_or(|e| d.row < e.row) {
                 earliest = Some(d);
@@ -227,12 +380,27 @@ pub(crate) fn unchanged_after_cut(
     rerun: &Table,
     cut: i64,
 ) -> Result<bool, StageError> {
-    let (a, b) = (original.column("model_p")?, rerun.column("model_p")?);
-    if original.position != rerun.position {
+    if let (
+        Positions::Contiguous { first: fa, len: la },
+        Positions::Contiguous { first: fb, len: lb },
+    ) = (&original.positions, &rerun.positions)
+    {
+        if (fa, la) != (fb, lb) {
+            return Ok(false);
+        }
+        let after = original.positions.rows_through(cut + 1).unwrap_or(0);
+        let (a, b) = (
+            original.column_rows("model_p", after..*la)?,
+            rerun.column_rows("model_p", after..*lb)?,
+        );
+        return Ok(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+    let (pa, pb) = (original.positions.to_slice(), rerun.positions.to_slice());
+    if pa != pb {
         return Ok(false);
     }
-    Ok(original
-        .position
+    let (a, b) = (original.column("model_p")?, rerun.column("model_p")?);
+    Ok(pa
         .iter()
         .enumerate()
         .filter(|(_, &p)| p > cut + 1)

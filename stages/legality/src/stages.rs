@@ -256,6 +256,7 @@ impl Stage for LegalityStage {
                 end,
                 model,
                 perturbed,
+                run: Default::default(),
             });
         }
         // Each probe timed, as a phase of the report.
@@ -280,7 +281,7 @@ impl Stage for LegalityStage {
         // The BPB the chain claims: every entry counted, as its own stage reports it.
         let claimed =
             bits.iter().sum::<f64>() / bytes.iter().map(|&b| b as u64).sum::<u64>().max(1) as f64;
-        let positions = &original.end.position;
+        let positions = &original.end.positions.to_slice();
         let coverage = probes::check_coverage(tokens.len() - 1, positions, &bits, &bytes);
         record(&mut report, "coverage", coverage);
         let checked_bytes = probes::check_bytes(&tokens, &rule, positions, &bits, &bytes);
