@@ -389,8 +389,11 @@ fn run_scorer(
         .into_iter()
         .map(|(k, v)| match k.as_str() {
             "HOME" | "TMPDIR" => {
-                let path = workspace.root.join(&v).display().to_string();
-                (k, path)
+                // Absolute: the scorer runs in the workspace, and a pipeline named by a
+                // relative path (`-p backtest.toml`) gives a relative workspace.
+                let path = workspace.root.join(&v);
+                let path = std::path::absolute(&path).unwrap_or(path);
+                (k, path.display().to_string())
             }
             _ => (k, v),
         })

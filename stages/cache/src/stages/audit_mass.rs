@@ -118,9 +118,17 @@ impl Stage for AuditMassStage {
         let entry_entropy = read_column::<Float32Type>(&pass1_path, "entropy")?;
         // Entropy and blend at each sampled position, from its first pass-1 entry (the
         // rank that scored it first).
+        // Only the sampled positions are kept (a map of all 62M entries cost seconds and
+        // gigabytes); a bitmap says which ones those are.
+        let mut sampled = vec![false; tokens.len()];
+        for &p in &positions {
+            sampled[p] = true;
+        }
         let mut entropy_at = std::collections::HashMap::with_capacity(positions.len());
         for (row, (&p, &h)) in entry_position.iter().zip(&entry_entropy).enumerate() {
-            entropy_at.entry(p as usize).or_insert((h, row));
+            if usize::try_from(p).is_ok_and(|p| p < sampled.len() && sampled[p]) {
+                entropy_at.entry(p as usize).or_insert((h, row));
+            }
         }
         let samples: Vec<crate::mass::MassSample> = positions
             .iter()
