@@ -121,6 +121,17 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// A claimed BPB (a submission's headline) to hold each chain's final BPB against;
+        /// exits 1 when a chain checked is outside the spread.
+        #[arg(long, value_name = "BPB")]
+        claim: Option<String>,
+        /// The claim's stated seed spread; by default half a unit of its last digit (the
+        /// claim as precise as it is written).
+        #[arg(long, value_name = "BPB", requires = "claim")]
+        spread: Option<f64>,
+        /// The chain (its scores node) the claim is about; by default every chain.
+        #[arg(long, value_name = "NODE", requires = "claim")]
+        chain: Option<String>,
     },
     /// The legality probes' verdicts on every chain: C1 prefix invariance, C1 target
     /// independence, C2 normalisation, byte accounting (docs/legality.md).
@@ -346,7 +357,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain { node, json } => session.explain(&node, json)?,
         Command::Show { node, rows, json } => session.show(&node, rows, json)?,
         Command::Sql { query, format } => session.sql(query.as_deref(), format)?,
-        Command::Compare { json } => session.compare(json)?,
+        Command::Compare {
+            json,
+            claim,
+            spread,
+            chain,
+        } => {
+            let claim = claim
+                .map(|c| commands::Claim::parse(&c, spread, chain))
+                .transpose()?;
+            if !session.compare(json, claim.as_ref())? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Report { out } => session.report(&out, cli.quiet)?,
         Command::Legality { nodes, json } => {
             if !session.legality(&nodes, json)? {

@@ -350,6 +350,45 @@ fn compare_shows_every_mode_on_one_pass1_and_normalised_picks_orders_without_the
         serde_json::from_str(&p.ok(&["show", "scores_normalised", "--json"])).unwrap();
     assert_eq!(normalised["final_bpb"], manifest["report"]["final_bpb"]);
 
+    // A claim held against the number the run produces: within its spread, exit 0; off
+    // by more, exit 1 with the difference; a chain that is not built is named.
+    let bpb = normalised["final_bpb"].as_f64().unwrap();
+    let claimed = format!("{bpb:.4}");
+    let out = p.ok(&[
+        "compare",
+        "--claim",
+        &claimed,
+        "--chain",
+        "scores_normalised",
+    ]);
+    assert!(
+        out.contains(&format!(
+            "claim {claimed} ± 0.00005 (half a unit of its last digit)"
+        )) && out.contains("scores_normalised: BPB")
+            && out.contains(": within"),
+        "{out}"
+    );
+    let off = format!("{:.4}", bpb + 0.01);
+    let output = p.run(&[
+        "compare",
+        "--claim",
+        &off,
+        "--spread",
+        "0.003",
+        "--chain",
+        "scores_normalised",
+    ]);
+    let out = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("(the stated spread)") && out.contains("OUTSIDE"),
+        "{out}"
+    );
+    let err = p.fails(&["compare", "--claim", "1.0", "--chain", "nonesuch"]);
+    assert!(err.contains("--chain nonesuch: not a built chain"), "{err}");
+    let err = p.fails(&["compare", "--claim", "one"]);
+    assert!(err.contains("--claim one: not a number"), "{err}");
+
     // Causal mode skips an order whose full count is 0 (it looks at the target);
     // normalised mode keeps the order its context earned and gives the target q = 0.
     assert_eq!(

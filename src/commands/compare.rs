@@ -34,8 +34,70 @@ pub struct CompareRow {
     pub normalised_sample_bpb: Option<f64>,
 }
 
+/// A claimed BPB to hold chains against (`compare --claim`): reviewers compared a
+/// submission's headline with the number its own run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub bpb: f64,
+    /// How far a chain's BPB may be from the claim.
+    pub spread: f64,
+    /// Whether the spread was stated or read off the claim's digits.
+    pub stated: bool,
+    /// The spread as printed.
+    pub spread_text: String,
+    pub chain: Option<String>,
+}
+
+impl Claim {
+    /// `claim` as written ("1.0565"); without a stated spread, half a unit of its last
+    /// digit: the claim is taken as precise as it is written.
+    pub fn parse(claim: &str, spread: Option<f64>, chain: Option<String>) -> Result<Claim> {
+        let bpb: f64 = claim
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--claim {claim}: not a number"))?;
+        if !(bpb.is_finite() && bpb > 0.0) {
+            anyhow::bail!("--claim {claim}: a BPB is a positive number");
+        }
+        if let Some(s) = spread {
+            if !(s.is_finite() && s >= 0.0) {
+                anyhow::bail!("--spread {s}: a spread is a number ≥ 0");
+            }
+        }
+        let decimals = claim.trim().split('.').nth(1).map_or(0, str::len) as i32;
+        let half_unit = 0.5 * 10f64.powi(-decimals);
+        Ok(Claim {
+            bpb,
+            spread: spread.unwrap_or(half_unit),
+            stated: spread.is_some(),
+            spread_text: match spread {
+                Some(s) => s.to_string(),
+                None => format!("{half_unit:.*}", decimals as usize + 1),
+            },
+            chain,
+        })
+    }
+
+    /// The line for one chain, and whether it is within the spread.
+    pub fn judge(&self, node: &str, bpb: f64) -> (String, bool) {
+        let difference = bpb - self.bpb;
+        let within = difference.abs() <= self.spread + 1e-12;
+        let spreads = match self.spread > 0.0 {
+            true => format!(", {:.1} spreads", difference.abs() / self.spread),
+            false => String::new(),
+        };
+        let line = format!(
+            "{node}: BPB {bpb:.6}, {difference:+.6} from the claim{spreads}: {}",
+            if within { "within" } else { "OUTSIDE" }
+        );
+        (line, within)
+    }
+}
+
 impl Session {
-    pub fn compare(&self, json: bool) -> Result<()> {
+    /// Prints the table; with a claim, a line per chain checked, and returns whether each
+    /// is within the claim's spread.
+    pub fn compare(&self, json: bool, claim: Option<&Claim>) -> Result<bool> {
         let resolved = self.context().resolve()?;
         let mut rows = Vec::new();
         let mut unbuilt = Vec::new();
@@ -53,15 +115,56 @@ impl Session {
         if rows.is_empty() {
             return Err(crate::chain::none_built(&self.pipeline));
         }
+        if let Some(Claim {
+            chain: Some(chain), ..
+        }) = claim
+        {
+            if !rows.iter().any(|r| &r.node == chain) {
+                let built: Vec<&str> = rows.iter().map(|r| r.node.as_str()).collect();
+                anyhow::bail!(
+                    "--chain {chain}: not a built chain of {} (built: {})",
+                    self.pipeline.path.display(),
+                    built.join(", ")
+                );
+            }
+        }
         if json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
-            return Ok(());
+        } else {
+            print_table(&rows);
+            if !unbuilt.is_empty() {
+                println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
+            }
         }
-        print_table(&rows);
-        if !unbuilt.is_empty() {
-            println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
+        let Some(claim) = claim else {
+            return Ok(true);
+        };
+        let checked = rows
+            .iter()
+            .filter(|r| claim.chain.as_ref().is_none_or(|c| c == &r.node));
+        let mut lines = Vec::new();
+        let mut all_within = true;
+        for row in checked {
+            let Some(bpb) = row.final_bpb else { continue };
+            let (line, within) = claim.judge(&row.node, bpb);
+            all_within &= within;
+            lines.push(line);
         }
-        Ok(())
+        let how = match claim.stated {
+            true => "the stated spread",
+            false => "half a unit of its last digit",
+        };
+        let out = format!(
+            "\nclaim {} ± {} ({how}):\n  {}",
+            claim.bpb,
+            claim.spread_text,
+            lines.join("\n  ")
+        );
+        match json {
+            true => eprintln!("{}", out.trim_start()),
+            false => println!("{out}"),
+        }
+        Ok(all_within)
     }
 
     /// The stored report of `node`, if it is built and intact.
@@ -173,4 +276,27 @@ fn print_table(rows: &[CompareRow]) {
         }
     }
     println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node ('-': none built)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Claim;
+
+    #[test]
+    fn a_claim_is_as_precise_as_it_is_written_unless_a_spread_is_stated() {
+        let claim = Claim::parse("1.0565", None, None).unwrap();
+        assert_eq!((claim.bpb, claim.stated), (1.0565, false));
+        assert!((claim.spread - 0.00005).abs() < 1e-15);
+        assert!(claim.judge("a", 1.05654).1);
+        assert!(!claim.judge("a", 1.05656).1);
+        let stated = Claim::parse("0.0804", Some(0.00003), None).unwrap();
+        let (line, within) = stated.judge("scores", 0.08046);
+        assert!(!within);
+        assert_eq!(
+            line,
+            "scores: BPB 0.080460, +0.000060 from the claim, 2.0 spreads: OUTSIDE"
+        );
+        assert!(Claim::parse("-1", None, None).is_err());
+        assert!(Claim::parse("1.0", Some(-0.1), None).is_err());
+    }
 }

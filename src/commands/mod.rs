@@ -20,7 +20,7 @@ mod remote;
 mod sql_input;
 mod stages;
 
-pub use compare::CompareRow;
+pub use compare::{Claim, CompareRow};
 use sql_input::{interactive, sql_runtime};
 pub use stages::stages;
 

@@ -235,6 +235,12 @@ impl Table {
             }
             return Ok(values);
         }
+        // A stored float32 column is picked from before widening (the whole column as
+        // f64 would be half a gigabyte at 62M).
+        if matches!(name, "model_p" | "entropy") {
+            let whole = read_column::<Float32Type>(&self.table, name)?;
+            return Ok(rows.iter().map(|&row| f64::from(whole[row])).collect());
+        }
         let whole = self.column(name)?;
         Ok(rows.iter().map(|&row| whole[row]).collect())
     }

@@ -226,8 +226,20 @@ impl Stage for LegalityStage {
             ctx.input("chain")?,
             ctx.inputs.get("pass1"),
         )?;
+        // The perturbed streams, again (the judge needs each stream and its hidden
+        // targets), computed side by side.
+        let perturbed: Vec<_> = {
+            use rayon::prelude::*;
+            params
+                .cuts
+                .par_iter()
+                .map(|cut| {
+                    perturb(&tokens, vocab, cut).map_err(|m| StageError::input(&val_path, m))
+                })
+                .collect::<Result<_, _>>()?
+        };
         let mut reruns = Vec::new();
-        for (i, cut) in params.cuts.iter().enumerate() {
+        for ((i, _), perturbed) in params.cuts.iter().enumerate().zip(perturbed) {
             let wired = |name: &str| {
                 ctx.input(name).map_err(|_| {
                     ctx.error(format!(
@@ -240,8 +252,6 @@ impl Stage for LegalityStage {
                 true => None,
                 false => Some(wired(PASS1_INPUTS[i])?),
             };
-            let perturbed =
-                perturb(&tokens, vocab, cut).map_err(|m| StageError::input(&val_path, m))?;
             let label = format!(
                 "re-run {} ({}, cut after {})",
                 i + 1,
