@@ -79,7 +79,7 @@ impl Stage for PerturbStage {
             doc,
             bytes,
         }
-        .write(&ctx.output("val.parquet"))?;
+        .write_parallel(&ctx.output("val.parquet"))?;
         for name in ["train.parquet", "vocab.parquet"] {
             link_or_copy(&tokens.file(name), &ctx.output(name))?;
         }

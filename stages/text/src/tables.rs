@@ -131,22 +131,36 @@ impl TokenTable {
 
     pub fn write(&self, path: &Path) -> Result<u64, StageError> {
         let schema = Self::schema();
-        let batches = stage_api::row_groups(self.len()).map(|rows| {
-            let (start, end) = (rows.start, rows.end);
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(Int64Array::from_iter_values(start as i64..end as i64)),
-                Arc::new(UInt16Array::from(self.token[start..end].to_vec())),
-                Arc::new(UInt32Array::from(self.doc[start..end].to_vec())),
-                Arc::new(UInt8Array::from(self.bytes[start..end].to_vec())),
-            ];
-            RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
-        });
         write_parquet(
             path,
             schema.clone(),
-            batches,
+            stage_api::row_groups(self.len()).map(|rows| self.batch(&schema, rows)),
             &ParquetLayout::delta(&["position", "doc"]),
         )
+    }
+
+    /// [`TokenTable::write`] with its row groups encoded on every core.
+    pub fn write_parallel(&self, path: &Path) -> Result<u64, StageError> {
+        let schema = Self::schema();
+        stage_api::write_parquet_parallel(
+            path,
+            schema.clone(),
+            self.len(),
+            &ParquetLayout::delta(&["position", "doc"]),
+            |rows| Ok((self.batch(&schema, rows), ())),
+        )?;
+        Ok(self.len() as u64)
+    }
+
+    fn batch(&self, schema: &Arc<Schema>, rows: std::ops::Range<usize>) -> RecordBatch {
+        let (start, end) = (rows.start, rows.end);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from_iter_values(start as i64..end as i64)),
+            Arc::new(UInt16Array::from(self.token[start..end].to_vec())),
+            Arc::new(UInt32Array::from(self.doc[start..end].to_vec())),
+            Arc::new(UInt8Array::from(self.bytes[start..end].to_vec())),
+        ];
+        RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
     }
 }
 
@@ -204,4 +218,29 @@ pub fn write_docs(path: &Path, rows: &[DocRow]) -> Result<u64, StageError> {
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
     write_parquet(path, schema, [batch], &ParquetLayout::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenTable;
+
+    /// The parallel writer gives the sequential one's bytes, so a stage may use either
+    /// without moving a content hash.
+    #[test]
+    fn both_writers_give_the_same_bytes() {
+        let rows = 2 * stage_api::ROW_GROUP_ROWS + 12_345;
+        let table = TokenTable {
+            token: (0..rows).map(|i| (i * 7919 % 1024) as u16).collect(),
+            doc: (0..rows).map(|i| (i / 5000) as u32).collect(),
+            bytes: (0..rows).map(|i| (i % 5) as u8).collect(),
+        };
+        let dir = std::env::temp_dir().join(format!("cm-writers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("sequential.parquet"), dir.join("parallel.parquet"));
+        table.write(&a).unwrap();
+        table.write_parallel(&b).unwrap();
+        let same = std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(same);
+    }
 }
