@@ -35,8 +35,10 @@ impl Stage for PerturbStage {
 
     const SPEC: StageSpec = StageSpec {
         kind: "perturb",
-        // 2: secret cuts, the replace kind, probe positions.
-        version: 2,
+        // 2: secret cuts, the replace kind, probe positions. 3: the secret's random
+        // stream read block by block (the draws changed; found by `audit`, which rebuilt a
+        // version-2 artifact with another cut).
+        version: 3,
         summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
         inputs: &[Input::required(
             "tokens",
