@@ -307,26 +307,24 @@ pub(crate) fn first_difference(
     cut: i64,
     checked: &mut u64,
 ) -> Result<Option<probes::Difference>, StageError> {
+    // Two contiguous tables from the same first position: the rows before the cut, in
+    // each, and that first position.
     let prefix = match (&a.positions, &b.positions) {
-        (Positions::Contiguous { first: fa, .. }, Positions::Contiguous { first: fb, .. })
-            if fa == fb =>
-        {
-            a.positions
-                .rows_through(cut)
-                .zip(b.positions.rows_through(cut))
+        (
+            Positions::Contiguous { first, len: la },
+            Positions::Contiguous { first: fb, len: lb },
+        ) if first == fb => {
+            let through = |len: &usize| (cut - first + 1).clamp(0, *len as i64) as usize;
+            Some((through(la), through(lb), *first))
         }
         _ => None,
     };
     let mut earliest: Option<probes::Difference> = None;
     for &name in a.compared_columns() {
         let difference = match prefix {
-            Some((rows_a, rows_b)) => {
+            Some((rows_a, rows_b, first)) => {
                 let rows = rows_a.min(rows_b);
                 let (x, y) = (a.column_rows(name, 0..rows)?, b.column_rows(name, 0..rows)?);
-                let first = match &a.positions {
-                    Positions::Contiguous { first, .. } => *first,
-                    Positions::Listed(_) => unreachable!("matched contiguous above"),
-                };
                 let differing = x
                     .iter()
                     .zip(&y)

@@ -239,7 +239,7 @@ impl Stage for LegalityStage {
                 .collect::<Result<_, _>>()?
         };
         let mut reruns = Vec::new();
-        for ((i, _), perturbed) in params.cuts.iter().enumerate().zip(perturbed) {
+        for (i, perturbed) in perturbed.into_iter().enumerate() {
             let wired = |name: &str| {
                 ctx.input(name).map_err(|_| {
                     ctx.error(format!(
