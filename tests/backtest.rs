@@ -94,6 +94,15 @@ const UNDECIDED: &[(&str, &str)] = &[
     ("ttt_adapt", "C2"),
 ];
 
+/// Where the probes see what the rulings say only by chance: either outcome is accepted,
+/// and the table says which it was (docs/backtest.md explains the odds).
+const BY_CHANCE: &[(&str, &str)] = &[
+    // The within-word gate reads the target's class; c1-target sees it only when the gate
+    // can open at the cut (a hint for the word so far that wins over the token channel):
+    // about 41% of positions on this stream, so two cuts catch it about 65% of the time.
+    ("tilt_channels", "TI"),
+];
+
 fn project() -> Project {
     let project = Project::empty();
     let root = common::repo_root();
@@ -164,7 +173,8 @@ fn every_ruling_is_what_the_probes_say() {
         let mut cells = Vec::new();
         for (i, name) in ["C1", "TI", "C2", "C3"].iter().enumerate() {
             let undecided = UNDECIDED.contains(&(*chain, *name));
-            if (ours[i] == expected[i]) == undecided {
+            let by_chance = BY_CHANCE.contains(&(*chain, *name));
+            if !by_chance && (ours[i] == expected[i]) == undecided {
                 disagreements.push(format!(
                     "{chain} {name}: the rulings say {}, the probes {}{} ({verdicts:?})",
                     cell(expected[i]),
@@ -176,9 +186,12 @@ fn every_ruling_is_what_the_probes_say() {
                     }
                 ));
             }
-            cells.push(match undecided {
-                true => format!("{} (ruled {})", cell(ours[i]), cell(expected[i])),
-                false => cell(ours[i]).to_string(),
+            cells.push(match (undecided, by_chance) {
+                (true, _) => format!("{} (ruled {})", cell(ours[i]), cell(expected[i])),
+                (_, true) if ours[i] != expected[i] => {
+                    format!("{} (ruled {}; missed, seen only by chance)", cell(ours[i]), cell(expected[i]))
+                }
+                _ => cell(ours[i]).to_string(),
             });
         }
         table.push(format!(

@@ -3,7 +3,11 @@
 //! distributions.
 //!
 //! Two kinds, each with a cut k (targets 1..=k keep their prefix and their token; the
-//! target at k+1 is always changed, its prefix is not):
+//! target at k+1 is always changed, its prefix is not, and where the stream allows it
+//! the new target is of another class than the old one: a word start, a word's
+//! continuation, a boundary. A gate that reads the target's class, the classic target
+//! dependence (#1145's within-word channel), then flips at k+1 on every cut instead of
+//! by chance):
 //!
 //! - **shuffle**: the suffix after k is a seeded shuffle of itself. It keeps the suffix's
 //!   own tokens, so the stream stays the same length and in distribution, while every
@@ -24,6 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
+use text::sentencepiece::ByteTable;
 
 /// How a re-run changes the stream after its cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -41,8 +46,8 @@ pub enum Kind {
 pub struct CutParams {
     pub kind: Kind,
     /// Where the cut falls, as a fraction of the val targets. Absent (the default): drawn
-    /// from the secret, in 0%–95% of the stream for a shuffle, 5%–50% for a replace
-    /// (which needs room after it).
+    /// from the secret, anywhere in the stream for a shuffle (up to the last target
+    /// whose suffix can still change), 5%–50% for a replace (which needs room after it).
     pub at: Option<f64>,
     /// Tells apart entries that are otherwise equal: each draws its own secret values.
     pub draw: u32,
@@ -222,21 +227,39 @@ fn mix(key: u64, value: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The cut for a stream of `len` tokens (targets 1..len).
-pub fn cut_position(len: usize, cut: &CutParams) -> Result<usize, String> {
+/// The cut for the stream `tokens` (targets 1..len).
+pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
+    let len = tokens.len();
     if len < 3 {
         return Err(format!("{len} val tokens: too few to cut (at least 3)"));
     }
     let targets = len - 1;
-    // A shuffle's cut may fall anywhere up to 95%: a read-ahead confined to the first
-    // 5% escaped every probe when cuts started there (the red team's). A replace needs
-    // room after it for its hidden targets, and starts after the first 5%.
-    let (low_share, high_share) = match cut.kind {
-        Kind::Shuffle => (0.0, 0.95),
-        Kind::Replace => (0.05, 0.5),
+    // A shuffle's cut may fall anywhere a shuffle can still change the target after it:
+    // a read-ahead confined to the first 5% escaped every probe when cuts started there,
+    // and one confined to the last 5% when they stopped at 95% (the red team's, both). The
+    // changed target must have a different token somewhere after it, so it lies before
+    // the stream's final run of one token. A replace needs room after it for its hidden
+    // targets, and starts after the first 5%.
+    let (lowest, highest) = match cut.kind {
+        Kind::Shuffle => {
+            let last = tokens[targets];
+            let final_run = tokens.iter().rposition(|&t| t != last).map_or(0, |i| i + 1);
+            (2, final_run.saturating_sub(1).min(targets))
+        }
+        Kind::Replace => {
+            let lowest = ((0.05 * targets as f64).ceil() as usize).clamp(2, targets);
+            (
+                lowest,
+                ((0.5 * targets as f64).floor() as usize).clamp(lowest, targets),
+            )
+        }
     };
-    let lowest = ((low_share * targets as f64).ceil() as usize).clamp(2, targets);
-    let highest = ((high_share * targets as f64).floor() as usize).clamp(lowest, targets);
+    if highest < lowest {
+        return Err(format!(
+            "every val token from position {} on is {}: no shuffle can change a target",
+            lowest, tokens[targets]
+        ));
+    }
     let (count, seed) = cut.original();
     let original = stage_api::sample_positions(targets, count, seed);
     let changed = match cut.at {
@@ -301,13 +324,14 @@ impl Proposal {
         PROPOSAL_BIGRAM_SHARE * bigram + (1.0 - PROPOSAL_BIGRAM_SHARE) / v
     }
 
-    /// A draw from q(· | previous), by inverse CDF in candidate order, avoiding `not`.
-    fn draw(&self, previous: u16, not: Option<u16>, secret: &mut Secret) -> u16 {
+    /// A draw from q(· | previous) restricted to the tokens `allowed` lets through, by
+    /// inverse CDF in candidate order.
+    fn draw(&self, previous: u16, allowed: impl Fn(u16) -> bool, secret: &mut Secret) -> u16 {
         let weight = |t: usize| {
-            if Some(t as u16) == not {
-                0.0
-            } else {
+            if allowed(t as u16) {
                 self.q(previous, t as u16)
+            } else {
+                0.0
             }
         };
         let total: f64 = (0..self.vocab).map(weight).sum();
@@ -325,9 +349,22 @@ impl Proposal {
     }
 }
 
-/// The perturbed stream for `cut` (see the module's documentation).
-pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbed, String> {
-    let k = cut_position(tokens.len(), cut)?;
+/// A token's class, as a gate on the target would see it: 0 a boundary, 1 a word start
+/// (a leading space), 2 a word's continuation.
+fn class(rule: &ByteTable, token: u16) -> u8 {
+    let t = token as usize;
+    match (rule.is_boundary[t], rule.has_leading_space[t]) {
+        (true, _) => 0,
+        (false, true) => 1,
+        (false, false) => 2,
+    }
+}
+
+/// The perturbed stream for `cut` (see the module's documentation); `rule` is the
+/// vocabulary's table (every token of `tokens` inside it).
+pub fn perturb(tokens: &[u16], rule: &ByteTable, cut: &CutParams) -> Result<Perturbed, String> {
+    let vocab = rule.base_bytes.len();
+    let k = cut_position(tokens, cut)?;
     let targets = tokens.len() - 1;
     let changed = k + 1;
     let mut out = tokens.to_vec();
@@ -340,9 +377,15 @@ pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbe
                 let j = secret.below(i as u64 + 1) as usize;
                 suffix.swap(i, j);
             }
+            // Another class where the suffix has one, else another token.
             let original = tokens[changed];
-            if suffix[0] == original {
-                let Some(other) = suffix.iter().position(|&t| t != original) else {
+            let wanted = class(rule, original);
+            if class(rule, suffix[0]) == wanted {
+                let other = suffix
+                    .iter()
+                    .position(|&t| class(rule, t) != wanted)
+                    .or_else(|| suffix.iter().position(|&t| t != original));
+                let Some(other) = other else {
                     return Err(format!(
                         "every val token after position {k} is {original}: no shuffle can change the target at {changed}"
                     ));
@@ -356,7 +399,13 @@ pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbe
             }
             let proposal = Proposal::new(tokens, vocab);
             let mut secret = Secret::new(cut, "replace");
-            out[changed] = proposal.draw(out[changed - 1], Some(tokens[changed]), &mut secret);
+            let (original, wanted) = (tokens[changed], class(rule, tokens[changed]));
+            let other_class = (0..vocab as u16).any(|t| class(rule, t) != wanted);
+            out[changed] = if other_class {
+                proposal.draw(out[changed - 1], |t| class(rule, t) != wanted, &mut secret)
+            } else {
+                proposal.draw(out[changed - 1], |t| t != original, &mut secret)
+            };
             let chosen = secret.positions(
                 changed as i64 + 1..=targets as i64,
                 cut.hidden,
@@ -364,7 +413,7 @@ pub fn perturb(tokens: &[u16], vocab: usize, cut: &CutParams) -> Result<Perturbe
             );
             for &t in &chosen {
                 let t = t as usize;
-                let token = proposal.draw(out[t - 1], None, &mut secret);
+                let token = proposal.draw(out[t - 1], |_| true, &mut secret);
                 hidden.push(Hidden {
                     position: t as i64,
                     token,
@@ -413,6 +462,32 @@ mod tests {
         }
     }
 
+    /// Token 0 a boundary, every third one a word start, the rest continuations.
+    fn rule(vocab: usize) -> ByteTable {
+        ByteTable {
+            base_bytes: vec![1; vocab],
+            has_leading_space: (0..vocab).map(|t| t % 3 == 1).collect(),
+            is_boundary: (0..vocab).map(|t| t == 0).collect(),
+        }
+    }
+
+    #[test]
+    fn the_changed_target_is_of_another_class() {
+        let tokens = stream();
+        let rule = rule(13);
+        for draw in 0..50 {
+            for kind in [Kind::Shuffle, Kind::Replace] {
+                let p = perturb(&tokens, &rule, &secret(kind, draw)).unwrap();
+                let (old, new) = (tokens[p.changed()], p.tokens[p.changed()]);
+                assert_ne!(
+                    class(&rule, old),
+                    class(&rule, new),
+                    "{kind:?} {draw}: {old} -> {new}"
+                );
+            }
+        }
+    }
+
     fn stream() -> Vec<u16> {
         (0..10_000).map(|i| (i * 7 % 13) as u16).collect()
     }
@@ -421,7 +496,7 @@ mod tests {
     fn a_shuffle_keeps_the_prefix_permutes_the_suffix_and_moves_the_first_target() {
         let tokens = stream();
         let cut = secret(Kind::Shuffle, 1);
-        let p = perturb(&tokens, 13, &cut).unwrap();
+        let p = perturb(&tokens, &rule(13), &cut).unwrap();
         assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         let (mut a, mut b) = (
@@ -433,7 +508,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(
             p,
-            perturb(&tokens, 13, &cut).unwrap(),
+            perturb(&tokens, &rule(13), &cut).unwrap(),
             "the secret fixes it"
         );
         assert!(p.hidden.is_empty());
@@ -447,15 +522,15 @@ mod tests {
             secret: "another".into(),
             ..a.clone()
         };
-        let pa = perturb(&tokens, 13, &a).unwrap();
+        let pa = perturb(&tokens, &rule(13), &a).unwrap();
         let original = stage_api::sample_positions(9_999, 64, 1337);
         for cut in [&a, &b, &other_secret] {
-            let p = perturb(&tokens, 13, cut).unwrap();
+            let p = perturb(&tokens, &rule(13), cut).unwrap();
             assert!(original.contains(&(p.changed() as i64)), "{}", p.cut);
-            assert!(p.cut >= 499 && p.cut < 9_500, "{}", p.cut);
+            assert!(p.cut >= 1 && p.cut < 9_998, "{}", p.cut);
         }
-        let pb = perturb(&tokens, 13, &b).unwrap();
-        let pc = perturb(&tokens, 13, &other_secret).unwrap();
+        let pb = perturb(&tokens, &rule(13), &b).unwrap();
+        let pc = perturb(&tokens, &rule(13), &other_secret).unwrap();
         assert_ne!(pa.probe_positions, pb.probe_positions);
         assert_ne!(pa.probe_positions, pc.probe_positions);
         assert_ne!(pa.tokens, pc.tokens);
@@ -463,7 +538,7 @@ mod tests {
 
     #[test]
     fn a_rerun_asks_as_many_positions_as_the_original_the_changed_one_among_them() {
-        let p = perturb(&stream(), 13, &secret(Kind::Shuffle, 1)).unwrap();
+        let p = perturb(&stream(), &rule(13), &secret(Kind::Shuffle, 1)).unwrap();
         assert_eq!(p.probe_positions.len(), 64);
         assert!(p.probe_positions.contains(&(p.changed() as i64)));
         assert!(p.probe_positions.windows(2).all(|w| w[0] < w[1]));
@@ -479,7 +554,7 @@ mod tests {
     #[test]
     fn a_replace_hides_its_positions_and_records_the_proposal() {
         let tokens = stream();
-        let p = perturb(&tokens, 13, &secret(Kind::Replace, 3)).unwrap();
+        let p = perturb(&tokens, &rule(13), &secret(Kind::Replace, 3)).unwrap();
         assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         assert!(p.cut < 5_000, "a replace cut leaves room: {}", p.cut);
@@ -522,7 +597,8 @@ mod tests {
             original_seed: Some(1337),
             ..CutParams::default()
         };
-        let k = cut_position(10_001, &cut).unwrap();
+        let tokens: Vec<u16> = (0..10_001).map(|i| (i % 13) as u16).collect();
+        let k = cut_position(&tokens, &cut).unwrap();
         let sample = stage_api::sample_positions(10_000, 64, 1337);
         assert!(sample.contains(&(k as i64 + 1)), "{k}");
         assert!(k + 1 >= 5000);
@@ -530,13 +606,42 @@ mod tests {
             original_sample: Some(0),
             ..cut
         };
-        assert_eq!(cut_position(10_001, &unsampled).unwrap(), 4999);
+        assert_eq!(cut_position(&tokens, &unsampled).unwrap(), 4999);
     }
 
     #[test]
     fn a_constant_suffix_cannot_be_shuffled() {
         let tokens = vec![3u16; 100];
-        let err = perturb(&tokens, 4, &CutParams::default()).unwrap_err();
-        assert!(err.contains("no shuffle can change the target"), "{err}");
+        let err = perturb(&tokens, &rule(4), &CutParams::default()).unwrap_err();
+        assert!(err.contains("no shuffle can change"), "{err}");
+    }
+
+    #[test]
+    fn shuffle_cuts_reach_both_ends_of_the_stream_and_stop_before_a_constant_tail() {
+        // Unsampled, so the cut may be any position: over many draws some land in the first
+        // and some in the last 5% (a leak confined there is not out of reach).
+        let mut tokens = stream();
+        let cuts: Vec<usize> = (0..400)
+            .map(|draw| {
+                let cut = CutParams {
+                    original_sample: Some(0),
+                    ..secret(Kind::Shuffle, draw)
+                };
+                cut_position(&tokens, &cut).unwrap()
+            })
+            .collect();
+        assert!(cuts.iter().any(|&k| k < 500), "none in the first 5%");
+        assert!(cuts.iter().any(|&k| k >= 9_500), "none in the last 5%");
+        // A tail of one token: the changed target is the last one a shuffle can change.
+        tokens[9_000..].fill(5);
+        for draw in 0..200 {
+            let cut = CutParams {
+                original_sample: Some(0),
+                ..secret(Kind::Shuffle, draw)
+            };
+            let p = perturb(&tokens, &rule(13), &cut).unwrap();
+            assert!(p.changed() <= 8_999, "{}", p.changed());
+            assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
+        }
     }
 }

@@ -37,8 +37,9 @@ impl Stage for PerturbStage {
         kind: "perturb",
         // 2: secret cuts, the replace kind, probe positions. 3: the secret's random
         // stream read block by block (the draws changed; found by `audit`, which rebuilt a
-        // version-2 artifact with another cut).
-        version: 3,
+        // version-2 artifact with another cut). 4: shuffle cuts anywhere a shuffle can still
+        // change a target (they stopped at 95%), the changed target of another class.
+        version: 4,
         summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
         inputs: &[Input::required(
             "tokens",
@@ -70,8 +71,7 @@ impl Stage for PerturbStage {
                 format!("token {bad} is outside the vocabulary"),
             ));
         }
-        let vocab = read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
-        let perturbed = perturb(&val, vocab, &cut).map_err(|m| StageError::input(&val_path, m))?;
+        let perturbed = perturb(&val, &rule, &cut).map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
         for (pair, b) in changed.skip(perturbed.cut) {
             *b = rule.target_bytes(pair[0], pair[1]);

@@ -213,7 +213,6 @@ impl Stage for LegalityStage {
         let val_path = tokens_input.file("val.parquet");
         let tokens = read_column::<UInt16Type>(&val_path, "token")?;
         let vocab_path = tokens_input.file("vocab.parquet");
-        let vocab = read_column::<UInt16Type>(&vocab_path, "id")?.len();
         let rule = text::sentencepiece::ByteTable::read_vocab(&vocab_path)?;
         if let Some(bad) = rule.first_unknown(&tokens) {
             return Err(StageError::input(
@@ -234,7 +233,7 @@ impl Stage for LegalityStage {
                 .cuts
                 .par_iter()
                 .map(|cut| {
-                    perturb(&tokens, vocab, cut).map_err(|m| StageError::input(&val_path, m))
+                    perturb(&tokens, &rule, cut).map_err(|m| StageError::input(&val_path, m))
                 })
                 .collect::<Result<_, _>>()?
         };
