@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 mod chain;
 mod legality;
+mod overlap;
 mod remote;
 
 use chain::cache_chain_project;
@@ -102,6 +103,9 @@ pub enum Section {
     Cache,
     /// The legality probes' re-runs of the reference chain, against one chain.
     Legality,
+    /// The `overlap` probe: the val set's windows against --train-shards shards of 100M
+    /// training tokens. Not part of `all`: it writes 200 MB of shards per 100M tokens.
+    Overlap,
     /// Push and pull through a remote store: the demo store and the 62M-target chain.
     /// Not part of `all`: it needs a server (`--remote URL`, or the tests' s3s-fs).
     Remote,
@@ -116,6 +120,7 @@ pub fn run(
     section: Section,
     shard: Option<PathBuf>,
     remote_url: Option<String>,
+    train_shards: usize,
 ) -> Result<()> {
     if matches!(section, Section::Engine | Section::All) {
         let stream = match &shard {
@@ -145,6 +150,9 @@ pub fn run(
     );
     if section == Section::Remote {
         return remote::remote(&scratch, repeats, tokens, remote_url);
+    }
+    if section == Section::Overlap {
+        return overlap::overlap(&scratch, repeats, tokens, train_shards);
     }
     if matches!(section, Section::Cache | Section::All) {
         chain::cache_chain(&scratch, repeats, tokens, shard.as_deref())?;

@@ -252,6 +252,9 @@ enum Command {
         /// tokens (challenge format) instead of a synthetic stream of --tokens.
         #[arg(long)]
         shard: Option<PathBuf>,
+        /// Section overlap: shards of 100M training tokens to stream past the val set.
+        #[arg(long, default_value_t = 10)]
+        train_shards: usize,
     },
 }
 
@@ -313,9 +316,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         text_mb,
         section,
         shard,
+        train_shards,
     } = cli.command
     {
-        cachemoney::bench::run(dir, repeat, tokens, text_mb, section, shard, cli.remote)?;
+        cachemoney::bench::run(
+            dir,
+            repeat,
+            tokens,
+            text_mb,
+            section,
+            shard,
+            cli.remote,
+            train_shards,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;

@@ -24,6 +24,8 @@ impl Registry {
         registry.register(Box::new(cache::stages::AuditMassStage));
         registry.register(Box::new(legality::PerturbStage));
         registry.register(Box::new(legality::LegalityStage));
+        registry.register(Box::new(legality::OverlapStage));
+        registry.register(Box::new(legality::ArtifactStage));
         registry
     }
 

@@ -89,9 +89,6 @@ const UNDECIDED: &[(&str, &str)] = &[
     // candidates (about 0.01 on average): below c2-blind's resolution at 4,096 hidden
     // targets; every distribution it shows sums to 1.
     ("tilt_channels", "C2"),
-    // Training on a chunk before scoring it lifts each target's own probability (the
-    // implied mass is about 1.13 here): inside c2-blind's interval at 4,096 targets.
-    ("ttt_adapt", "C2"),
 ];
 
 /// Where the probes see what the rulings say only by chance: either outcome is accepted,
@@ -101,6 +98,9 @@ const BY_CHANCE: &[(&str, &str)] = &[
     // can open at the cut (a hint for the word so far that wins over the token channel):
     // about 41% of positions on this stream, so two cuts catch it about 65% of the time.
     ("tilt_channels", "TI"),
+    // Training on a chunk before scoring it lifts each target's own probability (an
+    // implied mass of about 1.13): at the edge of c2-blind's interval at 4,096 targets.
+    ("ttt_adapt", "C2"),
 ];
 
 fn project() -> Project {
@@ -188,8 +188,15 @@ fn every_ruling_is_what_the_probes_say() {
             }
             cells.push(match (undecided, by_chance) {
                 (true, _) => format!("{} (ruled {})", cell(ours[i]), cell(expected[i])),
-                (_, true) if ours[i] != expected[i] => {
-                    format!("{} (ruled {}; missed, seen only by chance)", cell(ours[i]), cell(expected[i]))
+                (_, true) if ours[i] == expected[i] => {
+                    format!("{} (seen by chance)", cell(ours[i]))
+                }
+                (_, true) => {
+                    format!(
+                        "{} (ruled {}; missed, seen only by chance)",
+                        cell(ours[i]),
+                        cell(expected[i])
+                    )
                 }
                 _ => cell(ours[i]).to_string(),
             });

@@ -126,6 +126,25 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
     pipeline += &scorer("around_cuts", "around_cuts.py", "");
     pipeline += &scorer("heavy_model", "heavy_model.py", "");
     pipeline += &cache_chain("heavy_model");
+    // The sample `mass_seed` = 1337 gives, where the cuts fell while it was public.
+    project.ok(&["run", "--quiet", "--until", "tokens"]);
+    let tokenize = std::fs::read_dir(project.path().join("artifacts/tokenize"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let targets = stage_api::table_rows(&tokenize.join("val.parquet")).unwrap() - 1;
+    let public = stage_api::sample_positions(targets, 4096, 1337);
+    std::fs::write(
+        project.path().join("public_sample.json"),
+        serde_json::to_string(&public).unwrap(),
+    )
+    .unwrap();
+    pipeline += &scorer("known_cuts", "known_cuts.py", "").replace(
+        "known_cuts.py\"]",
+        "known_cuts.py\", \"public_sample.json\"]",
+    );
     project.write_pipeline(&pipeline);
     project.ok(&["run", "--quiet"]);
     let matrix = project.run(&["legality"]);
@@ -204,6 +223,12 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
             "Σ_v p(v) = 2.0",
             *honest_chain_bpb,
         ),
+        (
+            "legality_known_cuts",
+            "c1-prefix",
+            "depends on later tokens",
+            *honest_bpb,
+        ),
     ];
     for (judge, probe, evidence, baseline) in expected {
         let (chain, bpb, found) = &v[judge];
@@ -223,6 +248,7 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
         "legality_duplicates",
         "legality_around_cuts",
         "legality_heavy_model",
+        "legality_known_cuts",
     ] {
         assert!(
             v[judge].1 < *honest_bpb,

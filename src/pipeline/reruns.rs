@@ -44,6 +44,7 @@ pub fn add_reruns(
         .map(|n| n.name.clone())
         .collect();
     let mut numbered_cuts: Vec<Value> = Vec::new();
+    let mut secret_seeded: BTreeSet<String> = BTreeSet::new();
     for judge_name in &judges {
         let mut judge = nodes[judge_name].clone();
         let reruns = spec_of(&judge).reruns.expect("filtered");
@@ -128,6 +129,24 @@ pub fn add_reruns(
             }
             None => None,
         };
+        // Seeds a scorer could compute from pipeline.toml, mixed with the secret (once per
+        // node, before anything inherits them or is copied from them).
+        if let Some(value) = &judge_secret {
+            for (product, param) in reruns.secret_seeds {
+                let seeded: Vec<String> = members
+                    .iter()
+                    .filter(|m| produces(&nodes[*m], product) && !secret_seeded.contains(*m))
+                    .cloned()
+                    .collect();
+                for member in seeded {
+                    let node = nodes.get_mut(&member).expect("a member");
+                    if let Some(seed) = node.params.get(*param).and_then(Value::as_u64) {
+                        node.params[*param] = Value::from(secret_seed(value, param, seed));
+                    }
+                    secret_seeded.insert(member);
+                }
+            }
+        }
         let mut cuts = judge.params[reruns.param]
             .as_array()
             .cloned()
@@ -261,6 +280,21 @@ pub fn add_reruns(
     Ok((!judges.is_empty(), salt))
 }
 
+/// A seed mixed with the judge's secret: blake3 of both, 63 bits (a seed parameter is
+/// an unsigned integer everywhere, and stays exact as a float-free JSON number).
+fn secret_seed(secret: &str, param: &str, seed: u64) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"cachemoney secret seed\0");
+    hasher.update(secret.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(param.as_bytes());
+    hasher.update(&seed.to_le_bytes());
+    let bytes: [u8; 8] = hasher.finalize().as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes");
+    u64::from_le_bytes(bytes) >> 1
+}
+
 /// Adds a re-run node, once: the same copy serves every judge whose chain has it.
 fn add(nodes: &mut BTreeMap<String, Node>, judge: &str, node: Node) -> Result<(), Problem> {
     let problem = |message: String| Problem {
@@ -326,6 +360,32 @@ inputs.calibration = "calibration"
     }
 
     #[test]
+    fn a_judged_pass1s_sample_seed_is_mixed_with_the_secret() {
+        let with = |secret: &str| {
+            let text = format!(
+                "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\nparams.secret = \"{secret}\"\n"
+            );
+            let pipeline = parse(&text).unwrap();
+            let seed = pipeline.node("pass1").unwrap().params["mass_seed"]
+                .as_u64()
+                .unwrap();
+            let judge = pipeline.node("judge").unwrap();
+            // Every entry inherits the mixed seed: the cuts fall where the original asks.
+            for cut in judge.params["cuts"].as_array().unwrap() {
+                assert_eq!(cut["original_seed"].as_u64(), Some(seed));
+            }
+            seed
+        };
+        let (a, b) = (with("s"), with("t"));
+        assert_ne!(a, 1337);
+        assert_ne!(a, b);
+        assert_eq!(a, with("s"));
+        // Unjudged, a pass-1's seed is the pipeline's own.
+        let pipeline = parse(CHAINS).unwrap();
+        assert_eq!(pipeline.node("pass1").unwrap().params["mass_seed"], 1337);
+    }
+
+    #[test]
     fn a_judge_gets_one_copy_of_its_chain_per_cut_and_shares_them() {
         let text = format!(
             "{CHAINS}
@@ -363,7 +423,11 @@ params.cuts = [{{ at = 0.3 }}, {{ draw = 1 }}]
                 4096,
                 "pass1's mass_sample"
             );
-            assert_eq!(node(cut).params["original_seed"], 1337);
+            assert_eq!(
+                node(cut).params["original_seed"],
+                node("pass1").params["mass_seed"],
+                "pass1's mass_seed, mixed with the secret"
+            );
         }
         assert_eq!(node("judge_scores").params["cuts"][0]["secret"], "s");
         // Members read the perturbed tokens and each other; the model stays shared.

@@ -244,6 +244,12 @@ pub struct Reruns {
     /// entry sets them: (the product the member produces, its parameter, the entry's
     /// parameter); 0 where the member has no such parameter.
     pub inherit: &'static [(&'static str, &'static str, &'static str)],
+    /// Parameters of the chain's members mixed with the judge's secret, (the product the
+    /// member produces, its parameter): a seed whose draws a scorer could otherwise
+    /// compute from `pipeline.toml` (pass-1's `mass_seed`, which places the original
+    /// run's distributions and with them the cuts) becomes as secret as the rest. Each
+    /// node's is mixed once, before anything inherits it.
+    pub secret_seeds: &'static [(&'static str, &'static str)],
     /// The member producing this product, and its copies, wired into the judging node
     /// too when it is not the chain's end: (product, the original's input, the copies'
     /// inputs in entry order).

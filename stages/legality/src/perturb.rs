@@ -4,10 +4,10 @@
 //!
 //! Two kinds, each with a cut k (targets 1..=k keep their prefix and their token; the
 //! target at k+1 is always changed, its prefix is not, and where the stream allows it
-//! the new target is of another class than the old one: a word start, a word's
-//! continuation, a boundary. A gate that reads the target's class, the classic target
-//! dependence (#1145's within-word channel), then flips at k+1 on every cut instead of
-//! by chance):
+//! the new target is of the other class: a word's continuation for a word start, and
+//! the other way round (never a boundary, which would give a re-run away). A gate that
+//! reads the target's class, the classic target dependence (#1145's within-word
+//! channel), then flips at k+1 on every cut instead of by chance):
 //!
 //! - **shuffle**: the suffix after k is a seeded shuffle of itself. It keeps the suffix's
 //!   own tokens, so the stream stays the same length and in distribution, while every
@@ -29,6 +29,8 @@
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
 use text::sentencepiece::ByteTable;
+
+pub use crate::proposal::{Proposal, PROPOSAL_ADD_K, PROPOSAL_BIGRAM_SHARE};
 
 /// How a re-run changes the stream after its cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -139,12 +141,6 @@ impl Perturbed {
         self.cut + 1
     }
 }
-
-/// The share of the proposal that is the val bigram (the rest is uniform, so that every
-/// token has a probability of at least (1 − λ)/V and no weight is unbounded).
-pub const PROPOSAL_BIGRAM_SHARE: f64 = 0.9;
-/// The proposal bigram's pseudo-count.
-pub const PROPOSAL_ADD_K: f64 = 0.1;
 
 /// A stream of secret random numbers for one purpose of one entry: blake3 in XOF mode,
 /// keyed by the secret, the entry's draw and the purpose. Reproducible from the
@@ -290,80 +286,59 @@ pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
     Ok(changed - 1)
 }
 
-/// The proposal q(· | previous token): the val stream's add-k bigram, mixed with the
-/// uniform distribution.
-pub struct Proposal {
-    vocab: usize,
-    counts: Vec<u32>,
-    totals: Vec<u64>,
-}
+/// Each token's class, as a gate on the target would see it: 0 a boundary, 1 a word
+/// start, 2 a word's continuation.
+#[derive(Debug, Clone)]
+pub struct Classes(Vec<u8>);
 
-impl Proposal {
-    pub fn new(tokens: &[u16], vocab: usize) -> Proposal {
-        let mut counts = vec![0u32; vocab * vocab];
-        let mut totals = vec![0u64; vocab];
-        for pair in tokens.windows(2) {
-            let (a, b) = (pair[0] as usize, pair[1] as usize);
-            if a < vocab && b < vocab {
-                counts[a * vocab + b] += 1;
-                totals[a] += 1;
-            }
-        }
-        Proposal {
-            vocab,
-            counts,
-            totals,
-        }
+/// GPT-2's printable stand-in for the space byte, which begins a byte-level BPE
+/// piece that starts a word.
+const BPE_SPACE: char = '\u{0120}';
+
+impl Classes {
+    /// From a tokens artifact's vocabulary: a word starts with a SentencePiece leading
+    /// space (`has_leading_space`) or with a byte-level BPE piece's space.
+    pub fn new(rule: &ByteTable, pieces: &[String]) -> Classes {
+        Classes(
+            (0..rule.base_bytes.len())
+                .map(|t| {
+                    let space = rule.has_leading_space[t]
+                        || pieces.get(t).is_some_and(|p| p.starts_with(BPE_SPACE));
+                    match (rule.is_boundary[t], space) {
+                        (true, _) => 0,
+                        (false, true) => 1,
+                        (false, false) => 2,
+                    }
+                })
+                .collect(),
+        )
     }
 
-    /// q(next | previous).
-    pub fn q(&self, previous: u16, next: u16) -> f64 {
-        let (a, b, v) = (previous as usize, next as usize, self.vocab as f64);
-        let bigram = (self.counts[a * self.vocab + b] as f64 + PROPOSAL_ADD_K)
-            / (self.totals[a] as f64 + PROPOSAL_ADD_K * v);
-        PROPOSAL_BIGRAM_SHARE * bigram + (1.0 - PROPOSAL_BIGRAM_SHARE) / v
+    pub fn vocab(&self) -> usize {
+        self.0.len()
     }
 
-    /// A draw from q(· | previous) restricted to the tokens `allowed` lets through, by
-    /// inverse CDF in candidate order.
-    fn draw(&self, previous: u16, allowed: impl Fn(u16) -> bool, secret: &mut Secret) -> u16 {
-        let weight = |t: usize| {
-            if allowed(t as u16) {
-                self.q(previous, t as u16)
-            } else {
-                0.0
-            }
-        };
-        let total: f64 = (0..self.vocab).map(weight).sum();
-        let mut left = secret.unit() * total;
-        for t in 0..self.vocab {
-            left -= weight(t);
-            if left < 0.0 {
-                return t as u16;
-            }
+    fn of(&self, token: u16) -> u8 {
+        self.0[token as usize]
+    }
+
+    /// Whether `token` is of the class a changed target takes in place of `original`'s:
+    /// a word's continuation for a word start and the other way round (the line a gate on
+    /// the target's class draws), any word token for a boundary. Never a boundary: a
+    /// control token in running text would give a re-run away.
+    fn flipped(&self, original: u16, token: u16) -> bool {
+        match (self.of(original), self.of(token)) {
+            (_, 0) => false,
+            (0, _) => true,
+            (a, b) => a != b,
         }
-        (0..self.vocab)
-            .rev()
-            .find(|&t| weight(t) > 0.0)
-            .unwrap_or(0) as u16
     }
 }
 
-/// A token's class, as a gate on the target would see it: 0 a boundary, 1 a word start
-/// (a leading space), 2 a word's continuation.
-fn class(rule: &ByteTable, token: u16) -> u8 {
-    let t = token as usize;
-    match (rule.is_boundary[t], rule.has_leading_space[t]) {
-        (true, _) => 0,
-        (false, true) => 1,
-        (false, false) => 2,
-    }
-}
-
-/// The perturbed stream for `cut` (see the module's documentation); `rule` is the
-/// vocabulary's table (every token of `tokens` inside it).
-pub fn perturb(tokens: &[u16], rule: &ByteTable, cut: &CutParams) -> Result<Perturbed, String> {
-    let vocab = rule.base_bytes.len();
+/// The perturbed stream for `cut` (see the module's documentation); `classes` are the
+/// vocabulary's (every token of `tokens` inside it).
+pub fn perturb(tokens: &[u16], classes: &Classes, cut: &CutParams) -> Result<Perturbed, String> {
+    let vocab = classes.vocab();
     let k = cut_position(tokens, cut)?;
     let targets = tokens.len() - 1;
     let changed = k + 1;
@@ -377,13 +352,12 @@ pub fn perturb(tokens: &[u16], rule: &ByteTable, cut: &CutParams) -> Result<Pert
                 let j = secret.below(i as u64 + 1) as usize;
                 suffix.swap(i, j);
             }
-            // Another class where the suffix has one, else another token.
+            // The other class where the suffix has one, else another token.
             let original = tokens[changed];
-            let wanted = class(rule, original);
-            if class(rule, suffix[0]) == wanted {
+            if !classes.flipped(original, suffix[0]) {
                 let other = suffix
                     .iter()
-                    .position(|&t| class(rule, t) != wanted)
+                    .position(|&t| classes.flipped(original, t))
                     .or_else(|| suffix.iter().position(|&t| t != original));
                 let Some(other) = other else {
                     return Err(format!(
@@ -399,10 +373,14 @@ pub fn perturb(tokens: &[u16], rule: &ByteTable, cut: &CutParams) -> Result<Pert
             }
             let proposal = Proposal::new(tokens, vocab);
             let mut secret = Secret::new(cut, "replace");
-            let (original, wanted) = (tokens[changed], class(rule, tokens[changed]));
-            let other_class = (0..vocab as u16).any(|t| class(rule, t) != wanted);
+            let original = tokens[changed];
+            let other_class = (0..vocab as u16).any(|t| classes.flipped(original, t));
             out[changed] = if other_class {
-                proposal.draw(out[changed - 1], |t| class(rule, t) != wanted, &mut secret)
+                proposal.draw(
+                    out[changed - 1],
+                    |t| classes.flipped(original, t),
+                    &mut secret,
+                )
             } else {
                 proposal.draw(out[changed - 1], |t| t != original, &mut secret)
             };
@@ -463,12 +441,24 @@ mod tests {
     }
 
     /// Token 0 a boundary, every third one a word start, the rest continuations.
-    fn rule(vocab: usize) -> ByteTable {
-        ByteTable {
+    fn rule(vocab: usize) -> Classes {
+        let rule = ByteTable {
             base_bytes: vec![1; vocab],
             has_leading_space: (0..vocab).map(|t| t % 3 == 1).collect(),
             is_boundary: (0..vocab).map(|t| t == 0).collect(),
-        }
+        };
+        Classes::new(&rule, &[])
+    }
+
+    #[test]
+    fn a_byte_level_bpe_piece_with_a_space_starts_a_word() {
+        let rule = ByteTable {
+            base_bytes: vec![1; 3],
+            has_leading_space: vec![false; 3],
+            is_boundary: vec![true, false, false],
+        };
+        let pieces = ["<s>", "\u{0120}the", "the"].map(String::from);
+        assert_eq!(Classes::new(&rule, &pieces).0, vec![0, 1, 2]);
     }
 
     #[test]
@@ -479,11 +469,8 @@ mod tests {
             for kind in [Kind::Shuffle, Kind::Replace] {
                 let p = perturb(&tokens, &rule, &secret(kind, draw)).unwrap();
                 let (old, new) = (tokens[p.changed()], p.tokens[p.changed()]);
-                assert_ne!(
-                    class(&rule, old),
-                    class(&rule, new),
-                    "{kind:?} {draw}: {old} -> {new}"
-                );
+                assert!(rule.flipped(old, new), "{kind:?} {draw}: {old} -> {new}");
+                assert_ne!(rule.of(new), 0, "a boundary in running text");
             }
         }
     }
@@ -576,16 +563,6 @@ mod tests {
             if !hidden.contains(&t) {
                 assert_eq!(p.tokens[t], tokens[t]);
             }
-        }
-    }
-
-    #[test]
-    fn the_proposal_is_a_distribution_with_a_floor() {
-        let proposal = Proposal::new(&stream(), 13);
-        for previous in 0..13u16 {
-            let sum: f64 = (0..13u16).map(|t| proposal.q(previous, t)).sum();
-            assert!((sum - 1.0).abs() < 1e-12, "{sum}");
-            assert!((0..13u16).all(|t| proposal.q(previous, t) >= 0.1 / 13.0));
         }
     }
 

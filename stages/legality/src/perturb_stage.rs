@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use arrow::array::AsArray;
 use arrow::datatypes::{UInt16Type, UInt32Type, UInt8Type};
 use stage_api::{
     read_column, Input, Output, Read, Stage, StageContext, StageError, StageReport, StageSpec,
@@ -12,7 +13,7 @@ use stage_api::{
 use text::sentencepiece::ByteTable;
 use text::{TokenTable, TOKEN_TABLE, VOCAB_TABLE};
 
-use crate::perturb::{perturb, CutParams};
+use crate::perturb::{perturb, Classes, CutParams};
 
 /// `perturb`: a tokens artifact whose val stream is changed after a cut.
 pub struct PerturbStage;
@@ -27,8 +28,30 @@ pub const PROBE_POSITIONS_TABLE: &[stage_api::Column] = &[stage_api::Column::new
 pub(crate) const VAL: Read = Read::table("val", &["token", "doc", "bytes"]);
 pub(crate) const VOCAB: Read = Read::table(
     "vocab",
-    &["id", "base_bytes", "is_boundary", "has_leading_space"],
+    &[
+        "id",
+        "piece",
+        "base_bytes",
+        "is_boundary",
+        "has_leading_space",
+    ],
 );
+
+/// The vocabulary's token classes, from a tokens artifact's `vocab.parquet`.
+pub(crate) fn read_classes(path: &Path, rule: &ByteTable) -> Result<Classes, StageError> {
+    let batches = stage_api::read_parquet(path)?;
+    let mut pieces = Vec::with_capacity(rule.base_bytes.len());
+    for batch in &batches {
+        let column = batch
+            .column_by_name("piece")
+            .ok_or_else(|| StageError::input(path, "no column 'piece'"))?;
+        let text = column
+            .as_string_opt::<i32>()
+            .ok_or_else(|| StageError::input(path, "column 'piece' is not text"))?;
+        pieces.extend(text.iter().map(|p| p.unwrap_or("").to_string()));
+    }
+    Ok(Classes::new(rule, &pieces))
+}
 
 impl Stage for PerturbStage {
     type Params = CutParams;
@@ -38,8 +61,9 @@ impl Stage for PerturbStage {
         // 2: secret cuts, the replace kind, probe positions. 3: the secret's random
         // stream read block by block (the draws changed; found by `audit`, which rebuilt a
         // version-2 artifact with another cut). 4: shuffle cuts anywhere a shuffle can still
-        // change a target (they stopped at 95%), the changed target of another class.
-        version: 4,
+        // change a target (they stopped at 95%), the changed target of another class. 5:
+        // that class read from byte-level BPE pieces too, never a boundary.
+        version: 5,
         summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
         inputs: &[Input::required(
             "tokens",
@@ -71,7 +95,9 @@ impl Stage for PerturbStage {
                 format!("token {bad} is outside the vocabulary"),
             ));
         }
-        let perturbed = perturb(&val, &rule, &cut).map_err(|m| StageError::input(&val_path, m))?;
+        let classes = read_classes(&tokens.file("vocab.parquet"), &rule)?;
+        let perturbed =
+            perturb(&val, &classes, &cut).map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
         for (pair, b) in changed.skip(perturbed.cut) {
             *b = rule.target_bytes(pair[0], pair[1]);

@@ -14,7 +14,13 @@ pub const BLIND: &str = "c2-blind";
 pub const COVERAGE: &str = "coverage";
 pub const BYTES: &str = "bytes";
 pub const SANDBOX: &str = "sandbox";
-pub const PROBES: [&str; 7] = [PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX];
+/// The reviewer's checklist beyond C1–C4 (`overlap` and `artifact` nodes wired into a
+/// judge): shown only where wired.
+pub const OVERLAP: &str = "overlap";
+pub const ARTIFACT: &str = "artifact";
+pub const PROBES: [&str; 9] = [
+    PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX, OVERLAP, ARTIFACT,
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

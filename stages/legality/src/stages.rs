@@ -13,9 +13,10 @@ use stage_api::{
     Read, Reruns, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
+use crate::checklist::{read_finding, FINDING, FINDING_READ};
 use crate::judge::{blind_probe, normalised_probe, prefix_probe, sandbox_probe, target_probe};
 use crate::perturb::{perturb, CutParams, Kind};
-use crate::perturb_stage::{VAL, VOCAB};
+use crate::perturb_stage::{read_classes, VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
 use crate::runs::{Rerun, Run};
 
@@ -38,6 +39,10 @@ pub struct LegalityParams {
     /// What the cuts, shuffles, replaced targets and asked-about positions are drawn
     /// from; the pipeline fills it with the store's secret (docs/legality.md).
     pub secret: String,
+    /// The fewest whole distributions the original run may keep: with fewer, the
+    /// positions a re-run asks about are too few to catch a scorer honest only where it
+    /// is asked, and `c1-prefix` cannot be verified.
+    pub min_sample: usize,
 }
 
 impl Default for LegalityParams {
@@ -60,6 +65,7 @@ impl Default for LegalityParams {
             blind_tolerance: 0.01,
             false_alarm: 1e-6,
             secret: String::new(),
+            min_sample: 512,
         }
     }
 }
@@ -154,6 +160,9 @@ impl Stage for LegalityStage {
             // the pipeline makes the re-runs.
             Input::required("chain", &[]),
             Input::optional("mass", &[MASS]),
+            // The reviewer's checklist: an `overlap` and an `artifact` node's finding.
+            Input::optional("overlap", &[FINDING_READ]),
+            Input::optional("artifact", &[FINDING_READ]),
             Input::optional("cut1", &[]),
             Input::optional("cut2", &[]),
             Input::optional("cut3", &[]),
@@ -187,6 +196,7 @@ impl Stage for LegalityStage {
                 ("distributions", "mass_sample", "original_sample"),
                 ("distributions", "mass_seed", "original_seed"),
             ],
+            secret_seeds: &[("distributions", "mass_seed")],
             companion: Some(("distributions", "pass1", &PASS1_INPUTS)),
         }),
         ..StageSpec::NONE
@@ -220,6 +230,7 @@ impl Stage for LegalityStage {
                 format!("token {bad} is outside the vocabulary"),
             ));
         }
+        let classes = read_classes(&vocab_path, &rule)?;
         let original = Run::read(
             "the original run",
             ctx.input("chain")?,
@@ -233,7 +244,7 @@ impl Stage for LegalityStage {
                 .cuts
                 .par_iter()
                 .map(|cut| {
-                    perturb(&tokens, &rule, cut).map_err(|m| StageError::input(&val_path, m))
+                    perturb(&tokens, &classes, cut).map_err(|m| StageError::input(&val_path, m))
                 })
                 .collect::<Result<_, _>>()?
         };
@@ -277,7 +288,19 @@ impl Stage for LegalityStage {
             report.phase(name, clock);
             clock = std::time::Instant::now();
         };
-        record(&mut report, "prefix", prefix_probe(&original, &reruns)?);
+        let mut prefix = prefix_probe(&original, &reruns)?;
+        let asked = original.distributions().len();
+        if prefix.verdict == Verdict::Pass && asked < params.min_sample {
+            prefix = Finding::fail(
+                probes::PREFIX,
+                prefix.checked,
+                0,
+                params.min_sample as f64,
+                asked as f64,
+                format!("cannot be verified: the original run keeps {asked} whole distributions, fewer than min_sample ({}): the positions a re-run asks about before its cut are too few to catch a scorer honest only where it is asked; raise the chain's mass_sample", params.min_sample),
+            );
+        }
+        record(&mut report, "prefix", prefix);
         record(
             &mut report,
             "target",
@@ -296,6 +319,11 @@ impl Stage for LegalityStage {
         let checked_bytes = probes::check_bytes(&tokens, &rule, positions, &bits, &bytes);
         record(&mut report, "bytes", checked_bytes);
         record(&mut report, "sandbox", sandbox_probe(&original, &reruns));
+        for name in ["overlap", "artifact"] {
+            if let Some(input) = ctx.inputs.get(name) {
+                record(&mut report, name, read_finding(&input.file(FINDING))?);
+            }
+        }
         write_findings(&ctx.output("legality.parquet"), &params.chain, &findings)?;
         let failed = findings
             .iter()
@@ -312,7 +340,11 @@ impl Stage for LegalityStage {
     }
 }
 
-fn write_findings(path: &Path, chain: &str, findings: &[Finding]) -> Result<u64, StageError> {
+pub(crate) fn write_findings(
+    path: &Path,
+    chain: &str,
+    findings: &[Finding],
+) -> Result<u64, StageError> {
     let schema = arrow_schema(LEGALITY_TABLE);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
