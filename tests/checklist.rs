@@ -187,3 +187,28 @@ fn the_artifact_probe_counts_code_and_weights_against_the_limit() {
     let err = p.fails(&["run"]);
     assert!(err.contains("nothing to count"), "{err}");
 }
+
+#[test]
+fn a_corrupt_train_shard_is_a_one_line_error_naming_it() {
+    let p = Project::small();
+    let mut bytes = vec![0u8; 1024];
+    bytes[0..4].copy_from_slice(&20240520i32.to_le_bytes());
+    bytes[4..8].copy_from_slice(&1i32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&1000i32.to_le_bytes());
+    bytes.extend([1u8; 100]); // 50 tokens where the header promises 1,000
+    std::fs::write(p.path().join("train_000.bin"), bytes).unwrap();
+    p.write_pipeline(
+        &(Project::small_pipeline(300)
+            + "\n[nodes.overlap]\nstage = \"overlap\"\ninputs.tokens = \"tokens\"\nfiles.train = [\"train_*.bin\"]\n"),
+    );
+    let err = p.fails(&["run", "--until", "overlap"]);
+    assert!(err.contains("train_000.bin"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The tokens were built; nothing of the overlap node was committed.
+    let store = p.store_snapshot();
+    assert!(
+        store.keys().any(|k| k.starts_with("tokenize/")),
+        "{store:?}"
+    );
+    assert!(!store.keys().any(|k| k.starts_with("overlap")), "{store:?}");
+}

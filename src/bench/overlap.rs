@@ -36,7 +36,9 @@ pub(super) fn overlap(scratch: &Path, repeats: usize, tokens: usize, shards: usi
     let dir = scratch.join("overlap");
     std::fs::create_dir_all(dir.join("shards"))?;
     std::fs::create_dir_all(dir.join("train"))?;
-    let val = cache::synthetic::copy_span_stream(tokens);
+    // FineWeb-shaped documents of random tokens: only what is planted in train can match
+    // (the cache's copy-span stream repeats itself, so planted spans would match all over).
+    let val = super::synthetic_stream(tokens);
     write_once(
         &dir.join("shards/fineweb_val_000000.bin"),
         || val.clone(),
