@@ -212,3 +212,53 @@ fn a_corrupt_train_shard_is_a_one_line_error_naming_it() {
     );
     assert!(!store.keys().any(|k| k.starts_with("overlap")), "{store:?}");
 }
+
+/// The `artifact` node told which pass-1 runs the scorer: everything that scorer declares
+/// it loads must be counted, or the size cannot be verified.
+#[test]
+fn the_artifact_probe_counts_what_the_scorer_declares_it_loads() {
+    let p = Project::small();
+    let root = common::repo_root();
+    for shared in ["examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), p.path().join(shared)).unwrap();
+    }
+    std::fs::write(p.path().join("weights.bin"), vec![7u8; 5_000]).unwrap();
+    let pipeline = |weights: &str| {
+        format!(
+            r#"{}
+[nodes.scorer]
+stage = "pass1"
+inputs.tokens = "tokens"
+params.model = "command"
+params.command = [".venv/bin/python", "examples/scorers/bigram_numpy.py", "1.0", "0.1"]
+files.scorer = ["examples/scorers/bigram_numpy.py", "weights.bin"]
+
+[nodes.artifact]
+stage = "artifact"
+inputs.scorer = "scorer"
+files.code = ["examples/scorers/bigram_numpy.py"]
+{weights}
+
+[nodes.judge]
+stage = "legality"
+inputs.tokens = "tokens"
+inputs.chain = "scorer"
+inputs.artifact = "artifact"
+"#,
+            Project::small_pipeline(300)
+        )
+    };
+    p.write_pipeline(&pipeline(""));
+    p.ok(&["run", "--quiet"]);
+    let out = p.run(&["legality"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("scorer artifact: cannot be verified: the scorer loads weights.bin (its files.scorer), which files.code and files.weights do not hold"),
+        "{text}"
+    );
+    p.write_pipeline(&pipeline("files.weights = [\"weights.bin\"]"));
+    p.ok(&["run", "--quiet"]);
+    let text = p.ok(&["legality"]);
+    assert!(text.contains("every probe passed"), "{text}");
+}

@@ -249,6 +249,40 @@ fn another_artifact_can_be_neither_read_nor_edited() {
     project.ok(&["verify"]);
 }
 
+/// `params.read` may not name the store, anything in it, or a directory holding it,
+/// however it is spelled: through a link, `..`, or the project's own directory.
+#[test]
+fn a_read_path_into_the_store_is_refused_before_the_scorer_runs() {
+    let project = project_with_hostile_scorer("network", "1", "read-store");
+    std::os::unix::fs::symlink("artifacts", project.path().join("cache_link")).unwrap();
+    let pipeline = std::fs::read_to_string(project.path().join("pipeline.toml")).unwrap();
+    for read in [
+        "artifacts/tokenize",
+        "cache_link/tokenize",
+        "artifacts",
+        "state/../artifacts",
+        ".",
+    ] {
+        std::fs::create_dir_all(project.path().join("state")).unwrap();
+        project.write_pipeline(&pipeline.replace(
+            "params.read = [\"state\"]",
+            &format!("params.read = [\"{read}\"]"),
+        ));
+        let before = store_outside_tmp(&project);
+        let err = project.fails(&["run", "--quiet"]);
+        assert!(
+            err.contains(&format!("params.read: {read} is")),
+            "{read}: {err}"
+        );
+        assert!(
+            err.contains("a scorer may not read the store"),
+            "{read}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(before, store_outside_tmp(&project), "{read}");
+    }
+}
+
 #[test]
 fn a_scorer_reaches_no_network() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -353,7 +353,11 @@ impl Stage for ArtifactStage {
         kind: "artifact",
         version: 1,
         summary: "a model (train node) and the scorer's declared files -> their total size against the limit (16,000,000 bytes), listing the parts",
-        inputs: &[Input::optional("model", &[])],
+        inputs: &[
+            Input::optional("model", &[]),
+            // The scorer's pass-1 node: what it declares it loads must all be counted.
+            Input::optional("scorer", &[]),
+        ],
         files: &[
             FileRole {
                 name: "code",
@@ -406,6 +410,10 @@ impl Stage for ArtifactStage {
             }
         }
         let total: u64 = parts.iter().map(|p| p.3).sum();
+        let uncounted = match ctx.inputs.get("scorer") {
+            Some(scorer) => uncounted_by(ctx, scorer)?,
+            None => Vec::new(),
+        };
         let listing: Vec<String> = parts
             .iter()
             .map(|(part, file, bytes, counted)| match part {
@@ -418,7 +426,19 @@ impl Stage for ArtifactStage {
             params.limit,
             listing.join(" + ")
         );
-        let finding = if total > params.limit {
+        let finding = if !uncounted.is_empty() {
+            Finding::fail(
+                probes::ARTIFACT,
+                parts.len() as u64,
+                0,
+                params.limit as f64,
+                total as f64,
+                format!(
+                    "cannot be verified: {}; counted: {detail}",
+                    uncounted.join("; ")
+                ),
+            )
+        } else if total > params.limit {
             Finding::fail(
                 probes::ARTIFACT,
                 parts.len() as u64,
@@ -452,6 +472,66 @@ impl Stage for ArtifactStage {
             .with("limit", params.limit)
             .with(probes::ARTIFACT, finding.verdict.as_str()))
     }
+}
+
+/// What the scorer's pass-1 node declares it loads that this node does not count: its
+/// own files (`files.scorer`, by content), the model artifact it reads, and any
+/// `params.read` paths (whose contents no recipe records).
+fn uncounted_by(
+    ctx: &StageContext,
+    scorer: &stage_api::InputArtifact,
+) -> Result<Vec<String>, StageError> {
+    let path = scorer.file("manifest.json");
+    let text = std::fs::read(&path).map_err(|e| StageError::io(&path, e))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| StageError::format(&path, e))?;
+    let ingredients = &manifest["ingredients"];
+    let mut counted = std::collections::BTreeSet::new();
+    for role in ["code", "weights"] {
+        for file in ctx.files(role) {
+            let bytes = std::fs::read(file).map_err(|e| StageError::io(file, e))?;
+            counted.insert(blake3::hash(&bytes).to_hex().to_string());
+        }
+    }
+    let mut uncounted = Vec::new();
+    let declared = ingredients["files"].as_object().into_iter().flatten();
+    for (role, files) in declared {
+        for file in files.as_array().into_iter().flatten() {
+            let hash = file["blake3"].as_str().unwrap_or_default();
+            if !counted.contains(hash) {
+                uncounted.push(format!(
+                    "the scorer loads {} (its files.{role}), which files.code and files.weights do not hold",
+                    file["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    if let Some(model) = ingredients["inputs"]["model"].as_str() {
+        match ctx.inputs.get("model") {
+            Some(counted) if counted.content_hash == model => {}
+            Some(_) => uncounted.push(format!(
+                "the scorer loads model artifact {}, not the one wired as inputs.model",
+                &model[..12.min(model.len())]
+            )),
+            None => uncounted.push(format!(
+                "the scorer loads model artifact {}, and no inputs.model counts it",
+                &model[..12.min(model.len())]
+            )),
+        }
+    }
+    let read: Vec<&str> = ingredients["params"]["read"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    if !read.is_empty() {
+        uncounted.push(format!(
+            "the scorer may also read {} (params.read), whose contents no recipe records: declare what it loads in files.scorer",
+            read.join(", ")
+        ));
+    }
+    Ok(uncounted)
 }
 
 /// The size of `raw` (read from `path`) compressed with xz at level 6.

@@ -85,15 +85,18 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
     }
     let n = asked_only_in_reruns.len();
     let cuts: Vec<String> = reruns.iter().map(|r| r.perturbed.cut.to_string()).collect();
+    // A replace cut falls in 5%–50% only: anywhere else only the shuffles reach.
+    let shuffles = reruns
+        .iter()
+        .filter(|r| r.perturbed.kind == crate::perturb::Kind::Shuffle)
+        .count();
     Ok(Finding::pass(
         probes::PREFIX,
         checked,
         format!(
-            "{checked} values before the secret cuts (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {} cuts with probability about (1−r)^{}",
+            "{checked} values before the secret cuts (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {shuffles} shuffle cuts (which fall anywhere) with probability about (1−r)^{shuffles}, and the replace cuts too when it lies outside 5%–50%",
             cuts.join(", "),
             escape_fraction(n),
-            cuts.len(),
-            cuts.len()
         ),
     ))
 }

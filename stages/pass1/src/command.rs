@@ -380,8 +380,20 @@ fn run_scorer(
         .unwrap_or(&ctx.out_dir);
     let mut read = vec![workspace.root.clone()];
     read.extend(program_prefixes(&program_path, store));
+    // Never the store, nor a directory holding it (the project's own, say), however
+    // named: through a link, `..`, or the store's root (the red team's, after stop 33).
+    let store_real = std::fs::canonicalize(store).unwrap_or(store.to_path_buf());
     for extra in &params.read {
-        read.push(ctx.work_dir.join(extra));
+        let path = ctx.work_dir.join(extra);
+        let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
+        if real.starts_with(&store_real) || store_real.starts_with(&real) {
+            return Err(ctx.error(format!(
+                "params.read: {extra} is {} the artifact store ({}): a scorer may not read the store",
+                if real.starts_with(&store_real) { "inside" } else { "a directory holding" },
+                store_real.display()
+            )));
+        }
+        read.push(path);
     }
     // HOME and TMPDIR are relative in `environment`: made absolute here, where the
     // workspace is known (the scorer sees the same relative layout in every run).
