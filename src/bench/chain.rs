@@ -106,10 +106,26 @@ fn shard_chain_project(scratch: &Path, shard: &Path) -> Result<PathBuf> {
     chain_project(&dir, "")
 }
 
+/// A `tokens` node over the bench's shards: val from `shards/fineweb_val_*.bin`, train
+/// from `train` (a glob), with the challenge's tokenizer, val kept whole.
+pub(super) fn shard_tokens_node(train: &str) -> Result<String> {
+    let model = project_file(SP_MODEL)?;
+    Ok(format!(
+        r#"[nodes.tokens]
+stage = "tokenize"
+files.val = "shards/fineweb_val_*.bin"
+files.train = "{train}"
+files.tokenizer = {model:?}
+params.source = "shards"
+params.val_truncate_multiple = 0
+"#
+    ))
+}
+
 /// Writes the chain's pipeline into `dir` (whose `shards/` holds the val shard) and builds
 /// everything up to pass 1.
 fn chain_project(dir: &Path, extra: &str) -> Result<PathBuf> {
-    let model = project_file(SP_MODEL)?;
+    let tokens = shard_tokens_node("shards/fineweb_val_*.bin")?;
     let (reference, normalised) = (
         chain_nodes("", "reference"),
         chain_nodes("_normalised", "causal-normalised"),
@@ -119,14 +135,7 @@ fn chain_project(dir: &Path, extra: &str) -> Result<PathBuf> {
     std::fs::write(
         dir.join("pipeline.toml"),
         format!(
-            r#"[nodes.tokens]
-stage = "tokenize"
-files.val = "shards/fineweb_val_*.bin"
-files.train = "shards/fineweb_val_*.bin"
-files.tokenizer = {model:?}
-params.source = "shards"
-params.val_truncate_multiple = 0
-
+            r#"{tokens}
 [nodes.pass1]
 stage = "pass1"
 inputs.tokens = "tokens"

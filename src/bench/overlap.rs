@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{median, project_file, timed, timed_with_rss, SP_MODEL};
+use super::{median, timed, timed_with_rss};
 
 const SHARD_TOKENS: usize = 100_000_000;
 
@@ -66,18 +66,11 @@ pub(super) fn overlap(scratch: &Path, repeats: usize, tokens: usize, shards: usi
             SHARD_TOKENS,
         )?;
     }
-    let model = project_file(SP_MODEL)?;
+    let tokens = super::chain::shard_tokens_node("shards/fineweb_train_*.bin")?;
     std::fs::write(
         dir.join("pipeline.toml"),
         format!(
-            r#"[nodes.tokens]
-stage = "tokenize"
-files.val = "shards/fineweb_val_*.bin"
-files.train = "shards/fineweb_train_*.bin"
-files.tokenizer = {model:?}
-params.source = "shards"
-params.val_truncate_multiple = 0
-
+            r#"{tokens}
 [nodes.overlap]
 stage = "overlap"
 inputs.tokens = "tokens"
