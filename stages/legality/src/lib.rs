@@ -16,6 +16,7 @@
 //! them; the checks themselves are pure ([`probes`]). docs/legality.md has the why.
 
 pub mod checklist;
+mod classes;
 mod judge;
 pub mod overlap;
 pub mod perturb;

@@ -28,8 +28,8 @@
 
 use serde::{Deserialize, Serialize};
 use stage_api::{check_param, StageError, StageParams};
-use text::sentencepiece::ByteTable;
 
+pub use crate::classes::Classes;
 pub use crate::proposal::{Proposal, PROPOSAL_ADD_K, PROPOSAL_BIGRAM_SHARE};
 
 /// How a re-run changes the stream after its cut.
@@ -286,55 +286,6 @@ pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
     Ok(changed - 1)
 }
 
-/// Each token's class, as a gate on the target would see it: 0 a boundary, 1 a word
-/// start, 2 a word's continuation.
-#[derive(Debug, Clone)]
-pub struct Classes(Vec<u8>);
-
-/// GPT-2's printable stand-in for the space byte, which begins a byte-level BPE
-/// piece that starts a word.
-const BPE_SPACE: char = '\u{0120}';
-
-impl Classes {
-    /// From a tokens artifact's vocabulary: a word starts with a SentencePiece leading
-    /// space (`has_leading_space`) or with a byte-level BPE piece's space.
-    pub fn new(rule: &ByteTable, pieces: &[String]) -> Classes {
-        Classes(
-            (0..rule.base_bytes.len())
-                .map(|t| {
-                    let space = rule.has_leading_space[t]
-                        || pieces.get(t).is_some_and(|p| p.starts_with(BPE_SPACE));
-                    match (rule.is_boundary[t], space) {
-                        (true, _) => 0,
-                        (false, true) => 1,
-                        (false, false) => 2,
-                    }
-                })
-                .collect(),
-        )
-    }
-
-    pub fn vocab(&self) -> usize {
-        self.0.len()
-    }
-
-    fn of(&self, token: u16) -> u8 {
-        self.0[token as usize]
-    }
-
-    /// Whether `token` is of the class a changed target takes in place of `original`'s:
-    /// a word's continuation for a word start and the other way round (the line a gate on
-    /// the target's class draws), any word token for a boundary. Never a boundary: a
-    /// control token in running text would give a re-run away.
-    fn flipped(&self, original: u16, token: u16) -> bool {
-        match (self.of(original), self.of(token)) {
-            (_, 0) => false,
-            (0, _) => true,
-            (a, b) => a != b,
-        }
-    }
-}
-
 /// The perturbed stream for `cut` (see the module's documentation); `classes` are the
 /// vocabulary's (every token of `tokens` inside it).
 pub fn perturb(tokens: &[u16], classes: &Classes, cut: &CutParams) -> Result<Perturbed, String> {
@@ -427,6 +378,7 @@ pub fn perturb(tokens: &[u16], classes: &Classes, cut: &CutParams) -> Result<Per
 #[cfg(test)]
 mod tests {
     use super::*;
+    use text::sentencepiece::ByteTable;
 
     fn secret(kind: Kind, draw: u32) -> CutParams {
         CutParams {
