@@ -481,7 +481,8 @@ fn implied_mass_is_one_for_causal_normalised_and_more_for_the_reference() {
 fn the_legality_probes_sort_the_three_cache_modes() {
     let p = Project::small();
     let judge = |chain: &str, mass: &str| {
-        format!("\n[nodes.legality_{mass}]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"{chain}\"\ninputs.mass = \"{mass}\"\n")
+        // 300 distributions (the small corpus): below the default min_sample of 512.
+        format!("\n[nodes.legality_{mass}]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"{chain}\"\ninputs.mass = \"{mass}\"\nparams.min_sample = 300\n")
     };
     p.write_pipeline(&format!(
         "{}{}{}{}{}{}{}{}{}",

@@ -83,6 +83,20 @@ if mode == "metadata":
     attempt(lambda: os.chmod(target, 0o600))
     write_outputs(out)
     sys.exit(0)
+if mode == "keyring":
+    # State for the next run in the kernel's keyrings, which no namespace separates: a
+    # key added to the user's keyring (-4) outlives the run.
+    import ctypes, errno, platform
+    calls = {"x86_64": 248, "aarch64": 217}
+    libc = ctypes.CDLL(None, use_errno=True)
+    def add_key():
+        key = libc.syscall(calls[platform.machine()], b"user", target.encode(), b"the stream", 10, -4)
+        if key < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        print(f"key {key}", file=sys.stderr)
+    attempt(add_key)
+    write_outputs(out)
+    sys.exit(0)
 if mode == "flood":
     chunk = b"x" * (1 << 20)
     for _ in range(2048):
@@ -280,6 +294,25 @@ fn a_read_path_into_the_store_is_refused_before_the_scorer_runs() {
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert_eq!(before, store_outside_tmp(&project), "{read}");
+    }
+}
+
+#[test]
+fn no_state_survives_in_the_kernels_keyrings() {
+    let project = project_with_hostile_scorer("keyring", "cachemoney-test-keyring", "key-3f1");
+    project.ok(&["run", "--quiet"]);
+    if confined() {
+        let log = the_scorer_log(&project);
+        assert!(log.contains("attempt refused: [Errno 1]"), "{log}");
+        let status = std::fs::read_dir(project.path().join("artifacts/pass1"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("sandbox.json"))
+            .find(|p| p.exists())
+            .unwrap();
+        let isolation: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(status).unwrap()).unwrap();
+        assert_eq!(isolation["no_keyrings"], true, "{isolation}");
     }
 }
 

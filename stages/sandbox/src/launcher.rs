@@ -70,6 +70,11 @@ pub(crate) fn main(path: &Path) -> ! {
         }
         Err(why) => isolation.missing.push(why),
     }
+    // Last: the filter is inherited by the program, and nothing after needs a keyring.
+    match refuse_keyrings() {
+        Ok(()) => isolation.no_keyrings = true,
+        Err(why) => isolation.missing.push(why),
+    }
     match report {
         Ok(mut file) => {
             let _ = file.write_all(&serde_json::to_vec(&isolation).expect("serialises"));
@@ -85,6 +90,29 @@ pub(crate) fn main(path: &Path) -> ! {
     let code = run(&launch.confinement, &terminate);
     kill_descendants();
     std::process::exit(code)
+}
+
+/// A seccomp filter that fails the keyring calls (`add_key`, `keyctl`, `request_key`)
+/// with EPERM and lets everything else through. Keyrings are global to the kernel, not
+/// namespaced: the third red team linked a key holding the whole val stream into the
+/// user's keyring, where every later run read it back (BPB 0.06, every probe passed).
+fn refuse_keyrings() -> Result<(), String> {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| format!("no seccomp filter for this architecture ({e})"))?;
+    let rules = [libc::SYS_add_key, libc::SYS_keyctl, libc::SYS_request_key]
+        .into_iter()
+        .map(|call| (call, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+    let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
+    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
 }
 
 /// New user, PID, network and IPC namespaces, with this user's ids mapped to

@@ -103,6 +103,10 @@ pub struct Isolation {
     /// read can carry state (extended attributes, dates, modes) to another run.
     #[serde(default)]
     pub read_only: bool,
+    /// The kernel's keyrings refused (seccomp): they are not namespaced, and a key
+    /// linked into the user's keyring outlives the run.
+    #[serde(default)]
+    pub no_keyrings: bool,
     /// Why something is missing, in a few words each.
     pub missing: Vec<String>,
 }
@@ -114,7 +118,8 @@ impl Isolation {
         self.landlock.is_some()
     }
 
-    /// One line: `Landlock ABI 6, user/mount/PID/network/IPC namespaces, read-only mounts`
+    /// One line: `Landlock ABI 6, user/mount/PID/network/IPC namespaces, read-only mounts,
+    /// no keyrings`
     /// or what is missing.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
@@ -131,6 +136,9 @@ impl Isolation {
         });
         if self.read_only {
             parts.push("read-only mounts".to_string());
+        }
+        if self.no_keyrings {
+            parts.push("no keyrings".to_string());
         }
         let mut line = parts.join(", ");
         if !self.missing.is_empty() {
