@@ -222,11 +222,9 @@ impl Stage for OverlapStage {
         let judged = docs.len() as u64;
         let doc_share = in_train.len() as f64 / judged.max(1) as f64;
         let window_share = found_windows as f64 / total_windows.max(1) as f64;
-        let short = {
-            let mut all: Vec<u32> = doc.clone();
-            all.dedup();
-            all.len() as u64 - judged
-        };
+        // Documents are runs of one id: counted without copying the column.
+        let documents = 1 + doc.windows(2).filter(|w| w[0] != w[1]).count() as u64;
+        let short = documents - judged;
         let listed: Vec<String> = in_train
             .iter()
             .take(5)
@@ -258,7 +256,8 @@ impl Stage for OverlapStage {
             Finding::fail(
                 probes::OVERLAP,
                 judged,
-                windows.starts[0] as i64,
+                // The first token of the first document found.
+                doc.iter().position(|&d| d == first.doc).unwrap_or(0) as i64,
                 params.max_share,
                 doc_share,
                 format!("the training data holds the val set: {detail}; the threshold is {:.2}% (first: doc {})", 100.0 * params.max_share, first.doc),
