@@ -11,75 +11,118 @@ use std::collections::BTreeMap;
 use common::Project;
 use serde_json::Value;
 
-/// eval-techniques.md §6: per chain, the technique, its ruling, and C1, TI, C2, C3
-/// (true = pass).
-const MATRIX: &[(&str, &str, &str, [bool; 4])] = &[
-    (
+/// One row of eval-techniques.md §6 (and §5.4's #2135 whole): the chain, its technique,
+/// its ruling, the base it gains over, C1, TI, C2, C3 (true = pass), and the `order`
+/// finding ("-" where the scorer declares no order).
+struct Ruled {
+    chain: &'static str,
+    technique: &'static str,
+    ruling: &'static str,
+    base: &'static str,
+    expected: [bool; 4],
+    order: &'static str,
+}
+
+const fn ruled(
+    chain: &'static str,
+    technique: &'static str,
+    ruling: &'static str,
+    expected: [bool; 4],
+) -> Ruled {
+    Ruled {
+        chain,
+        technique,
+        ruling,
+        base: "base",
+        expected,
+        order: "-",
+    }
+}
+
+const MATRIX: &[Ruled] = &[
+    ruled(
         "base",
         "the base bigram",
         "(the base every row builds on)",
         [true; 4],
     ),
-    (
+    ruled(
         "tilt_token",
         "token-only n-gram tilt (§1)",
         "legal: #1514 merged; #2135 top row (#2146)",
         [true; 4],
     ),
-    (
+    ruled(
         "tilt_channels",
         "tilt with the within-word channel (§2)",
         "not accepted (#1420, #1437, #2146)",
         [true, false, false, true],
     ),
-    (
+    ruled(
         "tilt_1514",
         "prefix-gated multi-order kernel (§2.7)",
         "legal (#1514 merged)",
         [true; 4],
     ),
-    (
+    ruled(
         "ppm_split",
         "PPM per-byte split (§3.1, #1835)",
         "not accepted (issue #1872; #1933 withdrawn)",
         [true, true, false, true],
     ),
-    (
+    ruled(
         "ppm_normalised",
         "token-level normalised PPM (§3.3 Path A)",
         "never submitted at scale",
         [true; 4],
     ),
-    (
+    ruled(
         "ppm_conditional",
         "conditional PPM (§3.3, #2039)",
         "not valid as a record row (#2039)",
         [true, false, false, true],
     ),
-    (
+    ruled(
         "slot",
         "SLOT (§4, #1240)",
         "no ruling; never on the leaderboard",
         [false; 4],
     ),
-    (
+    ruled(
         "slot_context",
         "context-only SLOT (§4.1)",
         "open (issue #1336)",
         [true; 4],
     ),
-    (
+    ruled(
         "ttt",
         "score-first TTT (§5)",
         "legal (README rule; merged records)",
         [true; 4],
     ),
-    (
+    ruled(
         "ttt_adapt",
         "adapt-then-score TTT (§5.3)",
         "invalid (#1972)",
         [false; 4],
     ),
+    // §5.4: legal as ruled, with hints in stream order and training longest first. On
+    // the Python docs stream (the demo's val set is one document), against its own base.
+    ruled(
+        "base_docs",
+        "the base bigram on the Python docs",
+        "(the base of the row below)",
+        [true; 4],
+    ),
+    Ruled {
+        chain: "tilt_ttt",
+        technique:
+            "#2135 whole: token tilt (stream order) + score-first TTT (longest first) (§5.4)",
+        ruling: "legal: #2135 top row (#2146)",
+        base: "base_docs",
+        expected: [true; 4],
+        order: "mismatch",
+    },
 ];
 
 /// Where the probes cannot see what the rulings say, and why (docs/backtest.md, "Where
@@ -118,8 +161,8 @@ fn project() -> Project {
 }
 
 /// Our columns from the probes: C1 is c1-prefix; TI is c1-target; C2 fails when either
-/// C2 probe does; C3, scoring before updating, is c1-prefix in the order the scorer
-/// processes the stream (every scorer here processes it in stream order).
+/// C2 probe does; C3, scoring before updating, is c1-prefix in the orders the scorer
+/// declares (stream order where it declares none).
 fn columns(verdicts: &BTreeMap<String, String>) -> [bool; 4] {
     let pass = |probe: &str| verdicts.get(probe).map(String::as_str) == Some("pass");
     [
@@ -156,13 +199,14 @@ fn every_ruling_is_what_the_probes_say() {
             row["verdict"].as_str().unwrap().to_string(),
         );
     }
-    let base_bpb = by_chain["base"].0;
     let mut table = vec![
-        "| chain | technique | ruling | BPB | gain | C1 | TI | C2 | C3 |".to_string(),
-        "|---|---|---|---|---|---|---|---|---|".to_string(),
+        "| chain | technique | ruling | BPB | gain | C1 | TI | C2 | C3 | order |".to_string(),
+        "|---|---|---|---|---|---|---|---|---|---|".to_string(),
     ];
     let mut disagreements = Vec::new();
-    for (chain, technique, ruling, expected) in MATRIX {
+    for row in MATRIX {
+        let (chain, expected) = (&row.chain, &row.expected);
+        let base_bpb = by_chain[row.base].0;
         let (bpb, verdicts) = by_chain
             .get(*chain)
             .unwrap_or_else(|| panic!("no legality rows for {chain}"));
@@ -170,6 +214,13 @@ fn every_ruling_is_what_the_probes_say() {
             assert_eq!(verdicts[probe], "pass", "{chain}: {probe}");
         }
         let ours = columns(verdicts);
+        let order = verdicts.get("order").map_or("-", String::as_str);
+        if order != row.order {
+            disagreements.push(format!(
+                "{chain} order: §5.4 says {}, the probes {order}",
+                row.order
+            ));
+        }
         let mut cells = Vec::new();
         for (i, name) in ["C1", "TI", "C2", "C3"].iter().enumerate() {
             let undecided = UNDECIDED.contains(&(*chain, *name));
@@ -202,7 +253,9 @@ fn every_ruling_is_what_the_probes_say() {
             });
         }
         table.push(format!(
-            "| `{chain}` | {technique} | {ruling} | {bpb:.4} | {:+.4} | {} |",
+            "| `{chain}` | {} | {} | {bpb:.4} | {:+.4} | {} | {order} |",
+            row.technique,
+            row.ruling,
             bpb - base_bpb,
             cells.join(" | ")
         ));
@@ -260,4 +313,51 @@ fn rounded(text: &str) -> String {
     }
     flush(&mut number, &mut out);
     out
+}
+
+/// A declared order is tested, not believed: the stream-order test-time training of the
+/// `ttt` row, declared to take documents longest first, reads earlier documents that
+/// the declared order puts later, and `c1-prefix` fails it.
+#[test]
+fn an_order_the_scorer_does_not_follow_fails_c1_prefix() {
+    let project = project();
+    let text = std::fs::read_to_string(project.path().join("backtest.toml")).unwrap();
+    let tokens = text
+        .split("\n[nodes.base_docs]")
+        .next()
+        .and_then(|head| head.split("[nodes.tokens_docs]").nth(1))
+        .unwrap();
+    let pipeline = format!(
+        "store = \"artifacts\"\n[nodes.tokens_docs]{tokens}
+[nodes.ttt]
+stage = \"pass1\"
+inputs.tokens = \"tokens_docs\"
+params.model = \"command\"
+params.command = [\".venv/bin/python\", \"examples/scorers/backtest/adapt.py\", \"ttt\"]
+params.mass_sample = 512
+params.order = {{ ttt = \"longest_first\" }}
+files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/backtest/adapt.py\"]
+
+[nodes.legality_ttt]
+stage = \"legality\"
+inputs.tokens = \"tokens_docs\"
+inputs.chain = \"ttt\"
+"
+    );
+    std::fs::write(project.path().join("lying.toml"), pipeline).unwrap();
+    project.ok(&["-p", "lying.toml", "run", "-q"]);
+    let out = project.run(&["-p", "lying.toml", "legality"]);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains("ttt c1-prefix: re-run")
+            && printed.contains("in longest_first order were")
+            && printed.contains("(before the cut in every declared order) changed"),
+        "{printed}"
+    );
+    let row = printed.lines().find(|l| l.starts_with("ttt ")).unwrap();
+    assert!(
+        row.contains("FAIL") && row.trim_end().ends_with("pass"),
+        "c1-prefix fails, the order column (one order) passes: {row}"
+    );
 }

@@ -168,7 +168,13 @@ fn print_matrix(rows: &[LegalityRow]) {
     };
     let labels: Vec<String> = judges.iter().map(|(n, c, _)| label(n, c)).collect();
     let width = labels.iter().map(|c| c.len()).max().unwrap_or(0).max(5);
-    let cell = |p: &str| p.len().max(6);
+    // Wide enough for the probe's name and its longest verdict ("mismatch").
+    let cell = |p: &str| {
+        rows.iter()
+            .filter(|r| r.probe == p)
+            .map(|r| r.verdict.len())
+            .fold(p.len().max(6), usize::max)
+    };
     let mut header = format!("{:width$}  {:>6}", "chain", "BPB");
     for p in &probes {
         header += &format!("  {:w$}", p, w = cell(p));
@@ -189,7 +195,8 @@ fn print_matrix(rows: &[LegalityRow]) {
         }
         println!("{}", line.trim_end());
     }
-    let failures: Vec<&LegalityRow> = rows.iter().filter(|r| r.verdict == "fail").collect();
+    // A failure, or a finding that is neither (an order mismatch), with its evidence.
+    let failures: Vec<&LegalityRow> = rows.iter().filter(|r| r.verdict != "pass").collect();
     if failures.is_empty() {
         println!("every probe passed");
         return;

@@ -163,13 +163,11 @@ pub fn add_reruns(
                 if entry.get(*as_param).is_some_and(|v| !v.is_null()) {
                     continue;
                 }
-                if let Some(member) = members.iter().find(|m| produces(&nodes[*m], product)) {
-                    let value = nodes[member]
-                        .params
-                        .get(*param)
-                        .cloned()
-                        .unwrap_or(Value::from(0));
-                    entry.insert(as_param.to_string(), value);
+                // A parameter the member leaves out (an optional one, absent from its
+                // canonical form) is left out of the entry too.
+                let member = members.iter().find(|m| produces(&nodes[*m], product));
+                if let Some(value) = member.and_then(|m| nodes[m].params.get(*param)) {
+                    entry.insert(as_param.to_string(), value.clone());
                 }
             }
         }

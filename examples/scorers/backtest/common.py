@@ -74,6 +74,7 @@ class Setup:
         self.req = request()
         self.vocab_size = self.req["vocab_size"]
         self.val = tokens(self.req["val_parquet"])
+        self.doc = pq.read_table(self.req["val_parquet"], columns=["doc"])["doc"].to_numpy()
         self.train = tokens(self.req["train_parquet"])
         self.vocab = Vocab(self.req["vocab_parquet"])
         counts = np.zeros((self.vocab_size, self.vocab_size))

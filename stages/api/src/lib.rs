@@ -12,6 +12,7 @@
 //! runner free to cache, resume and audit it.
 
 mod error;
+pub mod order;
 mod parquet_io;
 mod sample;
 pub mod scores;

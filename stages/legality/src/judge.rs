@@ -4,11 +4,12 @@
 use std::collections::BTreeSet;
 
 use arrow::datatypes::{Float64Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
+use stage_api::order::DocumentOrder;
 use stage_api::{read_column, StageContext, StageError};
 
 use crate::perturb::Kind;
 use crate::probes::{self, Finding, Verdict};
-use crate::runs::{first_difference, unchanged_after_cut, Rerun, Run};
+use crate::runs::{first_difference, first_difference_at, unchanged_after_cut, Rerun, Run};
 use crate::stages::LegalityParams;
 
 pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, StageError> {
@@ -29,28 +30,58 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
     for rerun in reruns {
         let run = rerun.read()?;
         let cut = rerun.perturbed.cut as i64;
-        let what = match rerun.perturbed.kind {
+        let perturbed = &rerun.perturbed;
+        let what = match perturbed.kind {
             Kind::Shuffle => "shuffled",
             Kind::Replace => "changed",
+        };
+        // What changed, and where the kept targets lie.
+        let (changed, before) = match &perturbed.ordering {
+            None => (
+                format!("the stream after position {cut} was {what}"),
+                "before the cut".to_string(),
+            ),
+            Some(o) => (
+                format!(
+                    "the targets from {} on in {} order were {what}",
+                    perturbed.changed(),
+                    o.describe()
+                ),
+                "before the cut in every declared order".to_string(),
+            ),
         };
         let mut tables = vec![(&original.end, &run.end)];
         if !original.end_is_model {
             tables.push((original.model(), run.model()));
         }
         for (a, b) in tables {
-            if let Some(d) = first_difference(a, b, cut, &mut checked)? {
+            let difference = match perturbed.ordering {
+                None => first_difference(a, b, cut, &mut checked)?,
+                Some(_) => first_difference_at(
+                    a,
+                    b,
+                    |p| perturbed.kept(p),
+                    a.compared_columns(),
+                    &mut checked,
+                )?,
+            };
+            if let Some(d) = difference {
                 return Ok(Finding::fail(
                     probes::PREFIX,
                     checked,
                     d.position,
                     d.original,
                     d.perturbed,
-                    format!("{}: the stream after position {cut} was {what}, and {} at position {} (before the cut) changed: the score depends on later tokens", run.label, d.column, d.position),
+                    format!("{}: {changed}, and {} at position {} ({before}) changed: the score depends on later tokens", run.label, d.column, d.position),
                 ));
             }
         }
         // Distributions asked of both runs up to the cut must not move either.
-        for (position, probs) in original.distributions().iter().filter(|(p, _)| *p <= cut) {
+        for (position, probs) in original
+            .distributions()
+            .iter()
+            .filter(|(p, _)| perturbed.kept(*p))
+        {
             let Some(other) = run.distribution_at(*position) else {
                 continue;
             };
@@ -62,11 +93,27 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
                     *position,
                     a as f64,
                     b as f64,
-                    format!("{}: the stream after position {cut} was {what}, and p(candidate {v}) at position {position} (before the cut) changed", run.label),
+                    format!("{}: {changed}, and p(candidate {v}) at position {position} ({before}) changed", run.label),
                 ));
             }
         }
-        if unchanged_after_cut(original.model(), run.model(), cut)? {
+        let unchanged = match &perturbed.ordering {
+            None => unchanged_after_cut(original.model(), run.model(), cut)?,
+            Some(o) => {
+                let c = perturbed.changed();
+                let later = |p: i64| p > 0 && p as usize != c && o.changeable(p as usize, c);
+                let mut compared = 0;
+                let moved = first_difference_at(
+                    original.model(),
+                    run.model(),
+                    later,
+                    &["model_p"],
+                    &mut compared,
+                )?;
+                moved.is_none() && compared > 0
+            }
+        };
+        if unchanged {
             return Ok(Finding::fail(
                 probes::PREFIX,
                 checked,
@@ -80,7 +127,7 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
             run.distributions()
                 .iter()
                 .map(|(p, _)| *p)
-                .filter(|p| *p <= cut && !asked_in_original.contains(p)),
+                .filter(|p| perturbed.kept(*p) && !asked_in_original.contains(p)),
         );
     }
     let n = asked_only_in_reruns.len();
@@ -90,11 +137,17 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
         .iter()
         .filter(|r| r.perturbed.kind == crate::perturb::Kind::Shuffle)
         .count();
+    let order = reruns
+        .iter()
+        .find_map(|r| r.perturbed.ordering.as_ref())
+        .map_or(String::new(), |o| {
+            format!(" in every declared order ({})", o.describe())
+        });
     Ok(Finding::pass(
         probes::PREFIX,
         checked,
         format!(
-            "{checked} values before the secret cuts (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {shuffles} shuffle cuts (which fall anywhere) with probability about (1−r)^{shuffles}, and the replace cuts too when it lies outside 5%–50%",
+            "{checked} values before the secret cuts{order} (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {shuffles} shuffle cuts (which fall anywhere) with probability about (1−r)^{shuffles}, and the replace cuts too when it lies outside 5%–50%",
             cuts.join(", "),
             escape_fraction(n),
         ),
@@ -462,4 +515,100 @@ pub(crate) fn sandbox_probe(original: &Run, reruns: &[Rerun]) -> Finding {
             reports.join("; ")
         ),
     )
+}
+
+/// The `order` finding for a scorer that declares its components' orders (`None` when it
+/// declares none): in each declared order alone, does a score before a cut move? The
+/// targets before the cut in one order but not in all are left as they were by every
+/// re-run, and what a score there may read in that order too; a score that moves there
+/// shows that order alone does not explain the scorer.
+pub(crate) fn order_probe(
+    original: &Run,
+    reruns: &[Rerun],
+    declared: &std::collections::BTreeMap<String, stage_api::order::DocumentOrder>,
+) -> Result<Option<Finding>, StageError> {
+    if declared.is_empty() {
+        return Ok(None);
+    }
+    let listed: Vec<String> = declared
+        .iter()
+        .map(|(component, order)| format!("{component} = {}", order.name()))
+        .collect();
+    let listed = listed.join(", ");
+    let orders = stage_api::order::declared_orders(declared.values());
+    if orders.len() == 1 {
+        return Ok(Some(Finding::pass(
+            probes::ORDER,
+            0,
+            format!("declared {listed}: one order, in which c1-prefix tests prefix invariance"),
+        )));
+    }
+    let mut checked = 0;
+    // Per order, the first score that moved where only that order keeps the prefix.
+    let mut moved: Vec<(DocumentOrder, Option<(probes::Difference, String, usize)>)> = Vec::new();
+    for order in &orders {
+        let mut found = None;
+        for rerun in reruns {
+            let Some(ordering) = &rerun.perturbed.ordering else {
+                continue;
+            };
+            let Some(o) = ordering.orders.iter().position(|x| x == order) else {
+                continue;
+            };
+            let c = rerun.perturbed.changed();
+            let alone = |p: i64| {
+                p > 0 && ordering.before_in(o, p as usize, c) && !ordering.kept(p as usize, c)
+            };
+            let run = rerun.read()?;
+            let (a, b) = (&original.end, &run.end);
+            if let Some(d) = first_difference_at(a, b, alone, a.compared_columns(), &mut checked)? {
+                found = Some((d, run.label.clone(), c));
+                break;
+            }
+        }
+        moved.push((*order, found));
+    }
+    let consistent: Vec<&str> = moved
+        .iter()
+        .filter(|(_, m)| m.is_none())
+        .map(|(o, _)| o.name())
+        .collect();
+    if !consistent.is_empty() {
+        return Ok(Some(Finding::pass(
+            probes::ORDER,
+            checked,
+            format!(
+                "declared {listed}; no score moved where only {} order keeps the prefix ({checked} values): consistent with {} order alone; c1-prefix tests the declared orders together",
+                consistent.join(" or "),
+                consistent.join(" or ")
+            ),
+        )));
+    }
+    let lines: Vec<String> = moved
+        .iter()
+        .filter_map(|(order, m)| {
+            let (d, label, c) = m.as_ref()?;
+            Some(format!(
+                "in {} order alone, {} at position {} (before the changed target {c} in that order, not in another) moved in {label} [{} vs {}]",
+                order.name(),
+                d.column,
+                d.position,
+                d.original,
+                d.perturbed
+            ))
+        })
+        .collect();
+    let (first, _, _) = moved[0].1.as_ref().expect("every order moved");
+    Ok(Some(Finding {
+        probe: probes::ORDER,
+        verdict: Verdict::Mismatch,
+        checked,
+        position: Some(first.position),
+        expected: Some(first.original),
+        observed: Some(first.perturbed),
+        detail: format!(
+            "declared {listed}: no single order reproduces the scores: {}; each component may still be causal in its own order (c1-prefix tests that), which is how #2135 was accepted (eval-techniques.md §5.4)",
+            lines.join("; ")
+        ),
+    }))
 }

@@ -18,6 +18,7 @@
 pub mod checklist;
 mod classes;
 mod judge;
+pub mod ordered;
 pub mod overlap;
 pub mod perturb;
 mod perturb_stage;

@@ -26,8 +26,14 @@
 //! the original run does, at other positions, so a scorer cannot tell the runs apart by
 //! the request and cannot be honest only where it is asked.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+use stage_api::order::{declared_orders, DocumentOrder};
 use stage_api::{check_param, StageError, StageParams};
+
+use crate::ordered::{perturb_in_order, Ordering};
 
 pub use crate::classes::Classes;
 pub use crate::proposal::{Proposal, PROPOSAL_ADD_K, PROPOSAL_BIGRAM_SHARE};
@@ -65,6 +71,11 @@ pub struct CutParams {
     pub original_seed: Option<u64>,
     /// The judge's secret; the pipeline fills it from the store's.
     pub secret: String,
+    /// The orders in which the scorer's components take the documents (its pass-1's
+    /// `order`; the pipeline copies it): the cut keeps what lies before it in every one
+    /// ([`crate::ordered`]). Absent: stream order.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub order: BTreeMap<String, DocumentOrder>,
 }
 
 impl Default for CutParams {
@@ -78,6 +89,7 @@ impl Default for CutParams {
             original_sample: None,
             original_seed: None,
             secret: String::new(),
+            order: BTreeMap::new(),
         }
     }
 }
@@ -133,12 +145,24 @@ pub struct Perturbed {
     pub probe_positions: Vec<i64>,
     /// `replace`: the replaced targets, in stream order.
     pub hidden: Vec<Hidden>,
+    /// Set for a cut in declared orders other than stream order alone: then the targets
+    /// kept are those before the changed one in every order, not those up to `cut`.
+    pub ordering: Option<Arc<Ordering>>,
 }
 
 impl Perturbed {
     /// The first changed target.
     pub fn changed(&self) -> usize {
         self.cut + 1
+    }
+
+    /// Whether the target at `position` keeps its token and all a legal scorer may read
+    /// for it, so that its score cannot move.
+    pub fn kept(&self, position: i64) -> bool {
+        match &self.ordering {
+            None => position <= self.cut as i64,
+            Some(o) => position >= 0 && o.kept(position as usize, self.changed()),
+        }
     }
 }
 
@@ -193,14 +217,23 @@ impl Secret {
         &mut self,
         range: std::ops::RangeInclusive<i64>,
         count: usize,
-        excluded: &std::collections::BTreeSet<i64>,
+        excluded: &BTreeSet<i64>,
+    ) -> Vec<i64> {
+        self.positions_among(range.filter(|p| !excluded.contains(p)), count)
+    }
+
+    /// `count` distinct positions of `candidates` (sorted), each with the same chance.
+    pub fn positions_among(
+        &mut self,
+        candidates: impl IntoIterator<Item = i64>,
+        count: usize,
     ) -> Vec<i64> {
         let key = self.next_u64();
         // The `count` smallest keys, kept in a bounded heap: memory in the sample's size,
         // not the stream's (62M positions at the challenge's scale).
         let mut smallest: std::collections::BinaryHeap<(u64, i64)> =
             std::collections::BinaryHeap::with_capacity(count + 1);
-        for p in range.filter(|p| !excluded.contains(p)) {
+        for p in candidates {
             let entry = (mix(key, p as u64), p);
             if smallest.len() < count {
                 smallest.push(entry);
@@ -286,9 +319,18 @@ pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
     Ok(changed - 1)
 }
 
-/// The perturbed stream for `cut` (see the module's documentation); `classes` are the
-/// vocabulary's (every token of `tokens` inside it).
-pub fn perturb(tokens: &[u16], classes: &Classes, cut: &CutParams) -> Result<Perturbed, String> {
+/// The perturbed stream for `cut` (see the module's documentation); `doc` is each
+/// token's document, `classes` are the vocabulary's (every token of `tokens` inside it).
+pub fn perturb(
+    tokens: &[u16],
+    doc: &[u32],
+    classes: &Classes,
+    cut: &CutParams,
+) -> Result<Perturbed, String> {
+    let orders = declared_orders(cut.order.values());
+    if orders != [DocumentOrder::Stream] {
+        return perturb_in_order(tokens, doc, classes, cut, Ordering::new(orders, doc));
+    }
     let vocab = classes.vocab();
     let k = cut_position(tokens, cut)?;
     let targets = tokens.len() - 1;
@@ -352,27 +394,37 @@ pub fn perturb(tokens: &[u16], classes: &Classes, cut: &CutParams) -> Result<Per
             }
         }
     }
-    // As many as the original asked for (none when it asked for none: a re-run may not
-    // be told apart by what it asks), one of them the changed target.
-    let count = match (cut.sample, cut.original().0) {
-        (0, n) | (n, _) => n,
-    };
-    let mut excluded: std::collections::BTreeSet<i64> = hidden.iter().map(|h| h.position).collect();
-    excluded.insert(changed as i64);
-    let mut probe_positions = Vec::new();
-    if count > 0 {
-        probe_positions =
-            Secret::new(cut, "probe").positions(1..=targets as i64, count - 1, &excluded);
-        probe_positions.push(changed as i64);
-        probe_positions.sort_unstable();
-    }
+    let excluded = hidden.iter().map(|h| h.position).collect();
     Ok(Perturbed {
         kind: cut.kind,
         cut: k,
         tokens: out,
-        probe_positions,
+        probe_positions: probe_positions(cut, targets, changed, excluded),
         hidden,
+        ordering: None,
     })
+}
+
+/// Where a re-run is asked for whole distributions: as many positions as the original
+/// asked for (none when it asked for none: a re-run may not be told apart by what it
+/// asks), one of them the changed target, none hidden.
+pub(crate) fn probe_positions(
+    cut: &CutParams,
+    targets: usize,
+    changed: usize,
+    mut excluded: BTreeSet<i64>,
+) -> Vec<i64> {
+    let count = match (cut.sample, cut.original().0) {
+        (0, n) | (n, _) => n,
+    };
+    excluded.insert(changed as i64);
+    let mut positions = Vec::new();
+    if count > 0 {
+        positions = Secret::new(cut, "probe").positions(1..=targets as i64, count - 1, &excluded);
+        positions.push(changed as i64);
+        positions.sort_unstable();
+    }
+    positions
 }
 
 #[cfg(test)]
@@ -419,12 +471,16 @@ mod tests {
         let rule = rule(13);
         for draw in 0..50 {
             for kind in [Kind::Shuffle, Kind::Replace] {
-                let p = perturb(&tokens, &rule, &secret(kind, draw)).unwrap();
+                let p = perturb(&tokens, &one_doc(&tokens), &rule, &secret(kind, draw)).unwrap();
                 let (old, new) = (tokens[p.changed()], p.tokens[p.changed()]);
                 assert!(rule.flipped(old, new), "{kind:?} {draw}: {old} -> {new}");
                 assert_ne!(rule.of(new), 0, "a boundary in running text");
             }
         }
+    }
+
+    fn one_doc(tokens: &[u16]) -> Vec<u32> {
+        vec![0; tokens.len()]
     }
 
     fn stream() -> Vec<u16> {
@@ -435,7 +491,7 @@ mod tests {
     fn a_shuffle_keeps_the_prefix_permutes_the_suffix_and_moves_the_first_target() {
         let tokens = stream();
         let cut = secret(Kind::Shuffle, 1);
-        let p = perturb(&tokens, &rule(13), &cut).unwrap();
+        let p = perturb(&tokens, &one_doc(&tokens), &rule(13), &cut).unwrap();
         assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         let (mut a, mut b) = (
@@ -447,7 +503,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(
             p,
-            perturb(&tokens, &rule(13), &cut).unwrap(),
+            perturb(&tokens, &one_doc(&tokens), &rule(13), &cut).unwrap(),
             "the secret fixes it"
         );
         assert!(p.hidden.is_empty());
@@ -461,15 +517,15 @@ mod tests {
             secret: "another".into(),
             ..a.clone()
         };
-        let pa = perturb(&tokens, &rule(13), &a).unwrap();
+        let pa = perturb(&tokens, &one_doc(&tokens), &rule(13), &a).unwrap();
         let original = stage_api::sample_positions(9_999, 64, 1337);
         for cut in [&a, &b, &other_secret] {
-            let p = perturb(&tokens, &rule(13), cut).unwrap();
+            let p = perturb(&tokens, &one_doc(&tokens), &rule(13), cut).unwrap();
             assert!(original.contains(&(p.changed() as i64)), "{}", p.cut);
             assert!(p.cut >= 1 && p.cut < 9_998, "{}", p.cut);
         }
-        let pb = perturb(&tokens, &rule(13), &b).unwrap();
-        let pc = perturb(&tokens, &rule(13), &other_secret).unwrap();
+        let pb = perturb(&tokens, &one_doc(&tokens), &rule(13), &b).unwrap();
+        let pc = perturb(&tokens, &one_doc(&tokens), &rule(13), &other_secret).unwrap();
         assert_ne!(pa.probe_positions, pb.probe_positions);
         assert_ne!(pa.probe_positions, pc.probe_positions);
         assert_ne!(pa.tokens, pc.tokens);
@@ -477,7 +533,13 @@ mod tests {
 
     #[test]
     fn a_rerun_asks_as_many_positions_as_the_original_the_changed_one_among_them() {
-        let p = perturb(&stream(), &rule(13), &secret(Kind::Shuffle, 1)).unwrap();
+        let p = perturb(
+            &stream(),
+            &one_doc(&stream()),
+            &rule(13),
+            &secret(Kind::Shuffle, 1),
+        )
+        .unwrap();
         assert_eq!(p.probe_positions.len(), 64);
         assert!(p.probe_positions.contains(&(p.changed() as i64)));
         assert!(p.probe_positions.windows(2).all(|w| w[0] < w[1]));
@@ -493,7 +555,13 @@ mod tests {
     #[test]
     fn a_replace_hides_its_positions_and_records_the_proposal() {
         let tokens = stream();
-        let p = perturb(&tokens, &rule(13), &secret(Kind::Replace, 3)).unwrap();
+        let p = perturb(
+            &tokens,
+            &one_doc(&tokens),
+            &rule(13),
+            &secret(Kind::Replace, 3),
+        )
+        .unwrap();
         assert_eq!(p.tokens[..=p.cut], tokens[..=p.cut]);
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         assert!(p.cut < 5_000, "a replace cut leaves room: {}", p.cut);
@@ -541,7 +609,7 @@ mod tests {
     #[test]
     fn a_constant_suffix_cannot_be_shuffled() {
         let tokens = vec![3u16; 100];
-        let err = perturb(&tokens, &rule(4), &CutParams::default()).unwrap_err();
+        let err = perturb(&tokens, &one_doc(&tokens), &rule(4), &CutParams::default()).unwrap_err();
         assert!(err.contains("no shuffle can change"), "{err}");
     }
 
@@ -568,7 +636,7 @@ mod tests {
                 original_sample: Some(0),
                 ..secret(Kind::Shuffle, draw)
             };
-            let p = perturb(&tokens, &rule(13), &cut).unwrap();
+            let p = perturb(&tokens, &one_doc(&tokens), &rule(13), &cut).unwrap();
             assert!(p.changed() <= 8_999, "{}", p.changed());
             assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
         }

@@ -62,7 +62,8 @@ impl Stage for PerturbStage {
         // stream read block by block (the draws changed; found by `audit`, which rebuilt a
         // version-2 artifact with another cut). 4: shuffle cuts anywhere a shuffle can still
         // change a target (they stopped at 95%), the changed target of another class. 5:
-        // that class read from byte-level BPE pieces too, never a boundary.
+        // that class read from byte-level BPE pieces too, never a boundary. (A cut in
+        // declared orders, `order`, is new and leaves stream cuts as they were.)
         version: 5,
         summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
         inputs: &[Input::required(
@@ -97,9 +98,14 @@ impl Stage for PerturbStage {
         }
         let classes = read_classes(&tokens.file("vocab.parquet"), &rule)?;
         let perturbed =
-            perturb(&val, &classes, &cut).map_err(|m| StageError::input(&val_path, m))?;
+            perturb(&val, &doc, &classes, &cut).map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
-        for (pair, b) in changed.skip(perturbed.cut) {
+        // In declared orders, targets before the cut in stream order may change too.
+        let first = match perturbed.ordering {
+            Some(_) => 0,
+            None => perturbed.cut,
+        };
+        for (pair, b) in changed.skip(first) {
             *b = rule.target_bytes(pair[0], pair[1]);
         }
         TokenTable {
@@ -116,7 +122,7 @@ impl Stage for PerturbStage {
             &perturbed.probe_positions,
         )?;
         let changed = perturbed.changed();
-        let record = serde_json::json!({
+        let mut record = serde_json::json!({
             "kind": perturbed.kind,
             "cut": perturbed.cut,
             "changed": changed,
@@ -125,6 +131,9 @@ impl Stage for PerturbStage {
             "hidden": perturbed.hidden.len(),
             "probe_positions": perturbed.probe_positions.len(),
         });
+        if let Some(ordering) = &perturbed.ordering {
+            record["order"] = serde_json::Value::from(ordering.describe());
+        }
         let path = ctx.output("perturbation.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&record).expect("json"))
             .map_err(|e| StageError::io(&path, e))?;

@@ -14,12 +14,15 @@ pub const BLIND: &str = "c2-blind";
 pub const COVERAGE: &str = "coverage";
 pub const BYTES: &str = "bytes";
 pub const SANDBOX: &str = "sandbox";
+/// A scorer that declares its components' document orders (eval-techniques.md §5.4):
+/// whether one order alone explains its scores. Shown only where an order is declared.
+pub const ORDER: &str = "order";
 /// The reviewer's checklist beyond C1–C4 (`overlap` and `artifact` nodes wired into a
 /// judge): shown only where wired.
 pub const OVERLAP: &str = "overlap";
 pub const ARTIFACT: &str = "artifact";
-pub const PROBES: [&str; 9] = [
-    PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX, OVERLAP, ARTIFACT,
+pub const PROBES: [&str; 10] = [
+    PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX, ORDER, OVERLAP, ARTIFACT,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -27,6 +30,9 @@ pub const PROBES: [&str; 9] = [
 pub enum Verdict {
     Pass,
     Fail,
+    /// The `order` finding: no single order reproduces the scores, while each component
+    /// is causal in its own (what #2135 was accepted with). Neither a pass nor a failure.
+    Mismatch,
 }
 
 impl Verdict {
@@ -34,6 +40,7 @@ impl Verdict {
         match self {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
+            Verdict::Mismatch => "mismatch",
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -409,4 +409,62 @@ pub(crate) fn unchanged_after_cut(
         .enumerate()
         .filter(|(_, &p)| p > cut + 1)
         .all(|(row, _)| a[row].to_bits() == b[row].to_bits()))
+}
+
+/// The first difference (the earliest position) between two tables' `columns` at the
+/// positions `selected` picks, matched by position: for a cut in declared orders, whose
+/// kept targets are not a prefix of either table.
+pub(crate) fn first_difference_at(
+    a: &Table,
+    b: &Table,
+    selected: impl Fn(i64) -> bool,
+    columns: &[&str],
+    checked: &mut u64,
+) -> Result<Option<probes::Difference>, StageError> {
+    let (pa, pb) = (a.positions.to_slice(), b.positions.to_slice());
+    let rows_a: Vec<usize> = (0..pa.len()).filter(|&r| selected(pa[r])).collect();
+    let in_b = b.first_rows(rows_a.iter().map(|&r| pa[r]));
+    let mut earliest: Option<probes::Difference> = None;
+    let mut keep = |d: probes::Difference| {
+        if earliest.as_ref().is_none_or(|e| d.position < e.position) {
+            earliest = Some(d);
+        }
+    };
+    let missing = |row: usize, position: i64, in_a: bool| probes::Difference {
+        row,
+        position,
+        column: "position".into(),
+        original: if in_a { position as f64 } else { f64::NAN },
+        perturbed: if in_a { f64::NAN } else { position as f64 },
+    };
+    // Scored in one run and not the other.
+    for &r in rows_a.iter().filter(|&&r| !in_b.contains_key(&pa[r])) {
+        keep(missing(r, pa[r], true));
+    }
+    let in_a: HashSet<i64> = rows_a.iter().map(|&r| pa[r]).collect();
+    for (r, &p) in pb.iter().enumerate() {
+        if selected(p) && !in_a.contains(&p) {
+            keep(missing(r, p, false));
+        }
+    }
+    for &name in columns {
+        let (x, y) = (a.column(name)?, b.column(name)?);
+        for &r in &rows_a {
+            let Some(&rb) = in_b.get(&pa[r]) else {
+                continue;
+            };
+            *checked += 1;
+            if x[r].to_bits() != y[rb].to_bits() {
+                keep(probes::Difference {
+                    row: r,
+                    position: pa[r],
+                    column: name.into(),
+                    original: x[r],
+                    perturbed: y[rb],
+                });
+                break;
+            }
+        }
+    }
+    Ok(earliest)
 }

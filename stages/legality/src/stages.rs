@@ -14,7 +14,9 @@ use stage_api::{
 };
 
 use crate::checklist::{read_finding, FINDING, FINDING_READ};
-use crate::judge::{blind_probe, normalised_probe, prefix_probe, sandbox_probe, target_probe};
+use crate::judge::{
+    blind_probe, normalised_probe, order_probe, prefix_probe, sandbox_probe, target_probe,
+};
 use crate::perturb::{perturb, CutParams, Kind};
 use crate::perturb_stage::{read_classes, VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
@@ -195,6 +197,7 @@ impl Stage for LegalityStage {
             inherit: &[
                 ("distributions", "mass_sample", "original_sample"),
                 ("distributions", "mass_seed", "original_seed"),
+                ("distributions", "order", "order"),
             ],
             secret_seeds: &[("distributions", "mass_seed")],
             companion: Some(("distributions", "pass1", &PASS1_INPUTS)),
@@ -222,6 +225,7 @@ impl Stage for LegalityStage {
         let tokens_input = ctx.input("tokens")?;
         let val_path = tokens_input.file("val.parquet");
         let tokens = read_column::<UInt16Type>(&val_path, "token")?;
+        let doc = read_column::<arrow::datatypes::UInt32Type>(&val_path, "doc")?;
         let vocab_path = tokens_input.file("vocab.parquet");
         let rule = text::sentencepiece::ByteTable::read_vocab(&vocab_path)?;
         if let Some(bad) = rule.first_unknown(&tokens) {
@@ -244,7 +248,8 @@ impl Stage for LegalityStage {
                 .cuts
                 .par_iter()
                 .map(|cut| {
-                    perturb(&tokens, &classes, cut).map_err(|m| StageError::input(&val_path, m))
+                    perturb(&tokens, &doc, &classes, cut)
+                        .map_err(|m| StageError::input(&val_path, m))
                 })
                 .collect::<Result<_, _>>()?
         };
@@ -319,6 +324,17 @@ impl Stage for LegalityStage {
         let checked_bytes = probes::check_bytes(&tokens, &rule, positions, &bits, &bytes);
         record(&mut report, "bytes", checked_bytes);
         record(&mut report, "sandbox", sandbox_probe(&original, &reruns));
+        // The orders the chain's pass-1 declares (every cut inherits them).
+        let declared = params
+            .cuts
+            .iter()
+            .map(|cut| &cut.order)
+            .find(|order| !order.is_empty())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(order) = order_probe(&original, &reruns, &declared)? {
+            record(&mut report, "order", order);
+        }
         for name in ["overlap", "artifact"] {
             if let Some(input) = ctx.inputs.get(name) {
                 record(&mut report, name, read_finding(&input.file(FINDING))?);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use gpt::{Device, Numerics};
 use serde::{Deserialize, Serialize};
-use stage_api::{check_param, windows::Tail, StageError, StageParams};
+use stage_api::{check_param, order::DocumentOrder, windows::Tail, StageError, StageParams};
 
 use crate::MAX_MASS_SAMPLE;
 
@@ -132,6 +132,12 @@ pub struct CommandParams {
     /// As for the bigram: how many positions get their whole distribution asked for.
     pub mass_sample: usize,
     pub mass_seed: u64,
+    /// The order in which each of the scorer's components takes the val documents, e.g.
+    /// `{ hints = "stream", ttt = "longest_first" }` (absent: stream order). Not passed
+    /// to the scorer: the legality probes test prefix invariance in these orders
+    /// (docs/legality.md).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub order: BTreeMap<String, DocumentOrder>,
 }
 
 impl Default for CommandParams {
@@ -144,6 +150,7 @@ impl Default for CommandParams {
             read: Vec::new(),
             mass_sample: 4096,
             mass_seed: 1337,
+            order: BTreeMap::new(),
         }
     }
 }
@@ -160,6 +167,12 @@ impl StageParams for Pass1Params {
                     ));
                 }
                 check_param("timeout_s", p.timeout_s, 1..=7 * 24 * 3600, "seconds")?;
+                if p.order.keys().any(|component| component.is_empty()) {
+                    return Err(StageError::invalid_param(
+                        "order",
+                        "name each component, e.g. { hints = \"stream\", ttt = \"longest_first\" }",
+                    ));
+                }
                 (1.0, p.mass_sample)
             }
             Pass1Params::Bigram(p) => {
