@@ -108,12 +108,15 @@ const MATRIX: &[Ruled] = &[
     ),
     // §5.4: legal as ruled, with hints in stream order and training longest first. On
     // the Python docs stream (the demo's val set is one document), against its own base.
-    ruled(
-        "base_docs",
-        "the base bigram on the Python docs",
-        "(the base of the row below)",
-        [true; 4],
-    ),
+    Ruled {
+        base: "base_docs",
+        ..ruled(
+            "base_docs",
+            "the base bigram on the Python docs",
+            "(the base of the row below)",
+            [true; 4],
+        )
+    },
     Ruled {
         chain: "tilt_ttt",
         technique:
