@@ -17,6 +17,7 @@ mod chain;
 mod legality;
 mod overlap;
 mod remote;
+mod tilt;
 
 use chain::cache_chain_project;
 
@@ -106,6 +107,8 @@ pub enum Section {
     /// The `overlap` probe: the val set's windows against --train-shards shards of 100M
     /// training tokens. Not part of `all`: it writes 200 MB of shards per 100M tokens.
     Overlap,
+    /// The n-gram tilt: the `hints` stage over the val stream (62M targets by default).
+    Tilt,
     /// Push and pull through a remote store: the demo store and the 62M-target chain.
     /// Not part of `all`: it needs a server (`--remote URL`, or the tests' s3s-fs).
     Remote,
@@ -153,6 +156,12 @@ pub fn run(
     }
     if section == Section::Overlap {
         return overlap::overlap(&scratch, repeats, tokens, train_shards);
+    }
+    if matches!(section, Section::Tilt | Section::All) {
+        tilt::tilt(&scratch, repeats, tokens)?;
+        if section == Section::Tilt {
+            return Ok(());
+        }
     }
     if matches!(section, Section::Cache | Section::All) {
         chain::cache_chain(&scratch, repeats, tokens, shard.as_deref())?;

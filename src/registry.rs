@@ -26,6 +26,7 @@ impl Registry {
         registry.register(Box::new(legality::LegalityStage));
         registry.register(Box::new(legality::OverlapStage));
         registry.register(Box::new(legality::ArtifactStage));
+        registry.register(Box::new(tilt::HintsStage));
         registry
     }
 

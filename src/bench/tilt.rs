@@ -1,0 +1,57 @@
+//! The n-gram tilt at the challenge's scale, run as a user runs it: the `hints` stage over
+//! the val stream (`--tokens`, 62M by default: the cache bench's copy-span stream, 60% of
+//! whose documents copy a shared text, so that contexts recur and hints fire), through
+//! this very binary.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use super::{median, timed, timed_with_rss};
+
+pub(super) fn tilt(scratch: &Path, repeats: usize, targets: usize) -> Result<()> {
+    let dir = scratch.join("tilt");
+    // One token more than targets: the first is only a context.
+    let tokens = targets + 1;
+    std::fs::create_dir_all(dir.join("shards"))?;
+    let shard = dir.join("shards/fineweb_val_000000.bin");
+    let size = (text::shards::HEADER_BYTES + 2 * tokens) as u64;
+    if std::fs::metadata(&shard).map(|m| m.len()).ok() != Some(size) {
+        std::fs::write(
+            &shard,
+            text::shards::encode_shard(&cache::synthetic::copy_span_stream(tokens)),
+        )?;
+    }
+    let node = super::chain::shard_tokens_node("shards/fineweb_val_*.bin")?;
+    std::fs::write(
+        dir.join("pipeline.toml"),
+        format!("{node}\n[nodes.hints]\nstage = \"hints\"\ninputs.tokens = \"tokens\"\n"),
+    )?;
+    timed(&dir, &["run", "-q", "--until", "tokens"])?;
+    let (mut runs, mut peaks) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (seconds, peak) =
+            timed_with_rss(&dir, &["run", "-q", "--until", "hints", "--force", "hints"])?;
+        runs.push(seconds);
+        peaks.push(peak as f64);
+    }
+    let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
+    println!(
+        "hints: {targets} targets in {:.2} s (runs {} s), peak RSS {:.2} GB",
+        median(runs.clone()),
+        shown.join(", "),
+        median(peaks) / 1e9
+    );
+    let report = std::process::Command::new(std::env::current_exe()?)
+        .args(["show", "hints"])
+        .current_dir(&dir)
+        .output()?;
+    for line in String::from_utf8_lossy(&report.stdout).lines().filter(|l| {
+        ["kernel", "write", "gated", "gate_rate"]
+            .iter()
+            .any(|k| l.contains(k))
+    }) {
+        println!("  {}", line.trim());
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! The legal n-gram tilt (eval-techniques.md §1), the technique that replaced
+//! CacheMoney's cache: from the prefix alone, a hashed 15-token context proposes one hint
+//! token; when the context's past continuations agree strongly enough, the hint's logit
+//! gets a boost and the distribution is renormalised exactly. Causal, normalised and
+//! independent of the target.
+//!
+//! [`kernel`] computes the hints exactly as #2135 does, partitioned by context key;
+//! [`tilt`] applies one; [`hints`] is the stage adapter.
+
+pub mod hints;
+pub mod kernel;
+pub mod tilt;
+
+pub use hints::{HintsParams, HintsStage, HINTS_TABLE};
