@@ -27,6 +27,7 @@ impl Registry {
         registry.register(Box::new(legality::OverlapStage));
         registry.register(Box::new(legality::ArtifactStage));
         registry.register(Box::new(tilt::HintsStage));
+        registry.register(Box::new(tilt::TiltStage));
         registry
     }
 

@@ -138,6 +138,7 @@ impl StageSpec {
             let path = dir.join(&file_name);
             expected.insert(file_name.clone());
             match &output.what {
+                Produced::Table(_) if output.only_with.is_some() && !path.exists() => {}
                 Produced::Table(columns) => {
                     let file = File::open(&path).map_err(|e| {
                         format!(
@@ -340,6 +341,9 @@ pub struct Output {
     /// The table's name (its file is `NAME.parquet`), or the file's name.
     pub name: &'static str,
     pub what: Produced,
+    /// A table written only when this input is wired (`pass1`'s `hint_p`, with
+    /// `inputs.hints`); a reader finds out at run time.
+    pub only_with: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -357,6 +361,20 @@ impl Output {
         Output {
             name,
             what: Produced::Table(columns),
+            only_with: None,
+        }
+    }
+
+    /// A table written only when `input` is wired.
+    pub const fn table_with(
+        name: &'static str,
+        columns: &'static [Column],
+        input: &'static str,
+    ) -> Output {
+        Output {
+            name,
+            what: Produced::Table(columns),
+            only_with: Some(input),
         }
     }
 
@@ -367,6 +385,7 @@ impl Output {
                 help,
                 conditional: false,
             },
+            only_with: None,
         }
     }
 
@@ -378,6 +397,7 @@ impl Output {
                 help,
                 conditional: true,
             },
+            only_with: None,
         }
     }
 

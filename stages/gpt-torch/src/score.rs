@@ -21,6 +21,8 @@ pub struct Scores {
     /// The whole tempered distribution at the requested sample positions (the first time
     /// each is scored), sorted by position.
     pub distributions: Vec<(i64, Vec<f32>)>,
+    /// Per entry, the probability of the n-gram tilt's hint (with hints; else empty).
+    pub hint_p: Vec<f32>,
 }
 
 /// Runs the model over `tokens` (the whole val stream) window by window, `batch` windows
@@ -34,6 +36,21 @@ pub fn score(
     stride: usize,
     tail: Tail,
     batch: usize,
+    temperature: f64,
+    sample: &[i64],
+    progress: impl FnMut(usize),
+) -> Scores {
+    let windows = (stride, tail, batch);
+    score_with_hints(model, tokens, &[], windows, temperature, sample, progress)
+}
+
+/// [`score`], and with `hints` (one per target, by position − 1; empty: none) each
+/// entry's probability of its hint, gathered from the same distribution as its target's.
+pub fn score_with_hints(
+    model: &Gpt,
+    tokens: &[u16],
+    hints: &[u16],
+    (stride, tail, batch): (usize, Tail, usize),
     temperature: f64,
     sample: &[i64],
     mut progress: impl FnMut(usize),
@@ -78,6 +95,17 @@ pub fn score(
                 let h = entropy
                     .get(row as i64)
                     .narrow(0, w.first_scored as i64, count);
+                if !hints.is_empty() {
+                    let hinted: Vec<i64> = (w.first_scored..w.len)
+                        .map(|j| hints[w.start + j] as i64)
+                        .collect();
+                    let q = rows
+                        .gather(1, &Tensor::from_slice(&hinted).unsqueeze(1), false)
+                        .exp()
+                        .squeeze_dim(1);
+                    out.hint_p
+                        .extend(Vec::<f32>::try_from(&q).expect("f32 values"));
+                }
                 for j in scored.clone() {
                     let position = (w.start + j as usize + 1) as i64;
                     if wanted.remove(&position) {

@@ -405,12 +405,15 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
     let n_ctx = model.config().seq_len as usize;
     let windows = score::windows(val.len() - 1, n_ctx, options.stride, options.tail).len();
     let bar = ctx.progress(windows as u64, "pass-1 windows");
-    let scores = score::score(
+    let hints = match ctx.inputs.get("hints") {
+        Some(h) => pass1::hints::read_hints(h, val.len() - 1)?,
+        None => Vec::new(),
+    };
+    let scores = score::score_with_hints(
         &model,
         &val,
-        options.stride,
-        options.tail,
-        options.batch,
+        &hints,
+        (options.stride, options.tail, options.batch),
         params.temperature,
         &pass1::probe_positions(tokens, val.len() - 1, params.mass_sample, params.mass_seed)?,
         |done| bar.inc(done as u64),
@@ -428,6 +431,7 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
     }
 
     let started = Instant::now();
+    let hint = hints;
     let table = Pass1Table {
         bytes: scores
             .position
@@ -438,9 +442,12 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
         model_p: scores.model_p,
         entropy: scores.entropy,
         distributions: scores.distributions,
+        hint,
+        hint_p: scores.hint_p,
     };
     table.write(&ctx.output("pass1.parquet"))?;
     table.write_distributions(&ctx.output("distributions.parquet"))?;
+    table.write_hint_p(&ctx.output("hint_p.parquet"))?;
     report.phase("write", started);
     let summary = table.summary();
     report.summary = summary.summary;

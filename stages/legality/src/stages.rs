@@ -188,7 +188,8 @@ impl Stage for LegalityStage {
         reruns: Some(Reruns {
             input: "chain",
             label_param: Some("chain"),
-            members: &["scores", "pass1", "matches", "calibration.json"],
+            // A tilt chain's hints are recomputed on each perturbed stream too.
+            members: &["scores", "pass1", "matches", "calibration.json", "hints"],
             source_table: "val",
             param: "cuts",
             stage: "perturb",

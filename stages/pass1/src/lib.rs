@@ -28,6 +28,7 @@ use stage_api::{
 };
 
 pub mod command;
+pub mod hints;
 mod params;
 pub use params::{BigramParams, CommandParams, GptParams, ImportParams, Pass1Params};
 
@@ -80,6 +81,8 @@ impl Stage for Pass1Stage {
                 "model",
                 &[Read::file("model.safetensors"), Read::file("config.json")],
             ),
+            // The n-gram tilt's hints: then `hint_p` is written (bigram and gpt).
+            Input::optional("hints", &[Read::table("hints", &["position", "hint"])]),
         ],
         files: &[
             FileRole {
@@ -96,6 +99,7 @@ impl Stage for Pass1Stage {
         outputs: &[
             Output::table("pass1", PASS1_TABLE),
             Output::table("distributions", DISTRIBUTIONS_TABLE),
+            Output::table_with("hint_p", hints::HINT_P_TABLE, "hints"),
             Output::file_if(
                 command::SCORER_LOG,
                 "model = \"command\": the scorer's stdout and stderr (volatile: not hashed)",
@@ -137,6 +141,9 @@ impl Stage for Pass1Stage {
             _ if has_scorer && !matches!(params, Pass1Params::Command(_)) => {
                 Err("files.scorer is for model = \"command\"".into())
             }
+            Pass1Params::Import(_) | Pass1Params::Command(_) if inputs.contains(&"hints") => Err(
+                "inputs.hints is read by model = \"bigram\" and model = \"gpt\" (an imported table or a scorer process cannot give the hint's probability yet)".into(),
+            ),
             _ => Ok(()),
         }
     }
@@ -173,7 +180,11 @@ impl Stage for Pass1Stage {
                     read_column::<UInt16Type>(&tokens.file("vocab.parquet"), "id")?.len();
                 let kept =
                     probe_positions(tokens, val.len() - 1, bigram.mass_sample, bigram.mass_seed)?;
-                bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram, &kept)
+                let hints = match ctx.inputs.get("hints") {
+                    Some(h) => hints::read_hints(h, val.len() - 1)?,
+                    None => Vec::new(),
+                };
+                bigram_pass1(&train, &val, &val_bytes, vocab_size, bigram, &kept, hints)
                     .map_err(|m| StageError::input(&train_path, m))?
             }
             Pass1Params::Import(_) => {
@@ -188,6 +199,7 @@ impl Stage for Pass1Stage {
         let mut report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
+        table.write_hint_p(&ctx.output("hint_p.parquet"))?;
         report.volatile_files = volatile;
         if let Some(numerics) = Self::numerics(&params) {
             report = report.with_volatile(stage_api::NUMERICS_KEY, numerics);
@@ -234,6 +246,10 @@ pub struct Pass1Table {
     /// The whole tempered next-token distribution at a few target positions (see
     /// [`mass_sample_positions`]), sorted by position.
     pub distributions: Vec<(i64, Vec<f32>)>,
+    /// With `inputs.hints`: the hint of each target (by position − 1) and, per entry,
+    /// the model's probability of it; empty without.
+    pub hint: Vec<u16>,
+    pub hint_p: Vec<f32>,
 }
 
 pub fn distributions_schema() -> Arc<Schema> {
@@ -290,6 +306,20 @@ impl Pass1Table {
             )
     }
 
+    /// Writes `hint_p.parquet` when the table has hints.
+    pub fn write_hint_p(&self, path: &std::path::Path) -> Result<(), StageError> {
+        if self.hint_p.is_empty() {
+            return Ok(());
+        }
+        let hint: Vec<u16> = self
+            .position
+            .iter()
+            .map(|&p| self.hint[p as usize - 1])
+            .collect();
+        hints::write_hint_p(path, &self.position, &hint, &self.hint_p)?;
+        Ok(())
+    }
+
     /// Writes `distributions.parquet` (possibly with no rows: the model kept none).
     pub fn write_distributions(&self, path: &std::path::Path) -> Result<u64, StageError> {
         let schema = distributions_schema();
@@ -332,7 +362,8 @@ impl Pass1Table {
 }
 
 /// Add-k bigram on `train`, scored on every val target 1..T (non-overlapping: one entry
-/// per position), with the distribution tempered before p and entropy are taken.
+/// per position), with the distribution tempered before p and entropy are taken; with
+/// `hints` (one per target, by position − 1; empty: none), each hint's probability too.
 pub fn bigram_pass1(
     train: &[u16],
     val: &[u16],
@@ -340,6 +371,7 @@ pub fn bigram_pass1(
     vocab_size: usize,
     params: &BigramParams,
     kept: &[i64],
+    hints: Vec<u16>,
 ) -> Result<Pass1Table, String> {
     if vocab_size > BIGRAM_MAX_VOCAB {
         return Err(format!("the bigram model keeps a dense table and supports vocabularies up to {BIGRAM_MAX_VOCAB} (this one has {vocab_size})"));
@@ -403,7 +435,14 @@ pub fn bigram_pass1(
         table.model_p.push(rows[prev].0[token]);
         table.entropy.push(rows[prev].1);
         table.bytes.push(val_bytes[p]);
+        if let Some(&hint) = hints.get(p - 1) {
+            let p_hint = rows[prev].0.get(hint as usize).ok_or_else(|| {
+                format!("hint token {hint} is outside the vocabulary ({v} entries)")
+            })?;
+            table.hint_p.push(*p_hint);
+        }
     }
+    table.hint = hints;
     Ok(table)
 }
 
@@ -466,7 +505,7 @@ pub fn import_pass1(path: &std::path::Path, val_bytes: &[u8]) -> Result<Pass1Tab
         model_p,
         entropy,
         bytes,
-        distributions: Vec::new(),
+        ..Pass1Table::default()
     })
 }
 
@@ -535,7 +574,7 @@ mod tests {
         let bytes = vec![0, 1, 1, 1, 1, 1];
         let params = BigramParams::default();
         let kept = mass_sample_positions(val.len() - 1, params.mass_sample, params.mass_seed);
-        let table = bigram_pass1(&train, &val, &bytes, 8, &params, &kept).unwrap();
+        let table = bigram_pass1(&train, &val, &bytes, 8, &params, &kept, Vec::new()).unwrap();
         assert_eq!(table.position, vec![1, 2, 3, 4, 5]);
         // 0 → 1 is what train always does: close to 1, and sharper than untempered.
         assert!(table.model_p[0] > 0.99, "{}", table.model_p[0]);

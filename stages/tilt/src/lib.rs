@@ -5,10 +5,12 @@
 //! independent of the target.
 //!
 //! [`kernel`] computes the hints exactly as #2135 does, partitioned by context key;
-//! [`tilt`] applies one; [`hints`] is the stage adapter.
+//! [`tilt`] applies one; [`hints`] and `stage` (`tilt`) are the stage adapters.
 
 pub mod hints;
 pub mod kernel;
+mod stage;
 pub mod tilt;
 
 pub use hints::{HintsParams, HintsStage, HINTS_TABLE};
+pub use stage::{TiltParams, TiltStage, TILTED_TABLE};

@@ -1,0 +1,353 @@
+//! The `tilt` stage: a pass-1 with its hints' probabilities, tilted. Its output has a
+//! pass-1's shape (a model on top of a model: `model_p` is the tilted probability of the
+//! target, `entropy` the tilted distribution's, the kept distributions tilted too), so
+//! that the legality probes, `compare`, the report and SQL treat a tilt chain like any
+//! other, and it keeps, per entry, the base probability, the hint and whether it fired.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array,
+};
+use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
+use serde::{Deserialize, Serialize};
+use stage_api::{
+    arrow_schema, read_column, write_parquet, write_parquet_parallel, Column, ColumnType::*, Input,
+    Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport,
+    StageSpec,
+};
+
+use crate::hints::THRESHOLD;
+use crate::tilt::tilted;
+
+pub struct TiltStage;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TiltParams {
+    /// Added to the hint's logit where the gate is open (#2135: 2.625).
+    pub beta: f64,
+    /// The gate: a hint fires when its context's share is at least this, compared in
+    /// f32 as the reference does (#2135: 0.8).
+    pub threshold: f32,
+}
+
+impl Default for TiltParams {
+    fn default() -> Self {
+        TiltParams {
+            beta: 2.625,
+            threshold: THRESHOLD,
+        }
+    }
+}
+
+impl StageParams for TiltParams {
+    fn validate(&self) -> Result<(), StageError> {
+        if !(self.beta.is_finite() && self.beta >= 0.0 && self.beta <= 20.0) {
+            return Err(StageError::invalid_param(
+                "beta",
+                format!("{} is not in [0, 20]", self.beta),
+            ));
+        }
+        if !(self.threshold >= 0.0 && self.threshold <= 1.0) {
+            return Err(StageError::invalid_param(
+                "threshold",
+                format!("{} is not a share in [0, 1]", self.threshold),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The tilted pass-1: its first four columns are a pass-1's, then what the tilt did.
+pub const TILTED_TABLE: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("model_p", F32),
+    Column::new("entropy", F32),
+    Column::new("bytes", U8),
+    Column::new("base_p", F32),
+    Column::new("hint", U16),
+    Column::new("hint_p", F32),
+    Column::new("fired", Bool),
+    Column::derived(
+        "bits",
+        F64,
+        "-ln(greatest(model_p, 1e-12)) / 0.6931471805599453",
+    ),
+];
+
+const DISTRIBUTIONS: &[Column] = &[
+    Column::new("position", I64),
+    Column::new("candidate", U16),
+    Column::new("model_p", F32),
+];
+
+impl Stage for TiltStage {
+    type Params = TiltParams;
+
+    const SPEC: StageSpec = StageSpec {
+        kind: "tilt",
+        version: 1,
+        summary: "pass-1 (with inputs.hints) + hints -> the pass-1 with each fired hint's logit boosted by beta and the distribution renormalised (the legal n-gram tilt)",
+        inputs: &[
+            Input::required("tokens", &[Read::table("val", &["token"])]),
+            Input::required(
+                "pass1",
+                &[
+                    Read::table("pass1", &["position", "model_p", "entropy", "bytes"]),
+                    Read::table("hint_p", &["position", "hint", "hint_p"]),
+                    Read::table("distributions", &["position", "candidate", "model_p"]),
+                ],
+            ),
+            Input::required("hints", &[Read::table("hints", &["position", "hint", "share"])]),
+        ],
+        outputs: &[
+            Output::table("pass1", TILTED_TABLE),
+            Output::table("distributions", DISTRIBUTIONS),
+        ],
+        metrics: &["neural_bpb", "bpb_before"],
+        ..StageSpec::NONE
+    };
+
+    fn headline(&self, report: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+        Some(format!(
+            "BPB {:.4} -> {:.4}: {} hints fired ({:.2}% of entries), {:.1}% of them hits",
+            report.get("bpb_before")?.as_f64()?,
+            report.get("neural_bpb")?.as_f64()?,
+            report.get("fired")?.as_u64()?,
+            report.get("fire_rate")?.as_f64()? * 100.0,
+            report.get("hit_rate")?.as_f64()? * 100.0
+        ))
+    }
+
+    fn run(&self, ctx: &StageContext, params: TiltParams) -> Result<StageReport, StageError> {
+        let started = Instant::now();
+        let val_path = ctx.input("tokens")?.file("val.parquet");
+        let val = read_column::<UInt16Type>(&val_path, "token")?;
+        let pass1 = ctx.input("pass1")?;
+        let table = pass1.file("pass1.parquet");
+        let hint_p_path = pass1.file("hint_p.parquet");
+        if !hint_p_path.exists() {
+            return Err(StageError::input(
+                &pass1.dir,
+                "this pass-1 wrote no hint_p table: wire its inputs.hints to the tilt's hints node",
+            ));
+        }
+        let position = read_column::<Int64Type>(&table, "position")?;
+        let base_p = read_column::<Float32Type>(&table, "model_p")?;
+        let entropy = read_column::<Float32Type>(&table, "entropy")?;
+        let bytes = read_column::<UInt8Type>(&table, "bytes")?;
+        let hint = read_column::<UInt16Type>(&hint_p_path, "hint")?;
+        let hint_p = read_column::<Float32Type>(&hint_p_path, "hint_p")?;
+        let hints_path = ctx.input("hints")?.file("hints.parquet");
+        let share = read_column::<Float32Type>(&hints_path, "share")?;
+        let hints = read_column::<UInt16Type>(&hints_path, "hint")?;
+        if hint.len() != position.len() || share.len() + 1 != val.len() {
+            return Err(StageError::input(
+                &hint_p_path,
+                format!(
+                    "{} hint probabilities for {} entries, {} hints for {} targets: another stream's",
+                    hint.len(),
+                    position.len(),
+                    share.len(),
+                    val.len().saturating_sub(1)
+                ),
+            ));
+        }
+        let mut report = StageReport::default();
+        report.phase("read", started);
+        let started = Instant::now();
+        let n = position.len();
+        let mut out = Tilted {
+            model_p: vec![0.0; n],
+            entropy: vec![0.0; n],
+            fired: vec![false; n],
+        };
+        let (mut fired, mut hits) = (0u64, 0u64);
+        for row in 0..n {
+            let p = position[row];
+            let target = p as usize;
+            if target == 0 || target >= val.len() || hints[target - 1] != hint[row] {
+                return Err(StageError::input(
+                    &hint_p_path,
+                    format!("row {row} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact"),
+                ));
+            }
+            let gated = share[target - 1] >= params.threshold;
+            let beta = if gated { params.beta } else { 0.0 };
+            let (q, hit) = (hint_p[row] as f64, val[target] == hint[row]);
+            out.model_p[row] = tilted(base_p[row] as f64, q, hit, beta) as f32;
+            out.entropy[row] = tilted_entropy(entropy[row] as f64, q, beta) as f32;
+            out.fired[row] = gated;
+            fired += gated as u64;
+            hits += (gated && hit) as u64;
+        }
+        report.phase("tilt", started);
+        let started = Instant::now();
+        let before = bpb(&base_p, &bytes);
+        let after = bpb(&out.model_p, &bytes);
+        write_tilted(
+            &ctx.output("pass1.parquet"),
+            &position,
+            &out,
+            &bytes,
+            (&base_p, &hint, &hint_p),
+        )?;
+        let kept = tilt_distributions(
+            &pass1.file("distributions.parquet"),
+            &hints,
+            &share,
+            &params,
+        )?;
+        report.phase("write", started);
+        write_distributions(&ctx.output("distributions.parquet"), &kept)?;
+        let bits_saved = (before.0 - after.0) / std::f64::consts::LN_2;
+        Ok(report
+            .with("entries", n as u64)
+            .with("bytes", before.1)
+            .with(
+                "bpb_before",
+                before.0 / (std::f64::consts::LN_2 * before.1.max(1) as f64),
+            )
+            .with(
+                "neural_bpb",
+                after.0 / (std::f64::consts::LN_2 * after.1.max(1) as f64),
+            )
+            .with("fired", fired)
+            .with("fire_rate", fired as f64 / n.max(1) as f64)
+            .with("hit_rate", hits as f64 / fired.max(1) as f64)
+            .with("bits_saved_per_fired", bits_saved / fired.max(1) as f64))
+    }
+}
+
+struct Tilted {
+    model_p: Vec<f32>,
+    entropy: Vec<f32>,
+    fired: Vec<bool>,
+}
+
+/// The tilted distribution's entropy (nats) from the base's H, the hint's q and β:
+/// H' = ln Z − (−H + q(e^β − 1) ln q + q e^β β) / Z.
+fn tilted_entropy(h: f64, q: f64, beta: f64) -> f64 {
+    if beta == 0.0 || q <= 0.0 {
+        return h;
+    }
+    let w = beta.exp();
+    let z = 1.0 + q * (w - 1.0);
+    z.ln() - (-h + q * (w - 1.0) * q.ln() + q * w * beta) / z
+}
+
+/// (Σ nats, Σ bytes), summed in order.
+fn bpb(p: &[f32], bytes: &[u8]) -> (f64, u64) {
+    let nats = p.iter().map(|&p| -(p as f64).ln()).sum();
+    (nats, bytes.iter().map(|&b| b as u64).sum())
+}
+
+fn write_tilted(
+    path: &std::path::Path,
+    position: &[i64],
+    out: &Tilted,
+    bytes: &[u8],
+    (base_p, hint, hint_p): (&[f32], &[u16], &[f32]),
+) -> Result<(), StageError> {
+    let schema = arrow_schema(TILTED_TABLE);
+    write_parquet_parallel(
+        path,
+        schema.clone(),
+        position.len(),
+        &ParquetLayout::delta(&["position"]),
+        |rows| {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(position[rows.clone()].to_vec())),
+                Arc::new(Float32Array::from(out.model_p[rows.clone()].to_vec())),
+                Arc::new(Float32Array::from(out.entropy[rows.clone()].to_vec())),
+                Arc::new(UInt8Array::from(bytes[rows.clone()].to_vec())),
+                Arc::new(Float32Array::from(base_p[rows.clone()].to_vec())),
+                Arc::new(UInt16Array::from(hint[rows.clone()].to_vec())),
+                Arc::new(Float32Array::from(hint_p[rows.clone()].to_vec())),
+                Arc::new(BooleanArray::from(out.fired[rows].to_vec())),
+            ];
+            Ok((
+                RecordBatch::try_new(schema.clone(), columns).expect("columns match schema"),
+                (),
+            ))
+        },
+    )?;
+    Ok(())
+}
+
+/// The base pass-1's kept distributions, each tilted at its position.
+fn tilt_distributions(
+    path: &std::path::Path,
+    hints: &[u16],
+    share: &[f32],
+    params: &TiltParams,
+) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
+    let position = read_column::<Int64Type>(path, "position")?;
+    let model_p = read_column::<Float32Type>(path, "model_p")?;
+    let mut kept: Vec<(i64, Vec<f32>)> = Vec::new();
+    for (&p, &v) in position.iter().zip(&model_p) {
+        match kept.last_mut() {
+            Some((last, probs)) if *last == p => probs.push(v),
+            _ => kept.push((p, vec![v])),
+        }
+    }
+    for (p, probs) in &mut kept {
+        let t = *p as usize;
+        if t == 0 || t > hints.len() {
+            return Err(StageError::input(path, format!("position {p} has no hint")));
+        }
+        let h = hints[t - 1] as usize;
+        let beta = if share[t - 1] >= params.threshold {
+            params.beta
+        } else {
+            0.0
+        };
+        let q = *probs
+            .get(h)
+            .ok_or_else(|| StageError::input(path, format!("position {p}: no candidate {h}")))?
+            as f64;
+        for (a, v) in probs.iter_mut().enumerate() {
+            *v = tilted(*v as f64, q, a == h, beta) as f32;
+        }
+    }
+    Ok(kept)
+}
+
+fn write_distributions(
+    path: &std::path::Path,
+    kept: &[(i64, Vec<f32>)],
+) -> Result<u64, StageError> {
+    let schema = arrow_schema(DISTRIBUTIONS);
+    let batches = kept.iter().map(|(position, probs)| {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![*position; probs.len()])),
+            Arc::new(UInt16Array::from_iter_values(0..probs.len() as u16)),
+            Arc::new(Float32Array::from(probs.clone())),
+        ];
+        RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
+    });
+    write_parquet(
+        path,
+        schema.clone(),
+        batches,
+        &ParquetLayout::delta(&["position"]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tilted_entropy_is_the_tilted_distributions() {
+        let p = [0.2f64, 0.5, 0.3];
+        let h: f64 = -p.iter().map(|x| x * x.ln()).sum::<f64>();
+        let beta = 2.625;
+        let t: Vec<f64> = (0..3).map(|a| tilted(p[a], 0.2, a == 0, beta)).collect();
+        let direct: f64 = -t.iter().map(|x| x * x.ln()).sum::<f64>();
+        assert!((tilted_entropy(h, 0.2, beta) - direct).abs() < 1e-12);
+        assert_eq!(tilted_entropy(h, 0.2, 0.0), h);
+    }
+}
