@@ -92,6 +92,20 @@ fn a_kernel_not_built_is_refused_when_the_pipeline_loads() {
     );
 }
 
+/// The original run's pass-1 (not a re-run's: those read a perturbed tokens artifact).
+fn the_pass1_with_hints(project: &Project) -> std::path::PathBuf {
+    std::fs::read_dir(project.path().join("artifacts/pass1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            d.join("hint_p.parquet").exists()
+                && std::fs::read_to_string(d.join("manifest.json"))
+                    .unwrap()
+                    .contains("\"node\": \"pass1\"")
+        })
+        .expect("the pass-1 with hints")
+}
+
 const TILT_CHAIN: &str = "
 [nodes.hints]
 stage = \"hints\"
@@ -153,8 +167,14 @@ fn a_tilt_chain_is_legal_and_a_threshold_sweep_reuses_the_hints() {
         .unwrap_or(&tilt_dirs[0])
         .join("pass1.parquet");
     let col = |name: &str| stage_api::read_column::<Float32Type>(&original, name).unwrap();
-    let (model_p, base_p, hint_p) = (col("model_p"), col("base_p"), col("hint_p"));
-    let hint = stage_api::read_column::<UInt16Type>(&original, "hint").unwrap();
+    let model_p = col("model_p");
+    // The base probability and the hint's are the pass-1's, same rows.
+    let pass1 = the_pass1_with_hints(&project);
+    let base_p =
+        stage_api::read_column::<Float32Type>(&pass1.join("pass1.parquet"), "model_p").unwrap();
+    let hint_p =
+        stage_api::read_column::<Float32Type>(&pass1.join("hint_p.parquet"), "hint_p").unwrap();
+    let hint = stage_api::read_column::<UInt16Type>(&pass1.join("hint_p.parquet"), "hint").unwrap();
     let position = stage_api::read_column::<Int64Type>(&original, "position").unwrap();
     let hints = tilt::kernel::Kernel::default()
         .hints(&val[1..], val[1])

@@ -25,7 +25,26 @@ pub(super) fn tilt(scratch: &Path, repeats: usize, targets: usize) -> Result<()>
     let node = super::chain::shard_tokens_node("shards/fineweb_val_*.bin")?;
     std::fs::write(
         dir.join("pipeline.toml"),
-        format!("{node}\n[nodes.hints]\nstage = \"hints\"\ninputs.tokens = \"tokens\"\n"),
+        format!(
+            r#"{node}
+[nodes.hints]
+stage = "hints"
+inputs.tokens = "tokens"
+
+[nodes.pass1]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.hints = "hints"
+params.model = "bigram"
+params.temperature = 1.0
+
+[nodes.tilt]
+stage = "tilt"
+inputs.tokens = "tokens"
+inputs.pass1 = "pass1"
+inputs.hints = "hints"
+"#
+        ),
     )?;
     timed(&dir, &["run", "-q", "--until", "tokens"])?;
     let (mut runs, mut peaks) = (Vec::new(), Vec::new());
@@ -42,16 +61,46 @@ pub(super) fn tilt(scratch: &Path, repeats: usize, targets: usize) -> Result<()>
         shown.join(", "),
         median(peaks) / 1e9
     );
+    timed(&dir, &["run", "-q", "--until", "pass1"])?;
+    let (mut runs, mut peaks) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (seconds, peak) =
+            timed_with_rss(&dir, &["run", "-q", "--until", "tilt", "--force", "tilt"])?;
+        runs.push(seconds);
+        peaks.push(peak as f64);
+    }
+    let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
+    println!(
+        "tilt: {targets} entries in {:.2} s (runs {} s), peak RSS {:.2} GB",
+        median(runs.clone()),
+        shown.join(", "),
+        median(peaks) / 1e9
+    );
+    for node in ["hints", "tilt"] {
+        show(&dir, node)?;
+    }
+    Ok(())
+}
+
+/// The node's phases and figures, from `show`.
+fn show(dir: &Path, node: &str) -> Result<()> {
     let report = std::process::Command::new(std::env::current_exe()?)
-        .args(["show", "hints"])
-        .current_dir(&dir)
+        .args(["show", node])
+        .current_dir(dir)
         .output()?;
-    for line in String::from_utf8_lossy(&report.stdout).lines().filter(|l| {
-        ["kernel", "write", "gated", "gate_rate"]
-            .iter()
-            .any(|k| l.contains(k))
-    }) {
-        println!("  {}", line.trim());
+    let wanted = [
+        "phases",
+        "gated",
+        "bpb_before",
+        "neural_bpb",
+        "fired",
+        "hit_rate",
+    ];
+    for line in String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| wanted.iter().any(|k| l.trim_start().starts_with(k)))
+    {
+        println!("  {node}: {}", line.trim());
     }
     Ok(())
 }
