@@ -18,6 +18,7 @@
 pub mod checklist;
 mod classes;
 mod judge;
+mod order_finding;
 pub mod ordered;
 pub mod overlap;
 pub mod perturb;

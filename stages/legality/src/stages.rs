@@ -14,9 +14,8 @@ use stage_api::{
 };
 
 use crate::checklist::{read_finding, FINDING, FINDING_READ};
-use crate::judge::{
-    blind_probe, normalised_probe, order_probe, prefix_probe, sandbox_probe, target_probe,
-};
+use crate::judge::{blind_probe, normalised_probe, prefix_probe, sandbox_probe, target_probe};
+use crate::order_finding::order_probe;
 use crate::perturb::{perturb, CutParams, Kind};
 use crate::perturb_stage::{read_classes, VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
