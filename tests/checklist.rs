@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use arrow::datatypes::{UInt16Type, UInt32Type};
 use common::Project;
@@ -25,17 +25,6 @@ inputs.tokens = "tokens"
 inputs.chain = "pass1"
 inputs.overlap = "overlap"
 "#;
-
-/// The one artifact of `stage` in the project's store.
-fn artifact(p: &Project, stage: &str) -> PathBuf {
-    let dirs: Vec<_> = std::fs::read_dir(p.path().join("artifacts").join(stage))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|d| d.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
-}
 
 /// A shard in the challenge's format (256 int32 header words, then u16 tokens).
 fn write_shard(path: &Path, tokens: &[u16]) {
@@ -62,7 +51,7 @@ fn filler(n: usize, vocab: u16, seed: u64) -> Vec<u16> {
 
 /// The val stream's documents, as token lists.
 fn val_documents(p: &Project) -> Vec<Vec<u16>> {
-    let val = artifact(p, "tokenize").join("val.parquet");
+    let val = p.the_artifact("tokenize").join("val.parquet");
     let tokens = stage_api::read_column::<UInt16Type>(&val, "token").unwrap();
     let doc = stage_api::read_column::<UInt32Type>(&val, "doc").unwrap();
     let mut docs: Vec<Vec<u16>> = Vec::new();
@@ -142,7 +131,7 @@ fn overlap_streams_a_hundred_million_train_tokens() {
     assert!(report.contains("100000000"), "{report}");
     let found = p.sql("SELECT doc FROM overlap.overlap WHERE in_train ORDER BY doc");
     let found: Vec<&str> = found.lines().skip(1).collect();
-    let val = artifact(&p, "tokenize").join("val.parquet");
+    let val = p.the_artifact("tokenize").join("val.parquet");
     let doc_ids = stage_api::read_column::<UInt32Type>(&val, "doc").unwrap();
     let mut ids = doc_ids.clone();
     ids.dedup();

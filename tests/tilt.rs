@@ -13,16 +13,6 @@ stage = \"hints\"
 inputs.tokens = \"tokens\"
 ";
 
-fn the_one(project: &Project, stage: &str) -> std::path::PathBuf {
-    let dirs: Vec<_> = std::fs::read_dir(project.path().join("artifacts").join(stage))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|d| d.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
-}
-
 #[test]
 fn the_hints_table_is_the_kernels_one_row_per_target() {
     let project = Project::small();
@@ -31,11 +21,11 @@ fn the_hints_table_is_the_kernels_one_row_per_target() {
     let out = project.ok(&["run"]);
     assert!(out.contains("hints at share ≥ 0.8"), "{out}");
     let val = stage_api::read_column::<UInt16Type>(
-        &the_one(&project, "tokenize").join("val.parquet"),
+        &project.the_artifact("tokenize").join("val.parquet"),
         "token",
     )
     .unwrap();
-    let table = the_one(&project, "hints").join("hints.parquet");
+    let table = project.the_artifact("hints").join("hints.parquet");
     let position = stage_api::read_column::<Int64Type>(&table, "position").unwrap();
     let hint = stage_api::read_column::<UInt16Type>(&table, "hint").unwrap();
     let share = stage_api::read_column::<Float32Type>(&table, "share").unwrap();
@@ -148,7 +138,7 @@ fn a_tilt_chain_is_legal_and_a_threshold_sweep_reuses_the_hints() {
     );
 
     let val = stage_api::read_column::<UInt16Type>(
-        &the_one(&project, "tokenize").join("val.parquet"),
+        &project.the_artifact("tokenize").join("val.parquet"),
         "token",
     )
     .unwrap();
@@ -240,7 +230,7 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
     project.write_pipeline(&(Project::small_pipeline(300) + chain + python));
     project.ok(&["run"]);
     let read = |stage: &str| {
-        let dir = the_one(&project, stage);
+        let dir = project.the_artifact(stage);
         stage_api::read_column::<Float32Type>(&dir.join("pass1.parquet"), "model_p").unwrap()
     };
     let ours = read("tilt");
@@ -255,7 +245,7 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
     // Where two different windows share a 64-bit key, the reference (and we) merge their
     // counts and the Python tilt does not: those targets are left out.
     let val = stage_api::read_column::<UInt16Type>(
-        &the_one(&project, "tokenize").join("val.parquet"),
+        &project.the_artifact("tokenize").join("val.parquet"),
         "token",
     )
     .unwrap();

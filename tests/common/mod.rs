@@ -158,6 +158,17 @@ inputs.calibration = "calibration"
         self.dir.path()
     }
 
+    /// The one artifact of `stage` in the project's store (a test that builds one).
+    pub fn the_artifact(&self, stage: &str) -> PathBuf {
+        let dirs: Vec<_> = std::fs::read_dir(self.path().join("artifacts").join(stage))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|d| d.is_dir())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        dirs[0].clone()
+    }
+
     pub fn write_pipeline(&self, text: &str) {
         std::fs::write(self.path().join("pipeline.toml"), text).unwrap();
     }

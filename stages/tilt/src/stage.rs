@@ -7,15 +7,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{
-    ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, UInt16Array, UInt8Array,
-};
+use arrow::array::{ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, UInt8Array};
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    arrow_schema, read_column, write_parquet, write_parquet_parallel, Column, ColumnType::*, Input,
-    Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport,
-    StageSpec,
+    arrow_schema, read_column, write_parquet_parallel, Column, ColumnType::*, Input, Output,
+    ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use rayon::prelude::*;
@@ -79,12 +76,6 @@ pub const TILTED_TABLE: &[Column] = &[
     ),
 ];
 
-const DISTRIBUTIONS: &[Column] = &[
-    Column::new("position", I64),
-    Column::new("candidate", U16),
-    Column::new("model_p", F32),
-];
-
 impl Stage for TiltStage {
     type Params = TiltParams;
 
@@ -106,7 +97,7 @@ impl Stage for TiltStage {
         ],
         outputs: &[
             Output::table("pass1", TILTED_TABLE),
-            Output::table("distributions", DISTRIBUTIONS),
+            Output::table("distributions", pass1::DISTRIBUTIONS_TABLE),
         ],
         metrics: &["neural_bpb", "bpb_before"],
         ..StageSpec::NONE
@@ -218,7 +209,12 @@ impl Stage for TiltStage {
         let started = Instant::now();
         let distributions = pass1.file("distributions.parquet");
         let kept = tilt_distributions(&distributions, &hints, &share, &params)?;
-        write_distributions(&ctx.output("distributions.parquet"), &kept)?;
+        // Written as the pass-1's are: a tilted pass-1 is a pass-1.
+        pass1::Pass1Table {
+            distributions: kept,
+            ..Default::default()
+        }
+        .write_distributions(&ctx.output("distributions.parquet"))?;
         report.phase("distributions", started);
         let bits_saved = (before.0 - after.0) / std::f64::consts::LN_2;
         Ok(report
@@ -349,27 +345,6 @@ fn tilt_distributions(
         }
     }
     Ok(kept)
-}
-
-fn write_distributions(
-    path: &std::path::Path,
-    kept: &[(i64, Vec<f32>)],
-) -> Result<u64, StageError> {
-    let schema = arrow_schema(DISTRIBUTIONS);
-    let batches = kept.iter().map(|(position, probs)| {
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(vec![*position; probs.len()])),
-            Arc::new(UInt16Array::from_iter_values(0..probs.len() as u16)),
-            Arc::new(Float32Array::from(probs.clone())),
-        ];
-        RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
-    });
-    write_parquet(
-        path,
-        schema.clone(),
-        batches,
-        &ParquetLayout::delta(&["position"]),
-    )
 }
 
 #[cfg(test)]
