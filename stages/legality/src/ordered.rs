@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use stage_api::order::DocumentOrder;
 
 use crate::classes::Classes;
-use crate::perturb::{CutParams, Hidden, Kind, Perturbed, Secret};
+use crate::perturb::{hide, CutParams, Kind, Perturbed, Secret};
 use crate::proposal::Proposal;
 
 /// The declared orders of a stream, each position's rank in each.
@@ -201,16 +201,8 @@ pub(crate) fn perturb_in_order(
                 .iter()
                 .filter(|&&p| p != changed)
                 .map(|&p| p as i64);
-            for t in secret.positions_among(candidates, cut.hidden) {
-                let t = t as usize;
-                let token = proposal.draw(out[t - 1], |_| true, &mut secret);
-                hidden.push(Hidden {
-                    position: t as i64,
-                    token,
-                    q: proposal.q(out[t - 1], token),
-                });
-                out[t] = token;
-            }
+            let chosen = secret.positions_among(candidates, cut.hidden);
+            hidden = hide(&mut out, chosen, &proposal, &mut secret);
         }
     }
     let excluded: BTreeSet<i64> = hidden.iter().map(|h| h.position).collect();
@@ -227,16 +219,7 @@ pub(crate) fn perturb_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use text::sentencepiece::ByteTable;
-
-    fn classes(vocab: usize) -> Classes {
-        let rule = ByteTable {
-            base_bytes: vec![1; vocab],
-            has_leading_space: (0..vocab).map(|t| t % 3 == 1).collect(),
-            is_boundary: (0..vocab).map(|t| t == 0).collect(),
-        };
-        Classes::new(&rule, &[])
-    }
+    use crate::perturb::tests::{rule as classes, secret as cut};
 
     /// Documents of lengths 5, 40, 17, 40, 3, 90, … in stream order.
     fn stream() -> (Vec<u16>, Vec<u32>) {
@@ -248,18 +231,6 @@ mod tests {
             .collect();
         let tokens = (0..doc.len()).map(|i| (i * 7 % 13) as u16).collect();
         (tokens, doc)
-    }
-
-    fn cut(kind: Kind, draw: u32) -> CutParams {
-        CutParams {
-            kind,
-            draw,
-            secret: "a secret".into(),
-            original_sample: Some(64),
-            original_seed: Some(1337),
-            hidden: 50,
-            ..CutParams::default()
-        }
     }
 
     #[test]

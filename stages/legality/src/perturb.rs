@@ -382,16 +382,7 @@ pub fn perturb(
                 cut.hidden,
                 &Default::default(),
             );
-            for &t in &chosen {
-                let t = t as usize;
-                let token = proposal.draw(out[t - 1], |_| true, &mut secret);
-                hidden.push(Hidden {
-                    position: t as i64,
-                    token,
-                    q: proposal.q(out[t - 1], token),
-                });
-                out[t] = token;
-            }
+            hidden = hide(&mut out, chosen, &proposal, &mut secret);
         }
     }
     let excluded = hidden.iter().map(|h| h.position).collect();
@@ -403,6 +394,28 @@ pub fn perturb(
         hidden,
         ordering: None,
     })
+}
+
+/// Replaces the targets at `positions` (ascending) by proposal draws, each drawn after
+/// the token before it as that now stands, and records what the blind probe needs.
+pub(crate) fn hide(
+    out: &mut [u16],
+    positions: Vec<i64>,
+    proposal: &Proposal,
+    secret: &mut Secret,
+) -> Vec<Hidden> {
+    let mut hidden = Vec::with_capacity(positions.len());
+    for t in positions {
+        let t = t as usize;
+        let token = proposal.draw(out[t - 1], |_| true, secret);
+        hidden.push(Hidden {
+            position: t as i64,
+            token,
+            q: proposal.q(out[t - 1], token),
+        });
+        out[t] = token;
+    }
+    hidden
 }
 
 /// Where a re-run is asked for whole distributions: as many positions as the original
@@ -428,4 +441,4 @@ pub(crate) fn probe_positions(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

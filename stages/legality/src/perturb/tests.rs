@@ -3,7 +3,7 @@
 use super::*;
 use text::sentencepiece::ByteTable;
 
-fn secret(kind: Kind, draw: u32) -> CutParams {
+pub(crate) fn secret(kind: Kind, draw: u32) -> CutParams {
     CutParams {
         kind,
         draw,
@@ -16,7 +16,7 @@ fn secret(kind: Kind, draw: u32) -> CutParams {
 }
 
 /// Token 0 a boundary, every third one a word start, the rest continuations.
-fn rule(vocab: usize) -> Classes {
+pub(crate) fn rule(vocab: usize) -> Classes {
     let rule = ByteTable {
         base_bytes: vec![1; vocab],
         has_leading_space: (0..vocab).map(|t| t % 3 == 1).collect(),
