@@ -276,3 +276,26 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
         "{left_out} targets on colliding keys"
     );
 }
+
+/// A scorer process cannot give the hint's probability yet: wiring hints to it is refused
+/// when the pipeline loads, in one line.
+#[test]
+fn hints_wired_to_a_scorer_process_are_refused_at_load() {
+    let project = Project::small();
+    let scorer = "
+[nodes.scorer]
+stage = \"pass1\"
+inputs.tokens = \"tokens\"
+inputs.hints = \"hints\"
+params.model = \"command\"
+params.command = [\"python3\", \"scorer.py\"]
+files.scorer = [\"scorer.py\"]
+";
+    std::fs::write(project.path().join("scorer.py"), "").unwrap();
+    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + scorer));
+    let line = project.fails(&["status"]);
+    assert!(
+        line.contains("inputs.hints is read by model = \"bigram\" and model = \"gpt\""),
+        "{line}"
+    );
+}
