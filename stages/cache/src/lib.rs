@@ -15,6 +15,7 @@ pub mod blend;
 pub mod calibrate;
 pub mod causal;
 pub mod classes;
+pub mod continuations;
 pub mod figures;
 pub(crate) mod fingerprint;
 pub mod hash;

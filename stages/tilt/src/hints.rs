@@ -3,6 +3,11 @@
 //! Hints are a pure function of the token stream, so one hints artifact serves every
 //! model and every boost: the tilt stage reads it beside a pass-1 with the hint's
 //! probability, and a threshold sweep only changes which hints fire (the share is kept).
+//!
+//! Two proposers: `kernel = "2135"`, the challenge's top row (hashed 15-token contexts,
+//! eval-techniques.md §1, to the bit), and `kernel = "cachemoney"`, CacheMoney's own
+//! cache made a proposer: the causal-normalised mode's exact counts of orders 2–16,
+//! the longest context seen at least `min_count` times naming its top continuation.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +21,7 @@ use stage_api::{
     StageSpec,
 };
 
-use crate::kernel::{Kernel, ORDER};
+use crate::kernel::{Hints, Kernel, ORDER};
 
 /// `hints`: one row per val target.
 pub struct HintsStage;
@@ -33,14 +38,82 @@ pub enum Seed {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HintsParams {
-    /// The kernel: "2135", the token-only tilt of the challenge's top row (§1).
+    /// The kernel: "2135", the token-only tilt of the challenge's top row (§1), or
+    /// "cachemoney", the causal-normalised cache's top continuations.
     pub kernel: String,
-    /// Context length plus one (#2135: 16).
+    /// Context length plus one (#2135: 16); for "cachemoney", the highest order.
     pub order: usize,
+    /// #2135's seed token; "cachemoney" has none (its contexts start at the stream's
+    /// first token).
     pub seed: Seed,
     /// The tables' size in bits; absent: the reference's rule for the stream's length
     /// (it decides only where a run on a stream too long for 2^28 slots aborts).
     pub table_bits: Option<u32>,
+    /// "cachemoney" only: the lowest order (default 2). Left out of the canonical form
+    /// when absent, as is `min_count`, so #2135's recipes are what they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_order: Option<usize>,
+    /// "cachemoney" only: how many times a context must have occurred before a target
+    /// for its order to be chosen (default 1, the causal-normalised cache's: the longest
+    /// context seen before. On the demo 1 beats 2 and 3, whose longer contexts' hints
+    /// hit more often but fire on a third as many targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_count: Option<u32>,
+}
+
+/// The two proposers, as a validated parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proposer {
+    Hashed2135,
+    CacheMoney { min_order: usize, min_count: u32 },
+}
+
+impl HintsParams {
+    fn proposer(&self) -> Result<Proposer, StageError> {
+        match self.kernel.as_str() {
+            "2135" => {
+                for (name, set) in [
+                    ("min_order", self.min_order.is_some()),
+                    ("min_count", self.min_count.is_some()),
+                ] {
+                    if set {
+                        return Err(StageError::invalid_param(
+                            name,
+                            "applies to kernel = \"cachemoney\" only".to_string(),
+                        ));
+                    }
+                }
+                Ok(Proposer::Hashed2135)
+            }
+            "cachemoney" => {
+                if self.table_bits.is_some() {
+                    return Err(StageError::invalid_param(
+                        "table_bits",
+                        "kernel = \"cachemoney\" counts exactly, with no table to size"
+                            .to_string(),
+                    ));
+                }
+                if self.seed != Seed::FirstTarget {
+                    return Err(StageError::invalid_param(
+                        "seed",
+                        "kernel = \"cachemoney\" has no seed token".to_string(),
+                    ));
+                }
+                let min_order = self.min_order.unwrap_or(2);
+                check_param("min_order", min_order, 2..=self.order.max(2), "lowest order, at most `order`")?;
+                Ok(Proposer::CacheMoney {
+                    min_order,
+                    min_count: self.min_count.unwrap_or(1),
+                })
+            }
+            other => Err(StageError::invalid_param(
+                "kernel",
+                format!(
+                    "{other:?}: the kernels built are \"2135\" (eval-techniques.md §1) and \"cachemoney\" (the causal-normalised cache's top continuations)"
+                ),
+            )),
+        }
+    }
 }
 
 impl Default for HintsParams {
@@ -50,22 +123,25 @@ impl Default for HintsParams {
             order: ORDER,
             seed: Seed::FirstTarget,
             table_bits: None,
+            min_order: None,
+            min_count: None,
         }
     }
 }
 
 impl StageParams for HintsParams {
     fn validate(&self) -> Result<(), StageError> {
-        if self.kernel != "2135" {
-            return Err(StageError::invalid_param(
-                "kernel",
-                format!(
-                    "{:?}: the kernel built is \"2135\" (eval-techniques.md §1)",
-                    self.kernel
-                ),
-            ));
+        match self.proposer()? {
+            Proposer::Hashed2135 => {
+                check_param("order", self.order, 1..=33, "context length plus one")?
+            }
+            Proposer::CacheMoney { .. } => check_param(
+                "order",
+                self.order,
+                2..=16,
+                "the cache's highest order (its orders are 2–16)",
+            )?,
         }
-        check_param("order", self.order, 1..=33, "context length plus one")?;
         check_param(
             "table_bits",
             self.table_bits.unwrap_or(12),
@@ -93,7 +169,7 @@ impl Stage for HintsStage {
     const SPEC: StageSpec = StageSpec {
         kind: "hints",
         version: 1,
-        summary: "tokens -> per val target, the n-gram tilt's hint token, its context's top share and count (#2135's kernel, exact)",
+        summary: "tokens -> per val target, the n-gram tilt's hint token, its context's top share and count (#2135's kernel, exact; or the causal-normalised cache's)",
         inputs: &[Input::required(
             "tokens",
             &[Read::table("val", &["token"])],
@@ -127,18 +203,26 @@ impl Stage for HintsStage {
             targets.len() as u64 * 40,
             &format!("hinting {} targets", targets.len()),
         )?;
-        let seed = match params.seed {
-            Seed::FirstTarget => targets[0],
-            Seed::FirstToken => val[0],
-        };
         let started = Instant::now();
-        let kernel = Kernel {
-            order: params.order,
-            table_bits: params.table_bits,
+        let hints = match params.proposer()? {
+            Proposer::Hashed2135 => {
+                let seed = match params.seed {
+                    Seed::FirstTarget => targets[0],
+                    Seed::FirstToken => val[0],
+                };
+                let kernel = Kernel {
+                    order: params.order,
+                    table_bits: params.table_bits,
+                };
+                kernel
+                    .hints(targets, seed)
+                    .map_err(|full| StageError::input(&val_path, full.to_string()))?
+            }
+            Proposer::CacheMoney {
+                min_order,
+                min_count,
+            } => cachemoney_hints(&val, params.order, min_order, min_count),
         };
-        let hints = kernel
-            .hints(targets, seed)
-            .map_err(|full| StageError::input(&val_path, full.to_string()))?;
         let mut report = StageReport::default();
         report.phase("kernel", started);
         let gated = hints.share.iter().filter(|&&s| s >= THRESHOLD).count() as u64;
@@ -169,8 +253,35 @@ impl Stage for HintsStage {
         )?;
         report.phase("write", started);
         Ok(report
+            .with("kernel", params.kernel.as_str())
             .with("targets", n as u64)
             .with("gated", gated)
             .with("gate_rate", gated as f64 / n as f64))
+    }
+}
+
+/// The causal-normalised cache's top continuations as hints for the targets `val[1..]`:
+/// a target's context may reach back to the stream's first token.
+fn cachemoney_hints(val: &[u16], order: usize, min_order: usize, min_count: u32) -> Hints {
+    let config = cache::NgramConfig {
+        min_order,
+        max_order: order,
+        min_count,
+        ..cache::NgramConfig::default()
+    };
+    let found = cache::continuations::top_continuations(val, &config)
+        .expect("orders validated with the parameters");
+    Hints {
+        hint: found.token[1..].to_vec(),
+        share: found.top[1..]
+            .iter()
+            .zip(&found.seen[1..])
+            .map(|(&top, &seen)| match seen {
+                0 => 0.0,
+                // Single precision, as #2135's kernel divides.
+                _ => top as f32 / seen as f32,
+            })
+            .collect(),
+        seen: found.seen[1..].to_vec(),
     }
 }
