@@ -77,9 +77,69 @@ fn a_kernel_not_built_is_refused_when_the_pipeline_loads() {
     project.write_pipeline(&(Project::small_pipeline(300) + HINTS + "params.kernel = \"1514\"\n"));
     let line = project.fails(&["status"]);
     assert!(
-        line.contains("kernel") && line.contains("\"2135\""),
+        line.contains("kernel") && line.contains("\"2135\"") && line.contains("\"cachemoney\""),
         "{line}"
     );
+    // The cache's parameters belong to the cache's kernel, and #2135's table to #2135's.
+    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + "params.min_count = 2\n"));
+    let line = project.fails(&["status"]);
+    assert!(line.contains("min_count") && line.contains("\"cachemoney\" only"), "{line}");
+    project.write_pipeline(
+        &(Project::small_pipeline(300)
+            + HINTS
+            + "params.kernel = \"cachemoney\"\nparams.table_bits = 20\n"),
+    );
+    let line = project.fails(&["status"]);
+    assert!(line.contains("table_bits") && line.contains("counts exactly"), "{line}");
+}
+
+/// CacheMoney made honest: the causal-normalised cache's top continuations as the
+/// tilt's hints. The hints table is the engine's (whose property test holds it to the
+/// definition), and the chain passes every probe.
+#[test]
+fn a_tilt_on_the_caches_hints_is_legal() {
+    let project = Project::small();
+    let chain = TILT_CHAIN.replace(
+        "inputs.tokens = \"tokens\"\n\n[nodes.pass1]",
+        "inputs.tokens = \"tokens\"\nparams.kernel = \"cachemoney\"\n\n[nodes.pass1]",
+    );
+    assert_ne!(chain, TILT_CHAIN);
+    project.write_pipeline(&(Project::small_pipeline(300) + &chain));
+    let run = project.ok(&["run"]);
+    let out = project.run(&["legality"]);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && printed.contains("every probe passed"),
+        "{printed}"
+    );
+    let val = stage_api::read_column::<UInt16Type>(
+        &project.the_artifact("tokenize").join("val.parquet"),
+        "token",
+    )
+    .unwrap();
+    let original = std::fs::read_dir(project.path().join("artifacts/hints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            std::fs::read_to_string(d.join("manifest.json"))
+                .is_ok_and(|m| m.contains("\"node\": \"hints\""))
+        })
+        .unwrap()
+        .join("hints.parquet");
+    let hint = stage_api::read_column::<UInt16Type>(&original, "hint").unwrap();
+    let seen = stage_api::read_column::<UInt32Type>(&original, "seen").unwrap();
+    let share = stage_api::read_column::<Float32Type>(&original, "share").unwrap();
+    let expected =
+        cache::continuations::top_continuations(&val, &cache::NgramConfig::default()).unwrap();
+    assert_eq!(hint, expected.token[1..]);
+    assert_eq!(seen, expected.seen[1..]);
+    for (i, &s) in share.iter().enumerate() {
+        let (top, seen) = (expected.top[i + 1], expected.seen[i + 1]);
+        let want = if seen == 0 { 0.0 } else { top as f32 / seen as f32 };
+        assert_eq!(s, want, "target {}", i + 1);
+    }
+    let gated = share.iter().filter(|&&s| s >= 0.8).count();
+    assert!(gated > 1000, "{gated} gated: {run}");
 }
 
 /// The original run's pass-1 (not a re-run's: those read a perturbed tokens artifact).
