@@ -6,6 +6,10 @@
 //! chain ends at a node that produces a `scores` table, and its other members are the
 //! upstream nodes that produce the tables and files it was wired to. A new stage that
 //! produces `scores` from the same inputs joins the comparison without a change here.
+//!
+//! A tilt chain ends instead at a pass-1 made from another pass-1 (a model on top of a
+//! model, such as the n-gram tilt): `compare` shows it beside the cache chains, with the
+//! node that produced its hints.
 
 use crate::pipeline::{Node, Pipeline};
 use crate::registry::Registry;
@@ -20,6 +24,8 @@ pub const MATCHES: &str = "matches";
 pub const CALIBRATION: &str = "calibration.json";
 /// The implied-mass audit's per-position table.
 pub const MASS: &str = "mass";
+/// A tilt's per-target hints.
+pub const HINTS: &str = "hints";
 /// A legality node's verdicts.
 pub const LEGALITY: &str = "legality";
 /// A training run's per-step log.
@@ -46,6 +52,8 @@ pub struct Chain {
     pub calibration: Option<String>,
     /// A node that produces `mass` from the same pass-1, cache and calibration.
     pub audit: Option<String>,
+    /// For a tilt chain: its input that produces `hints`.
+    pub hints: Option<String>,
 }
 
 /// What the nodes of a pipeline produce, from their stages' declarations.
@@ -113,7 +121,27 @@ impl<'a> Products<'a> {
                     cache,
                     calibration,
                     audit,
+                    hints: None,
                 }
+            })
+            .collect()
+    }
+
+    /// Every tilt chain, in run order: a node that produces `pass1` from an input that
+    /// produces `pass1` (its `scores` is that node, its `pass1` the base).
+    pub fn tilts(&self) -> Vec<Chain> {
+        self.producers(PASS1)
+            .into_iter()
+            .filter_map(|node| {
+                let base = self.input_producing(node, PASS1)?;
+                Some(Chain {
+                    scores: node.name.clone(),
+                    pass1: Some(base),
+                    cache: None,
+                    calibration: None,
+                    audit: None,
+                    hints: self.input_producing(node, HINTS),
+                })
             })
             .collect()
     }
@@ -144,8 +172,16 @@ mod tests {
                 cache: Some("cache_causal".into()),
                 calibration: Some("calibration_causal".into()),
                 audit: Some("mass_causal".into()),
+                hints: None,
             }
         );
+        let tilts = Products::new(&pipeline, &registry).tilts();
+        assert_eq!(
+            tilts.iter().map(|c| c.scores.as_str()).collect::<Vec<_>>(),
+            ["tilt", "tilt_cachemoney"]
+        );
+        assert_eq!(tilts[1].pass1.as_deref(), Some("pass1_cachemoney"));
+        assert_eq!(tilts[1].hints.as_deref(), Some("hints_cachemoney"));
         let trained: Vec<&str> = Products::new(&pipeline, &registry)
             .producers(TRAIN_LOG)
             .iter()

@@ -1,12 +1,13 @@
 //! `cachemoney compare`: the BPB of every built chain side by side, grouped by the pass-1
-//! they score, so the leaky reference number and the honest ones are read off one table.
+//! they score, with each chain's legality verdict, so the leaky reference number, the
+//! honest ones and the legal tilts are read off one table.
 
 use anyhow::Result;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::Session;
-use crate::chain::{Chain, Products};
+use crate::chain::{Chain, Products, LEGALITY};
 use crate::runner::{NodeState, Resolved};
 
 /// One row of `compare` (and of `compare --json`): a chain's figures from its `scores`
@@ -15,10 +16,12 @@ use crate::runner::{NodeState, Resolved};
 pub struct CompareRow {
     /// The node that produced the scores.
     pub node: String,
-    /// The pass-1 node it scores, and that node's `model` parameter.
+    /// The pass-1 node it scores, and that node's `model` and `temperature` parameters.
     pub pass1: String,
     pub model: String,
-    /// The cache mode (`reference`, `causal`, `causal-normalised`).
+    pub temperature: Option<f64>,
+    /// The cache mode (`reference`, `causal`, `causal-normalised`), or for a tilt chain
+    /// `tilt (KERNEL)` with its hints' kernel.
     pub mode: String,
     pub neural_bpb: Option<f64>,
     pub ngram_bpb: Option<f64>,
@@ -32,6 +35,10 @@ pub struct CompareRow {
     pub mass_max: Option<f64>,
     pub sample_bpb: Option<f64>,
     pub normalised_sample_bpb: Option<f64>,
+    /// The legality node that judges this chain, and its verdict: `pass`, or `FAIL`
+    /// and the probes that failed (`not built` when the judge is not).
+    pub legality_node: Option<String>,
+    pub legality: Option<String>,
 }
 
 /// A claimed BPB to hold chains against (`compare --claim`): reviewers compared a
@@ -101,7 +108,8 @@ impl Session {
         let resolved = self.context().resolve()?;
         let mut rows = Vec::new();
         let mut unbuilt = Vec::new();
-        for chain in Products::new(&self.pipeline, &self.registry).chains() {
+        let products = Products::new(&self.pipeline, &self.registry);
+        for chain in products.chains().into_iter().chain(products.tilts()) {
             match self.built_report(&resolved, &chain.scores)? {
                 Some(report) => rows.push(self.compare_row(&resolved, &chain, &report)?),
                 None => unbuilt.push(match state_of(&resolved, &chain.scores) {
@@ -198,25 +206,47 @@ impl Session {
             report.and_then(|r| r.get(key)).and_then(Value::as_f64)
         };
         let pass1 = chain.pass1.clone().unwrap_or_else(|| "?".into());
-        let model = self
-            .pipeline
-            .node(&pass1)
-            .ok()
-            .and_then(|n| n.params.get("model").and_then(Value::as_str))
-            .unwrap_or("?")
-            .to_string();
+        let param = |node: &str, key: &str| {
+            self.pipeline
+                .node(node)
+                .ok()
+                .and_then(|n| n.params.get(key).cloned())
+        };
+        let model = param(&pass1, "model")
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "?".into());
+        let (legality_node, legality) = self.legality_of(resolved, &chain.scores)?;
+        // A tilt chain's report is a pass-1's: BPB before and after the tilt.
+        let (mode, neural, after) = match &chain.hints {
+            Some(hints) => (
+                format!(
+                    "tilt ({})",
+                    param(hints, "kernel")
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_else(|| "?".into())
+                ),
+                "bpb_before",
+                "neural_bpb",
+            ),
+            None => (
+                report
+                    .get("mode")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string(),
+                "neural_bpb",
+                "final_bpb",
+            ),
+        };
         Ok(CompareRow {
             node: chain.scores.clone(),
-            pass1,
+            pass1: pass1.clone(),
             model,
-            mode: report
-                .get("mode")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string(),
-            neural_bpb: number(Some(report), "neural_bpb"),
+            temperature: param(&pass1, "temperature").and_then(|v| v.as_f64()),
+            mode,
+            neural_bpb: number(Some(report), neural),
             ngram_bpb: number(Some(report), "ngram_bpb"),
-            final_bpb: number(Some(report), "final_bpb"),
+            final_bpb: number(Some(report), after),
             alpha_high: number(Some(report), "alpha_high"),
             entropy_thresh: number(Some(report), "entropy_thresh"),
             entries: report.get("entries").and_then(Value::as_u64),
@@ -225,7 +255,40 @@ impl Session {
             mass_max: number(mass.as_ref(), "mass_max"),
             sample_bpb: number(mass.as_ref(), "sample_bpb"),
             normalised_sample_bpb: number(mass.as_ref(), "normalised_sample_bpb"),
+            legality_node,
+            legality,
         })
+    }
+
+    /// The first legality node that judges `chain`, and its verdict in a word or few.
+    fn legality_of(
+        &self,
+        resolved: &[Resolved],
+        chain: &str,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let products = Products::new(&self.pipeline, &self.registry);
+        let Some(judge) = products
+            .producers(LEGALITY)
+            .into_iter()
+            .find(|n| n.inputs.get("chain").map(String::as_str) == Some(chain))
+        else {
+            return Ok((None, None));
+        };
+        let verdict = match self.verdicts(resolved, &judge.name)? {
+            None => "not built".to_string(),
+            Some(rows) => {
+                let failed: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| r.verdict == "fail")
+                    .map(|r| r.probe.as_str())
+                    .collect();
+                match failed.is_empty() {
+                    true => "pass".to_string(),
+                    false => format!("FAIL {}", failed.join(" ")),
+                }
+            }
+        };
+        Ok((Some(judge.name.clone()), Some(verdict)))
     }
 }
 
@@ -237,45 +300,38 @@ fn print_table(rows: &[CompareRow]) {
     let mut groups: Vec<&str> = rows.iter().map(|r| r.pass1.as_str()).collect();
     groups.dedup();
     let bpb = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
-    let param = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x}"));
     for (i, pass1) in groups.iter().enumerate() {
         let group: Vec<&CompareRow> = rows.iter().filter(|r| r.pass1 == *pass1).collect();
         if i > 0 {
             println!();
         }
         println!(
-            "pass-1 '{pass1}' (model {}, {} entries)",
+            "pass-1 '{pass1}' (model {}{}, {} entries)",
             group[0].model,
+            group[0]
+                .temperature
+                .map_or(String::new(), |t| format!(", temperature {t}")),
             group[0].entries.map_or("?".into(), |n| n.to_string())
         );
         println!(
-            "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
-            "mode",
-            "node",
-            "neural",
-            "after n-gram",
-            "final",
-            "alpha_high",
-            "entropy_thresh",
-            "mass mean",
-            "renorm BPB"
+            "  {:<18} {:<17} {:>7} {:>12} {:>7} {:>10} {:>10}  legality",
+            "mode", "node", "neural", "after n-gram", "final", "mass mean", "renorm BPB"
         );
         for r in group {
             println!(
-                "  {:<18} {:<18} {:>7} {:>12} {:>7} {:>10} {:>14} {:>10} {:>10}",
+                "  {:<18} {:<17} {:>7} {:>12} {:>7} {:>10} {:>10}  {}",
                 r.mode,
                 r.node,
                 bpb(r.neural_bpb),
                 bpb(r.ngram_bpb),
                 bpb(r.final_bpb),
-                param(r.alpha_high),
-                param(r.entropy_thresh),
                 bpb(r.mass_mean),
                 bpb(r.normalised_sample_bpb),
+                r.legality.as_deref().unwrap_or("-"),
             );
         }
     }
-    println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node ('-': none built)");
+    println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node; legality: the verdict of the chain's legality node, the failed probes named ('-': none built)");
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Session;
 use crate::chain::{Products, LEGALITY};
-use crate::runner::NodeState;
+use crate::runner::{NodeState, Resolved};
 
 /// One probe's verdict on one chain (`legality --json` prints a list of these).
 #[derive(Debug, Clone, Serialize)]
@@ -59,24 +59,9 @@ impl Session {
         let mut rows = Vec::new();
         let mut unbuilt = Vec::new();
         for judge in judges {
-            let r = resolved
-                .iter()
-                .find(|r| r.node == judge.name)
-                .expect("resolved");
-            let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
-                unbuilt.push(judge.name.clone());
-                continue;
-            };
-            let path = self
-                .store
-                .artifact_dir(&r.stage, recipe)
-                .join(format!("{LEGALITY}.parquet"));
-            let bpb = self
-                .store
-                .manifest(&r.stage, recipe)?
-                .and_then(|m| m.report.get("bpb").and_then(|b| b.as_f64()));
-            for batch in stage_api::read_parquet(&path)? {
-                rows.extend(rows_of(&judge.name, bpb, &batch));
+            match self.verdicts(&resolved, &judge.name)? {
+                Some(verdicts) => rows.extend(verdicts),
+                None => unbuilt.push(judge.name.clone()),
             }
         }
         if rows.is_empty() {
@@ -94,6 +79,36 @@ impl Session {
             }
         }
         Ok(rows.iter().all(|r| r.verdict != "fail"))
+    }
+}
+
+impl Session {
+    /// A built legality node's verdicts (None: not built).
+    pub(super) fn verdicts(
+        &self,
+        resolved: &[Resolved],
+        judge: &str,
+    ) -> Result<Option<Vec<LegalityRow>>> {
+        let r = resolved
+            .iter()
+            .find(|r| r.node == judge)
+            .expect("resolved");
+        let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
+            return Ok(None);
+        };
+        let path = self
+            .store
+            .artifact_dir(&r.stage, recipe)
+            .join(format!("{LEGALITY}.parquet"));
+        let bpb = self
+            .store
+            .manifest(&r.stage, recipe)?
+            .and_then(|m| m.report.get("bpb").and_then(|b| b.as_f64()));
+        let mut rows = Vec::new();
+        for batch in stage_api::read_parquet(&path)? {
+            rows.extend(rows_of(judge, bpb, &batch));
+        }
+        Ok(Some(rows))
     }
 }
 

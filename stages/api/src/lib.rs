@@ -98,6 +98,14 @@ pub trait StageParams: serde::Serialize + serde::de::DeserializeOwned + Default 
     fn validate(&self) -> Result<(), StageError> {
         Ok(())
     }
+
+    /// The parameters as the recipe records them, after [`StageParams::validate`]: a
+    /// parameter that only one variant has, absent from the others' canonical form, is
+    /// filled in here with its default for the variant that has it, so that changing
+    /// that default changes the recipe.
+    fn resolved(self) -> Self {
+        self
+    }
 }
 
 /// A [`Stage`] with its types erased, as the runner's registry holds it.
@@ -139,7 +147,7 @@ impl<S: Stage> AnyStage for S {
         }
         let params: S::Params = parse_params(&raw).map_err(|e| explain_variant::<S>(&raw, e))?;
         params.validate()?;
-        serde_json::to_value(params).map_err(|e| StageError::InvalidParams(e.to_string()))
+        serde_json::to_value(params.resolved()).map_err(|e| StageError::InvalidParams(e.to_string()))
     }
 
     fn check_wiring(&self, params: &Value, inputs: &[&str], files: &[&str]) -> Result<(), String> {

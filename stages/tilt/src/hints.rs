@@ -130,6 +130,19 @@ impl Default for HintsParams {
 }
 
 impl StageParams for HintsParams {
+    /// The cache's kernel records its orders and count in the recipe.
+    fn resolved(mut self) -> Self {
+        if let Ok(Proposer::CacheMoney {
+            min_order,
+            min_count,
+        }) = self.proposer()
+        {
+            self.min_order = Some(min_order);
+            self.min_count = Some(min_count);
+        }
+        self
+    }
+
     fn validate(&self) -> Result<(), StageError> {
         match self.proposer()? {
             Proposer::Hashed2135 => {
