@@ -171,6 +171,105 @@ fn example_scorers_agree_with_our_models_and_the_probes_sort_them() {
     assert!(log.contains("scorer.log"), "{log}");
 }
 
+/// Protocol version 3: a node with `inputs.hints` hands the scorer the n-gram tilt's
+/// hints, and the PyTorch GPT answers each entry's p(hint) as our tch GPT does, bit for
+/// bit; a scorer that speaks only version 2 is a one-line error there, and runs as before
+/// everywhere else; a scorer whose p(hint) is not its own distribution's is refused.
+#[test]
+fn a_scorer_gives_the_hints_probability_through_protocol_3() {
+    let project = Project::small();
+    with_scorers(&project);
+    let hints = "\n[nodes.hints]\nstage = \"hints\"\ninputs.tokens = \"tokens\"\nparams.kernel = \"cachemoney\"\n";
+    let hinted = |node: String| {
+        node.replace(
+            "inputs.tokens = \"tokens\"\n",
+            "inputs.tokens = \"tokens\"\ninputs.hints = \"hints\"\n",
+        )
+    };
+    let text = neural_pipeline(&tiny_model(300), 30)
+        + hints
+        + "\n[nodes.pass1_hinted]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\ninputs.hints = \"hints\"\ninputs.model = \"model\"\nparams.model = \"gpt\"\nparams.stride = 8\nparams.batch = 16\n"
+        + &hinted(scorer_node(
+            "pass1_torch",
+            "examples/scorers/gpt_torch.py",
+            r#", "--stride", "8", "--batch", "16""#,
+            true,
+        ))
+        + "\n[nodes.tilt]\nstage = \"tilt\"\ninputs.tokens = \"tokens\"\ninputs.pass1 = \"pass1_torch\"\ninputs.hints = \"hints\"\n"
+        + &legality_node("tilt");
+    project.write_pipeline(&text);
+    project.ok(&["run", "--quiet"]);
+    // Every entry's p(target), entropy, hint and p(hint) (the judged scorer keeps its
+    // distributions at the judge's secret positions, so its artifact differs there).
+    let differing = project.sql(
+        "SELECT count(*) AS n, sum(CASE WHEN a.model_p <> b.model_p OR a.entropy <> b.entropy \
+         OR c.hint <> d.hint OR c.hint_p <> d.hint_p THEN 1 ELSE 0 END) AS differ \
+         FROM pass1_torch.pass1 a JOIN pass1_hinted.pass1 b ON a.position = b.position \
+         JOIN pass1_torch.hint_p c ON c.position = a.position JOIN pass1_hinted.hint_p d ON d.position = a.position",
+    );
+    let row: Vec<u64> = differing
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    let entries = project.sql("SELECT count(*) AS n FROM pass1_hinted.pass1");
+    let entries: u64 = entries.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert_eq!(row, [entries, 0], "{differing}");
+    let fired = project.sql("SELECT count(*) AS n FROM tilt.pass1 WHERE fired");
+    let fired: u64 = fired.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(fired > 100, "{fired} fired");
+    let (legal, rows) = verdicts(&project, &["tilt"]);
+    assert!(legal, "{rows:?}");
+
+    // A version-2 scorer (it ignores the hints) is told what it missed.
+    project.write_pipeline(
+        &(Project::small_pipeline(300)
+            + hints
+            + &hinted(scorer_node(
+                "pass1_numpy",
+                "examples/scorers/bigram_numpy.py",
+                r#", "0.85", "0.1""#,
+                false,
+            ))),
+    );
+    let before = project.store_snapshot();
+    let line = project.fails(&["run", "--quiet"]);
+    assert!(
+        line.contains("hint_p.parquet")
+            && line.contains("the request carried hints (cachemoney-scorer/3)"),
+        "{line}"
+    );
+    assert_eq!(
+        before.keys().filter(|k| k.starts_with("pass1/")).count(),
+        project
+            .store_snapshot()
+            .keys()
+            .filter(|k| k.starts_with("pass1/"))
+            .count()
+    );
+
+    // A scorer that understates p(hint) where it also wrote the whole distribution.
+    std::fs::write(project.path().join("bad.py"), BAD_SCORER).unwrap();
+    let bad = r#"
+[nodes.bad]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.hints = "hints"
+params.model = "command"
+params.command = [".venv/bin/python", "bad.py", "hint_p"]
+files.scorer = ["bad.py"]
+"#;
+    project.write_pipeline(&(Project::small_pipeline(300) + hints + bad));
+    let line = project.fails(&["run", "--quiet"]);
+    assert!(
+        line.contains("hint_p.parquet")
+            && line.contains("but the distribution it wrote there gives the hint"),
+        "{line}"
+    );
+}
+
 /// A scorer for the bad-input cases: the numpy bigram, then broken as `mode` says.
 const BAD_SCORER: &str = r#"
 import json, os, sys, time
@@ -208,6 +307,13 @@ pq.write_table(pa.table({
     "candidate": pa.array(np.tile(np.arange(v), len(at)), pa.uint16()),
     "model_p": pa.array(np.full(len(at) * v, 1.0 / vocab), pa.float32()),
 }), os.path.join(out, "distributions.parquet"))
+if mode == "hint_p":
+    hints = pq.read_table(request["hints_parquet"])["hint"].to_numpy()
+    pq.write_table(pa.table({
+        "position": pa.array(position, pa.int64()),
+        "hint": pa.array(hints[position - 1], pa.uint16()),
+        "hint_p": pa.array(np.full(len(position), 0.5 / vocab), pa.float32()),
+    }), os.path.join(out, "hint_p.parquet"))
 "#;
 
 #[test]

@@ -83,14 +83,20 @@ fn a_kernel_not_built_is_refused_when_the_pipeline_loads() {
     // The cache's parameters belong to the cache's kernel, and #2135's table to #2135's.
     project.write_pipeline(&(Project::small_pipeline(300) + HINTS + "params.min_count = 2\n"));
     let line = project.fails(&["status"]);
-    assert!(line.contains("min_count") && line.contains("\"cachemoney\" only"), "{line}");
+    assert!(
+        line.contains("min_count") && line.contains("\"cachemoney\" only"),
+        "{line}"
+    );
     project.write_pipeline(
         &(Project::small_pipeline(300)
             + HINTS
             + "params.kernel = \"cachemoney\"\nparams.table_bits = 20\n"),
     );
     let line = project.fails(&["status"]);
-    assert!(line.contains("table_bits") && line.contains("counts exactly"), "{line}");
+    assert!(
+        line.contains("table_bits") && line.contains("counts exactly"),
+        "{line}"
+    );
 }
 
 /// CacheMoney made honest: the causal-normalised cache's top continuations as the
@@ -135,7 +141,11 @@ fn a_tilt_on_the_caches_hints_is_legal() {
     assert_eq!(seen, expected.seen[1..]);
     for (i, &s) in share.iter().enumerate() {
         let (top, seen) = (expected.top[i + 1], expected.seen[i + 1]);
-        let want = if seen == 0 { 0.0 } else { top as f32 / seen as f32 };
+        let want = if seen == 0 {
+            0.0
+        } else {
+            top as f32 / seen as f32
+        };
         assert_eq!(s, want, "target {}", i + 1);
     }
     let gated = share.iter().filter(|&&s| s >= 0.8).count();
@@ -337,25 +347,24 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
     );
 }
 
-/// A scorer process cannot give the hint's probability yet: wiring hints to it is refused
-/// when the pipeline loads, in one line.
+/// An imported table has no distribution to read p(hint) from: wiring hints to it is
+/// refused when the pipeline loads, in one line.
 #[test]
-fn hints_wired_to_a_scorer_process_are_refused_at_load() {
+fn hints_wired_to_an_imported_table_are_refused_at_load() {
     let project = Project::small();
-    let scorer = "
-[nodes.scorer]
+    let import = "
+[nodes.imported]
 stage = \"pass1\"
 inputs.tokens = \"tokens\"
 inputs.hints = \"hints\"
-params.model = \"command\"
-params.command = [\"python3\", \"scorer.py\"]
-files.scorer = [\"scorer.py\"]
+params.model = \"import\"
+files.table = [\"table.parquet\"]
 ";
-    std::fs::write(project.path().join("scorer.py"), "").unwrap();
-    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + scorer));
+    std::fs::write(project.path().join("table.parquet"), "").unwrap();
+    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + import));
     let line = project.fails(&["status"]);
     assert!(
-        line.contains("inputs.hints is read by model = \"bigram\" and model = \"gpt\""),
+        line.contains("an imported table cannot give the hint's probability"),
         "{line}"
     );
 }

@@ -137,9 +137,13 @@ def main():
     model = Gpt(weights, config)
     tokens = pq.read_table(request["val_parquet"], columns=["token"])["token"].to_numpy().astype("int64")
     wanted = set(request["distributions"])
+    # Protocol 3: the n-gram tilt's hint of every target (by position - 1); answer p(hint).
+    hints = None
+    if request.get("hints_parquet"):
+        hints = pq.read_table(request["hints_parquet"], columns=["hint"])["hint"].to_numpy().astype("int64")
     n_ctx = config["seq_len"]
     all_windows = list(windows(len(tokens) - 1, n_ctx, args.stride, args.tail))
-    position, model_p, entropy, dists = [], [], [], {}
+    position, model_p, entropy, dists, hint_p = [], [], [], {}, []
     with torch.no_grad():
         for g in range(0, len(all_windows), args.batch):
             group = all_windows[g:g + args.batch]
@@ -151,6 +155,9 @@ def main():
             for row, (start, length, first) in enumerate(group):
                 targets = torch.from_numpy(tokens[start + first + 1:start + length + 1])
                 picked = log_p[row, first:length].gather(1, targets.unsqueeze(1)).exp().squeeze(1)
+                if hints is not None:
+                    hinted = torch.from_numpy(hints[start + first:start + length])
+                    hint_p.append(log_p[row, first:length].gather(1, hinted.unsqueeze(1)).exp().squeeze(1))
                 for j in range(first, length):
                     p = start + j + 1
                     if p in wanted and p not in dists:
@@ -164,6 +171,12 @@ def main():
         "model_p": pa.array(torch.cat(model_p).numpy(), pa.float32()),
         "entropy": pa.array(torch.cat(entropy).numpy(), pa.float32()),
     }), os.path.join(out, "pass1.parquet"))
+    if hints is not None:
+        pq.write_table(pa.table({
+            "position": pa.array(position, pa.int64()),
+            "hint": pa.array(hints[[p - 1 for p in position]], pa.uint16()),
+            "hint_p": pa.array(torch.cat(hint_p).numpy(), pa.float32()),
+        }), os.path.join(out, "hint_p.parquet"))
     at = sorted(dists)
     vocab = request["vocab_size"]
     pq.write_table(pa.table({

@@ -89,10 +89,7 @@ impl Session {
         resolved: &[Resolved],
         judge: &str,
     ) -> Result<Option<Vec<LegalityRow>>> {
-        let r = resolved
-            .iter()
-            .find(|r| r.node == judge)
-            .expect("resolved");
+        let r = resolved.iter().find(|r| r.node == judge).expect("resolved");
         let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
             return Ok(None);
         };

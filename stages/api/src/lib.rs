@@ -147,7 +147,8 @@ impl<S: Stage> AnyStage for S {
         }
         let params: S::Params = parse_params(&raw).map_err(|e| explain_variant::<S>(&raw, e))?;
         params.validate()?;
-        serde_json::to_value(params.resolved()).map_err(|e| StageError::InvalidParams(e.to_string()))
+        serde_json::to_value(params.resolved())
+            .map_err(|e| StageError::InvalidParams(e.to_string()))
     }
 
     fn check_wiring(&self, params: &Value, inputs: &[&str], files: &[&str]) -> Result<(), String> {

@@ -42,6 +42,10 @@ use outputs::{check_directory, defuse, read_outputs};
 /// relative to the scorer's working directory (private copies), and the request no
 /// longer names the node (a re-run must not be told from the original).
 pub const PROTOCOL: &str = "cachemoney-scorer/2";
+/// Version 3 is version 2 with the n-gram tilt's hints (`hints_parquet`), to which the
+/// scorer answers with `hint_p.parquet`. Only a node with `inputs.hints` sends it, so a
+/// scorer that speaks version 2 runs as it did wherever it is not asked for hints.
+pub const PROTOCOL_HINTS: &str = "cachemoney-scorer/3";
 /// The environment variable that names the request file.
 pub const REQUEST_ENV: &str = "CACHEMONEY_REQUEST";
 /// The scorer's stdout and stderr, kept in the artifact (volatile: not hashed).
@@ -77,7 +81,11 @@ pub struct Request {
     pub score_last: usize,
     /// Positions where the whole next-token distribution is wanted, sorted.
     pub distributions: Vec<i64>,
-    /// Where to write pass1.parquet and distributions.parquet.
+    /// Version 3: a copy of the node's `inputs.hints` table (position, hint, share,
+    /// seen), one row per target; the scorer writes each entry's p(hint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hints_parquet: Option<PathBuf>,
+    /// Where to write pass1.parquet and distributions.parquet (and hint_p.parquet).
     pub output_dir: PathBuf,
 }
 
@@ -175,7 +183,11 @@ pub fn command_pass1(
     let outcome = prepare(ctx, params, &workspace, tokens, &val, vocab_size).and_then(|request| {
         let isolation = run_scorer(ctx, params, &workspace, &request)?;
         check_directory(ctx, &workspace)?;
-        let table = read_outputs(&workspace.root, &request, &val_bytes)?;
+        let hints = match ctx.inputs.get("hints") {
+            Some(h) => crate::hints::read_hints(h, val.len() - 1)?,
+            None => Vec::new(),
+        };
+        let table = read_outputs(&workspace.root, &request, &val_bytes, hints)?;
         Ok((table, isolation))
     });
     match outcome {
@@ -225,8 +237,21 @@ fn prepare(
         }
         None => None,
     };
+    let hints_parquet = match ctx.inputs.get("hints") {
+        Some(hints) => {
+            copy_input(
+                &hints.file("hints.parquet"),
+                &root.join(input("hints.parquet")),
+            )?;
+            Some(input("hints.parquet"))
+        }
+        None => None,
+    };
     let request = Request {
-        protocol: PROTOCOL,
+        protocol: match hints_parquet {
+            Some(_) => PROTOCOL_HINTS,
+            None => PROTOCOL,
+        },
         vocab_size,
         val_parquet: input("val.parquet"),
         val_shard: input("val.bin"),
@@ -242,6 +267,7 @@ fn prepare(
             params.mass_sample,
             params.mass_seed,
         )?,
+        hints_parquet,
         output_dir: PathBuf::from("out"),
     };
     let path = root.join("request.json");

@@ -81,7 +81,8 @@ impl Stage for Pass1Stage {
                 "model",
                 &[Read::file("model.safetensors"), Read::file("config.json")],
             ),
-            // The n-gram tilt's hints: then `hint_p` is written (bigram and gpt).
+            // The n-gram tilt's hints: then `hint_p` is written (bigram, gpt, and a
+            // scorer through protocol version 3).
             Input::optional("hints", &[Read::table("hints", &["position", "hint"])]),
         ],
         files: &[
@@ -141,8 +142,8 @@ impl Stage for Pass1Stage {
             _ if has_scorer && !matches!(params, Pass1Params::Command(_)) => {
                 Err("files.scorer is for model = \"command\"".into())
             }
-            Pass1Params::Import(_) | Pass1Params::Command(_) if inputs.contains(&"hints") => Err(
-                "inputs.hints is read by model = \"bigram\" and model = \"gpt\" (an imported table or a scorer process cannot give the hint's probability yet)".into(),
+            Pass1Params::Import(_) if inputs.contains(&"hints") => Err(
+                "inputs.hints is read by model = \"bigram\", \"gpt\" and \"command\" (an imported table cannot give the hint's probability)".into(),
             ),
             _ => Ok(()),
         }

@@ -35,7 +35,7 @@ pub(super) fn check_directory(ctx: &StageContext, workspace: &Workspace) -> Resu
             ))
         }
     }
-    for name in ["pass1.parquet", "distributions.parquet"] {
+    for name in ["pass1.parquet", "distributions.parquet", "hint_p.parquet"] {
         let path = out.join(name);
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -52,6 +52,13 @@ pub(super) fn check_directory(ctx: &StageContext, workspace: &Workspace) -> Resu
             }
             Ok(_) => {}
             Err(_) if name == "distributions.parquet" => {}
+            Err(_) if name == "hint_p.parquet" && !ctx.inputs.contains_key("hints") => {}
+            Err(_) if name == "hint_p.parquet" => {
+                return Err(StageError::input(
+                    &path,
+                    format!("missing: the request carried hints ({}) and the scorer did not answer with each entry's p(hint); it may speak only cachemoney-scorer/2", super::PROTOCOL_HINTS),
+                ))
+            }
             Err(_) => {
                 return Err(StageError::input(
                     &path,
@@ -98,6 +105,7 @@ pub(super) fn read_outputs(
     root: &Path,
     request: &Request,
     val_bytes: &[u8],
+    hints: Vec<u16>,
 ) -> Result<Pass1Table, StageError> {
     let output_dir = root.join(&request.output_dir);
     let pass1_path = output_dir.join("pass1.parquet");
@@ -117,7 +125,76 @@ pub(super) fn read_outputs(
         .map(|&p| val_bytes[p as usize])
         .collect();
     table.distributions = read_distributions(&output_dir.join("distributions.parquet"), request)?;
+    if request.hints_parquet.is_some() {
+        table.hint_p = read_hint_p(&output_dir.join("hint_p.parquet"), &table, &hints)?;
+        table.hint = hints;
+    }
     Ok(table)
+}
+
+/// Version 3's answer: per entry of `pass1.parquet` (same rows), the hint it was given
+/// and its probability, which where the whole distribution was asked for must be that
+/// distribution's p(hint) to the bit: the tilt renormalises with it, so a scorer that
+/// understated it elsewhere would make the tilted distribution sum past 1 where no probe
+/// looks, and the secret sample makes every position one a probe might look at.
+fn read_hint_p(path: &Path, table: &Pass1Table, hints: &[u16]) -> Result<Vec<f32>, StageError> {
+    check_schema(
+        path,
+        &[
+            ("position", DataType::Int64),
+            ("hint", DataType::UInt16),
+            ("hint_p", DataType::Float32),
+        ],
+    )?;
+    let position = read_column::<Int64Type>(path, "position")?;
+    let hint = read_column::<UInt16Type>(path, "hint")?;
+    let hint_p = read_column::<Float32Type>(path, "hint_p")?;
+    if position != table.position {
+        let row = position
+            .iter()
+            .zip(&table.position)
+            .position(|(a, b)| a != b)
+            .unwrap_or(position.len().min(table.position.len()));
+        return Err(StageError::input(
+            path,
+            format!(
+                "{} rows where pass1.parquet has {}, first different at row {row}: one row per entry of pass1.parquet, in its order",
+                position.len(),
+                table.position.len()
+            ),
+        ));
+    }
+    let kept: std::collections::HashMap<i64, &Vec<f32>> =
+        table.distributions.iter().map(|(p, d)| (*p, d)).collect();
+    for (row, (&p, (&h, &q))) in position.iter().zip(hint.iter().zip(&hint_p)).enumerate() {
+        if hints.get(p as usize - 1) != Some(&h) {
+            return Err(StageError::input(
+                path,
+                format!(
+                    "row {row} (position {p}): hint {h}, but the request's hints say {}",
+                    hints
+                        .get(p as usize - 1)
+                        .map_or("none".into(), |h| h.to_string())
+                ),
+            ));
+        }
+        if !(q.is_finite() && (0.0..=1.0).contains(&q)) {
+            return Err(StageError::input(
+                path,
+                format!("row {row} (position {p}): hint_p {q} is not a probability"),
+            ));
+        }
+        if let Some(d) = kept.get(&p) {
+            let full = d.get(h as usize).copied().unwrap_or(f32::NAN);
+            if full.to_bits() != q.to_bits() {
+                return Err(StageError::input(
+                    path,
+                    format!("row {row} (position {p}): hint_p {q}, but the distribution it wrote there gives the hint {h} probability {full}"),
+                ));
+            }
+        }
+    }
+    Ok(hint_p)
 }
 
 /// One full distribution per requested position, candidates 0..V in order, every
