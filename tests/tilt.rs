@@ -72,12 +72,25 @@ fn a_full_table_is_a_one_line_error_and_the_store_keeps_nothing_of_it() {
 }
 
 #[test]
-fn a_kernel_not_built_is_refused_when_the_pipeline_loads() {
+fn a_kernel_not_built_or_a_parameter_of_another_is_refused_when_the_pipeline_loads() {
     let project = Project::small();
-    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + "params.kernel = \"1514\"\n"));
+    // #1145's within-word channel is illegal: it belongs to the backtest's scorers.
+    project.write_pipeline(&(Project::small_pipeline(300) + HINTS + "params.kernel = \"1145\"\n"));
     let line = project.fails(&["status"]);
     assert!(
-        line.contains("kernel") && line.contains("\"2135\"") && line.contains("\"cachemoney\""),
+        line.contains("kernel")
+            && line.contains("\"2135\"")
+            && line.contains("\"1514\"")
+            && line.contains("\"cachemoney\""),
+        "{line}"
+    );
+    // #1514 runs as it ran: its orders and gates are not parameters.
+    project.write_pipeline(
+        &(Project::small_pipeline(300) + HINTS + "params.kernel = \"1514\"\nparams.order = 12\n"),
+    );
+    let line = project.fails(&["status"]);
+    assert!(
+        line.contains("order") && line.contains("#1514's as it ran"),
         "{line}"
     );
     // The cache's parameters belong to the cache's kernel, and #2135's table to #2135's.
@@ -367,4 +380,72 @@ files.table = [\"table.parquet\"]
         line.contains("an imported table cannot give the hint's probability"),
         "{line}"
     );
+}
+
+/// #1514's prefix-gated kernel (§2.7) end to end: its hints, β = 2 × share, agree with the
+/// backtest's independent Python (`tilt.py 1514`: contexts kept by their tokens, as ours
+/// are) on every entry, and the chain passes every probe.
+#[test]
+fn the_1514_kernel_agrees_with_the_backtests_python_and_is_legal() {
+    let project = Project::small();
+    let root = common::repo_root();
+    for shared in ["examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
+    }
+    let python = "
+[nodes.python]
+stage = \"pass1\"
+inputs.tokens = \"tokens\"
+params.model = \"command\"
+params.command = [\".venv/bin/python\", \"examples/scorers/backtest/tilt.py\", \"1514\"]
+params.mass_sample = 16
+files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/backtest/tilt.py\"]
+";
+    let chain = TILT_CHAIN
+        .replace(
+            "inputs.tokens = \"tokens\"\n\n[nodes.pass1]",
+            "inputs.tokens = \"tokens\"\nparams.kernel = \"1514\"\n\n[nodes.pass1]",
+        )
+        .replace(
+            "inputs.hints = \"hints\"\n\n[nodes.judge]",
+            "inputs.hints = \"hints\"\nparams.threshold = 0.0\nparams.beta_per_share = 2.0\n\n[nodes.judge]",
+        );
+    assert!(chain.contains("1514") && chain.contains("beta_per_share"));
+    project.write_pipeline(&(Project::small_pipeline(300) + &chain + python));
+    let run = project.ok(&["run"]);
+    assert!(run.contains("past #1514's gates"), "{run}");
+    let out = project.run(&["legality"]);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && printed.contains("every probe passed"),
+        "{printed}"
+    );
+    let original = std::fs::read_dir(project.path().join("artifacts/tilt"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| {
+            std::fs::read_to_string(d.join("manifest.json"))
+                .is_ok_and(|m| m.contains("\"node\": \"tilt\""))
+        })
+        .unwrap();
+    let ours =
+        stage_api::read_column::<Float32Type>(&original.join("pass1.parquet"), "model_p").unwrap();
+    let python_dir = std::fs::read_dir(project.path().join("artifacts/pass1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.join("scorer.log").exists())
+        .unwrap();
+    let theirs =
+        stage_api::read_column::<Float32Type>(&python_dir.join("pass1.parquet"), "model_p")
+            .unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "largest relative difference {worst}");
+    let hints = project.sql("SELECT count(*) AS n FROM tilt.pass1 WHERE fired");
+    let fired: u64 = hints.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(fired > 100, "{fired} fired");
 }

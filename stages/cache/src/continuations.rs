@@ -41,6 +41,22 @@ pub fn top_continuations(
     config: &NgramConfig,
 ) -> Result<Continuations, ConfigError> {
     config.validate()?;
+    let min_count = config.min_count.max(1);
+    let orders: Vec<usize> = (config.min_order..=config.max_order).collect();
+    Ok(gated_continuations(tokens, &orders, |_, _, seen| {
+        seen >= min_count
+    }))
+}
+
+/// For every position, the top continuation of the highest order in `orders` (each at
+/// least 2) whose context's counts before the position pass `gate(order, top, seen)`
+/// (called only for a context seen at least once). #1420/#1514's kernel is one such
+/// gate: each order its own share threshold and minimum count (eval-techniques.md §2.7).
+pub fn gated_continuations(
+    tokens: &[u16],
+    orders: &[usize],
+    gate: impl Fn(usize, u32, u32) -> bool,
+) -> Continuations {
     let n = tokens.len();
     let mut out = Continuations {
         token: vec![0; n],
@@ -48,34 +64,28 @@ pub fn top_continuations(
         seen: vec![0; n],
         order: vec![0; n],
     };
-    let min_count = config.min_count.max(1);
+    let highest = orders.iter().copied().max().unwrap_or(0);
     let (mut windows, _) = Windows::of_tokens(tokens);
     let mut stepper = Stepper::default();
     // Context widths in ascending order: a higher order overwrites a lower one.
-    for width in 1..config.max_order {
+    for width in 1..highest {
         let order = width + 1;
         // The context windows' classes, kept before the step replaces them with the
         // next width's: the step's ranks are those of the continuations.
-        let contexts =
-            (order >= config.min_order).then(|| (windows.ends.clone(), windows.class.clone()));
+        let contexts = orders
+            .contains(&order)
+            .then(|| (windows.ends.clone(), windows.class.clone()));
         stepper.extend(&mut windows, Prefix::Token(tokens), |pairs| {
             if let Some((ends, class)) = contexts {
-                walk(
-                    tokens,
-                    &ends,
-                    &class,
-                    &pairs,
-                    order as u8,
-                    min_count,
-                    &mut out,
-                );
+                let gate = |top: &Top| top.seen > 0 && gate(order, top.count, top.seen);
+                walk(tokens, &ends, &class, &pairs, order as u8, gate, &mut out);
             }
         });
         if windows.ends.is_empty() {
             break;
         }
     }
-    Ok(out)
+    out
 }
 
 /// One width's walk: each context's occurrences in stream order, its running top read
@@ -88,7 +98,7 @@ fn walk(
     class: &[u32],
     pairs: &Ranks<'_>,
     order: u8,
-    min_count: u32,
+    gate: impl Fn(&Top) -> bool,
     out: &mut Continuations,
 ) {
     let classes = class
@@ -104,7 +114,7 @@ fn walk(
             continue;
         }
         let top = &mut state[class as usize];
-        if top.seen >= min_count {
+        if gate(top) {
             out.token[p] = top.token;
             out.top[p] = top.count;
             out.seen[p] = top.seen;

@@ -4,10 +4,12 @@
 //! model and every boost: the tilt stage reads it beside a pass-1 with the hint's
 //! probability, and a threshold sweep only changes which hints fire (the share is kept).
 //!
-//! Two proposers: `kernel = "2135"`, the challenge's top row (hashed 15-token contexts,
-//! eval-techniques.md §1, to the bit), and `kernel = "cachemoney"`, CacheMoney's own
-//! cache made a proposer: the causal-normalised mode's exact counts of orders 2–16,
-//! the longest context seen at least `min_count` times naming its top continuation.
+//! Three proposers: `kernel = "2135"`, the challenge's top row (hashed 15-token contexts,
+//! eval-techniques.md §1, to the bit); `kernel = "1514"`, the merged #1514's
+//! prefix-gated orders 16, 14, …, 8 (§2.7, with contexts counted exactly); and `kernel =
+//! "cachemoney"`, CacheMoney's own cache made a proposer: the causal-normalised mode's
+//! exact counts of orders 2–16, the longest context seen at least `min_count` times
+//! naming its top continuation.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,8 +67,19 @@ pub struct HintsParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proposer {
     Hashed2135,
+    PrefixGated1514,
     CacheMoney { min_order: usize, min_count: u32 },
 }
+
+/// #1420/#1514's orders, highest first, each with its share threshold (compared in f32)
+/// and the count its context must have reached (eval-techniques.md §2.7).
+pub const ORDERS_1514: [(usize, f32, u32); 5] = [
+    (16, 0.50, 2),
+    (14, 0.50, 2),
+    (12, 0.60, 2),
+    (10, 0.70, 3),
+    (8, 0.70, 3),
+];
 
 impl HintsParams {
     fn proposer(&self) -> Result<Proposer, StageError> {
@@ -84,6 +97,23 @@ impl HintsParams {
                     }
                 }
                 Ok(Proposer::Hashed2135)
+            }
+            "1514" => {
+                for (name, set) in [
+                    ("table_bits", self.table_bits.is_some()),
+                    ("min_order", self.min_order.is_some()),
+                    ("min_count", self.min_count.is_some()),
+                    ("seed", self.seed != Seed::FirstTarget),
+                    ("order", self.order != ORDER),
+                ] {
+                    if set {
+                        return Err(StageError::invalid_param(
+                            name,
+                            "kernel = \"1514\" is #1514's as it ran: orders 16, 14, 12, 10, 8 with their own gates, counted exactly".to_string(),
+                        ));
+                    }
+                }
+                Ok(Proposer::PrefixGated1514)
             }
             "cachemoney" => {
                 if self.table_bits.is_some() {
@@ -109,7 +139,7 @@ impl HintsParams {
             other => Err(StageError::invalid_param(
                 "kernel",
                 format!(
-                    "{other:?}: the kernels built are \"2135\" (eval-techniques.md §1) and \"cachemoney\" (the causal-normalised cache's top continuations)"
+                    "{other:?}: the kernels built are \"2135\" (eval-techniques.md §1), \"1514\" (§2.7) and \"cachemoney\" (the causal-normalised cache's top continuations)"
                 ),
             )),
         }
@@ -148,6 +178,7 @@ impl StageParams for HintsParams {
             Proposer::Hashed2135 => {
                 check_param("order", self.order, 1..=33, "context length plus one")?
             }
+            Proposer::PrefixGated1514 => {}
             Proposer::CacheMoney { .. } => check_param(
                 "order",
                 self.order,
@@ -193,8 +224,12 @@ impl Stage for HintsStage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+        let gate = match report.get("kernel").and_then(|k| k.as_str()) {
+            Some("1514") => "past #1514's gates",
+            _ => "at share ≥ 0.8",
+        };
         Some(format!(
-            "{} targets, {} hints at share ≥ 0.8 ({:.2}%)",
+            "{} targets, {} hints {gate} ({:.2}%)",
             report.get("targets")?.as_u64()?,
             report.get("gated")?.as_u64()?,
             report.get("gate_rate")?.as_f64()? * 100.0
@@ -231,6 +266,7 @@ impl Stage for HintsStage {
                     .hints(targets, seed)
                     .map_err(|full| StageError::input(&val_path, full.to_string()))?
             }
+            Proposer::PrefixGated1514 => prefix_gated_hints(&val),
             Proposer::CacheMoney {
                 min_order,
                 min_count,
@@ -238,7 +274,12 @@ impl Stage for HintsStage {
         };
         let mut report = StageReport::default();
         report.phase("kernel", started);
-        let gated = hints.share.iter().filter(|&&s| s >= THRESHOLD).count() as u64;
+        // #1514's hints are gated already (a hint is given only past its order's gate);
+        // the others' gate is the reference's share.
+        let gated = match params.proposer()? {
+            Proposer::PrefixGated1514 => hints.seen.iter().filter(|&&s| s > 0).count(),
+            _ => hints.share.iter().filter(|&&s| s >= THRESHOLD).count(),
+        } as u64;
         let schema = arrow_schema(HINTS_TABLE);
         let n = targets.len();
         let started = Instant::now();
@@ -284,6 +325,27 @@ fn cachemoney_hints(val: &[u16], order: usize, min_order: usize, min_count: u32)
     };
     let found = cache::continuations::top_continuations(val, &config)
         .expect("orders validated with the parameters");
+    as_hints(found)
+}
+
+/// #1420/#1514's hints (§2.7) for the targets `val[1..]`: the highest of its orders whose
+/// context passes that order's gate names its top continuation; no hint where none does.
+/// Contexts are counted exactly: the spec leaves the kernel's pair key unstated, and
+/// with it which updates its 16-probe rule drops, so hashing would only look exact.
+fn prefix_gated_hints(val: &[u16]) -> Hints {
+    let orders: Vec<usize> = ORDERS_1514.iter().map(|&(order, ..)| order).collect();
+    let found = cache::continuations::gated_continuations(val, &orders, |order, top, seen| {
+        let &(_, threshold, minimum) = ORDERS_1514
+            .iter()
+            .find(|&&(o, ..)| o == order)
+            .expect("one of the orders");
+        seen >= minimum && top as f32 / seen as f32 >= threshold
+    });
+    as_hints(found)
+}
+
+/// The engine's per-position continuations as the hints of the targets (positions 1…).
+fn as_hints(found: cache::continuations::Continuations) -> Hints {
     Hints {
         hint: found.token[1..].to_vec(),
         share: found.top[1..]

@@ -30,6 +30,24 @@ pub struct TiltParams {
     /// The gate: a hint fires when its context's share is at least this, compared in
     /// f32 as the reference does (#2135: 0.8).
     pub threshold: f32,
+    /// #1514's boost, in place of `beta`: β = this × the hint's share (§2.7: 2.0, with
+    /// `threshold = 0`, its hints being gated already). Left out of the canonical form
+    /// when absent, so #2135's recipes are what they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_per_share: Option<f64>,
+}
+
+impl TiltParams {
+    /// The boost of a hint with this share, 0 where the gate is shut.
+    fn beta(&self, share: f32) -> f64 {
+        if share < self.threshold {
+            return 0.0;
+        }
+        match self.beta_per_share {
+            Some(k) => k * share as f64,
+            None => self.beta,
+        }
+    }
 }
 
 impl Default for TiltParams {
@@ -37,6 +55,7 @@ impl Default for TiltParams {
         TiltParams {
             beta: 2.625,
             threshold: THRESHOLD,
+            beta_per_share: None,
         }
     }
 }
@@ -48,6 +67,14 @@ impl StageParams for TiltParams {
                 "beta",
                 format!("{} is not in [0, 20]", self.beta),
             ));
+        }
+        if let Some(k) = self.beta_per_share {
+            if !(k.is_finite() && (0.0..=20.0).contains(&k)) {
+                return Err(StageError::invalid_param(
+                    "beta_per_share",
+                    format!("{k} is not in [0, 20]"),
+                ));
+            }
         }
         if !(self.threshold >= 0.0 && self.threshold <= 1.0) {
             return Err(StageError::invalid_param(
@@ -159,7 +186,7 @@ impl Stage for TiltStage {
             fired: vec![false; n],
         };
         const CHUNK: usize = 1 << 16;
-        let boost = Boost::new(params.beta);
+        let fixed = Boost::new(params.beta);
         let counts: Vec<Result<(u64, u64), StageError>> = out
             .model_p
             .par_chunks_mut(CHUNK)
@@ -177,7 +204,8 @@ impl Stage for TiltStage {
                             format!("row {row} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact"),
                         ));
                     }
-                    let gated = share[target - 1] >= params.threshold;
+                    let beta = params.beta(share[target - 1]);
+                    let gated = beta > 0.0;
                     fired_out[k] = gated;
                     if !gated {
                         // β = 0: the base distribution as it is.
@@ -186,6 +214,14 @@ impl Stage for TiltStage {
                         continue;
                     }
                     let (q, hit) = (hint_p[row] as f64, val[target] == hint[row]);
+                    let per_share;
+                    let boost = match params.beta_per_share {
+                        None => &fixed,
+                        Some(_) => {
+                            per_share = Boost::new(beta);
+                            &per_share
+                        }
+                    };
                     model_p[k] = boost.tilt(base_p[row] as f64, q, hit) as f32;
                     entropy_out[k] = boost.entropy(entropy[row] as f64, q) as f32;
                     fired += gated as u64;
@@ -331,11 +367,7 @@ fn tilt_distributions(
             return Err(StageError::input(path, format!("position {p} has no hint")));
         }
         let h = hints[t - 1] as usize;
-        let beta = if share[t - 1] >= params.threshold {
-            params.beta
-        } else {
-            0.0
-        };
+        let beta = params.beta(share[t - 1]);
         let q = *probs
             .get(h)
             .ok_or_else(|| StageError::input(path, format!("position {p}: no candidate {h}")))?

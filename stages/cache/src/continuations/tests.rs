@@ -7,6 +7,16 @@ use super::*;
 /// The definition, directly: every context of every order kept by its tokens in a hash
 /// map, walked in stream order; the highest qualifying order wins.
 fn direct(tokens: &[u16], config: &NgramConfig) -> Continuations {
+    let min_count = config.min_count.max(1);
+    let orders: Vec<usize> = (config.min_order..=config.max_order).collect();
+    direct_gated(tokens, &orders, &|_, _, seen| seen >= min_count)
+}
+
+fn direct_gated(
+    tokens: &[u16],
+    orders: &[usize],
+    gate: &dyn Fn(usize, u32, u32) -> bool,
+) -> Continuations {
     let n = tokens.len();
     let mut out = Continuations {
         token: vec![0; n],
@@ -14,14 +24,15 @@ fn direct(tokens: &[u16], config: &NgramConfig) -> Continuations {
         seen: vec![0; n],
         order: vec![0; n],
     };
-    let min_count = config.min_count.max(1);
-    for order in config.min_order..=config.max_order {
+    let mut orders = orders.to_vec();
+    orders.sort();
+    for order in orders {
         let width = order - 1;
         // context -> (seen, top count, top token, counts by token)
         let mut contexts: HashMap<&[u16], (u32, u32, u16, HashMap<u16, u32>)> = HashMap::new();
         for p in width..n {
             let state = contexts.entry(&tokens[p - width..p]).or_default();
-            if state.0 >= min_count {
+            if state.0 > 0 && gate(order, state.1, state.0) {
                 out.token[p] = state.2;
                 out.top[p] = state.1;
                 out.seen[p] = state.0;
@@ -129,6 +140,24 @@ proptest! {
     ) {
         let config = config(min_order, (min_order + extra).min(16), min_count);
         prop_assert_eq!(top_continuations(&tokens, &config).unwrap(), direct(&tokens, &config));
+    }
+
+    /// #1514's shape: a few orders, each with its own share threshold and count.
+    #[test]
+    fn gated_orders_equal_the_definition(
+        tokens in text_like(),
+        orders in proptest::collection::btree_set(2usize..10, 1..4),
+        thresholds in proptest::collection::vec((0.0f32..1.0, 1u32..4), 10),
+    ) {
+        let orders: Vec<usize> = orders.into_iter().collect();
+        let gate = |order: usize, top: u32, seen: u32| {
+            let (share, minimum) = thresholds[order];
+            seen >= minimum && top as f32 / seen as f32 >= share
+        };
+        prop_assert_eq!(
+            gated_continuations(&tokens, &orders, gate),
+            direct_gated(&tokens, &orders, &gate)
+        );
     }
 
     #[test]
