@@ -20,11 +20,7 @@ fn the_hints_table_is_the_kernels_one_row_per_target() {
     project.write_pipeline(&pipeline);
     let out = project.ok(&["run"]);
     assert!(out.contains("hints at share ≥ 0.8"), "{out}");
-    let val = stage_api::read_column::<UInt16Type>(
-        &project.the_artifact("tokenize").join("val.parquet"),
-        "token",
-    )
-    .unwrap();
+    let val = val_tokens(&project);
     let table = project.the_artifact("hints").join("hints.parquet");
     let position = stage_api::read_column::<Int64Type>(&table, "position").unwrap();
     let hint = stage_api::read_column::<UInt16Type>(&table, "hint").unwrap();
@@ -125,26 +121,9 @@ fn a_tilt_on_the_caches_hints_is_legal() {
     assert_ne!(chain, TILT_CHAIN);
     project.write_pipeline(&(Project::small_pipeline(300) + &chain));
     let run = project.ok(&["run"]);
-    let out = project.run(&["legality"]);
-    let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success() && printed.contains("every probe passed"),
-        "{printed}"
-    );
-    let val = stage_api::read_column::<UInt16Type>(
-        &project.the_artifact("tokenize").join("val.parquet"),
-        "token",
-    )
-    .unwrap();
-    let original = std::fs::read_dir(project.path().join("artifacts/hints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|d| {
-            std::fs::read_to_string(d.join("manifest.json"))
-                .is_ok_and(|m| m.contains("\"node\": \"hints\""))
-        })
-        .unwrap()
-        .join("hints.parquet");
+    every_probe_passes(&project);
+    let val = val_tokens(&project);
+    let original = original(&project, "hints", "hints").join("hints.parquet");
     let hint = stage_api::read_column::<UInt16Type>(&original, "hint").unwrap();
     let seen = stage_api::read_column::<UInt32Type>(&original, "seen").unwrap();
     let share = stage_api::read_column::<Float32Type>(&original, "share").unwrap();
@@ -165,18 +144,36 @@ fn a_tilt_on_the_caches_hints_is_legal() {
     assert!(gated > 1000, "{gated} gated: {run}");
 }
 
-/// The original run's pass-1 (not a re-run's: those read a perturbed tokens artifact).
-fn the_pass1_with_hints(project: &Project) -> std::path::PathBuf {
-    std::fs::read_dir(project.path().join("artifacts/pass1"))
+/// The artifact directory of `node` (a node of `stage`) in the project's store: not a
+/// legality re-run's, whose manifests name their own nodes.
+fn original(project: &Project, stage: &str, node: &str) -> std::path::PathBuf {
+    let named = format!("\"node\": \"{node}\"");
+    std::fs::read_dir(project.path().join("artifacts").join(stage))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|d| {
-            d.join("hint_p.parquet").exists()
-                && std::fs::read_to_string(d.join("manifest.json"))
-                    .unwrap()
-                    .contains("\"node\": \"pass1\"")
+            std::fs::read_to_string(d.join("manifest.json")).is_ok_and(|m| m.contains(&named))
         })
-        .expect("the pass-1 with hints")
+        .unwrap_or_else(|| panic!("no {stage} artifact of node {node}"))
+}
+
+/// `legality` exits 0 and says every probe passed.
+fn every_probe_passes(project: &Project) {
+    let out = project.run(&["legality"]);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success() && printed.contains("every probe passed"),
+        "{printed}"
+    );
+}
+
+/// The val stream of the project's tokens.
+fn val_tokens(project: &Project) -> Vec<u16> {
+    stage_api::read_column::<UInt16Type>(
+        &project.the_artifact("tokenize").join("val.parquet"),
+        "token",
+    )
+    .unwrap()
 }
 
 const TILT_CHAIN: &str = "
@@ -213,42 +210,19 @@ fn a_tilt_chain_is_legal_and_a_threshold_sweep_reuses_the_hints() {
     let project = Project::small();
     project.write_pipeline(&(Project::small_pipeline(300) + TILT_CHAIN));
     project.ok(&["run"]);
-    let out = project.run(&["legality"]);
-    let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success() && printed.contains("every probe passed"),
-        "{printed}"
-    );
+    every_probe_passes(&project);
 
-    let val = stage_api::read_column::<UInt16Type>(
-        &project.the_artifact("tokenize").join("val.parquet"),
-        "token",
-    )
-    .unwrap();
-    let tilt_dirs: Vec<_> = std::fs::read_dir(project.path().join("artifacts/tilt"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|d| d.is_dir() && !d.to_string_lossy().contains("cut"))
-        .collect();
-    // The original and its two re-runs; the original is the one on these tokens.
-    let original = tilt_dirs
-        .iter()
-        .find(|d| {
-            let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
-            m.contains("\"node\": \"tilt\"")
-        })
-        .unwrap_or(&tilt_dirs[0])
-        .join("pass1.parquet");
-    let col = |name: &str| stage_api::read_column::<Float32Type>(&original, name).unwrap();
-    let model_p = col("model_p");
+    let val = val_tokens(&project);
     // The base probability and the hint's are the pass-1's, same rows.
-    let pass1 = the_pass1_with_hints(&project);
+    let pass1 = original(&project, "pass1", "pass1");
+    let tilted = original(&project, "tilt", "tilt").join("pass1.parquet");
+    let model_p = stage_api::read_column::<Float32Type>(&tilted, "model_p").unwrap();
     let base_p =
         stage_api::read_column::<Float32Type>(&pass1.join("pass1.parquet"), "model_p").unwrap();
     let hint_p =
         stage_api::read_column::<Float32Type>(&pass1.join("hint_p.parquet"), "hint_p").unwrap();
     let hint = stage_api::read_column::<UInt16Type>(&pass1.join("hint_p.parquet"), "hint").unwrap();
-    let position = stage_api::read_column::<Int64Type>(&original, "position").unwrap();
+    let position = stage_api::read_column::<Int64Type>(&tilted, "position").unwrap();
     let hints = tilt::kernel::Kernel::default()
         .hints(&val[1..], val[1])
         .unwrap();
@@ -291,26 +265,34 @@ fn a_tilt_chain_is_legal_and_a_threshold_sweep_reuses_the_hints() {
     assert!(run.contains("tilt"), "{run}");
 }
 
+/// Links the repository's examples and Python into the project, and returns a `python`
+/// node running the backtest's tilt (`tilt.py VARIANT`) on the bigram.
+fn with_python_tilt(project: &Project, variant: &str) -> String {
+    let root = common::repo_root();
+    for shared in ["examples", ".venv"] {
+        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
+    }
+    format!(
+        r#"
+[nodes.python]
+stage = "pass1"
+inputs.tokens = "tokens"
+params.model = "command"
+params.command = [".venv/bin/python", "examples/scorers/backtest/tilt.py", "{variant}"]
+params.mass_sample = 16
+files.scorer = ["examples/scorers/backtest/common.py", "examples/scorers/backtest/tilt.py"]
+"#
+    )
+}
+
 /// The tilt chain's numbers are the backtest's independent Python tilt's (contexts kept
 /// by their tokens, on the same bigram): every entry's tilted probability, to float32.
 #[test]
 fn the_tilt_agrees_with_the_backtests_python_tilt() {
     let project = Project::small();
-    let root = common::repo_root();
-    for shared in ["examples", ".venv"] {
-        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
-    }
-    let python = "
-[nodes.python]
-stage = \"pass1\"
-inputs.tokens = \"tokens\"
-params.model = \"command\"
-params.command = [\".venv/bin/python\", \"examples/scorers/backtest/tilt.py\", \"token\"]
-params.mass_sample = 16
-files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/backtest/tilt.py\"]
-";
+    let python = with_python_tilt(&project, "token");
     let chain = TILT_CHAIN.split("[nodes.judge]").next().unwrap();
-    project.write_pipeline(&(Project::small_pipeline(300) + chain + python));
+    project.write_pipeline(&(Project::small_pipeline(300) + chain + &python));
     project.ok(&["run"]);
     let read = |stage: &str| {
         let dir = project.the_artifact(stage);
@@ -327,11 +309,7 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
     assert_eq!(ours.len(), theirs.len());
     // Where two different windows share a 64-bit key, the reference (and we) merge their
     // counts and the Python tilt does not: those targets are left out.
-    let val = stage_api::read_column::<UInt16Type>(
-        &project.the_artifact("tokenize").join("val.parquet"),
-        "token",
-    )
-    .unwrap();
+    let val = val_tokens(&project);
     let stream: Vec<u16> = std::iter::once(val[1])
         .chain(val[1..].iter().copied())
         .collect();
@@ -388,19 +366,7 @@ files.table = [\"table.parquet\"]
 #[test]
 fn the_1514_kernel_agrees_with_the_backtests_python_and_is_legal() {
     let project = Project::small();
-    let root = common::repo_root();
-    for shared in ["examples", ".venv"] {
-        std::os::unix::fs::symlink(root.join(shared), project.path().join(shared)).unwrap();
-    }
-    let python = "
-[nodes.python]
-stage = \"pass1\"
-inputs.tokens = \"tokens\"
-params.model = \"command\"
-params.command = [\".venv/bin/python\", \"examples/scorers/backtest/tilt.py\", \"1514\"]
-params.mass_sample = 16
-files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/backtest/tilt.py\"]
-";
+    let python = with_python_tilt(&project, "1514");
     let chain = TILT_CHAIN
         .replace(
             "inputs.tokens = \"tokens\"\n\n[nodes.pass1]",
@@ -411,23 +377,11 @@ files.scorer = [\"examples/scorers/backtest/common.py\", \"examples/scorers/back
             "inputs.hints = \"hints\"\nparams.threshold = 0.0\nparams.beta_per_share = 2.0\n\n[nodes.judge]",
         );
     assert!(chain.contains("1514") && chain.contains("beta_per_share"));
-    project.write_pipeline(&(Project::small_pipeline(300) + &chain + python));
+    project.write_pipeline(&(Project::small_pipeline(300) + &chain + &python));
     let run = project.ok(&["run"]);
     assert!(run.contains("past #1514's gates"), "{run}");
-    let out = project.run(&["legality"]);
-    let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success() && printed.contains("every probe passed"),
-        "{printed}"
-    );
-    let original = std::fs::read_dir(project.path().join("artifacts/tilt"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|d| {
-            std::fs::read_to_string(d.join("manifest.json"))
-                .is_ok_and(|m| m.contains("\"node\": \"tilt\""))
-        })
-        .unwrap();
+    every_probe_passes(&project);
+    let original = original(&project, "tilt", "tilt");
     let ours =
         stage_api::read_column::<Float32Type>(&original.join("pass1.parquet"), "model_p").unwrap();
     let python_dir = std::fs::read_dir(project.path().join("artifacts/pass1"))

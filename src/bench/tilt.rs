@@ -57,55 +57,49 @@ inputs.hints = "hints"
         ),
     )?;
     timed(&dir, &["run", "-q", "--until", "tokens"])?;
-    let (mut runs, mut peaks) = (Vec::new(), Vec::new());
-    for _ in 0..repeats {
-        let (seconds, peak) =
-            timed_with_rss(&dir, &["run", "-q", "--until", "hints", "--force", "hints"])?;
-        runs.push(seconds);
-        peaks.push(peak as f64);
-    }
-    let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
-    println!(
-        "hints: {targets} targets in {:.2} s (runs {} s), peak RSS {:.2} GB",
-        median(runs.clone()),
-        shown.join(", "),
-        median(peaks) / 1e9
-    );
+    time_node(&dir, "hints", "hints", "targets", targets, repeats)?;
     for kernel in ["cachemoney", "1514"] {
-        let node = format!("hints_{kernel}");
-        let (mut runs, mut peaks) = (Vec::new(), Vec::new());
-        for _ in 0..repeats {
-            let (seconds, peak) =
-                timed_with_rss(&dir, &["run", "-q", "--until", &node, "--force", &node])?;
-            runs.push(seconds);
-            peaks.push(peak as f64);
-        }
-        let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
-        println!(
-            "hints (kernel {kernel}): {targets} targets in {:.2} s (runs {} s), peak RSS {:.2} GB",
-            median(runs.clone()),
-            shown.join(", "),
-            median(peaks) / 1e9
-        );
+        let label = format!("hints (kernel {kernel})");
+        time_node(
+            &dir,
+            &format!("hints_{kernel}"),
+            &label,
+            "targets",
+            targets,
+            repeats,
+        )?;
     }
     timed(&dir, &["run", "-q", "--until", "pass1"])?;
-    let (mut runs, mut peaks) = (Vec::new(), Vec::new());
-    for _ in 0..repeats {
-        let (seconds, peak) =
-            timed_with_rss(&dir, &["run", "-q", "--until", "tilt", "--force", "tilt"])?;
-        runs.push(seconds);
-        peaks.push(peak as f64);
-    }
-    let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
-    println!(
-        "tilt: {targets} entries in {:.2} s (runs {} s), peak RSS {:.2} GB",
-        median(runs.clone()),
-        shown.join(", "),
-        median(peaks) / 1e9
-    );
+    time_node(&dir, "tilt", "tilt", "entries", targets, repeats)?;
     for node in ["hints", "hints_cachemoney", "hints_1514", "tilt"] {
         show(&dir, node)?;
     }
+    Ok(())
+}
+
+/// Builds `node` again `repeats` times (forced) and prints the median time and peak RSS.
+fn time_node(
+    dir: &Path,
+    node: &str,
+    label: &str,
+    what: &str,
+    count: usize,
+    repeats: usize,
+) -> Result<()> {
+    let (mut runs, mut peaks) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (seconds, peak) =
+            timed_with_rss(dir, &["run", "-q", "--until", node, "--force", node])?;
+        runs.push(seconds);
+        peaks.push(peak as f64);
+    }
+    let shown: Vec<String> = runs.iter().map(|s| format!("{s:.2}")).collect();
+    println!(
+        "{label}: {count} {what} in {:.2} s (runs {} s), peak RSS {:.2} GB",
+        median(runs.clone()),
+        shown.join(", "),
+        median(peaks) / 1e9
+    );
     Ok(())
 }
 

@@ -31,6 +31,18 @@ pub struct Continuations {
     pub order: Vec<u8>,
 }
 
+impl Continuations {
+    /// No continuation at any of `n` positions.
+    pub fn none(n: usize) -> Continuations {
+        Continuations {
+            token: vec![0; n],
+            top: vec![0; n],
+            seen: vec![0; n],
+            order: vec![0; n],
+        }
+    }
+}
+
 /// The top continuation of the highest order in `config.min_order..=config.max_order`
 /// whose context (the order − 1 tokens before p) occurred at least `config.min_count`
 /// times before p (at least once: a context never seen has no continuation), for every
@@ -57,13 +69,7 @@ pub fn gated_continuations(
     orders: &[usize],
     gate: impl Fn(usize, u32, u32) -> bool,
 ) -> Continuations {
-    let n = tokens.len();
-    let mut out = Continuations {
-        token: vec![0; n],
-        top: vec![0; n],
-        seen: vec![0; n],
-        order: vec![0; n],
-    };
+    let mut out = Continuations::none(tokens.len());
     let highest = orders.iter().copied().max().unwrap_or(0);
     let (mut windows, _) = Windows::of_tokens(tokens);
     let mut stepper = Stepper::default();

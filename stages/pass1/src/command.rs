@@ -21,7 +21,7 @@
 //! a distribution at all (a missing candidate, a NaN) is refused.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -34,8 +34,10 @@ use stage_api::{read_column, StageContext, StageError};
 
 use crate::params::CommandParams;
 
+mod log;
 mod outputs;
 use crate::{read_val, Pass1Table};
+use log::{last_line, CappedLog};
 use outputs::{check_directory, defuse, read_outputs};
 
 /// The protocol's name and version, first in every request. Version 2: paths are
@@ -517,59 +519,6 @@ fn run_scorer(
             last_line(&log_path)
         ))),
         Finished::Exited(_) => Ok(isolation),
-    }
-}
-
-/// What a scorer printed, at most [`LOG_CAP`] bytes from its start and as many from its
-/// end: a scorer that prints gigabytes must not fill the store (or a remote).
-#[derive(Default)]
-struct CappedLog {
-    head: Vec<u8>,
-    tail: std::collections::VecDeque<u8>,
-    dropped: u64,
-}
-
-impl CappedLog {
-    fn push(&mut self, mut bytes: &[u8]) {
-        let room = LOG_CAP - self.head.len();
-        let now = bytes.len().min(room);
-        self.head.extend_from_slice(&bytes[..now]);
-        bytes = &bytes[now..];
-        self.tail.extend(bytes);
-        let over = self.tail.len().saturating_sub(LOG_CAP);
-        self.tail.drain(..over);
-        self.dropped += over as u64;
-    }
-
-    fn finish(&self) -> Vec<u8> {
-        let mut out = self.head.clone();
-        if self.dropped > 0 {
-            out.extend_from_slice(
-                format!(
-                    "\n[cachemoney: {} bytes of the scorer's output dropped here; the log keeps the first and the last {} KiB]\n",
-                    self.dropped,
-                    LOG_CAP / 1024
-                )
-                .as_bytes(),
-            );
-        }
-        out.extend(self.tail.iter());
-        out
-    }
-}
-
-/// `: LAST LINE` of the log, or `: (empty)`.
-fn last_line(log: &Path) -> String {
-    let last = File::open(log).ok().and_then(|f| {
-        BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter(|l| !l.trim().is_empty())
-            .last()
-    });
-    match last {
-        Some(line) => format!(": {}", line.trim()),
-        None => " (empty)".into(),
     }
 }
 

@@ -18,12 +18,7 @@ fn direct_gated(
     gate: &dyn Fn(usize, u32, u32) -> bool,
 ) -> Continuations {
     let n = tokens.len();
-    let mut out = Continuations {
-        token: vec![0; n],
-        top: vec![0; n],
-        seen: vec![0; n],
-        order: vec![0; n],
-    };
+    let mut out = Continuations::none(n);
     let mut orders = orders.to_vec();
     orders.sort();
     for order in orders {
