@@ -71,6 +71,14 @@ enum Proposer {
     CacheMoney { min_order: usize, min_count: u32 },
 }
 
+/// The first parameter of `set` that was given, refused with `why`.
+fn refuse_set(set: &[(&str, bool)], why: &str) -> Result<(), StageError> {
+    match set.iter().find(|(_, given)| *given) {
+        Some((name, _)) => Err(StageError::invalid_param(*name, why.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// #1420/#1514's orders, highest first, each with its share threshold (compared in f32)
 /// and the count its context must have reached (eval-techniques.md §2.7).
 pub const ORDERS_1514: [(usize, f32, u32); 5] = [
@@ -85,34 +93,26 @@ impl HintsParams {
     fn proposer(&self) -> Result<Proposer, StageError> {
         match self.kernel.as_str() {
             "2135" => {
-                for (name, set) in [
-                    ("min_order", self.min_order.is_some()),
-                    ("min_count", self.min_count.is_some()),
-                ] {
-                    if set {
-                        return Err(StageError::invalid_param(
-                            name,
-                            "applies to kernel = \"cachemoney\" only".to_string(),
-                        ));
-                    }
-                }
+                refuse_set(
+                    &[
+                        ("min_order", self.min_order.is_some()),
+                        ("min_count", self.min_count.is_some()),
+                    ],
+                    "applies to kernel = \"cachemoney\" only",
+                )?;
                 Ok(Proposer::Hashed2135)
             }
             "1514" => {
-                for (name, set) in [
-                    ("table_bits", self.table_bits.is_some()),
-                    ("min_order", self.min_order.is_some()),
-                    ("min_count", self.min_count.is_some()),
-                    ("seed", self.seed != Seed::FirstTarget),
-                    ("order", self.order != ORDER),
-                ] {
-                    if set {
-                        return Err(StageError::invalid_param(
-                            name,
-                            "kernel = \"1514\" is #1514's as it ran: orders 16, 14, 12, 10, 8 with their own gates, counted exactly".to_string(),
-                        ));
-                    }
-                }
+                refuse_set(
+                    &[
+                        ("table_bits", self.table_bits.is_some()),
+                        ("min_order", self.min_order.is_some()),
+                        ("min_count", self.min_count.is_some()),
+                        ("seed", self.seed != Seed::FirstTarget),
+                        ("order", self.order != ORDER),
+                    ],
+                    "kernel = \"1514\" is #1514's as it ran: orders 16, 14, 12, 10, 8 with their own gates, counted exactly",
+                )?;
                 Ok(Proposer::PrefixGated1514)
             }
             "cachemoney" => {
