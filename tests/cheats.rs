@@ -421,3 +421,87 @@ fn the_secret_is_the_stores_own_unless_given() {
     );
     assert_ne!(recipe_of_cut(&a, Some("shared")), own_a);
 }
+
+/// A tilt chain after `pass1` (a hint oracle, or the same scorer honest) and its judge.
+fn tilt_chain(name: &str, argument: &str) -> String {
+    format!(
+        r#"
+[nodes.{name}]
+stage = "pass1"
+inputs.tokens = "tokens"
+inputs.hints = "hints"
+params.model = "command"
+params.command = [".venv/bin/python", "{CHEATS}/hint_oracle.py", "{argument}"]
+files.scorer = ["{CHEATS}/honest.py", "{CHEATS}/hint_oracle.py"]
+
+[nodes.tilt_{name}]
+stage = "tilt"
+inputs.tokens = "tokens"
+inputs.pass1 = "{name}"
+inputs.hints = "hints"
+
+[nodes.legality_{name}]
+stage = "legality"
+inputs.tokens = "tokens"
+inputs.chain = "tilt_{name}"
+"#
+    )
+}
+
+/// Red team round 5's hint oracle: a scorer that reads the target only where its hint
+/// fires, every row normalised. At a random cut it passed every probe; the replace re-run
+/// aimed at a firing hint fails it on c1-target, with the hint and the two distributions
+/// as evidence, and the same scorer without the peek passes everything.
+#[test]
+fn a_target_oracle_where_a_hint_fires_is_failed_and_its_honest_twin_passes() {
+    let project = project();
+    let mut pipeline = Project::small_pipeline(300)
+        + "
+[nodes.hints]
+stage = \"hints\"
+inputs.tokens = \"tokens\"
+params.kernel = \"cachemoney\"
+";
+    pipeline += &tilt_chain("oracle", "cheat");
+    pipeline += &tilt_chain("twin", "honest");
+    project.write_pipeline(&pipeline);
+    project.ok(&["run", "--quiet"]);
+    let matrix = project.run(&["legality"]);
+    eprintln!("{}", String::from_utf8_lossy(&matrix.stdout));
+    assert_eq!(matrix.status.code(), Some(1));
+    let v = verdicts(&project);
+    let (_, twin_bpb, twin) = &v["legality_twin"];
+    for (probe, (verdict, detail)) in twin {
+        assert_eq!(verdict, "pass", "the honest twin's {probe}: {detail}");
+    }
+    let (_, oracle_bpb, oracle) = &v["legality_oracle"];
+    assert!(oracle_bpb < twin_bpb, "{oracle_bpb} vs {twin_bpb}");
+    let (verdict, detail) = &oracle["c1-target"];
+    assert_eq!(verdict, "fail", "c1-target: {detail}");
+    assert!(detail.contains("across the hint"), "{detail}");
+    // The scorer under the tilt is the one whose confinement counts.
+    if sandbox::landlock_abi().is_some() {
+        let (_, detail) = &twin["sandbox"];
+        assert!(!detail.contains("built-in"), "{detail}");
+    }
+    for (probe, (verdict, detail)) in oracle {
+        eprintln!(
+            "oracle (claims {oracle_bpb:.4}, honest {twin_bpb:.4}) {probe}: {verdict}: {detail}"
+        );
+    }
+    // The replace re-run says where it aimed: the hint fires at its changed target, and
+    // its new target crosses the line between the hint and the rest.
+    let mut aimed = 0;
+    for dir in std::fs::read_dir(project.path().join("artifacts/perturb")).unwrap() {
+        let record = dir.unwrap().path().join("perturbation.json");
+        let record: Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+        if record["kind"] == "replace" {
+            let hint = record["aimed_at_hint"].as_u64().expect("aimed");
+            let crossed = (record["original_target"].as_u64() == Some(hint))
+                != (record["new_target"].as_u64() == Some(hint));
+            assert!(crossed, "{record}");
+            aimed += 1;
+        }
+    }
+    assert_eq!(aimed, 1, "one replace re-run, shared by both chains");
+}

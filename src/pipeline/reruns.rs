@@ -43,7 +43,8 @@ pub fn add_reruns(
         .filter(|n| spec_of(n).reruns.is_some())
         .map(|n| n.name.clone())
         .collect();
-    let mut numbered_cuts: Vec<Value> = Vec::new();
+    // A cut's number names its copies: equal parameters and guides, one copy.
+    let mut numbered_cuts: Vec<(Value, BTreeMap<String, String>)> = Vec::new();
     let mut secret_seeded: BTreeSet<String> = BTreeSet::new();
     for judge_name in &judges {
         let mut judge = nodes[judge_name].clone();
@@ -54,7 +55,8 @@ pub fn add_reruns(
         };
         let produces = |n: &Node, product: &str| spec_of(n).output(product).is_some();
         let is_member = |n: &Node| reruns.members.iter().any(|m| produces(n, m));
-        for wired in reruns.wired_as {
+        let guide_inputs = reruns.guides.iter().map(|(_, input)| input);
+        for wired in reruns.wired_as.iter().chain(guide_inputs) {
             if judge.inputs.contains_key(*wired) {
                 return Err(problem(format!(
                     "inputs.{wired} is wired by the pipeline (one re-run per entry of params.{}); remove it",
@@ -163,10 +165,15 @@ pub fn add_reruns(
                 if entry.get(*as_param).is_some_and(|v| !v.is_null()) {
                     continue;
                 }
-                // A parameter the member leaves out (an optional one, absent from its
+                // From the first member producing the product that has the parameter (a
+                // tilt chain has two pass-1 producers; only one has `mass_sample`). A
+                // parameter every member leaves out (an optional one, absent from its
                 // canonical form) is left out of the entry too.
-                let member = members.iter().find(|m| produces(&nodes[*m], product));
-                if let Some(value) = member.and_then(|m| nodes[m].params.get(*param)) {
+                let value = members
+                    .iter()
+                    .filter(|m| produces(&nodes[*m], product))
+                    .find_map(|m| nodes[m].params.get(*param));
+                if let Some(value) = value {
                     entry.insert(as_param.to_string(), value.clone());
                 }
             }
@@ -186,16 +193,26 @@ pub fn add_reruns(
                 reruns.wired_as.len()
             )));
         }
+        // The originals that aim the re-runs, wired into every perturbing node and the judge.
+        let guides: BTreeMap<String, String> = reruns
+            .guides
+            .iter()
+            .filter_map(|(product, input)| {
+                let member = members.iter().find(|m| produces(&nodes[*m], product))?;
+                Some((input.to_string(), member.clone()))
+            })
+            .collect();
         let perturbing = registry.get(reruns.stage).expect("a registered stage");
         let mut wired = BTreeMap::new();
         for (i, cut) in cuts.iter().enumerate() {
             let params = perturbing
                 .canonical_params(cut)
                 .map_err(|e| problem(format!("params.{}[{i}]: {e}", reruns.param)))?;
-            let number = match numbered_cuts.iter().position(|c| *c == params) {
+            let key = (params.clone(), guides.clone());
+            let number = match numbered_cuts.iter().position(|c| *c == key) {
                 Some(at) => at + 1,
                 None => {
-                    numbered_cuts.push(params.clone());
+                    numbered_cuts.push(key);
                     numbered_cuts.len()
                 }
             };
@@ -214,7 +231,11 @@ pub fn add_reruns(
                     name: perturbed_source.clone(),
                     stage: reruns.stage.to_string(),
                     params,
-                    inputs: BTreeMap::from([(first_input.to_string(), source.clone())]),
+                    inputs: guides
+                        .clone()
+                        .into_iter()
+                        .chain([(first_input.to_string(), source.clone())])
+                        .collect(),
                     files: BTreeMap::new(),
                     variant: None,
                     rerun: Some(Rerun {
@@ -263,6 +284,7 @@ pub fn add_reruns(
         if let Some((member, input, _)) = &companion {
             wired.insert(input.to_string(), member.clone());
         }
+        wired.extend(guides);
         // The judge reads the entries as its re-runs were made from them.
         judge.params[reruns.param] = Value::Array(cuts.clone());
         let params = judge.params.clone();

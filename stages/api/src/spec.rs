@@ -255,6 +255,12 @@ pub struct Reruns {
     /// too when it is not the chain's end: (product, the original's input, the copies'
     /// inputs in entry order).
     pub companion: Option<(&'static str, &'static str, &'static [&'static str])>,
+    /// Products of the chain's originals that aim the re-runs: (the product, an input
+    /// name). The original member producing it is wired as that input into every
+    /// perturbing node and into the judging node (a tilt chain's hints on the original
+    /// stream, which tell the perturbing stage where a hint fires). Absent from chains
+    /// without such a member, so their re-runs are what they were.
+    pub guides: &'static [(&'static str, &'static str)],
 }
 
 /// An upstream artifact a stage reads.

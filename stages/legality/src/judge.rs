@@ -215,7 +215,14 @@ pub(crate) fn model_target_probe(
                 t,
                 pa as f64,
                 pb as f64,
-                format!("{}: with the same prefix, replacing the target at {t} ({from} -> {to}) moved p(candidate {v}): the distribution depends on the target", run.label),
+                format!(
+                    "{}: with the same prefix, replacing the target at {t} ({from} -> {to}{}) moved p(candidate {v}): the distribution depends on the target",
+                    run.label,
+                    match rerun.perturbed.aimed {
+                        Some(h) => format!(", across the hint {h} that fires there"),
+                        None => String::new(),
+                    }
+                ),
             ));
         }
         // The entropy weights the cache in the blend: it may not see the target either.

@@ -15,6 +15,7 @@
 //! `stages` is the adapter, `runs` reads a chain's runs, `judge` runs each probe on
 //! them; the checks themselves are pure ([`probes`]). docs/legality.md has the why.
 
+pub mod aim;
 pub mod checklist;
 mod classes;
 mod judge;
@@ -28,8 +29,9 @@ mod proposal;
 mod runs;
 mod stages;
 
+pub use aim::Hints;
 pub use checklist::{ArtifactStage, OverlapStage};
-pub use perturb::{cut_position, perturb, CutParams, Kind, Perturbed};
+pub use perturb::{cut_position, perturb, perturb_aimed, CutParams, Kind, Perturbed};
 pub use perturb_stage::PerturbStage;
 pub use probes::{Finding, Verdict, PROBES};
 pub use stages::{LegalityParams, LegalityStage, LEGALITY_TABLE};

@@ -202,7 +202,7 @@ pub(crate) fn perturb_in_order(
                 .filter(|&&p| p != changed)
                 .map(|&p| p as i64);
             let chosen = secret.positions_among(candidates, cut.hidden);
-            hidden = hide(&mut out, chosen, &proposal, &mut secret);
+            hidden = hide(&mut out, chosen, &proposal, None, &mut secret);
         }
     }
     let excluded: BTreeSet<i64> = hidden.iter().map(|h| h.position).collect();
@@ -213,6 +213,7 @@ pub(crate) fn perturb_in_order(
         tokens: out,
         hidden,
         ordering: Some(std::sync::Arc::new(ordering)),
+        aimed: None,
     })
 }
 

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use stage_api::order::{declared_orders, DocumentOrder};
 use stage_api::{check_param, StageError, StageParams};
 
+use crate::aim::{Hints, HINT_SHARE};
 use crate::ordered::{perturb_in_order, Ordering};
 
 pub use crate::classes::Classes;
@@ -76,6 +77,11 @@ pub struct CutParams {
     /// ([`crate::ordered`]). Absent: stream order.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub order: BTreeMap<String, DocumentOrder>,
+    /// The gate of the chain's tilt (its `threshold`; the pipeline copies it): where a
+    /// replace re-run aimed at the chain's hints counts a hint as fired ([`crate::aim`]).
+    /// Absent: every hint with a share above 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint_threshold: Option<f32>,
 }
 
 impl Default for CutParams {
@@ -90,6 +96,7 @@ impl Default for CutParams {
             original_seed: None,
             secret: String::new(),
             order: BTreeMap::new(),
+            hint_threshold: None,
         }
     }
 }
@@ -101,6 +108,14 @@ impl StageParams for CutParams {
                 return Err(StageError::invalid_param(
                     "at",
                     format!("{at} is not inside (0, 1): the cut is a fraction of the val targets"),
+                ));
+            }
+        }
+        if let Some(t) = self.hint_threshold {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(StageError::invalid_param(
+                    "hint_threshold",
+                    format!("{t} is not a share in [0, 1]"),
                 ));
             }
         }
@@ -148,6 +163,9 @@ pub struct Perturbed {
     /// Set for a cut in declared orders other than stream order alone: then the targets
     /// kept are those before the changed one in every order, not those up to `cut`.
     pub ordering: Option<Arc<Ordering>>,
+    /// A replace re-run aimed at the chain's hints ([`crate::aim`]): the hint that fires
+    /// at the changed target.
+    pub aimed: Option<u16>,
 }
 
 impl Perturbed {
@@ -258,6 +276,12 @@ fn mix(key: u64, value: u64) -> u64 {
 
 /// The cut for the stream `tokens` (targets 1..len).
 pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
+    cut_aimed(tokens, cut, None)
+}
+
+/// The cut, for a replace re-run with `hints` where one of the original's positions in
+/// range has a firing hint: one of those ([`crate::aim`]).
+fn cut_aimed(tokens: &[u16], cut: &CutParams, hints: Option<&Hints>) -> Result<usize, String> {
     let len = tokens.len();
     if len < 3 {
         return Err(format!("{len} val tokens: too few to cut (at least 3)"));
@@ -304,11 +328,21 @@ pub fn cut_position(tokens: &[u16], cut: &CutParams) -> Result<usize, String> {
         // Secret: one of the original's positions in the range, or any position there.
         None => {
             let mut secret = Secret::new(cut, "cut");
-            let inside: Vec<usize> = original
+            let mut inside: Vec<usize> = original
                 .iter()
                 .map(|&p| p as usize)
                 .filter(|p| (lowest..=highest).contains(p))
                 .collect();
+            if let Some(hints) = hints.filter(|_| cut.kind == Kind::Replace) {
+                let firing: Vec<usize> = inside
+                    .iter()
+                    .copied()
+                    .filter(|&p| hints.firing(p).is_some())
+                    .collect();
+                if !firing.is_empty() {
+                    inside = firing;
+                }
+            }
             if inside.is_empty() {
                 lowest + secret.below((highest - lowest + 1) as u64) as usize
             } else {
@@ -327,16 +361,29 @@ pub fn perturb(
     classes: &Classes,
     cut: &CutParams,
 ) -> Result<Perturbed, String> {
+    perturb_aimed(tokens, doc, classes, cut, None)
+}
+
+/// [`perturb`], a replace re-run aimed at the chain's `hints` ([`crate::aim`]). Cuts in
+/// declared orders are not aimed: hints read the stream's order.
+pub fn perturb_aimed(
+    tokens: &[u16],
+    doc: &[u32],
+    classes: &Classes,
+    cut: &CutParams,
+    hints: Option<&Hints>,
+) -> Result<Perturbed, String> {
     let orders = declared_orders(cut.order.values());
     if orders != [DocumentOrder::Stream] {
         return perturb_in_order(tokens, doc, classes, cut, Ordering::new(orders, doc));
     }
     let vocab = classes.vocab();
-    let k = cut_position(tokens, cut)?;
+    let k = cut_aimed(tokens, cut, hints)?;
     let targets = tokens.len() - 1;
     let changed = k + 1;
     let mut out = tokens.to_vec();
     let mut hidden = Vec::new();
+    let mut aimed = None;
     match cut.kind {
         Kind::Shuffle => {
             let suffix = &mut out[changed..];
@@ -368,7 +415,12 @@ pub fn perturb(
             let mut secret = Secret::new(cut, "replace");
             let original = tokens[changed];
             let other_class = (0..vocab as u16).any(|t| classes.flipped(original, t));
-            out[changed] = if other_class {
+            // Aimed: the target crosses the line between the hint and the rest (taken
+            // away below by any change when the original is the hint).
+            aimed = hints.and_then(|h| h.firing(changed));
+            out[changed] = if let Some(hint) = aimed.filter(|&h| h != original) {
+                hint
+            } else if other_class {
                 proposal.draw(
                     out[changed - 1],
                     |t| classes.flipped(original, t),
@@ -382,7 +434,7 @@ pub fn perturb(
                 cut.hidden,
                 &Default::default(),
             );
-            hidden = hide(&mut out, chosen, &proposal, &mut secret);
+            hidden = hide(&mut out, chosen, &proposal, hints, &mut secret);
         }
     }
     let excluded = hidden.iter().map(|h| h.position).collect();
@@ -393,25 +445,41 @@ pub fn perturb(
         probe_positions: probe_positions(cut, targets, changed, excluded),
         hidden,
         ordering: None,
+        aimed,
     })
 }
 
 /// Replaces the targets at `positions` (ascending) by proposal draws, each drawn after
 /// the token before it as that now stands, and records what the blind probe needs.
+/// Where one of `hints` fires, the proposal is the hint with probability [`HINT_SHARE`]
+/// and the usual draw otherwise ([`crate::aim`]).
 pub(crate) fn hide(
     out: &mut [u16],
     positions: Vec<i64>,
     proposal: &Proposal,
+    hints: Option<&Hints>,
     secret: &mut Secret,
 ) -> Vec<Hidden> {
     let mut hidden = Vec::with_capacity(positions.len());
     for t in positions {
         let t = t as usize;
-        let token = proposal.draw(out[t - 1], |_| true, secret);
+        let previous = out[t - 1];
+        let hint = hints.and_then(|h| h.firing(t));
+        let token = match hint {
+            Some(h) if secret.unit() < HINT_SHARE => h,
+            _ => proposal.draw(previous, |_| true, secret),
+        };
+        let q = match hint {
+            Some(h) => {
+                HINT_SHARE * (token == h) as u8 as f64
+                    + (1.0 - HINT_SHARE) * proposal.q(previous, token)
+            }
+            None => proposal.q(previous, token),
+        };
         hidden.push(Hidden {
             position: t as i64,
             token,
-            q: proposal.q(out[t - 1], token),
+            q,
         });
         out[t] = token;
     }

@@ -13,7 +13,8 @@ use stage_api::{
 use text::sentencepiece::ByteTable;
 use text::{TokenTable, TOKEN_TABLE, VOCAB_TABLE};
 
-use crate::perturb::{perturb, Classes, CutParams};
+use crate::aim::Hints;
+use crate::perturb::{perturb_aimed, Classes, CutParams};
 
 /// `perturb`: a tokens artifact whose val stream is changed after a cut.
 pub struct PerturbStage;
@@ -36,6 +37,27 @@ pub(crate) const VOCAB: Read = Read::table(
         "has_leading_space",
     ],
 );
+
+/// A tilt chain's hints on the original stream, which aim a replace re-run
+/// ([`crate::aim`]; wired by the pipeline).
+pub(crate) const HINTS: Read = Read::table("hints", &["hint", "share"]);
+
+/// The hints wired as `hints`, if any, for a val stream of `tokens` tokens.
+pub(crate) fn read_hints(
+    ctx: &StageContext,
+    cut: &CutParams,
+    tokens: usize,
+) -> Result<Option<Hints>, StageError> {
+    match ctx.inputs.get("hints") {
+        None => Ok(None),
+        Some(input) => Hints::read(
+            &input.file("hints.parquet"),
+            cut.hint_threshold.unwrap_or(0.0),
+            tokens,
+        )
+        .map(Some),
+    }
+}
 
 /// The vocabulary's token classes, from a tokens artifact's `vocab.parquet`.
 pub(crate) fn read_classes(path: &Path, rule: &ByteTable) -> Result<Classes, StageError> {
@@ -66,10 +88,10 @@ impl Stage for PerturbStage {
         // declared orders, `order`, is new and leaves stream cuts as they were.)
         version: 5,
         summary: "tokens -> the same tokens changed after a secret cut (shuffled, or hidden targets replaced), and the positions a re-run is asked about (for the legality probes; made by the pipeline)",
-        inputs: &[Input::required(
-            "tokens",
-            &[VAL, VOCAB, Read::table("train", &["token"])],
-        )],
+        inputs: &[
+            Input::required("tokens", &[VAL, VOCAB, Read::table("train", &["token"])]),
+            Input::optional("hints", &[HINTS]),
+        ],
         outputs: &[
             Output::table("train", TOKEN_TABLE),
             Output::table("val", TOKEN_TABLE),
@@ -97,8 +119,9 @@ impl Stage for PerturbStage {
             ));
         }
         let classes = read_classes(&tokens.file("vocab.parquet"), &rule)?;
-        let perturbed =
-            perturb(&val, &doc, &classes, &cut).map_err(|m| StageError::input(&val_path, m))?;
+        let hints = read_hints(ctx, &cut, val.len())?;
+        let perturbed = perturb_aimed(&val, &doc, &classes, &cut, hints.as_ref())
+            .map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);
         // In declared orders, targets before the cut in stream order may change too.
         let first = match perturbed.ordering {
@@ -131,6 +154,9 @@ impl Stage for PerturbStage {
             "hidden": perturbed.hidden.len(),
             "probe_positions": perturbed.probe_positions.len(),
         });
+        if let Some(hint) = perturbed.aimed {
+            record["aimed_at_hint"] = serde_json::Value::from(hint);
+        }
         if let Some(ordering) = &perturbed.ordering {
             record["order"] = serde_json::Value::from(ordering.describe());
         }

@@ -22,7 +22,8 @@ pub(crate) struct Run {
     /// A cache chain's pass-1; none for a pass-1 chain, whose end is its model.
     pub(crate) own_model: Option<Table>,
     pub(crate) end_is_model: bool,
-    /// The model's pass-1 artifact, for what its sandbox reported.
+    /// The model's pass-1 artifact, for what its sandbox reported (a tilt chain's: the
+    /// pass-1 it tilts).
     pub(crate) model_dir: PathBuf,
 }
 
@@ -36,7 +37,9 @@ impl Run {
         let end_is_model = end_table.distributions.is_some();
         let (own_model, model_dir) =
             match (end_is_model, model) {
-                (true, _) => (None, end.dir.clone()),
+                // A tilt chain's end is a model over a model: the scorer that may need
+                // confining is the pass-1's under it, when one is wired.
+                (true, model) => (None, model.unwrap_or(end).dir.clone()),
                 (false, Some(model)) => {
                     let table = Table::read(model)?;
                     if table.distributions.is_none() {

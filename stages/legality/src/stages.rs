@@ -16,8 +16,8 @@ use stage_api::{
 use crate::checklist::{read_finding, FINDING, FINDING_READ};
 use crate::judge::{blind_probe, normalised_probe, prefix_probe, sandbox_probe, target_probe};
 use crate::order_finding::order_probe;
-use crate::perturb::{perturb, CutParams, Kind};
-use crate::perturb_stage::{read_classes, VAL, VOCAB};
+use crate::perturb::{perturb_aimed, CutParams, Kind};
+use crate::perturb_stage::{read_classes, read_hints, HINTS, VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
 use crate::runs::{Rerun, Run};
 
@@ -164,6 +164,8 @@ impl Stage for LegalityStage {
             // The reviewer's checklist: an `overlap` and an `artifact` node's finding.
             Input::optional("overlap", &[FINDING_READ]),
             Input::optional("artifact", &[FINDING_READ]),
+            // A tilt chain's hints, which aimed its replace re-runs (wired by the pipeline).
+            Input::optional("hints", &[HINTS]),
             Input::optional("cut1", &[]),
             Input::optional("cut2", &[]),
             Input::optional("cut3", &[]),
@@ -198,9 +200,11 @@ impl Stage for LegalityStage {
                 ("distributions", "mass_sample", "original_sample"),
                 ("distributions", "mass_seed", "original_seed"),
                 ("distributions", "order", "order"),
+                ("distributions", "threshold", "hint_threshold"),
             ],
             secret_seeds: &[("distributions", "mass_seed")],
             companion: Some(("distributions", "pass1", &PASS1_INPUTS)),
+            guides: &[("hints", "hints")],
         }),
         ..StageSpec::NONE
     };
@@ -248,7 +252,8 @@ impl Stage for LegalityStage {
                 .cuts
                 .par_iter()
                 .map(|cut| {
-                    perturb(&tokens, &doc, &classes, cut)
+                    let hints = read_hints(ctx, cut, tokens.len())?;
+                    perturb_aimed(&tokens, &doc, &classes, cut, hints.as_ref())
                         .map_err(|m| StageError::input(&val_path, m))
                 })
                 .collect::<Result<_, _>>()?
@@ -264,7 +269,8 @@ impl Stage for LegalityStage {
             };
             let end = wired(CUT_INPUTS[i])?;
             let model = match original.end_is_model {
-                true => None,
+                // A tilt chain's pass-1, wired when the end is not the scorer's own.
+                true => ctx.inputs.get(PASS1_INPUTS[i]),
                 false => Some(wired(PASS1_INPUTS[i])?),
             };
             let label = format!(

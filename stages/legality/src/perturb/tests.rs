@@ -212,3 +212,98 @@ fn shuffle_cuts_reach_both_ends_of_the_stream_and_stop_before_a_constant_tail() 
         assert_ne!(p.tokens[p.changed()], tokens[p.changed()]);
     }
 }
+
+/// Hints on `tokens` that fire at one target in three (share 0.9, else 0.3), naming the
+/// target itself at every other firing one: hits and misses both.
+fn hints(tokens: &[u16]) -> Hints {
+    let targets = tokens.len() - 1;
+    let share = (1..=targets)
+        .map(|t| if t % 3 == 0 { 0.9 } else { 0.3 })
+        .collect();
+    let hint = (1..=targets)
+        .map(|t| {
+            if t % 2 == 0 {
+                tokens[t]
+            } else {
+                (tokens[t] + 1) % 13
+            }
+        })
+        .collect();
+    Hints::new(hint, share, 0.8)
+}
+
+#[test]
+fn an_aimed_replace_changes_a_firing_target_across_the_hint() {
+    let tokens = stream();
+    let hints = hints(&tokens);
+    let (mut hits, mut misses) = (0, 0);
+    for draw in 0..60 {
+        let cut = secret(Kind::Replace, draw);
+        let p = perturb_aimed(&tokens, &one_doc(&tokens), &rule(13), &cut, Some(&hints)).unwrap();
+        let changed = p.changed();
+        let hint = hints.firing(changed).expect("the cut is at a firing hint");
+        assert_eq!(p.aimed, Some(hint));
+        let (old, new) = (tokens[changed], p.tokens[changed]);
+        assert_ne!(
+            old == hint,
+            new == hint,
+            "{draw}: {old} -> {new}, hint {hint}"
+        );
+        hits += (old == hint) as u32;
+        misses += (old != hint) as u32;
+        // Still one of the original's positions, and the prefix kept.
+        let original = stage_api::sample_positions(tokens.len() - 1, 64, 1337);
+        assert!(original.contains(&(changed as i64)));
+        assert_eq!(p.tokens[..changed], tokens[..changed]);
+    }
+    assert!(hits > 3 && misses > 3, "{hits} hits, {misses} misses");
+    // A shuffle is not aimed, and without hints a replace is what it was.
+    let shuffle = secret(Kind::Shuffle, 3);
+    let aimed = perturb_aimed(
+        &tokens,
+        &one_doc(&tokens),
+        &rule(13),
+        &shuffle,
+        Some(&hints),
+    );
+    assert_eq!(
+        aimed.unwrap(),
+        perturb(&tokens, &one_doc(&tokens), &rule(13), &shuffle).unwrap()
+    );
+    let replace = secret(Kind::Replace, 3);
+    let unaimed = perturb_aimed(&tokens, &one_doc(&tokens), &rule(13), &replace, None).unwrap();
+    assert_eq!(unaimed.aimed, None);
+}
+
+/// Where a hint fires, a hidden target is the hint about half the time, and its q is
+/// the mixture it was drawn from: over every token, the q's of one position sum to 1.
+#[test]
+fn hidden_targets_where_a_hint_fires_are_drawn_half_from_the_hint() {
+    let tokens = stream();
+    let hints = hints(&tokens);
+    let mut cut = secret(Kind::Replace, 7);
+    cut.hidden = 3000;
+    let p = perturb_aimed(&tokens, &one_doc(&tokens), &rule(13), &cut, Some(&hints)).unwrap();
+    let proposal = Proposal::new(&tokens, 13);
+    let (mut firing, mut hinted) = (0, 0);
+    for h in &p.hidden {
+        let t = h.position as usize;
+        let previous = p.tokens[t - 1];
+        match hints.firing(t) {
+            Some(hint) => {
+                firing += 1;
+                hinted += (h.token == hint) as u32;
+                let want =
+                    0.5 * (h.token == hint) as u8 as f64 + 0.5 * proposal.q(previous, h.token);
+                assert_eq!(h.q, want);
+                let total: f64 = (0..13u16)
+                    .map(|u| 0.5 * (u == hint) as u8 as f64 + 0.5 * proposal.q(previous, u))
+                    .sum();
+                assert!((total - 1.0).abs() < 1e-12);
+            }
+            None => assert_eq!(h.q, proposal.q(previous, h.token)),
+        }
+    }
+    let rate = hinted as f64 / firing as f64;
+    assert!(firing > 800 && rate > 0.45, "{hinted} of {firing}");
+}
