@@ -405,6 +405,72 @@ inputs.calibration = "calibration"
         assert_eq!(pipeline.node("pass1").unwrap().params["mass_seed"], 1337);
     }
 
+    /// A tilt chain's hints aim its re-runs: the original hints node is wired into each
+    /// perturbing node and the judge, the tilt's gate is copied into every cut, and two
+    /// chains with other hints get copies of their own even where their cuts are equal.
+    #[test]
+    fn a_tilt_chains_hints_aim_its_own_re_runs() {
+        let tilt = |n: &str, threshold: &str| {
+            format!(
+                "
+[nodes.hints{n}]
+stage = \"hints\"
+inputs.tokens = \"tokens\"
+params.min_count = {n}
+params.kernel = \"cachemoney\"
+[nodes.b_pass1{n}]
+stage = \"pass1\"
+inputs.tokens = \"tokens\"
+inputs.hints = \"hints{n}\"
+params.model = \"bigram\"
+[nodes.a_tilt{n}]
+stage = \"tilt\"
+inputs.tokens = \"tokens\"
+inputs.pass1 = \"b_pass1{n}\"
+inputs.hints = \"hints{n}\"
+params.threshold = {threshold}
+[nodes.judge{n}]
+stage = \"legality\"
+inputs.tokens = \"tokens\"
+inputs.chain = \"a_tilt{n}\"
+params.secret = \"s\"
+"
+            )
+        };
+        let text = format!("{CHAINS}{}{}", tilt("1", "0.8"), tilt("2", "0.8"));
+        let pipeline = parse(&text).unwrap();
+        let node = |name: &str| pipeline.node(name).unwrap();
+        assert_eq!(node("judge1").inputs["hints"], "hints1");
+        assert_eq!(node("judge2").inputs["hints"], "hints2");
+        for (judge, hints) in [("judge1", "hints1"), ("judge2", "hints2")] {
+            for cut in ["cut1", "cut2"] {
+                let copy = &node(judge).inputs[cut];
+                let number = &copy[copy.rfind("_cut").unwrap()..];
+                let source = node(&format!("tokens{number}"));
+                assert_eq!(source.stage, "perturb");
+                assert_eq!(source.inputs["hints"], hints, "{copy}");
+                // The gate, and the sample of the pass-1 (the tilt, first by name, has none).
+                let tilt = node(&judge.replace("judge", "a_tilt"));
+                assert_eq!(source.params["hint_threshold"], tilt.params["threshold"]);
+                assert_eq!(
+                    source.params["hint_threshold"].as_f64(),
+                    Some(0.8f32 as f64)
+                );
+                assert_eq!(source.params["original_sample"], 4096);
+            }
+        }
+        // A user may not wire what the pipeline wires.
+        let wired = text.replace(
+            "inputs.chain = \"a_tilt1\"",
+            "inputs.chain = \"a_tilt1\"\ninputs.hints = \"hints1\"",
+        );
+        let err = parse(&wired).unwrap_err().to_string();
+        assert!(
+            err.contains("inputs.hints is wired by the pipeline"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_judge_gets_one_copy_of_its_chain_per_cut_and_shares_them() {
         let text = format!(
