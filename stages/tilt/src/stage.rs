@@ -15,8 +15,6 @@ use stage_api::{
     ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
-use rayon::prelude::*;
-
 use crate::hints::THRESHOLD;
 use crate::tilt::tilted;
 
@@ -179,69 +177,33 @@ impl Stage for TiltStage {
         report.phase("read", started);
         let started = Instant::now();
         let n = position.len();
-        // Each row checked and tilted on its own: rows side by side, counts summed.
-        let mut out = Tilted {
-            model_p: vec![0.0; n],
-            entropy: vec![0.0; n],
-            fired: vec![false; n],
+        let rows = Rows {
+            position: &position,
+            base_p: &base_p,
+            entropy: &entropy,
+            bytes: &bytes,
+            hint: &hint,
+            hint_p: &hint_p,
+            val: &val,
+            hints: &hints,
+            share: &share,
+            hint_p_path: &hint_p_path,
         };
-        const CHUNK: usize = 1 << 16;
+        // Each row group tilted and encoded in the same task (the writer's), its sums
+        // coming back in group order: the same figures on any number of threads.
         let fixed = Boost::new(params.beta);
-        let counts: Vec<Result<(u64, u64), StageError>> = out
-            .model_p
-            .par_chunks_mut(CHUNK)
-            .zip(out.entropy.par_chunks_mut(CHUNK))
-            .zip(out.fired.par_chunks_mut(CHUNK))
-            .enumerate()
-            .map(|(c, ((model_p, entropy_out), fired_out))| {
-                let (mut fired, mut hits) = (0u64, 0u64);
-                for (k, row) in (c * CHUNK..n).take(model_p.len()).enumerate() {
-                    let p = position[row];
-                    let target = p as usize;
-                    if target == 0 || target >= val.len() || hints[target - 1] != hint[row] {
-                        return Err(StageError::input(
-                            &hint_p_path,
-                            format!("row {row} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact"),
-                        ));
-                    }
-                    let beta = params.beta(share[target - 1]);
-                    let gated = beta > 0.0;
-                    fired_out[k] = gated;
-                    if !gated {
-                        // β = 0: the base distribution as it is.
-                        model_p[k] = base_p[row];
-                        entropy_out[k] = entropy[row];
-                        continue;
-                    }
-                    let (q, hit) = (hint_p[row] as f64, val[target] == hint[row]);
-                    let per_share;
-                    let boost = match params.beta_per_share {
-                        None => &fixed,
-                        Some(_) => {
-                            per_share = Boost::new(beta);
-                            &per_share
-                        }
-                    };
-                    model_p[k] = boost.tilt(base_p[row] as f64, q, hit) as f32;
-                    entropy_out[k] = boost.entropy(entropy[row] as f64, q) as f32;
-                    fired += gated as u64;
-                    hits += (gated && hit) as u64;
-                }
-                Ok((fired, hits))
-            })
-            .collect();
-        let (mut fired, mut hits) = (0u64, 0u64);
-        for c in counts {
-            let (f, h) = c?;
-            fired += f;
-            hits += h;
-        }
-        report.phase("tilt", started);
-        let started = Instant::now();
-        let before = bpb(&base_p, &bytes);
-        let after = bpb(&out.model_p, &bytes);
-        write_tilted(&ctx.output("pass1.parquet"), &position, &out, &bytes)?;
-        report.phase("write", started);
+        let sums = write_parquet_parallel(
+            &ctx.output("pass1.parquet"),
+            arrow_schema(TILTED_TABLE),
+            n,
+            &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
+            |range| rows.tilt(range, &params, &fixed),
+        )?;
+        let total = sums.iter().fold(Sums::default(), |a, b| a.plus(b));
+        let (fired, hits) = (total.fired, total.hits);
+        let before = (total.nats_before, total.bytes);
+        let after = (total.nats_after, total.bytes);
+        report.phase("tilt and write", started);
         let started = Instant::now();
         let distributions = pass1.file("distributions.parquet");
         let kept = tilt_distributions(&distributions, &hints, &share, &params)?;
@@ -271,10 +233,107 @@ impl Stage for TiltStage {
     }
 }
 
-struct Tilted {
-    model_p: Vec<f32>,
-    entropy: Vec<f32>,
-    fired: Vec<bool>,
+/// What a row group of the tilt reads: the pass-1's rows, its hints' probabilities, and
+/// the hints node's table.
+struct Rows<'a> {
+    position: &'a [i64],
+    base_p: &'a [f32],
+    entropy: &'a [f32],
+    bytes: &'a [u8],
+    hint: &'a [u16],
+    hint_p: &'a [f32],
+    val: &'a [u16],
+    hints: &'a [u16],
+    share: &'a [f32],
+    hint_p_path: &'a std::path::Path,
+}
+
+/// A row group's counts and sums (nats summed in row order within the group).
+#[derive(Debug, Default, Clone, Copy)]
+struct Sums {
+    fired: u64,
+    hits: u64,
+    nats_before: f64,
+    nats_after: f64,
+    bytes: u64,
+}
+
+impl Sums {
+    fn plus(self, other: &Sums) -> Sums {
+        Sums {
+            fired: self.fired + other.fired,
+            hits: self.hits + other.hits,
+            nats_before: self.nats_before + other.nats_before,
+            nats_after: self.nats_after + other.nats_after,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+impl Rows<'_> {
+    /// The tilted rows `range`, as a batch of the tilted table, and their sums.
+    fn tilt(
+        &self,
+        range: std::ops::Range<usize>,
+        params: &TiltParams,
+        fixed: &Boost,
+    ) -> Result<(RecordBatch, Sums), StageError> {
+        let len = range.len();
+        let (mut model_p, mut entropy, mut fired) = (
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+            Vec::with_capacity(len),
+        );
+        let mut sums = Sums::default();
+        for row in range.clone() {
+            let p = self.position[row];
+            let target = p as usize;
+            if target == 0 || target >= self.val.len() || self.hints[target - 1] != self.hint[row] {
+                return Err(StageError::input(
+                    self.hint_p_path,
+                    format!("row {row} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact"),
+                ));
+            }
+            let beta = params.beta(self.share[target - 1]);
+            let (base, h) = (self.base_p[row], self.entropy[row]);
+            let (tilted_p, tilted_h) = if beta > 0.0 {
+                let (q, hit) = (self.hint_p[row] as f64, self.val[target] == self.hint[row]);
+                let per_share;
+                let boost = match params.beta_per_share {
+                    None => fixed,
+                    Some(_) => {
+                        per_share = Boost::new(beta);
+                        &per_share
+                    }
+                };
+                sums.fired += 1;
+                sums.hits += hit as u64;
+                (
+                    boost.tilt(base as f64, q, hit) as f32,
+                    boost.entropy(h as f64, q) as f32,
+                )
+            } else {
+                // β = 0: the base distribution as it is.
+                (base, h)
+            };
+            sums.nats_before -= (base as f64).ln();
+            sums.nats_after -= (tilted_p as f64).ln();
+            sums.bytes += self.bytes[row] as u64;
+            model_p.push(tilted_p);
+            entropy.push(tilted_h);
+            fired.push(beta > 0.0);
+        }
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(self.position[range.clone()].to_vec())),
+            Arc::new(Float32Array::from(model_p)),
+            Arc::new(Float32Array::from(entropy)),
+            Arc::new(UInt8Array::from(self.bytes[range].to_vec())),
+            Arc::new(BooleanArray::from(fired)),
+        ];
+        let batch = RecordBatch::try_new(arrow_schema(TILTED_TABLE), columns)
+            .expect("columns match schema");
+        Ok((batch, sums))
+    }
 }
 
 /// A boost with its exponentials taken once (62M targets would take them 62M times).
@@ -308,41 +367,6 @@ impl Boost {
         let z = 1.0 + q * self.exp_m1;
         z.ln() - (-h + q * self.exp_m1 * q.ln() + q * self.exp * self.beta) / z
     }
-}
-
-/// (Σ nats, Σ bytes), summed in order.
-fn bpb(p: &[f32], bytes: &[u8]) -> (f64, u64) {
-    let nats = p.iter().map(|&p| -(p as f64).ln()).sum();
-    (nats, bytes.iter().map(|&b| b as u64).sum())
-}
-
-fn write_tilted(
-    path: &std::path::Path,
-    position: &[i64],
-    out: &Tilted,
-    bytes: &[u8],
-) -> Result<(), StageError> {
-    let schema = arrow_schema(TILTED_TABLE);
-    write_parquet_parallel(
-        path,
-        schema.clone(),
-        position.len(),
-        &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
-        |rows| {
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(Int64Array::from(position[rows.clone()].to_vec())),
-                Arc::new(Float32Array::from(out.model_p[rows.clone()].to_vec())),
-                Arc::new(Float32Array::from(out.entropy[rows.clone()].to_vec())),
-                Arc::new(UInt8Array::from(bytes[rows.clone()].to_vec())),
-                Arc::new(BooleanArray::from(out.fired[rows].to_vec())),
-            ];
-            Ok((
-                RecordBatch::try_new(schema.clone(), columns).expect("columns match schema"),
-                (),
-            ))
-        },
-    )?;
-    Ok(())
 }
 
 /// The base pass-1's kept distributions, each tilted at its position.
