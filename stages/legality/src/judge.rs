@@ -136,6 +136,9 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
         .iter()
         .filter(|r| r.perturbed.kind == crate::perturb::Kind::Shuffle)
         .count();
+    // Where a run-consistent read-ahead shows: the entry before each cut, and the
+    // changed target whose distribution `c1-target` compares (red team round 6).
+    let looks = reruns.len() + 1;
     let order = reruns
         .iter()
         .find_map(|r| r.perturbed.ordering.as_ref())
@@ -146,9 +149,10 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
         probes::PREFIX,
         checked,
         format!(
-            "{checked} values before the secret cuts{order} (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {shuffles} shuffle cuts (which fall anywhere) with probability about (1−r)^{shuffles}, and the replace cuts too when it lies outside 5%–50%",
+            "{checked} values before the secret cuts{order} (after positions {}) bit-identical when everything after each cut changes; {n} positions before the cuts were asked about only in a re-run, where the distribution must give the model_p the original scored: a scorer honest only where it is asked escapes them with probability (1−f)^{n} when it cheats at a fraction f of positions (5% once f ≥ {:.3}%); a leak confined to a fraction r of the stream escapes the {shuffles} shuffle cuts (which fall anywhere) with probability about (1−r)^{shuffles}, and the replace cuts too when it lies outside 5%–50%; a read-ahead that is the same in every run, scattered over a fraction f of positions, shows only where a cut changes the next token and keeps the prefix (one position per cut, and the changed target): it escapes with probability about (1−f)^{looks} ({:.2} at f = 5%; more cuts, up to 8, for a number in dispute)",
             cuts.join(", "),
             escape_fraction(n),
+            0.95f64.powi(looks as i32),
         ),
     ))
 }
