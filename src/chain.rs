@@ -56,6 +56,21 @@ pub struct Chain {
     pub hints: Option<String>,
 }
 
+impl Chain {
+    /// A tilt chain's mode, `tilt (KERNEL)` with its hints node's kernel; none for a
+    /// cache chain, whose mode its report names.
+    pub fn tilt_mode(&self, pipeline: &Pipeline) -> Option<String> {
+        let hints = self.hints.as_ref()?;
+        let kernel = pipeline
+            .node(hints)
+            .ok()
+            .and_then(|n| n.params.get("kernel"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        Some(format!("tilt ({kernel})"))
+    }
+}
+
 /// What the nodes of a pipeline produce, from their stages' declarations.
 pub struct Products<'a> {
     pipeline: &'a Pipeline,

@@ -89,17 +89,37 @@ fn render_in_chromium(report: &Path) -> (serde_json::Value, String) {
 
 #[test]
 fn the_report_renders_every_figure_in_a_browser_without_errors() {
+    const TILT_CHAIN: &str = "
+[nodes.hints]
+stage = \"hints\"
+inputs.tokens = \"tokens\"
+params.kernel = \"cachemoney\"
+
+[nodes.pass1_hinted]
+stage = \"pass1\"
+inputs.tokens = \"tokens\"
+inputs.hints = \"hints\"
+params.model = \"bigram\"
+params.temperature = 1.0
+
+[nodes.tilt]
+stage = \"tilt\"
+inputs.tokens = \"tokens\"
+inputs.pass1 = \"pass1_hinted\"
+inputs.hints = \"hints\"
+";
     let project = Project::small();
     project.write_pipeline(&format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         neural_pipeline(&tiny_model(300), 20),
         mode_chain("normalised", "causal-normalised"),
         mass_node("mass_reference", ""),
         mass_node("mass_normalised", "_normalised"),
+        TILT_CHAIN,
     ));
     project.ok(&["run", "--quiet"]);
     let out = project.ok(&["report", "--out", "figures.html"]);
-    assert!(out.contains("figures.html (11 figures"), "{out}");
+    assert!(out.contains("figures.html (12 figures"), "{out}");
     let report = project.path().join("figures.html");
     let html = std::fs::read_to_string(&report).unwrap();
 
@@ -119,6 +139,15 @@ fn the_report_renders_every_figure_in_a_browser_without_errors() {
         html.contains(&format!("<td>{final_bpb:.4}</td>")),
         "summary lacks {final_bpb:.4}"
     );
+    // A tilt chain is a chain: its row gives the BPB before and after the tilt.
+    let shown = project.ok(&["show", "tilt", "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let (before, after) = (
+        shown["report"]["bpb_before"].as_f64().unwrap(),
+        shown["report"]["neural_bpb"].as_f64().unwrap(),
+    );
+    let row = format!("<tr><td>tilt</td><td>tilt (cachemoney)</td><td>pass1_hinted</td><td>{before:.4}</td><td>–</td><td>{after:.4}</td>");
+    assert!(html.contains(&row), "summary lacks {row}");
 
     let (probe, stderr) = render_in_chromium(&report);
     assert_eq!(probe["errors"], serde_json::json!([]), "page errors");
@@ -129,6 +158,7 @@ fn the_report_renders_every_figure_in_a_browser_without_errors() {
     assert_eq!(
         ids,
         [
+            "waterfall-tilt",
             "waterfall-scores",
             "waterfall-scores_normalised",
             "calibration-calibration",

@@ -217,17 +217,8 @@ impl Session {
             .unwrap_or_else(|| "?".into());
         let (legality_node, legality) = self.legality_of(resolved, &chain.scores)?;
         // A tilt chain's report is a pass-1's: BPB before and after the tilt.
-        let (mode, neural, after) = match &chain.hints {
-            Some(hints) => (
-                format!(
-                    "tilt ({})",
-                    param(hints, "kernel")
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_else(|| "?".into())
-                ),
-                "bpb_before",
-                "neural_bpb",
-            ),
+        let (mode, neural, after) = match chain.tilt_mode(&self.pipeline) {
+            Some(mode) => (mode, "bpb_before", "neural_bpb"),
             None => (
                 report
                     .get("mode")

@@ -29,8 +29,10 @@ use plots::{GridCell, Series};
 struct Built<'a> {
     node: &'a str,
     manifest: Manifest,
-    /// Set when the node ends a chain (produces `scores`).
+    /// Set when the node ends a chain (produces `scores`, or tilts a pass-1).
     chain: Option<Chain>,
+    /// A tilt chain's mode, `tilt (KERNEL)`.
+    tilt: Option<String>,
 }
 
 impl Built<'_> {
@@ -50,7 +52,25 @@ impl Built<'_> {
     fn number(&self, key: &str) -> Option<f64> {
         self.manifest.report.get(key).and_then(Value::as_f64)
     }
+    /// (neural, after the n-gram step, final) BPB. A tilt chain's report is a pass-1's:
+    /// its n-gram step is the tilt, and there is no phrase step.
+    fn steps(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+        match self.tilt {
+            Some(_) => {
+                let tilted = self.number("neural_bpb");
+                (self.number("bpb_before"), tilted, tilted)
+            }
+            None => (
+                self.number("neural_bpb"),
+                self.number("ngram_bpb"),
+                self.number("final_bpb"),
+            ),
+        }
+    }
     fn mode(&self) -> String {
+        if let Some(tilt) = &self.tilt {
+            return tilt.clone();
+        }
         self.manifest
             .report
             .get("mode")
@@ -90,16 +110,19 @@ pub async fn build(
     seed_rows: &[SeedRow],
 ) -> Result<(String, usize)> {
     let products = Products::new(pipeline, registry);
-    let all_chains = products.chains();
+    let mut all_chains = products.chains();
+    all_chains.extend(products.tilts());
     let mut built: Vec<Built> = Vec::new();
     for r in resolved {
         if let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) {
             if let Some(manifest) = store.manifest(&r.stage, recipe)? {
                 let node = pipeline.node(&r.node)?;
+                let chain = all_chains.iter().find(|c| c.scores == node.name).cloned();
                 built.push(Built {
                     node: &node.name,
                     manifest,
-                    chain: all_chains.iter().find(|c| c.scores == node.name).cloned(),
+                    tilt: chain.as_ref().and_then(|c| c.tilt_mode(pipeline)),
+                    chain,
                 });
             }
         }
@@ -142,24 +165,24 @@ pub async fn build(
 fn waterfalls(chains: &[&Built]) -> Result<Section> {
     let top = chains
         .iter()
-        .filter_map(|c| c.number("neural_bpb"))
+        .filter_map(|c| c.steps().0)
         .fold(0f64, f64::max)
         * 1.15;
     let mut figures = Vec::new();
     for chain in chains {
-        let (Some(neural), Some(ngram), Some(fin)) = (
-            chain.number("neural_bpb"),
-            chain.number("ngram_bpb"),
-            chain.number("final_bpb"),
-        ) else {
+        let (Some(neural), Some(ngram), Some(fin)) = chain.steps() else {
             continue;
         };
         let title = format!("{} ({})", chain.node, chain.mode());
+        let steps = match chain.tilt {
+            Some(_) => format!("neural {neural:.4} → tilted {fin:.4} BPB"),
+            None => format!("neural {neural:.4} → after n-gram {ngram:.4} → final {fin:.4} BPB"),
+        };
         figures.push(Figure {
             id: format!("waterfall-{}", chain.node),
             svg: plots::waterfall(&title, neural, ngram, fin, top.max(0.1))?,
             caption: format!(
-                "{}: neural {neural:.4} → after n-gram {ngram:.4} → final {fin:.4} BPB; pass-1 '{}', content {}",
+                "{}: {steps}; pass-1 '{}', content {}",
                 chain.node,
                 chain.pass1(),
                 short(&chain.manifest.content_hash)
@@ -169,7 +192,7 @@ fn waterfalls(chains: &[&Built]) -> Result<Section> {
     }
     Ok(Section {
         title: "BPB waterfall per chain",
-        intro: "Bits per byte of the model alone, the change the n-gram blend makes, the change the phrase blend makes, and the final figure (green: fewer bits). Same y scale for every chain. Only a causal-normalised chain's number is a real compression rate; the others' distributions do not sum to 1 (see the implied mass below).".into(),
+        intro: "Bits per byte of the model alone, the change the n-gram blend makes, the change the phrase blend makes, and the final figure (green: fewer bits); for a tilt chain, the model alone and the change the tilt makes. Same y scale for every chain. Only a causal-normalised chain's number and a tilt chain's are real compression rates; the others' distributions do not sum to 1 (see the implied mass below).".into(),
         figures,
         missing: None,
     })
