@@ -107,6 +107,26 @@ fn verdicts(project: &Project) -> Verdicts {
     out
 }
 
+/// Builds `pipeline`, prints the verdict matrix (the claimed gains, for whoever reads the
+/// test's output), expects `legality` to fail some judge, and returns the verdicts.
+fn judged(project: &Project, pipeline: &str) -> Verdicts {
+    project.write_pipeline(pipeline);
+    project.ok(&["run", "--quiet"]);
+    let matrix = project.run(&["legality"]);
+    eprintln!("{}", String::from_utf8_lossy(&matrix.stdout));
+    assert_eq!(matrix.status.code(), Some(1));
+    verdicts(project)
+}
+
+/// Asserts that every probe of `judge` passed; returns the BPB its chain claims.
+fn passed(v: &Verdicts, judge: &str) -> f64 {
+    let (_, bpb, probes) = &v[judge];
+    for (probe, (verdict, detail)) in probes {
+        assert_eq!(verdict, "pass", "{judge} {probe}: {detail}");
+    }
+    *bpb
+}
+
 #[test]
 fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
     let project = project();
@@ -145,25 +165,10 @@ fn every_cheat_is_failed_with_evidence_and_the_honest_scorer_passes() {
         "known_cuts.py\"]",
         "known_cuts.py\", \"public_sample.json\"]",
     );
-    project.write_pipeline(&pipeline);
-    project.ok(&["run", "--quiet"]);
-    let matrix = project.run(&["legality"]);
-    // The claimed gains, for whoever reads the test's output.
-    eprintln!("{}", String::from_utf8_lossy(&matrix.stdout));
-    assert_eq!(matrix.status.code(), Some(1));
-    let v = verdicts(&project);
+    let v = judged(&project, &pipeline);
 
-    let (_, honest_bpb, honest) = &v["legality_honest"];
-    for (probe, (verdict, detail)) in honest {
-        assert_eq!(verdict, "pass", "the honest scorer's {probe}: {detail}");
-    }
-    let (_, honest_chain_bpb, honest_chain) = &v["legality_scores_honest"];
-    for (probe, (verdict, detail)) in honest_chain {
-        assert_eq!(
-            verdict, "pass",
-            "the honest cache chain's {probe}: {detail}"
-        );
-    }
+    let honest_bpb = &passed(&v, "legality_honest");
+    let honest_chain_bpb = &passed(&v, "legality_scores_honest");
 
     // (judge, the probe that must fail it, words its evidence must hold, the honest BPB
     // it would be compared with).
@@ -464,16 +469,9 @@ params.kernel = \"cachemoney\"
 ";
     pipeline += &tilt_chain("oracle", "cheat");
     pipeline += &tilt_chain("twin", "honest");
-    project.write_pipeline(&pipeline);
-    project.ok(&["run", "--quiet"]);
-    let matrix = project.run(&["legality"]);
-    eprintln!("{}", String::from_utf8_lossy(&matrix.stdout));
-    assert_eq!(matrix.status.code(), Some(1));
-    let v = verdicts(&project);
-    let (_, twin_bpb, twin) = &v["legality_twin"];
-    for (probe, (verdict, detail)) in twin {
-        assert_eq!(verdict, "pass", "the honest twin's {probe}: {detail}");
-    }
+    let v = judged(&project, &pipeline);
+    let twin_bpb = &passed(&v, "legality_twin");
+    let twin = &v["legality_twin"].2;
     let (_, oracle_bpb, oracle) = &v["legality_oracle"];
     assert!(oracle_bpb < twin_bpb, "{oracle_bpb} vs {twin_bpb}");
     let (verdict, detail) = &oracle["c1-target"];
