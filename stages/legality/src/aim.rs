@@ -25,29 +25,23 @@ use stage_api::{read_column, StageError};
 /// The share of the blind proposal given to the hint where it fires.
 pub const HINT_SHARE: f64 = 0.5;
 
-/// A chain's hints on the original stream, and the gate its tilt opens them at.
+/// A chain's hints on the original stream: one table serves every cut, each with the
+/// gate it inherited (`CutParams::hint_threshold`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hints {
     /// Per target (target t at index t − 1): the hint and its context's share.
     hint: Vec<u16>,
     share: Vec<f32>,
-    /// A hint fires where its share is at least this and above 0 (the tilt's `threshold`;
-    /// 0 where the chain has no tilt, so that every hint counts).
-    threshold: f32,
 }
 
 impl Hints {
-    pub fn new(hint: Vec<u16>, share: Vec<f32>, threshold: f32) -> Hints {
+    pub fn new(hint: Vec<u16>, share: Vec<f32>) -> Hints {
         assert_eq!(hint.len(), share.len(), "a share per hint");
-        Hints {
-            hint,
-            share,
-            threshold,
-        }
+        Hints { hint, share }
     }
 
     /// A hints table (`hint`, `share`) for a stream of `tokens` tokens.
-    pub fn read(path: &Path, threshold: f32, tokens: usize) -> Result<Hints, StageError> {
+    pub fn read(path: &Path, tokens: usize) -> Result<Hints, StageError> {
         let hint = read_column::<UInt16Type>(path, "hint")?;
         let share = read_column::<Float32Type>(path, "share")?;
         if hint.len() + 1 != tokens || share.len() != hint.len() {
@@ -60,13 +54,14 @@ impl Hints {
                 ),
             ));
         }
-        Ok(Hints::new(hint, share, threshold))
+        Ok(Hints::new(hint, share))
     }
 
-    /// The hint of target `t` (1-based) where it fires.
-    pub fn firing(&self, t: usize) -> Option<u16> {
+    /// The hint of target `t` (1-based) where it fires: its share is above 0 and at least
+    /// `threshold` (the tilt's; 0 where the chain has no tilt, so every hint counts).
+    pub fn firing(&self, t: usize, threshold: f32) -> Option<u16> {
         let i = t.checked_sub(1)?;
         let share = *self.share.get(i)?;
-        (share > 0.0 && share >= self.threshold).then(|| self.hint[i])
+        (share > 0.0 && share >= threshold).then(|| self.hint[i])
     }
 }

@@ -131,6 +131,11 @@ impl StageParams for CutParams {
 }
 
 impl CutParams {
+    /// Where a hint fires for an aimed cut ([`crate::aim`]).
+    fn gate(&self) -> f32 {
+        self.hint_threshold.unwrap_or(0.0)
+    }
+
     /// The original run's sample: (count, seed).
     fn original(&self) -> (usize, u64) {
         (
@@ -337,7 +342,7 @@ fn cut_aimed(tokens: &[u16], cut: &CutParams, hints: Option<&Hints>) -> Result<u
                 let firing: Vec<usize> = inside
                     .iter()
                     .copied()
-                    .filter(|&p| hints.firing(p).is_some())
+                    .filter(|&p| hints.firing(p, cut.gate()).is_some())
                     .collect();
                 if !firing.is_empty() {
                     inside = firing;
@@ -417,7 +422,7 @@ pub fn perturb_aimed(
             let other_class = (0..vocab as u16).any(|t| classes.flipped(original, t));
             // Aimed: the target crosses the line between the hint and the rest (taken
             // away below by any change when the original is the hint).
-            aimed = hints.and_then(|h| h.firing(changed));
+            aimed = hints.and_then(|h| h.firing(changed, cut.gate()));
             out[changed] = if let Some(hint) = aimed.filter(|&h| h != original) {
                 hint
             } else if other_class {
@@ -434,7 +439,13 @@ pub fn perturb_aimed(
                 cut.hidden,
                 &Default::default(),
             );
-            hidden = hide(&mut out, chosen, &proposal, hints, &mut secret);
+            hidden = hide(
+                &mut out,
+                chosen,
+                &proposal,
+                hints.map(|h| (h, cut.gate())),
+                &mut secret,
+            );
         }
     }
     let excluded = hidden.iter().map(|h| h.position).collect();
@@ -457,14 +468,14 @@ pub(crate) fn hide(
     out: &mut [u16],
     positions: Vec<i64>,
     proposal: &Proposal,
-    hints: Option<&Hints>,
+    hints: Option<(&Hints, f32)>,
     secret: &mut Secret,
 ) -> Vec<Hidden> {
     let mut hidden = Vec::with_capacity(positions.len());
     for t in positions {
         let t = t as usize;
         let previous = out[t - 1];
-        let hint = hints.and_then(|h| h.firing(t));
+        let hint = hints.and_then(|(h, gate)| h.firing(t, gate));
         let token = match hint {
             Some(h) if secret.unit() < HINT_SHARE => h,
             _ => proposal.draw(previous, |_| true, secret),

@@ -43,19 +43,10 @@ pub(crate) const VOCAB: Read = Read::table(
 pub(crate) const HINTS: Read = Read::table("hints", &["hint", "share"]);
 
 /// The hints wired as `hints`, if any, for a val stream of `tokens` tokens.
-pub(crate) fn read_hints(
-    ctx: &StageContext,
-    cut: &CutParams,
-    tokens: usize,
-) -> Result<Option<Hints>, StageError> {
+pub(crate) fn read_hints(ctx: &StageContext, tokens: usize) -> Result<Option<Hints>, StageError> {
     match ctx.inputs.get("hints") {
         None => Ok(None),
-        Some(input) => Hints::read(
-            &input.file("hints.parquet"),
-            cut.hint_threshold.unwrap_or(0.0),
-            tokens,
-        )
-        .map(Some),
+        Some(input) => Hints::read(&input.file("hints.parquet"), tokens).map(Some),
     }
 }
 
@@ -119,7 +110,7 @@ impl Stage for PerturbStage {
             ));
         }
         let classes = read_classes(&tokens.file("vocab.parquet"), &rule)?;
-        let hints = read_hints(ctx, &cut, val.len())?;
+        let hints = read_hints(ctx, val.len())?;
         let perturbed = perturb_aimed(&val, &doc, &classes, &cut, hints.as_ref())
             .map_err(|m| StageError::input(&val_path, m))?;
         let changed = perturbed.tokens.windows(2).zip(&mut bytes[1..]);

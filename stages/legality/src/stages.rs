@@ -246,13 +246,14 @@ impl Stage for LegalityStage {
         )?;
         // The perturbed streams, again (the judge needs each stream and its hidden
         // targets), computed side by side.
+        // The chain's hints, read once for every cut.
+        let hints = read_hints(ctx, tokens.len())?;
         let perturbed: Vec<_> = {
             use rayon::prelude::*;
             params
                 .cuts
                 .par_iter()
                 .map(|cut| {
-                    let hints = read_hints(ctx, cut, tokens.len())?;
                     perturb_aimed(&tokens, &doc, &classes, cut, hints.as_ref())
                         .map_err(|m| StageError::input(&val_path, m))
                 })

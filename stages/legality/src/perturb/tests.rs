@@ -229,7 +229,15 @@ fn hints(tokens: &[u16]) -> Hints {
             }
         })
         .collect();
-    Hints::new(hint, share, 0.8)
+    Hints::new(hint, share)
+}
+
+/// A cut with the gate the hints above are meant for.
+fn gated(cut: CutParams) -> CutParams {
+    CutParams {
+        hint_threshold: Some(0.8),
+        ..cut
+    }
 }
 
 #[test]
@@ -238,10 +246,12 @@ fn an_aimed_replace_changes_a_firing_target_across_the_hint() {
     let hints = hints(&tokens);
     let (mut hits, mut misses) = (0, 0);
     for draw in 0..60 {
-        let cut = secret(Kind::Replace, draw);
+        let cut = gated(secret(Kind::Replace, draw));
         let p = perturb_aimed(&tokens, &one_doc(&tokens), &rule(13), &cut, Some(&hints)).unwrap();
         let changed = p.changed();
-        let hint = hints.firing(changed).expect("the cut is at a firing hint");
+        let hint = hints
+            .firing(changed, 0.8)
+            .expect("the cut is at a firing hint");
         assert_eq!(p.aimed, Some(hint));
         let (old, new) = (tokens[changed], p.tokens[changed]);
         assert_ne!(
@@ -281,7 +291,7 @@ fn an_aimed_replace_changes_a_firing_target_across_the_hint() {
 fn hidden_targets_where_a_hint_fires_are_drawn_half_from_the_hint() {
     let tokens = stream();
     let hints = hints(&tokens);
-    let mut cut = secret(Kind::Replace, 7);
+    let mut cut = gated(secret(Kind::Replace, 7));
     cut.hidden = 3000;
     let p = perturb_aimed(&tokens, &one_doc(&tokens), &rule(13), &cut, Some(&hints)).unwrap();
     let proposal = Proposal::new(&tokens, 13);
@@ -289,7 +299,7 @@ fn hidden_targets_where_a_hint_fires_are_drawn_half_from_the_hint() {
     for h in &p.hidden {
         let t = h.position as usize;
         let previous = p.tokens[t - 1];
-        match hints.firing(t) {
+        match hints.firing(t, 0.8) {
             Some(hint) => {
                 firing += 1;
                 hinted += (h.token == hint) as u32;
