@@ -12,7 +12,6 @@
 //! node that produced its hints.
 
 use crate::pipeline::{Node, Pipeline};
-use crate::registry::Registry;
 
 /// Per-entry scores with `bits` and `bytes`: where a chain ends.
 pub const SCORES: &str = "scores";
@@ -71,22 +70,19 @@ impl Chain {
     }
 }
 
-/// What the nodes of a pipeline produce, from their stages' declarations.
+/// What the nodes of a pipeline produce, from their declarations.
 pub struct Products<'a> {
     pipeline: &'a Pipeline,
-    registry: &'a Registry,
 }
 
 impl<'a> Products<'a> {
-    pub fn new(pipeline: &'a Pipeline, registry: &'a Registry) -> Self {
-        Products { pipeline, registry }
+    pub fn new(pipeline: &'a Pipeline) -> Self {
+        Products { pipeline }
     }
 
     /// Whether `node`'s stage declares an output (table or file) called `product`.
     pub fn produces(&self, node: &Node, product: &str) -> bool {
-        self.registry
-            .get(&node.stage)
-            .is_some_and(|stage| stage.spec().output(product).is_some())
+        node.spec.output(product).is_some()
     }
 
     /// The nodes that produce `product`, in run order; the re-runs the pipeline adds
@@ -168,14 +164,14 @@ mod tests {
 
     #[test]
     fn chains_are_found_from_declared_outputs() {
-        let registry = Registry::with_builtin_stages();
+        let registry = crate::registry::Registry::with_builtin_stages();
         let text = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml"),
         )
         .unwrap();
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml");
         let pipeline = Pipeline::parse(&path, &text, &registry).unwrap();
-        let chains = Products::new(&pipeline, &registry).chains();
+        let chains = Products::new(&pipeline).chains();
         let mut names: Vec<&str> = chains.iter().map(|c| c.scores.as_str()).collect();
         names.sort();
         assert_eq!(names, ["scores", "scores_causal", "scores_normalised"]);
@@ -190,14 +186,14 @@ mod tests {
                 hints: None,
             }
         );
-        let tilts = Products::new(&pipeline, &registry).tilts();
+        let tilts = Products::new(&pipeline).tilts();
         assert_eq!(
             tilts.iter().map(|c| c.scores.as_str()).collect::<Vec<_>>(),
             ["tilt", "tilt_cachemoney"]
         );
         assert_eq!(tilts[1].pass1.as_deref(), Some("pass1_cachemoney"));
         assert_eq!(tilts[1].hints.as_deref(), Some("hints_cachemoney"));
-        let trained: Vec<&str> = Products::new(&pipeline, &registry)
+        let trained: Vec<&str> = Products::new(&pipeline)
             .producers(TRAIN_LOG)
             .iter()
             .map(|n| n.name.as_str())

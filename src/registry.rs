@@ -28,6 +28,7 @@ impl Registry {
         registry.register(Box::new(legality::ArtifactStage));
         registry.register(Box::new(tilt::HintsStage));
         registry.register(Box::new(tilt::TiltStage));
+        registry.register(Box::new(command::CommandStage));
         registry
     }
 

@@ -108,7 +108,7 @@ impl Session {
         let resolved = self.context().resolve()?;
         let mut rows = Vec::new();
         let mut unbuilt = Vec::new();
-        let products = Products::new(&self.pipeline, &self.registry);
+        let products = Products::new(&self.pipeline);
         for chain in products.chains().into_iter().chain(products.tilts()) {
             match self.built_report(&resolved, &chain.scores)? {
                 Some(report) => rows.push(self.compare_row(&resolved, &chain, &report)?),
@@ -257,7 +257,7 @@ impl Session {
         resolved: &[Resolved],
         chain: &str,
     ) -> Result<(Option<String>, Option<String>)> {
-        let products = Products::new(&self.pipeline, &self.registry);
+        let products = Products::new(&self.pipeline);
         let Some(judge) = products
             .producers(LEGALITY)
             .into_iter()

@@ -32,7 +32,7 @@ impl Session {
     /// Prints the matrix; returns whether every verdict shown passed.
     pub fn legality(&self, wanted: &[String], json: bool) -> Result<bool> {
         let resolved = self.context().resolve()?;
-        let products = Products::new(&self.pipeline, &self.registry);
+        let products = Products::new(&self.pipeline);
         let judges: Vec<_> = products
             .producers(LEGALITY)
             .into_iter()

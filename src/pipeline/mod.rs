@@ -56,6 +56,10 @@ struct NodeFile {
     files: BTreeMap<String, Spanned<OneOrMany>>,
     #[serde(default)]
     params: Option<Spanned<toml::Table>>,
+    /// What the node writes, for a stage whose nodes declare it (`command`); the stage
+    /// reads it as its `outputs` parameter, so the recipe covers it.
+    #[serde(default)]
+    outputs: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +76,9 @@ pub struct Node {
     pub stage: String,
     /// Canonical parameters (defaults filled in).
     pub params: Value,
+    /// What the node reads and writes: its stage's declaration, or the node's own for a
+    /// stage whose nodes declare theirs ([`stage_api::Stage::node_spec`]).
+    pub spec: &'static stage_api::StageSpec,
     /// Input name → upstream node name.
     pub inputs: BTreeMap<String, String>,
     /// File role → files, sorted by path.
@@ -154,8 +161,9 @@ impl Pipeline {
             None => Vec::new(),
         };
 
-        let mut nodes = BTreeMap::new();
-        let mut miswired = None;
+        // First every node's parameters and declaration, so that wiring is checked
+        // against what each upstream node declares, whichever comes first by name.
+        let mut prepared = BTreeMap::new();
         for (name, spanned) in &file.nodes {
             let node_at = at(Some(spanned.span()));
             if let Some(problem) = node_name_problem(name) {
@@ -176,11 +184,25 @@ impl Pipeline {
                 .as_ref()
                 .map(|p| at(Some(p.span())))
                 .unwrap_or_else(|| node_at.clone());
-            let param_at = |param: &str| match source.param_span(name, param) {
-                Some(span) => at(Some(span)),
-                None => params_at.clone(),
+            let outputs_at = def.outputs.as_ref().map(|o| {
+                at(source
+                    .key_span(&["nodes", name, "outputs"])
+                    .or(Some(o.span())))
+            });
+            // A node's declared outputs are `outputs.…`, not `params.outputs.…`.
+            let param_at = |param: &str| {
+                let path: Vec<&str> = param.split('.').collect();
+                match (&outputs_at, source.param_span(name, param)) {
+                    (Some(_), _) if path[0] == "outputs" => {
+                        let mut key = vec!["nodes", name];
+                        key.extend(path.iter().map(|s| s.split('[').next().unwrap_or(s)));
+                        at(source.key_span(&key))
+                    }
+                    (_, Some(span)) => at(Some(span)),
+                    _ => params_at.clone(),
+                }
             };
-            let raw_params = match &def.params {
+            let mut raw_params = match &def.params {
                 Some(p) => toml_to_json(&toml::Value::Table(p.get_ref().clone()), "").map_err(
                     |(param, message)| {
                         anyhow!(
@@ -191,14 +213,49 @@ impl Pipeline {
                 )?,
                 None => Value::Object(Default::default()),
             };
+            if let (Some(outputs), Some(outputs_at)) = (&def.outputs, &outputs_at) {
+                if raw_params.get("outputs").is_some() {
+                    bail!("{outputs_at}: node '{name}': outputs are declared here, not as params.outputs");
+                }
+                let declared = toml_to_json(&toml::Value::Table(outputs.get_ref().clone()), "")
+                    .map_err(|(param, message)| {
+                        anyhow!("{outputs_at}: node '{name}': outputs.{param}: {message}")
+                    })?;
+                raw_params["outputs"] = declared;
+            }
             let params = stage.canonical_params(&raw_params).map_err(|e| match &e {
+                stage_api::StageError::InvalidParam { param, .. }
+                    if param.split('.').next() == Some("outputs") && def.outputs.is_some() =>
+                {
+                    if stage.node_spec(&Value::Null, &[]).outputs.is_empty() {
+                        // Written `outputs.…` in the node, so named that way.
+                        let message = e.to_string();
+                        let message = message.strip_prefix("params.").unwrap_or(&message);
+                        anyhow!("{}: node '{name}': {message}", param_at(param))
+                    } else {
+                        anyhow!(
+                            "{}: node '{name}': stage '{stage_name}' declares its own outputs; a node declares them only for stage = \"command\"",
+                            param_at(param)
+                        )
+                    }
+                }
                 stage_api::StageError::InvalidParam { param, .. } => {
                     anyhow!("{}: node '{name}': {e}", param_at(param))
                 }
                 _ => anyhow!("{params_at}: node '{name}': {e}"),
             })?;
+            let input_names: Vec<&str> = def.inputs.keys().map(String::as_str).collect();
+            let spec = stage.node_spec(&params, &input_names);
+            prepared.insert(name.clone(), (stage, params, spec));
+        }
 
-            let spec = stage.spec();
+        let mut nodes = BTreeMap::new();
+        let mut miswired = None;
+        for (name, spanned) in &file.nodes {
+            let node_at = at(Some(spanned.span()));
+            let def = spanned.get_ref();
+            let stage_name = def.stage.get_ref();
+            let (stage, params, spec) = prepared[name].clone();
             let takes = || list_or_none(spec.inputs.iter().map(|i| i.name));
             let mut inputs = BTreeMap::new();
             for (input, upstream) in &def.inputs {
@@ -209,15 +266,13 @@ impl Pipeline {
                         takes()
                     );
                 };
-                let Some(upstream_def) = file.nodes.get(upstream.get_ref()) else {
+                let Some((_, _, produced)) = prepared.get(upstream.get_ref()) else {
                     bail!(
                         "{input_at}: node '{name}': input '{input}' names node '{}', which is not defined",
                         upstream.get_ref()
                     );
                 };
-                // The upstream's own stage kind is checked when its turn comes.
-                if let Some(upstream_stage) = registry.get(upstream_def.get_ref().stage.get_ref()) {
-                    let produced = upstream_stage.spec();
+                {
                     if let Some(read) = declared
                         .reads
                         .iter()
@@ -298,6 +353,7 @@ impl Pipeline {
                     name: name.clone(),
                     stage: stage_name.clone(),
                     params,
+                    spec,
                     inputs,
                     files,
                     variant: None,

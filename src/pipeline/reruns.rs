@@ -32,12 +32,7 @@ pub fn add_reruns(
     secret: &mut dyn FnMut() -> Result<String, String>,
 ) -> Result<(bool, Option<String>), Problem> {
     let mut salt = None;
-    let spec_of = |n: &Node| {
-        registry
-            .get(&n.stage)
-            .expect("validated when loading")
-            .spec()
-    };
+    let spec_of = |n: &Node| n.spec;
     let judges: Vec<String> = nodes
         .values()
         .filter(|n| spec_of(n).reruns.is_some())
@@ -231,6 +226,7 @@ pub fn add_reruns(
                     name: perturbed_source.clone(),
                     stage: reruns.stage.to_string(),
                     params,
+                    spec: perturbing.spec(),
                     inputs: guides
                         .clone()
                         .into_iter()

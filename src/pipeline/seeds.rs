@@ -22,13 +22,7 @@ impl Pipeline {
             return Ok(self);
         }
         check_seeds(seeds).map_err(|e| anyhow!("--seeds: {e}"))?;
-        let seed_param = |node: &Node| {
-            registry
-                .get(&node.stage)
-                .expect("validated when loading")
-                .spec()
-                .run_seed_param
-        };
+        let seed_param = |node: &Node| node.spec.run_seed_param;
         // Nodes are in topological order, so one sweep finds everything downstream.
         let mut seeded = BTreeSet::new();
         for node in &self.nodes {
@@ -102,6 +96,7 @@ impl Pipeline {
                     name,
                     stage: node.stage.clone(),
                     params,
+                    spec: node.spec,
                     inputs,
                     files: node.files.clone(),
                     variant: Some(SeedVariant {

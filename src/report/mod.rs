@@ -18,7 +18,6 @@ use serde_json::{Map, Value};
 use crate::chain::{Chain, Products, LEGALITY, MASS, TRAIN_LOG};
 use crate::pipeline::Pipeline;
 use crate::recipe::short;
-use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::seeds::SeedRow;
 use crate::sql::SqlSession;
@@ -103,13 +102,12 @@ struct Section {
 /// Builds the page. `seed_rows` is the `seeds` table when the pipeline runs several seeds.
 pub async fn build(
     pipeline: &Pipeline,
-    registry: &Registry,
     store: &Store,
     resolved: &[Resolved],
     sql: &SqlSession,
     seed_rows: &[SeedRow],
 ) -> Result<(String, usize)> {
-    let products = Products::new(pipeline, registry);
+    let products = Products::new(pipeline);
     let mut all_chains = products.chains();
     all_chains.extend(products.tilts());
     let mut built: Vec<Built> = Vec::new();

@@ -87,7 +87,7 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
     let seconds = started.elapsed().as_secs_f64();
     // The declaration is what wiring was checked against; a stage that wrote something
     // else is a bug, caught before anything downstream relies on it.
-    if let Err(problem) = stage.spec().check_outputs(&scratch) {
+    if let Err(problem) = node.spec.check_outputs(&scratch) {
         std::fs::remove_dir_all(&scratch).ok();
         bail!("{problem}");
     }

@@ -83,6 +83,14 @@ pub trait Stage: Send + Sync + 'static {
     fn numerics(_params: &Self::Params) -> Option<String> {
         None
     }
+
+    /// For a stage whose inputs and outputs each node declares (`command`): the node's
+    /// own declaration, from its parameters and the inputs it wires, which the pipeline
+    /// then checks wiring against and the runner holds the outputs to, exactly as it
+    /// does [`Stage::SPEC`] for every other stage. Most stages have none.
+    fn node_spec(_params: &Self::Params, _inputs: &[&str]) -> Option<StageSpec> {
+        None
+    }
 }
 
 /// The report entry in which a stage records the kernels it computed with (see
@@ -127,6 +135,11 @@ pub trait AnyStage: Send + Sync {
 
     /// See [`Stage::numerics`]; `params` are canonical.
     fn numerics(&self, params: &Value) -> Option<String>;
+
+    /// The declaration a node of this stage is held to: [`Stage::node_spec`] where the
+    /// stage has one (kept for the life of the process: a pipeline is loaded once and
+    /// its nodes live as long), else [`Stage::SPEC`]. `params` are canonical.
+    fn node_spec(&self, params: &Value, inputs: &[&str]) -> &'static StageSpec;
 }
 
 impl<S: Stage> AnyStage for S {
@@ -169,6 +182,13 @@ impl<S: Stage> AnyStage for S {
     fn numerics(&self, params: &Value) -> Option<String> {
         let params: S::Params = serde_json::from_value(params.clone()).ok()?;
         S::numerics(&params)
+    }
+
+    fn node_spec(&self, params: &Value, inputs: &[&str]) -> &'static StageSpec {
+        serde_json::from_value::<S::Params>(params.clone())
+            .ok()
+            .and_then(|params| S::node_spec(&params, inputs))
+            .map_or(&S::SPEC, |spec| Box::leak(Box::new(spec)))
     }
 }
 

@@ -539,21 +539,28 @@ impl ColumnType {
         }
     }
 
+    pub const ALL: [ColumnType; 9] = [
+        ColumnType::Bool,
+        ColumnType::U8,
+        ColumnType::U16,
+        ColumnType::U32,
+        ColumnType::U64,
+        ColumnType::I64,
+        ColumnType::F32,
+        ColumnType::F64,
+        ColumnType::Utf8,
+    ];
+
+    /// The type a declaration names (`u16`, `f64`), if any.
+    pub fn from_name(name: &str) -> Option<ColumnType> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The name of an Arrow type as a declaration would write it (its Arrow name when no
     /// declared type matches).
-    fn name_of(data_type: &DataType) -> String {
-        const ALL: [ColumnType; 9] = [
-            ColumnType::Bool,
-            ColumnType::U8,
-            ColumnType::U16,
-            ColumnType::U32,
-            ColumnType::U64,
-            ColumnType::I64,
-            ColumnType::F32,
-            ColumnType::F64,
-            ColumnType::Utf8,
-        ];
-        ALL.iter()
+    pub fn name_of(data_type: &DataType) -> String {
+        Self::ALL
+            .iter()
             .find(|t| &t.arrow() == data_type)
             .map(|t| t.name().to_string())
             .unwrap_or_else(|| data_type.to_string())

@@ -54,12 +54,24 @@ pub(crate) fn main(path: &Path) -> ! {
     match enter_namespaces() {
         Ok(()) => {
             isolation.namespaces = true;
+            if launch.confinement.loopback {
+                if let Err(why) = loopback_up() {
+                    isolation.missing.push(why);
+                }
+            }
             match read_only_except(&launch.confinement.write) {
                 Ok(()) => isolation.read_only = true,
                 Err(why) => isolation.missing.push(why),
             }
         }
-        Err(why) => isolation.missing.push(why),
+        Err(why) => {
+            isolation.missing.push(why);
+            if launch.confinement.loopback {
+                isolation
+                    .missing
+                    .push("TCP open to every network: loopback asked for, and no network namespace to keep it there".into());
+            }
+        }
     }
     let terminate = Arc::new(AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, terminate.clone());
@@ -137,6 +149,40 @@ fn enter_namespaces() -> Result<(), String> {
     let _ = write("/proc/self/uid_map", format!("{uid} {uid} 1\n"));
     let _ = write("/proc/self/gid_map", format!("{gid} {gid} 1\n"));
     Ok(())
+}
+
+/// Brings up `lo`, the only interface of the new network namespace (it starts down), so
+/// that the program's processes can reach each other over TCP on 127.0.0.1.
+fn loopback_up() -> Result<(), String> {
+    let fail = |what: &str| format!("no loopback ({what}: {})", std::io::Error::last_os_error());
+    // SAFETY: socket(2) with integer arguments; the descriptor is closed below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if socket < 0 {
+        return Err(fail("socket"));
+    }
+    // SAFETY: an all-zero ifreq is valid; the name is NUL-terminated within its array.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    let result = unsafe {
+        if libc::ioctl(socket, libc::SIOCGIFFLAGS, &mut request) != 0 {
+            Err(fail("SIOCGIFFLAGS"))
+        } else {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(socket, libc::SIOCSIFFLAGS, &request) != 0 {
+                Err(fail("SIOCSIFFLAGS"))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: our descriptor.
+    unsafe {
+        libc::close(socket);
+    }
+    result
 }
 
 /// Every mount of this (private) mount namespace read-only, but `writable`, each bound
@@ -238,11 +284,16 @@ fn confine(confinement: &Confinement) -> Result<(u8, bool), String> {
     let write = all & !(AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::MakeFifo);
     let device = AccessFs::from_file(abi);
     let fail = |e: landlock::RulesetError| format!("Landlock: {e}");
-    let ruleset = Ruleset::default()
-        .handle_access(all)
-        .map_err(fail)?
-        .handle_access(AccessNet::from_all(ABI::V4))
-        .map_err(fail)?
+    let ruleset = Ruleset::default().handle_access(all).map_err(fail)?;
+    // A loopback program's TCP stays on its own network (see `loopback_up`).
+    let ruleset = if confinement.loopback {
+        ruleset
+    } else {
+        ruleset
+            .handle_access(AccessNet::from_all(ABI::V4))
+            .map_err(fail)?
+    };
+    let ruleset = ruleset
         .scope(Scope::from_all(abi))
         .map_err(fail)?
         .create()

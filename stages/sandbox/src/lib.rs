@@ -55,6 +55,12 @@ pub struct Confinement {
     pub read: Vec<PathBuf>,
     /// Directories it may write (create, remove, rename inside).
     pub write: Vec<PathBuf>,
+    /// TCP on a network of its own whose only interface is a loopback that is up: for a
+    /// program whose processes talk to each other (`torchrun`'s rendezvous, gloo). It
+    /// still reaches nothing outside. Where no network namespace can be made, TCP is then
+    /// open to every network, and [`Isolation::missing`] says so.
+    #[serde(default)]
+    pub loopback: bool,
 }
 
 /// What every program may read: the system's libraries and configuration, and the

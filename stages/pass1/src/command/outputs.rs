@@ -8,64 +8,41 @@ use arrow::datatypes::{DataType, Float32Type, Int64Type, UInt16Type};
 use parquet::arrow::arrow_reader::ArrowReaderMetadata;
 use stage_api::{read_column, StageContext, StageError};
 
-use super::{Request, Workspace, SCORER_LOG};
+use command::process::{self, Program, Workspace};
+
+use super::Request;
 use crate::{import_pass1, Pass1Table};
 
 /// The scorer's outputs must be plain files in a plain directory: not links out of it,
 /// not pipes or devices (reading a FIFO would hang), and nothing may have appeared in
 /// the artifact's own directory.
-pub(super) fn check_directory(ctx: &StageContext, workspace: &Workspace) -> Result<(), StageError> {
-    let entries = std::fs::read_dir(&ctx.out_dir).map_err(|e| StageError::io(&ctx.out_dir, e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name != SCORER_LOG {
-            return Err(StageError::input(
-                entry.path(),
-                "written by the scorer outside its output directory (request.output_dir)",
-            ));
-        }
-    }
+pub(super) fn check_directory(
+    ctx: &StageContext,
+    workspace: &Workspace,
+    program: &Program,
+) -> Result<(), StageError> {
+    process::check_out_dir(ctx, workspace, program)?;
     let out = workspace.out();
-    match std::fs::symlink_metadata(&out) {
-        Ok(meta) if meta.is_dir() => {}
-        _ => {
-            return Err(StageError::input(
-                &out,
-                "not a directory any more: the scorer replaced its output directory (by a link?)",
-            ))
-        }
-    }
     for name in ["pass1.parquet", "distributions.parquet", "hint_p.parquet"] {
         let path = out.join(name);
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(StageError::input(
-                    &path,
-                    "a symbolic link: the scorer must write its outputs inside its output directory",
-                ))
-            }
-            Ok(meta) if !meta.is_file() => {
-                return Err(StageError::input(
-                    &path,
-                    "not a regular file (a pipe or a device?): the scorer must write its outputs as files",
-                ))
-            }
-            Ok(_) => {}
-            Err(_) if name == "distributions.parquet" => {}
-            Err(_) if name == "hint_p.parquet" && !ctx.inputs.contains_key("hints") => {}
-            Err(_) if name == "hint_p.parquet" => {
-                return Err(StageError::input(
-                    &path,
-                    format!("missing: the request carried hints ({}) and the scorer did not answer with each entry's p(hint); it may speak only cachemoney-scorer/2", super::PROTOCOL_HINTS),
-                ))
-            }
-            Err(_) => {
-                return Err(StageError::input(
-                    &path,
-                    "missing: the scorer exited 0 but did not write it",
-                ))
-            }
+        if process::check_plain_file(&path, program.what)? {
+            continue;
         }
+        if name == "distributions.parquet"
+            || (name == "hint_p.parquet" && !ctx.inputs.contains_key("hints"))
+        {
+            continue;
+        }
+        if name == "hint_p.parquet" {
+            return Err(StageError::input(
+                &path,
+                format!("missing: the request carried hints ({}) and the scorer did not answer with each entry's p(hint); it may speak only cachemoney-scorer/2", super::PROTOCOL_HINTS),
+            ));
+        }
+        return Err(StageError::input(
+            &path,
+            "missing: the scorer exited 0 but did not write it",
+        ));
     }
     Ok(())
 }
@@ -264,23 +241,4 @@ pub(super) fn read_distributions(
         ));
     }
     Ok(out)
-}
-
-/// Removes what a scorer left that is neither a plain file nor a directory (a FIFO, a
-/// socket, a link out of the store): a tool that reads the kept directory must not hang
-/// or be led elsewhere.
-pub(super) fn defuse(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => defuse(&path),
-            Ok(meta) if meta.is_file() => {}
-            _ => {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
 }
