@@ -29,6 +29,7 @@ const PAGES: &[&str] = &[
     "docs/stages.md",
     "docs/gpt.md",
     "docs/scorers.md",
+    "docs/steps.md",
     "docs/legality.md",
     "docs/store.md",
     "docs/remote.md",

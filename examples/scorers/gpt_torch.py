@@ -63,7 +63,7 @@ class Gpt:
 
     def bigram(self, tokens):  # §2.4: a hashed (previous, current) embedding
         last = self.c["bigram_rows"] - 1
-        first = torch.full((tokens.shape[0], 1), last, dtype=torch.int64)
+        first = torch.full((tokens.shape[0], 1), last, dtype=torch.int64, device=tokens.device)
         rest = ((tokens[:, 1:] * BIGRAM_PRIMES[0]) ^ (tokens[:, :-1] * BIGRAM_PRIMES[1])).remainder(last)
         rows = F.embedding(torch.cat([first, rest], 1), self.w["bigram.embed.weight"])
         return rows.matmul(self.w["bigram.proj.weight"].t()) * self.w["bigram.scale"]
@@ -99,7 +99,7 @@ class Gpt:
 
     def rope(self, x, n):  # rotate-half on the first rope_dims, by -theta
         half = self.c["rope_dims"] // 2
-        cos, sin = self.cos[:n].view(1, n, 1, half), self.sin[:n].view(1, n, 1, half)
+        cos, sin = (t[:n].view(1, n, 1, half).to(x.device) for t in (self.cos, self.sin))
         a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
         return torch.cat([a * cos + b * sin, -(a * sin) + b * cos, rest], 3)
 

@@ -303,9 +303,6 @@ def main():
     # numbers), so a GPU run starts where a CPU run does; DDP broadcasts rank 0's anyway.
     torch.manual_seed(args.seed)
     params = {name: torch.nn.Parameter(t.to(device)) for name, t in init_weights(config).items()}
-    if cuda:
-        # gpt_torch.py makes its RoPE table and the bigram's first row without a device.
-        torch.set_default_device(device)
     model = Model(params, config)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     names = sorted(params)

@@ -21,7 +21,14 @@ pub fn stages() {
                 reads.join(", ")
             );
         }
-        println!("  outputs:");
+        let declared_per_node =
+            stage.node_spec(&stage.default_params(), &[]).outputs.len() != spec.outputs.len();
+        if declared_per_node {
+            println!("  inputs: any, by any name (the program gets a copy of each)");
+            println!("  outputs: declared by each node: outputs.tables.NAME = [\"column type\", ...], outputs.files = [...]");
+        } else {
+            println!("  outputs:");
+        }
         for output in spec.outputs {
             println!("    {output}");
         }
@@ -40,8 +47,14 @@ pub fn stages() {
             );
         }
         let print_defaults = |raw: serde_json::Value, skip: Option<&str>, indent: &str| {
-            if let Ok(serde_json::Value::Object(map)) = stage.canonical_params(&raw) {
-                for (key, value) in map.iter().filter(|(k, _)| Some(k.as_str()) != skip) {
+            let canonical = stage.canonical_params(&raw).ok();
+            // A stage with a parameter no default fills (a program to run) lists its
+            // defaults unvalidated, that parameter's empty default included.
+            let params = canonical.unwrap_or_else(|| stage.default_params());
+            if let serde_json::Value::Object(map) = params {
+                // A node's declared outputs are written `outputs.…`, listed above.
+                let listed = |k: &str| Some(k) != skip && !(declared_per_node && k == "outputs");
+                for (key, value) in map.iter().filter(|(k, _)| listed(k)) {
                     println!("{indent}params.{key:<22} default {value}");
                 }
             }

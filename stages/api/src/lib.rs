@@ -136,6 +136,10 @@ pub trait AnyStage: Send + Sync {
     /// See [`Stage::numerics`]; `params` are canonical.
     fn numerics(&self, params: &Value) -> Option<String>;
 
+    /// The parameters' defaults, unvalidated: for listings, where a stage has a
+    /// parameter that no default can fill (`command`'s program).
+    fn default_params(&self) -> Value;
+
     /// The declaration a node of this stage is held to: [`Stage::node_spec`] where the
     /// stage has one (kept for the life of the process: a pipeline is loaded once and
     /// its nodes live as long), else [`Stage::SPEC`]. `params` are canonical.
@@ -182,6 +186,10 @@ impl<S: Stage> AnyStage for S {
     fn numerics(&self, params: &Value) -> Option<String> {
         let params: S::Params = serde_json::from_value(params.clone()).ok()?;
         S::numerics(&params)
+    }
+
+    fn default_params(&self) -> Value {
+        serde_json::to_value(S::Params::default()).unwrap_or(Value::Null)
     }
 
     fn node_spec(&self, params: &Value, inputs: &[&str]) -> &'static StageSpec {
