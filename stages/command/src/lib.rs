@@ -9,6 +9,7 @@
 //! the program wrote to them after the run, as it does a built-in stage's.
 
 mod log;
+mod outputs;
 pub mod process;
 mod stage;
 

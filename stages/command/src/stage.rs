@@ -21,17 +21,15 @@
 //! the program used.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    arrow_schema, check_param, Column, ColumnType, FileRole, Input, Output, ParquetLayout, Stage,
-    StageContext, StageError, StageParams, StageReport, StageSpec,
+    check_param, Column, ColumnType, FileRole, Input, Output, Stage, StageContext, StageError,
+    StageParams, StageReport, StageSpec,
 };
 
+use crate::outputs::collect;
 use crate::process::{self, Program, Workspace};
 
 /// The protocol's name and version, first in every request.
@@ -222,7 +220,7 @@ fn leak(text: &str) -> &'static str {
 
 impl Declared {
     /// The declared tables as columns (validated parameters).
-    fn columns(&self) -> Vec<(&str, Vec<Column>)> {
+    pub(crate) fn columns(&self) -> Vec<(&str, Vec<Column>)> {
         self.tables
             .iter()
             .map(|(table, texts)| {
@@ -422,126 +420,6 @@ fn list_files(dir: &Path, relative: &Path, out: &mut Vec<PathBuf>) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// Holds what the program wrote to the declaration and moves it into the artifact:
-/// files as they are, tables re-encoded in our layout.
-fn collect(
-    ctx: &StageContext,
-    declared: &Declared,
-    workspace: &Workspace,
-) -> Result<StageReport, StageError> {
-    let out = workspace.out();
-    let entries = std::fs::read_dir(&out).map_err(|e| StageError::io(&out, e))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_declared = declared.files.contains(&name)
-            || name
-                .strip_suffix(".parquet")
-                .is_some_and(|table| declared.tables.contains_key(table));
-        if !is_declared {
-            return Err(StageError::input(
-                &path,
-                "written by the command but not declared in the node's outputs (outputs.files, outputs.tables.NAME)",
-            ));
-        }
-        if !process::check_plain_file(&path, "command")? {
-            return Err(StageError::input(&path, "not a file"));
-        }
-    }
-    let mut report = StageReport::default();
-    for (table, columns) in declared.columns() {
-        let from = out.join(format!("{table}.parquet"));
-        if !from.exists() {
-            return Err(StageError::input(
-                &from,
-                format!(
-                    "missing: the command exited 0 but did not write it (outputs.tables.{table})"
-                ),
-            ));
-        }
-        let rows = reencode(
-            &from,
-            &ctx.output(&format!("{table}.parquet")),
-            table,
-            &columns,
-        )?;
-        report = report.with(&format!("{table}_rows"), rows);
-    }
-    for file in &declared.files {
-        let from = out.join(file);
-        if !from.exists() {
-            return Err(StageError::input(
-                &from,
-                "missing: the command exited 0 but did not write it (outputs.files)",
-            ));
-        }
-        let to = ctx.output(file);
-        std::fs::rename(&from, &to).map_err(|e| StageError::io(&to, e))?;
-    }
-    Ok(report)
-}
-
-/// Reads the program's table, holds its schema to the declaration (names, order, types
-/// exactly; nulls only where declared), and writes it again in our layout. Returns its
-/// row count.
-fn reencode(from: &Path, to: &Path, table: &str, columns: &[Column]) -> Result<u64, StageError> {
-    let file = File::open(from).map_err(|e| StageError::io(from, e))?;
-    let reader =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StageError::format(from, e))?;
-    let written: Vec<(String, String)> = reader
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| (f.name().clone(), ColumnType::name_of(f.data_type())))
-        .collect();
-    let declared: Vec<(String, String)> = columns
-        .iter()
-        .map(|c| (c.name.to_string(), c.ty.name().to_string()))
-        .collect();
-    if written != declared {
-        let show = |cs: &[(String, String)]| {
-            cs.iter()
-                .map(|(n, t)| format!("{n} {t}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        return Err(StageError::input(
-            from,
-            format!(
-                "outputs.tables.{table} declares ({}) but the command wrote ({})",
-                show(&declared),
-                show(&written)
-            ),
-        ));
-    }
-    let schema = arrow_schema(columns);
-    let mut batches = Vec::new();
-    let mut rows = 0u64;
-    for batch in reader.build().map_err(|e| StageError::format(from, e))? {
-        let batch = batch.map_err(|e| StageError::format(from, e))?;
-        for (column, array) in columns.iter().zip(batch.columns()) {
-            if !column.nullable && array.null_count() > 0 {
-                return Err(StageError::input(
-                    from,
-                    format!(
-                        "column '{}' holds nulls, which outputs.tables.{table} does not allow (declare it \"{} {}?\")",
-                        column.name,
-                        column.name,
-                        column.ty.name()
-                    ),
-                ));
-            }
-        }
-        rows += batch.num_rows() as u64;
-        batches.push(
-            RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
-                .map_err(|e| StageError::format(from, e))?,
-        );
-    }
-    stage_api::write_parquet(to, schema, batches, &ParquetLayout::default())?;
-    Ok(rows)
 }
 
 #[cfg(test)]
