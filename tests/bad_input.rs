@@ -203,7 +203,7 @@ fn unknown_stage_kind_is_named_with_the_known_ones() {
     let line = run_fails(&p, "[nodes.tokens]\nstage = \"tokenise\"\n");
     assert!(line.contains("pipeline.toml:2:9"), "{line}");
     assert!(
-        line.contains("unknown stage kind 'tokenise' (known: artifact, audit-mass, cache, calibrate, hints, legality, overlap, pass1, pass2, perturb, tilt, token-stats, tokenize, train)"),
+        line.contains("unknown stage kind 'tokenise' (known: artifact, audit-mass, cache, calibrate, command, hints, legality, overlap, pass1, pass2, perturb, tilt, token-stats, tokenize, train)"),
         "{line}"
     );
 }

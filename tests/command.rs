@@ -139,7 +139,7 @@ fn a_program_past_its_timeout_is_killed_with_everything_it_started() {
     );
     assert!(error.contains("sleeping past the timeout"), "{error}");
     assert!(started.elapsed().as_secs() < 60);
-    assert!(common::processes_with("misbehave.py").is_empty());
+    assert!(common::processes_with("misbehave.py sleep").is_empty());
 }
 
 #[test]
@@ -157,6 +157,107 @@ fn a_program_has_no_network_unless_it_asks_for_a_loopback() {
     let log = std::fs::read_to_string(project.the_artifact("command").join("command.log")).unwrap();
     assert!(log.contains("no network"), "{log}");
     assert!(log.contains("loopback works"), "{log}");
+}
+
+#[test]
+fn a_program_reads_neither_the_store_nor_the_host_however_it_is_named() {
+    let project = Project::small();
+    with_programs(&project);
+    project.write_pipeline(&Project::small_pipeline(300));
+    project.ok(&["run"]);
+    let store = project.path().join("artifacts").canonicalize().unwrap();
+    // Through the system's shell, whose `bin` may be a link into /usr: not `/`.
+    let shell = |script: &str| {
+        format!(
+            r#"
+[nodes.step]
+stage = "command"
+inputs.tokens = "tokens"
+params.command = ["/bin/sh", "-c", "{script}"]
+outputs.files = ["leak.txt"]
+"#
+        )
+    };
+    for target in [
+        store.join("refs/tokens.json"),
+        project.path().join("pipeline.toml"),
+    ] {
+        project.write_pipeline(
+            &(Project::small_pipeline(300)
+                + &shell(&format!("cat {} > out/leak.txt", target.display()))),
+        );
+        let error = project.fails(&["run"]);
+        assert!(error.contains("the command failed"), "{error}");
+        assert!(error.contains("Permission denied"), "{error}");
+    }
+    // A script of the pipeline's directory runs only as one of the node's files (so
+    // that it is in the recipe), and then as its private copy.
+    std::fs::write(
+        project.path().join("tool.sh"),
+        "#!/bin/sh\necho copied > out/leak.txt\nls .. > /dev/null 2>&1 && echo 'read the store' >> out/leak.txt\nexit 0\n",
+    )
+    .unwrap();
+    let mut permissions = std::fs::metadata(project.path().join("tool.sh"))
+        .unwrap()
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(project.path().join("tool.sh"), permissions).unwrap();
+    let tool = r#"
+[nodes.step]
+stage = "command"
+inputs.tokens = "tokens"
+params.command = ["./tool.sh"]
+outputs.files = ["leak.txt"]
+"#;
+    project.write_pipeline(&(Project::small_pipeline(300) + tool));
+    let error = project.fails(&["run"]);
+    assert!(
+        error.contains("the command ./tool.sh lies in the pipeline's directory but is not among the node's files.program"),
+        "{error}"
+    );
+    project
+        .write_pipeline(&(Project::small_pipeline(300) + tool + "files.program = [\"tool.sh\"]\n"));
+    project.ok(&["run"]);
+    let leak = std::fs::read_to_string(project.the_artifact("command").join("leak.txt")).unwrap();
+    assert_eq!(
+        leak, "copied\n",
+        "the workspace's parent is the store's scratch area"
+    );
+}
+
+#[test]
+fn a_program_cannot_reach_the_hosts_unix_sockets() {
+    let project = Project::small();
+    with_programs(&project);
+    let socket = project.path().join("host.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    project.write_pipeline(
+        &(Project::small_pipeline(300)
+            + &misbehaving("unix", "")
+                .replace("\"unix\"]", &format!("\"unix\", \"{}\"]", socket.display()))),
+    );
+    project.ok(&["run"]);
+    let log = std::fs::read_to_string(project.the_artifact("command").join("command.log")).unwrap();
+    assert!(log.contains("no Unix socket"), "{log}");
+    assert!(listener.accept().is_err(), "the step reached the listener");
+    assert!(project.ok(&["show", "step"]).contains("no Unix sockets"));
+}
+
+#[test]
+fn a_program_that_never_reads_a_large_request_is_no_problem() {
+    let project = Project::small();
+    with_programs(&project);
+    std::fs::create_dir_all(project.path().join("many")).unwrap();
+    for i in 0..1500 {
+        std::fs::write(project.path().join(format!("many/file_{i:04}.txt")), "x").unwrap();
+    }
+    project.write_pipeline(
+        &(Project::small_pipeline(300)
+            + &misbehaving("ok", "")
+                .replace("files.program = [", "files.program = [\"many/*.txt\", ")),
+    );
+    project.ok(&["run"]);
 }
 
 #[test]
@@ -191,6 +292,17 @@ params.model = "gpt"
     );
     let line = Project::small_pipeline(300).lines().count() + 7;
     assert!(error.contains(&format!("pipeline.toml:{line}:")), "{error}");
+    // Declared at the node, not as a parameter.
+    project.write_pipeline(
+        &(Project::small_pipeline(300)
+            + &misbehaving("ok", "")
+                .replace("outputs.tables.counts", "params.outputs.tables.counts")),
+    );
+    let error = project.fails(&["status"]);
+    assert!(
+        error.contains("declare what the node writes as outputs.tables.NAME and outputs.files, not as params.outputs"),
+        "{error}"
+    );
     // Outputs are declared by command nodes only.
     project.write_pipeline(
         &(Project::small_pipeline(300).replace(

@@ -73,6 +73,14 @@ pub(super) fn prepare<'r>(
         )?,
         None => Value::Object(Default::default()),
     };
+    // A stage whose nodes declare their outputs has no outputs of its own.
+    let declares_per_node = stage.spec().outputs.is_empty();
+    if declares_per_node && def.outputs.is_none() && raw_params.get("outputs").is_some() {
+        bail!(
+            "{}: node '{name}': declare what the node writes as outputs.tables.NAME and outputs.files, not as params.outputs",
+            param_at("outputs")
+        );
+    }
     if let (Some(outputs), Some(outputs_at)) = (&def.outputs, &outputs_at) {
         if raw_params.get("outputs").is_some() {
             bail!("{outputs_at}: node '{name}': outputs are declared here, not as params.outputs");
@@ -86,7 +94,7 @@ pub(super) fn prepare<'r>(
         stage_api::StageError::InvalidParam { param, .. }
             if param.split('.').next() == Some("outputs") && def.outputs.is_some() =>
         {
-            if stage.node_spec(&Value::Null, &[]).outputs.is_empty() {
+            if declares_per_node {
                 // Written `outputs.…` in the node, so named that way.
                 let message = e.to_string();
                 let message = message.strip_prefix("params.").unwrap_or(&message);

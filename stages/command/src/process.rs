@@ -10,7 +10,7 @@
 //! inspection, swept at the next run.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -58,6 +58,11 @@ impl Workspace {
 
     pub fn out(&self) -> PathBuf {
         self.root.join("out")
+    }
+
+    /// The request file (`$CACHEMONEY_REQUEST`, and the program's stdin).
+    pub fn request(&self) -> PathBuf {
+        self.root.join("request.json")
     }
 
     /// Where an input called `name` goes, relative to the workspace (as the request
@@ -202,6 +207,8 @@ pub struct Program<'a> {
     pub what: &'a str,
     /// The program and its arguments.
     pub command: &'a [String],
+    /// The role of the node's own files (`files.program`, `files.scorer`).
+    pub files: &'a str,
     /// Its whole environment (see [`base_environment`]).
     pub env: Vec<(String, String)>,
     /// `params.read`: more paths (relative to the pipeline's directory) it may read.
@@ -241,8 +248,16 @@ fn resolve_program(ctx: &StageContext, program: &str, what: &str) -> Result<Path
 /// link on the way to the real file (`.venv/bin/python` → the virtualenv and the
 /// Python it points at). An installation is the directory above a `bin`, else the
 /// program's own directory; one that holds the store is refused in favour of the
-/// program's directory alone, so that no rule ever reaches the store.
+/// program's directory alone, and that one too in favour of the file alone, so that no
+/// rule ever reaches the store. `store` is resolved (absolute, no links), and so is
+/// every candidate before it is compared: a relative store is held by no absolute
+/// directory as written, and `/bin` may be a link to `/usr/bin` (the fourth red team
+/// had `/` granted through `/bin/sh` that way).
 fn program_prefixes(program: &Path, store: &Path) -> Vec<PathBuf> {
+    let holds_store = |dir: &Path| {
+        let real = std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf());
+        store.starts_with(&real)
+    };
     let mut prefixes = Vec::new();
     let mut hop = program.to_path_buf();
     for _ in 0..16 {
@@ -252,10 +267,9 @@ fn program_prefixes(program: &Path, store: &Path) -> Vec<PathBuf> {
                 _ => dir,
             };
             let candidates = [installation, dir];
-            if let Some(safe) = candidates.iter().find(|c| !store.starts_with(c)) {
-                prefixes.push(safe.to_path_buf());
-            } else {
-                prefixes.push(hop.clone());
+            match candidates.iter().find(|c| !holds_store(c)) {
+                Some(safe) => prefixes.push(safe.to_path_buf()),
+                None => prefixes.push(hop.clone()),
             }
         }
         match std::fs::read_link(&hop) {
@@ -271,27 +285,69 @@ fn program_prefixes(program: &Path, store: &Path) -> Vec<PathBuf> {
     prefixes
 }
 
-/// Runs `program` confined in `workspace` with `stdin` on its standard input, keeps its
-/// log in the artifact, and returns what its sandbox achieved, or a one-line error.
+/// The program to run, as the sandbox is to start it. One that lies in the pipeline's
+/// directory (a script, a binary built there) must be among the node's own files
+/// (`files.ROLE`): they are hashed into the recipe, so editing it reruns the node, and
+/// it runs as its private copy. A program reached through a link inside the directory
+/// to an installation elsewhere (`.venv/bin/python`) is not the directory's, and one in
+/// a virtual environment there (`pyvenv.cfg`) is an installation, not a step's code.
+fn program_to_run(
+    ctx: &StageContext,
+    program: &Program,
+    workspace: &Workspace,
+    found: PathBuf,
+) -> Result<PathBuf, StageError> {
+    let real = std::fs::canonicalize(&found).unwrap_or(found.clone());
+    let work = std::fs::canonicalize(&ctx.work_dir).unwrap_or(ctx.work_dir.clone());
+    let Ok(inside) = real.strip_prefix(&work) else {
+        return Ok(found);
+    };
+    let in_installation = real
+        .ancestors()
+        .take_while(|dir| dir.starts_with(&work) && *dir != work)
+        .any(|dir| dir.join("pyvenv.cfg").is_file());
+    if in_installation {
+        return Ok(found);
+    }
+    let own = ctx
+        .files(program.files)
+        .iter()
+        .any(|file| std::fs::canonicalize(file).is_ok_and(|file| file == real));
+    if !own {
+        return Err(ctx.error(format!(
+            "the {} {} lies in the pipeline's directory but is not among the node's files.{}: list it there, so that editing it reruns the node (it then runs as its private copy)",
+            program.what,
+            program.command[0],
+            program.files
+        )));
+    }
+    let copy = workspace.root.join(inside);
+    std::path::absolute(&copy).map_err(|e| StageError::io(&copy, e))
+}
+
+/// Runs `program` confined in `workspace` with the file `request` (in the workspace) on
+/// its standard input, keeps its log in the artifact, and returns what its sandbox
+/// achieved, or a one-line error. The request is a file, not a pipe we write: a program
+/// that exits without reading it must not leave us writing into a closed pipe.
 pub fn run(
     ctx: &StageContext,
     program: &Program,
     workspace: &Workspace,
-    stdin: Vec<u8>,
+    request: &Path,
 ) -> Result<Isolation, StageError> {
     let what = program.what;
     let (name, args) = program.command.split_first().expect("validated: not empty");
-    let program_path = resolve_program(ctx, name, what)?;
+    let program_path = program_to_run(ctx, program, workspace, resolve_program(ctx, name, what)?)?;
     let store = ctx
         .out_dir
         .parent()
         .and_then(Path::parent)
         .unwrap_or(&ctx.out_dir);
-    let mut read = vec![workspace.root.clone()];
-    read.extend(program_prefixes(&program_path, store));
     // Never the store, nor a directory holding it (the project's own, say), however
     // named: through a link, `..`, or the store's root (the red team's, after stop 33).
     let store_real = std::fs::canonicalize(store).unwrap_or(store.to_path_buf());
+    let mut read = vec![workspace.root.clone()];
+    read.extend(program_prefixes(&program_path, &store_real));
     for extra in program.read {
         let path = ctx.work_dir.join(extra);
         let real = std::fs::canonicalize(&path).unwrap_or(path.clone());
@@ -327,10 +383,11 @@ pub fn run(
         write: vec![workspace.out(), workspace.root.join("home")],
         loopback: program.loopback,
     };
+    let stdin = File::open(request).map_err(|e| StageError::io(request, e))?;
     let mut running = sandbox::spawn(
         &confinement,
         &workspace.control,
-        Stdio::piped(),
+        Stdio::from(stdin),
         Stdio::piped(),
         Stdio::piped(),
     )
@@ -359,22 +416,12 @@ pub fn run(
         })
     })
     .collect();
-    // A program that never reads its stdin must not block us: write from a thread. Its
-    // pipe closes when the tree is killed, whoever holds it.
-    let writer = running.stdin().map(|mut pipe| {
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&stdin);
-        })
-    });
     let deadline = Instant::now() + Duration::from_secs(program.timeout_s);
     let finished = running
         .wait(deadline)
         .map_err(|e| ctx.error(format!("waiting for the {what}: {e}")))?;
     for reader in readers {
         let _ = reader.join();
-    }
-    if let Some(writer) = writer {
-        let _ = writer.join();
     }
     let log_path = ctx.output(program.log);
     let text = log.lock().expect("not poisoned").finish();
@@ -453,6 +500,14 @@ pub fn keep_for_inspection(
             node,
             message: text(message),
         },
+        StageError::Format { path, message } => StageError::Format {
+            path: moved(&path),
+            message: text(message),
+        },
+        StageError::Io { path, source } => StageError::Io {
+            path: moved(&path),
+            source,
+        },
         other => other,
     }
 }
@@ -483,6 +538,10 @@ pub fn check_plain_file(path: &Path, what: &str) -> Result<bool, StageError> {
         Ok(meta) if meta.file_type().is_symlink() => Err(StageError::input(
             path,
             format!("a symbolic link: the {what} must write its outputs inside its output directory"),
+        )),
+        Ok(meta) if meta.is_dir() => Err(StageError::input(
+            path,
+            format!("a directory: the {what} must write its outputs as files"),
         )),
         Ok(meta) if !meta.is_file() => Err(StageError::input(
             path,

@@ -123,10 +123,10 @@ impl StageParams for CommandParams {
         let mut names = std::collections::BTreeSet::new();
         for (table, columns) in &self.outputs.tables {
             let param = format!("outputs.tables.{table}");
-            if !is_identifier(table) {
+            if !is_identifier(table) || table.chars().any(|c| c.is_ascii_uppercase()) {
                 return Err(StageError::invalid_param(
                     param,
-                    "a table's name is letters, digits and _, not starting with a digit (SQL reads it as NODE.NAME)",
+                    "a table's name is lower-case letters, digits and _, not starting with a digit (SQL reads it as NODE.NAME, and folds unquoted names to lower case)",
                 ));
             }
             if columns.is_empty() {
@@ -149,20 +149,27 @@ impl StageParams for CommandParams {
             names.insert(format!("{table}.parquet"));
         }
         for file in &self.outputs.files {
-            let problem = if file.is_empty() || file.contains('/') || file == "." || file == ".." {
-                Some(
-                    "a file's name, without a directory (outputs are the files of one directory)"
-                        .to_string(),
-                )
-            } else if RESERVED.contains(&file.as_str()) {
+            let lower = file.to_ascii_lowercase();
+            let plain = file
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            let problem = if file.is_empty()
+                || file.len() > 200
+                || !plain
+                || file.starts_with(['.', '-'])
+            {
+                Some(format!(
+                    "{file:?}: a file's name is letters, digits, '.', '_' and '-', not starting with '.' or '-', without a directory (outputs are the files of one directory)"
+                ))
+            } else if RESERVED.iter().any(|r| *r == lower) {
                 Some(format!(
                     "'{file}' is the artifact's own ({})",
                     RESERVED.join(", ")
                 ))
-            } else if file.ends_with(".parquet") {
+            } else if lower.ends_with(".parquet") {
                 Some(format!(
                     "declare a Parquet output as a table, with its columns (outputs.tables.{} = [...]): tables are checked and queryable",
-                    file.trim_end_matches(".parquet")
+                    &file[..file.len() - ".parquet".len()]
                 ))
             } else if !names.insert(file.clone()) {
                 Some(format!("'{file}' is declared twice"))
@@ -297,9 +304,8 @@ impl Stage for CommandStage {
     fn run(&self, ctx: &StageContext, params: CommandParams) -> Result<StageReport, StageError> {
         let workspace = Workspace::create(ctx)?;
         let program = program(&params);
-        let outcome = prepare(ctx, &params, &workspace).and_then(|request| {
-            let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
-            let isolation = process::run(ctx, &program, &workspace, body)?;
+        let outcome = prepare(ctx, &params, &workspace).and_then(|()| {
+            let isolation = process::run(ctx, &program, &workspace, &workspace.request())?;
             process::check_out_dir(ctx, &workspace, &program)?;
             let mut report = collect(ctx, &params.outputs, &workspace)?;
             let path = ctx.output(SANDBOX_REPORT);
@@ -326,6 +332,7 @@ fn program(params: &CommandParams) -> Program<'_> {
     Program {
         what: "command",
         command: &params.command,
+        files: "program",
         env,
         read: &params.read,
         timeout_s: params.timeout_s,
@@ -356,13 +363,12 @@ pub struct InputFiles {
     pub files: Vec<PathBuf>,
 }
 
-/// Fills the workspace (the program's files, copies of its inputs, the request) and
-/// returns the request.
-fn prepare<'a>(
+/// Fills the workspace: the program's files, copies of its inputs, the request.
+fn prepare(
     ctx: &StageContext,
-    params: &'a CommandParams,
+    params: &CommandParams,
     workspace: &Workspace,
-) -> Result<Request<'a>, StageError> {
+) -> Result<(), StageError> {
     let root = &workspace.root;
     let mut files = BTreeMap::new();
     for role in ctx.files.keys() {
@@ -399,12 +405,12 @@ fn prepare<'a>(
         outputs: &params.outputs,
         output_dir: PathBuf::from("out"),
     };
-    let path = root.join("request.json");
+    let path = workspace.request();
     let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
     std::fs::write(&path, body).map_err(|e| StageError::io(&path, e))?;
     process::date(&path)?;
     process::date_directories(root)?;
-    Ok(request)
+    Ok(())
 }
 
 /// Every file under `dir` (named `relative` in the request), recursively.
@@ -458,6 +464,11 @@ mod tests {
         assert!(refused(&params(&[("counts", &["a u8", "a u8"])], &[])).contains("twice"));
         assert!(refused(&params(&[("9x", &["a u8"])], &[])).contains("letters, digits"));
         assert!(refused(&params(&[], &["sub/model.bin"])).contains("without a directory"));
+        assert!(refused(&params(&[], &["a b"])).contains("letters, digits"));
+        assert!(refused(&params(&[], &["-rf"])).contains("not starting with"));
+        assert!(refused(&params(&[], &["Command.LOG"])).contains("the artifact's own"));
+        assert!(refused(&params(&[], &["X.PARQUET"])).contains("as a table"));
+        assert!(refused(&params(&[("Counts", &["a u8"])], &[])).contains("lower-case"));
         assert!(refused(&params(&[], &["command.log"])).contains("the artifact's own"));
         assert!(refused(&params(&[], &["t.parquet"])).contains("as a table"));
         assert!(refused(&params(&[("t", &["a u8"])], &["t.parquet"])).contains("as a table"));

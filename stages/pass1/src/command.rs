@@ -90,8 +90,7 @@ pub fn command_pass1(
     let workspace = Workspace::create(ctx)?;
     let program = program(params);
     let outcome = prepare(ctx, params, &workspace, tokens, &val, vocab_size).and_then(|request| {
-        let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
-        let isolation = process::run(ctx, &program, &workspace, body)?;
+        let isolation = process::run(ctx, &program, &workspace, &workspace.request())?;
         check_directory(ctx, &workspace, &program)?;
         let hints = match ctx.inputs.get("hints") {
             Some(h) => crate::hints::read_hints(h, val.len() - 1)?,
@@ -167,7 +166,7 @@ fn prepare(
         hints_parquet,
         output_dir: PathBuf::from("out"),
     };
-    let path = root.join("request.json");
+    let path = workspace.request();
     let body = serde_json::to_vec_pretty(&request).expect("requests serialise");
     std::fs::write(&path, body).map_err(|e| StageError::io(&path, e))?;
     date(&path)?;
@@ -193,6 +192,7 @@ fn program(params: &CommandParams) -> Program<'_> {
     Program {
         what: "scorer",
         command: &params.command,
+        files: "scorer",
         env: environment(params),
         read: &params.read,
         timeout_s: params.timeout_s,

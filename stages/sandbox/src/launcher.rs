@@ -82,9 +82,14 @@ pub(crate) fn main(path: &Path) -> ! {
         }
         Err(why) => isolation.missing.push(why),
     }
-    // Last: the filter is inherited by the program, and nothing after needs a keyring.
-    match refuse_keyrings() {
-        Ok(()) => isolation.no_keyrings = true,
+    // Last: the filter is inherited by the program, and nothing after needs a keyring
+    // or a socket.
+    let unix_sockets = launch.confinement.loopback;
+    match refuse_keyrings_and_sockets(!unix_sockets) {
+        Ok(()) => {
+            isolation.no_keyrings = true;
+            isolation.no_unix_sockets = !unix_sockets;
+        }
         Err(why) => isolation.missing.push(why),
     }
     match report {
@@ -108,14 +113,33 @@ pub(crate) fn main(path: &Path) -> ! {
 /// with EPERM and lets everything else through. Keyrings are global to the kernel, not
 /// namespaced: the third red team linked a key holding the whole val stream into the
 /// user's keyring, where every later run read it back (BPB 0.06, every probe passed).
-fn refuse_keyrings() -> Result<(), String> {
-    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+fn refuse_keyrings_and_sockets(no_unix_sockets: bool) -> Result<(), String> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| format!("no seccomp filter for this architecture ({e})"))?;
-    let rules = [libc::SYS_add_key, libc::SYS_keyctl, libc::SYS_request_key]
-        .into_iter()
-        .map(|call| (call, Vec::new()))
-        .collect();
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        [libc::SYS_add_key, libc::SYS_keyctl, libc::SYS_request_key]
+            .into_iter()
+            .map(|call| (call, Vec::new()))
+            .collect();
+    if no_unix_sockets {
+        // Connecting to a Unix socket by its path needs no Landlock right (ABI 6 and
+        // before), and namespaces do not hide the host's sockets: the fourth red team
+        // reached a listener of its own in /tmp. `socketpair` stays allowed (pipes
+        // between a program's own processes); abstract sockets are scoped by Landlock.
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .map_err(|e| format!("seccomp: {e}"))?;
+        let rule = SeccompRule::new(vec![unix]).map_err(|e| format!("seccomp: {e}"))?;
+        rules.insert(libc::SYS_socket, vec![rule]);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -113,6 +113,11 @@ pub struct Isolation {
     /// linked into the user's keyring outlives the run.
     #[serde(default)]
     pub no_keyrings: bool,
+    /// No Unix sockets can be made (seccomp): a socket's path reaches the host's
+    /// listeners whatever Landlock and the namespaces allow. Not for a program that asks
+    /// for a loopback (its processes may talk over them).
+    #[serde(default)]
+    pub no_unix_sockets: bool,
     /// Why something is missing, in a few words each.
     pub missing: Vec<String>,
 }
@@ -145,6 +150,9 @@ impl Isolation {
         }
         if self.no_keyrings {
             parts.push("no keyrings".to_string());
+        }
+        if self.no_unix_sockets {
+            parts.push("no Unix sockets".to_string());
         }
         let mut line = parts.join(", ");
         if !self.missing.is_empty() {

@@ -142,7 +142,6 @@ impl Stage for TiltStage {
     fn run(&self, ctx: &StageContext, params: TiltParams) -> Result<StageReport, StageError> {
         let started = Instant::now();
         let val_path = ctx.input("tokens")?.file("val.parquet");
-        let val = read_column::<UInt16Type>(&val_path, "token")?;
         let pass1 = ctx.input("pass1")?;
         let table = pass1.file("pass1.parquet");
         let hint_p_path = pass1.file("hint_p.parquet");
@@ -152,15 +151,28 @@ impl Stage for TiltStage {
                 "this pass-1 wrote no hint_p table: wire its inputs.hints to the tilt's hints node",
             ));
         }
-        let position = read_column::<Int64Type>(&table, "position")?;
-        let base_p = read_column::<Float32Type>(&table, "model_p")?;
-        let entropy = read_column::<Float32Type>(&table, "entropy")?;
-        let bytes = read_column::<UInt8Type>(&table, "bytes")?;
-        let hint = read_column::<UInt16Type>(&hint_p_path, "hint")?;
-        let hint_p = read_column::<Float32Type>(&hint_p_path, "hint_p")?;
         let hints_path = ctx.input("hints")?.file("hints.parquet");
-        let share = read_column::<Float32Type>(&hints_path, "share")?;
-        let hints = read_column::<UInt16Type>(&hints_path, "hint")?;
+        // Nine columns from four files, each decoded on its own: on two cores the read
+        // takes about half as long as one after another.
+        let (mut position, mut base_p, mut entropy, mut bytes) =
+            (Ok(vec![]), Ok(vec![]), Ok(vec![]), Ok(vec![]));
+        let (mut hint, mut hint_p, mut share, mut hints) =
+            (Ok(vec![]), Ok(vec![]), Ok(vec![]), Ok(vec![]));
+        let mut val = Ok(vec![]);
+        rayon::scope(|scope| {
+            scope.spawn(|_| val = read_column::<UInt16Type>(&val_path, "token"));
+            scope.spawn(|_| position = read_column::<Int64Type>(&table, "position"));
+            scope.spawn(|_| base_p = read_column::<Float32Type>(&table, "model_p"));
+            scope.spawn(|_| entropy = read_column::<Float32Type>(&table, "entropy"));
+            scope.spawn(|_| bytes = read_column::<UInt8Type>(&table, "bytes"));
+            scope.spawn(|_| hint = read_column::<UInt16Type>(&hint_p_path, "hint"));
+            scope.spawn(|_| hint_p = read_column::<Float32Type>(&hint_p_path, "hint_p"));
+            scope.spawn(|_| share = read_column::<Float32Type>(&hints_path, "share"));
+            scope.spawn(|_| hints = read_column::<UInt16Type>(&hints_path, "hint"));
+        });
+        let (position, base_p, entropy, bytes) = (position?, base_p?, entropy?, bytes?);
+        let (hint, hint_p, share, hints) = (hint?, hint_p?, share?, hints?);
+        let val = val?;
         if hint.len() != position.len() || share.len() + 1 != val.len() {
             return Err(StageError::input(
                 &hint_p_path,
