@@ -204,28 +204,35 @@ impl Stage for TiltStage {
         // Each row group tilted and encoded in the same task (the writer's), its sums
         // coming back in group order: the same figures on any number of threads.
         let fixed = Boost::new(params.beta);
-        let sums = write_parquet_parallel(
-            &ctx.output("pass1.parquet"),
-            arrow_schema(TILTED_TABLE),
-            n,
-            &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
-            |range| rows.tilt(range, &params, &fixed),
-        )?;
+        // The kept distributions are tilted and written beside the table, on whatever
+        // the table's encoding leaves idle (its writer is one thread).
+        let distributions = pass1.file("distributions.parquet");
+        let (sums, written) = rayon::join(
+            || {
+                write_parquet_parallel(
+                    &ctx.output("pass1.parquet"),
+                    arrow_schema(TILTED_TABLE),
+                    n,
+                    &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
+                    |range| rows.tilt(range, &params, &fixed),
+                )
+            },
+            || {
+                let kept = tilt_distributions(&distributions, &hints, &share, &params)?;
+                // Written as the pass-1's are: a tilted pass-1 is a pass-1.
+                pass1::Pass1Table {
+                    distributions: kept,
+                    ..Default::default()
+                }
+                .write_distributions(&ctx.output("distributions.parquet"))
+            },
+        );
+        let (sums, _) = (sums?, written?);
         let total = sums.iter().fold(Sums::default(), |a, b| a.plus(b));
         let (fired, hits) = (total.fired, total.hits);
         let before = (total.nats_before, total.bytes);
         let after = (total.nats_after, total.bytes);
         report.phase("tilt and write", started);
-        let started = Instant::now();
-        let distributions = pass1.file("distributions.parquet");
-        let kept = tilt_distributions(&distributions, &hints, &share, &params)?;
-        // Written as the pass-1's are: a tilted pass-1 is a pass-1.
-        pass1::Pass1Table {
-            distributions: kept,
-            ..Default::default()
-        }
-        .write_distributions(&ctx.output("distributions.parquet"))?;
-        report.phase("distributions", started);
         let bits_saved = (before.0 - after.0) / std::f64::consts::LN_2;
         Ok(report
             .with("entries", n as u64)
@@ -328,8 +335,14 @@ impl Rows<'_> {
                 // β = 0: the base distribution as it is.
                 (base, h)
             };
-            sums.nats_before -= (base as f64).ln();
-            sums.nats_after -= (tilted_p as f64).ln();
+            let ln_base = (base as f64).ln();
+            sums.nats_before -= ln_base;
+            // Unfired, the target's probability is the base's: its logarithm too.
+            sums.nats_after -= if beta > 0.0 {
+                (tilted_p as f64).ln()
+            } else {
+                ln_base
+            };
             sums.bytes += self.bytes[row] as u64;
             model_p.push(tilted_p);
             entropy.push(tilted_h);
