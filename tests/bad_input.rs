@@ -209,6 +209,34 @@ fn unknown_stage_kind_is_named_with_the_known_ones() {
 }
 
 #[test]
+fn an_unknown_parameter_of_a_flattened_set_is_named_once() {
+    let p = project_with_history();
+    let line = run_fails(
+        &p,
+        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/*.jsonl\"\n\n[nodes.cache]\nstage = \"cache\"\ninputs.tokens = \"tokens\"\ninputs.pass1 = \"tokens\"\nparams.ngram_bukets = 5\n",
+    );
+    assert!(
+        line.contains("pipeline.toml:9:")
+            && line.contains("node 'cache': params.ngram_bukets: unknown field `ngram_bukets`"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_integer_past_64_bits_is_said_to_be_one() {
+    let p = project_with_history();
+    let line = run_fails(
+        &p,
+        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/*.jsonl\"\nparams.vocab_size = 18446744073709551616\n",
+    );
+    assert!(
+        line.contains("pipeline.toml:4:")
+            && line.contains("the integer 18446744073709551616 is out of range: TOML integers are 64-bit signed (-9223372036854775808 to 9223372036854775807)"),
+        "{line}"
+    );
+}
+
+#[test]
 fn unknown_parameter_is_named() {
     let p = project_with_history();
     let line = run_fails(&p, "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/*.jsonl\"\nparams.vocab = 300\n");

@@ -147,7 +147,7 @@ impl Pipeline {
         };
         let file: PipelineFile = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
-            anyhow!("{}: {message}", at(e.span()))
+            anyhow!("{}: {}", at(e.span()), plain_toml_error(&message))
         })?;
         if file.nodes.is_empty() {
             bail!("{}: no [nodes.NAME] table: nothing to run", path.display());
@@ -369,6 +369,22 @@ impl Pipeline {
             }
         }
         Ok(wanted)
+    }
+}
+
+/// The TOML parser's message, or what it means where the parser speaks of its own
+/// internals: an integer past 64 bits is read as an i128 it then cannot place.
+fn plain_toml_error(message: &str) -> String {
+    match message
+        .strip_prefix("invalid type: integer `")
+        .and_then(|rest| rest.split_once("` as i128"))
+    {
+        Some((number, _)) => format!(
+            "the integer {number} is out of range: TOML integers are 64-bit signed ({} to {})",
+            i64::MIN,
+            i64::MAX
+        ),
+        None => message.to_string(),
     }
 }
 

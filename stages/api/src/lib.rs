@@ -403,6 +403,8 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, St
         {
             param = match param.as_str() {
                 "." | "" => key.to_string(),
+                // Through a flattened struct the path ends with the key already.
+                path if path == key || path.ends_with(&format!(".{key}")) => path.to_string(),
                 parent => format!("{parent}.{key}"),
             };
         }
