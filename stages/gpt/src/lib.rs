@@ -149,7 +149,7 @@ impl TrainParams {
             "model.bigram_rows",
             m.bigram_rows,
             2..=1 << 24,
-            "the record has 10240",
+            "the record has 2048",
         )?;
         check_param(
             "model.bigram_dim",
