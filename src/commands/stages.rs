@@ -21,8 +21,7 @@ pub fn stages() {
                 reads.join(", ")
             );
         }
-        let declared_per_node =
-            stage.node_spec(&stage.default_params(), &[]).outputs.len() != spec.outputs.len();
+        let declared_per_node = spec.declared_per_node();
         if declared_per_node {
             println!("  inputs: any, by any name (the program gets a copy of each)");
             println!("  outputs: declared by each node: outputs.tables.NAME = [\"column type\", ...], outputs.files = [...]");

@@ -74,7 +74,7 @@ pub(super) fn prepare<'r>(
         None => Value::Object(Default::default()),
     };
     // A stage whose nodes declare their outputs has no outputs of its own.
-    let declares_per_node = stage.spec().outputs.is_empty();
+    let declares_per_node = stage.spec().declared_per_node();
     if declares_per_node && def.outputs.is_none() && raw_params.get("outputs").is_some() {
         bail!(
             "{}: node '{name}': declare what the node writes as outputs.tables.NAME and outputs.files, not as params.outputs",

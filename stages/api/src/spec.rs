@@ -89,6 +89,12 @@ impl StageSpec {
         self.outputs.iter().find(|o| o.name == name)
     }
 
+    /// Whether each node declares what it writes (`command`, through
+    /// `Stage::node_spec`): the stage's own declaration then lists no outputs.
+    pub fn declared_per_node(&self) -> bool {
+        self.outputs.is_empty()
+    }
+
     pub fn output_names(&self) -> Vec<&'static str> {
         self.outputs.iter().map(|o| o.name).collect()
     }

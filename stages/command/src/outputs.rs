@@ -106,12 +106,19 @@ fn reencode(from: &Path, to: &Path, table: &str, columns: &[Column]) -> Result<u
         ));
     }
     let schema = arrow_schema(columns);
-    let mut batches = Vec::new();
+    // Batch by batch, from the reader to the writer: a step's table may be as large as
+    // the val set, and need never be whole in memory. The first problem stops the
+    // stream and is returned once the writer has finished with what came before it.
+    let mut problem = None;
     let mut rows = 0u64;
-    for batch in reader.build().map_err(|e| StageError::format(from, e))? {
-        let batch = batch.map_err(|e| StageError::format(from, e))?;
-        for (column, array) in columns.iter().zip(batch.columns()) {
-            if !column.nullable && array.null_count() > 0 {
+    let reader = reader.build().map_err(|e| StageError::format(from, e))?;
+    let batches = reader.map_while(|batch| {
+        let checked = batch.map_err(|e| StageError::format(from, e)).and_then(|batch| {
+            if let Some(column) = columns
+                .iter()
+                .zip(batch.columns())
+                .find_map(|(c, array)| (!c.nullable && array.null_count() > 0).then_some(c))
+            {
                 return Err(StageError::input(
                     from,
                     format!(
@@ -122,13 +129,23 @@ fn reencode(from: &Path, to: &Path, table: &str, columns: &[Column]) -> Result<u
                     ),
                 ));
             }
-        }
-        rows += batch.num_rows() as u64;
-        batches.push(
             RecordBatch::try_new(schema.clone(), batch.columns().to_vec())
-                .map_err(|e| StageError::format(from, e))?,
-        );
+                .map_err(|e| StageError::format(from, e))
+        });
+        match checked {
+            Ok(batch) => {
+                rows += batch.num_rows() as u64;
+                Some(batch)
+            }
+            Err(e) => {
+                problem = Some(e);
+                None
+            }
+        }
+    });
+    stage_api::write_parquet(to, schema.clone(), batches, &ParquetLayout::default())?;
+    match problem {
+        Some(e) => Err(e),
+        None => Ok(rows),
     }
-    stage_api::write_parquet(to, schema, batches, &ParquetLayout::default())?;
-    Ok(rows)
 }
