@@ -121,8 +121,18 @@ fn refuse_keyrings_and_sockets(no_unix_sockets: bool) -> Result<(), String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| format!("no seccomp filter for this architecture ({e})"))?;
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        [libc::SYS_add_key, libc::SYS_keyctl, libc::SYS_request_key]
-            .into_iter()
+        // io_uring makes sockets (IORING_OP_SOCKET) and opens files without the system
+        // calls a filter can see: the eighth red team made a Unix socket that way and
+        // reached a listener on the host. No program here needs it.
+        [
+            libc::SYS_add_key,
+            libc::SYS_keyctl,
+            libc::SYS_request_key,
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+        ]
+        .into_iter()
             .map(|call| (call, Vec::new()))
             .collect();
     if no_unix_sockets {
