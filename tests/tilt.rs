@@ -263,6 +263,30 @@ fn a_tilt_chain_is_legal_and_a_threshold_sweep_reuses_the_hints() {
     }
     let run = project.ok(&["run"]);
     assert!(run.contains("tilt"), "{run}");
+
+    // A tilt given other hints than its pass-1 read is refused, naming the table, and
+    // leaves nothing in the store.
+    let crossed = Project::small_pipeline(300)
+        + &TILT_CHAIN.replace(
+            "inputs.pass1 = \"pass1\"\ninputs.hints = \"hints\"",
+            "inputs.pass1 = \"pass1\"\ninputs.hints = \"hints_1514\"",
+        )
+        + "\n[nodes.hints_1514]\nstage = \"hints\"\ninputs.tokens = \"tokens\"\nparams.kernel = \"1514\"\n";
+    project.write_pipeline(&crossed);
+    let before = project.store_snapshot();
+    let line = project.fails(&["run"]);
+    assert!(
+        line.contains("hint_p.parquet") && line.contains("the pass-1 read another hints artifact"),
+        "{line}"
+    );
+    let after = project.store_snapshot();
+    assert!(
+        after
+            .keys()
+            .filter(|k| !before.contains_key(*k))
+            .all(|k| !k.starts_with("tilt/")),
+        "a failed tilt was kept"
+    );
 }
 
 /// Links the repository's examples and Python into the project, and returns a `python`

@@ -22,7 +22,7 @@ pub mod windows;
 pub use error::StageError;
 pub use parquet_io::{
     read_column, read_column_rows, read_parquet, table_rows, write_parquet, write_parquet_parallel,
-    ParquetLayout, ROW_GROUP_ROWS,
+    ParquetLayout, ParquetTable, ROW_GROUP_ROWS,
 };
 pub use sample::sample_positions;
 pub use spec::{

@@ -257,101 +257,139 @@ pub fn read_column_rows<T>(
 where
     T: arrow::datatypes::ArrowPrimitiveType,
 {
-    use arrow::array::{Array, AsArray};
-    use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
-    use parquet::arrow::ProjectionMask;
+    ParquetTable::open(path)?.column_rows::<T>(name, rows)
+}
 
-    let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-    let metadata = ArrowReaderMetadata::load(&file, Default::default())
-        .map_err(|e| StageError::format(path, e))?;
-    let index = metadata
-        .schema()
-        .fields()
-        .iter()
-        .position(|f| f.name() == name)
-        .ok_or_else(|| StageError::input(path, format!("no column '{name}'")))?;
-    let mask = ProjectionMask::roots(metadata.parquet_schema(), [index]);
-    // The row groups that hold some of `rows`, each with the rows of it wanted:
-    // (row group, rows of it to skip, rows to take, rows it holds).
-    let mut groups = Vec::new();
-    let mut first_row = 0;
-    for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
-        let size = group.num_rows() as usize;
-        let (start, end) = (rows.start.max(first_row), rows.end.min(first_row + size));
-        if start < end {
-            groups.push((index, start - first_row, end - start, size));
+/// A Parquet table whose footer has been read once, for a stage that reads many ranges
+/// of its columns (a row group at a time, say): each read then costs its rows only.
+pub struct ParquetTable {
+    path: std::path::PathBuf,
+    metadata: ArrowReaderMetadata,
+}
+
+impl ParquetTable {
+    pub fn open(path: &Path) -> Result<ParquetTable, StageError> {
+        let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+        let metadata = ArrowReaderMetadata::load(&file, Default::default())
+            .map_err(|e| StageError::format(path, e))?;
+        Ok(ParquetTable {
+            path: path.to_path_buf(),
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The row count its footer gives.
+    pub fn rows(&self) -> usize {
+        self.metadata.metadata().file_metadata().num_rows() as usize
+    }
+
+    /// Rows `rows` (clipped to the table) of the column `name`, as [`read_column_rows`].
+    pub fn column_rows<T>(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<T::Native>, StageError>
+    where
+        T: arrow::datatypes::ArrowPrimitiveType,
+    {
+        use arrow::array::{Array, AsArray};
+        use parquet::arrow::arrow_reader::{RowSelection, RowSelector};
+        use parquet::arrow::ProjectionMask;
+
+        let (path, metadata) = (self.path.as_path(), &self.metadata);
+        let index = metadata
+            .schema()
+            .fields()
+            .iter()
+            .position(|f| f.name() == name)
+            .ok_or_else(|| StageError::input(path, format!("no column '{name}'")))?;
+        let mask = ProjectionMask::roots(metadata.parquet_schema(), [index]);
+        // The row groups that hold some of `rows`, each with the rows of it wanted:
+        // (row group, rows of it to skip, rows to take, rows it holds).
+        let mut groups = Vec::new();
+        let mut first_row = 0;
+        for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
+            let size = group.num_rows() as usize;
+            let (start, end) = (rows.start.max(first_row), rows.end.min(first_row + size));
+            if start < end {
+                groups.push((index, start - first_row, end - start, size));
+            }
+            first_row += size;
         }
-        first_row += size;
-    }
-    // Row groups are decoded in parallel, each straight into its slice of the output.
-    // The output is not zeroed first: every slot is written once below (zeroing cost a
-    // twentieth of `pass2`, which reads ten columns a row group at a time).
-    let total = groups.iter().map(|g| g.2).sum();
-    let mut values: Vec<T::Native> = Vec::with_capacity(total);
-    let mut slices = Vec::with_capacity(groups.len());
-    let mut rest = &mut values.spare_capacity_mut()[..total];
-    for &(group, skip, take, size) in &groups {
-        let (slice, tail) = rest.split_at_mut(take);
-        slices.push((group, skip, size, slice));
-        rest = tail;
-    }
-    slices
-        .into_par_iter()
-        .try_for_each(|(group, skip, size, slice)| {
-            let file = File::open(path).map_err(|e| StageError::io(path, e))?;
-            let mut builder =
-                ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
-                    .with_projection(mask.clone())
-                    .with_row_groups(vec![group])
-                    .with_batch_size(ROW_GROUP_ROWS);
-            if slice.len() < size {
-                // Whole pages before and after the rows are skipped undecoded.
-                builder = builder.with_row_selection(RowSelection::from(vec![
-                    RowSelector::skip(skip),
-                    RowSelector::select(slice.len()),
-                    RowSelector::skip(size - skip - slice.len()),
-                ]));
-            }
-            let reader = builder.build().map_err(|e| StageError::format(path, e))?;
-            let mut filled = 0;
-            for batch in reader {
-                let batch = batch.map_err(|e| StageError::format(path, e))?;
-                let column = batch.column(0);
-                if column.null_count() > 0 {
+        // Row groups are decoded in parallel, each straight into its slice of the output.
+        // The output is not zeroed first: every slot is written once below (zeroing cost a
+        // twentieth of `pass2`, which reads ten columns a row group at a time).
+        let total = groups.iter().map(|g| g.2).sum();
+        let mut values: Vec<T::Native> = Vec::with_capacity(total);
+        let mut slices = Vec::with_capacity(groups.len());
+        let mut rest = &mut values.spare_capacity_mut()[..total];
+        for &(group, skip, take, size) in &groups {
+            let (slice, tail) = rest.split_at_mut(take);
+            slices.push((group, skip, size, slice));
+            rest = tail;
+        }
+        slices
+            .into_par_iter()
+            .try_for_each(|(group, skip, size, slice)| {
+                let file = File::open(path).map_err(|e| StageError::io(path, e))?;
+                let mut builder =
+                    ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata.clone())
+                        .with_projection(mask.clone())
+                        .with_row_groups(vec![group])
+                        .with_batch_size(ROW_GROUP_ROWS);
+                if slice.len() < size {
+                    // Whole pages before and after the rows are skipped undecoded.
+                    builder = builder.with_row_selection(RowSelection::from(vec![
+                        RowSelector::skip(skip),
+                        RowSelector::select(slice.len()),
+                        RowSelector::skip(size - skip - slice.len()),
+                    ]));
+                }
+                let reader = builder.build().map_err(|e| StageError::format(path, e))?;
+                let mut filled = 0;
+                for batch in reader {
+                    let batch = batch.map_err(|e| StageError::format(path, e))?;
+                    let column = batch.column(0);
+                    if column.null_count() > 0 {
+                        return Err(StageError::input(
+                            path,
+                            format!("column '{name}' has nulls"),
+                        ));
+                    }
+                    let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
+                        StageError::input(
+                            path,
+                            format!("column '{name}' is {}: {e}", column.data_type()),
+                        )
+                    })?;
+                    let part = cast.as_primitive::<T>().values();
+                    let end = filled + part.len();
+                    if end > slice.len() {
+                        return Err(StageError::input(
+                            path,
+                            format!("row group {group} holds more rows than its metadata says"),
+                        ));
+                    }
+                    slice[filled..end].write_copy_of_slice(part);
+                    filled = end;
+                }
+                if filled != slice.len() {
                     return Err(StageError::input(
                         path,
-                        format!("column '{name}' has nulls"),
+                        format!("row group {group} holds fewer rows than its metadata says"),
                     ));
                 }
-                let cast = arrow::compute::cast(column, &T::DATA_TYPE).map_err(|e| {
-                    StageError::input(
-                        path,
-                        format!("column '{name}' is {}: {e}", column.data_type()),
-                    )
-                })?;
-                let part = cast.as_primitive::<T>().values();
-                let end = filled + part.len();
-                if end > slice.len() {
-                    return Err(StageError::input(
-                        path,
-                        format!("row group {group} holds more rows than its metadata says"),
-                    ));
-                }
-                slice[filled..end].write_copy_of_slice(part);
-                filled = end;
-            }
-            if filled != slice.len() {
-                return Err(StageError::input(
-                    path,
-                    format!("row group {group} holds fewer rows than its metadata says"),
-                ));
-            }
-            Ok(())
-        })?;
-    // SAFETY: each slice was checked above to be filled exactly, and together the
-    // slices are the first `total` slots of the capacity.
-    unsafe { values.set_len(total) };
-    Ok(values)
+                Ok(())
+            })?;
+        // SAFETY: each slice was checked above to be filled exactly, and together the
+        // slices are the first `total` slots of the capacity.
+        unsafe { values.set_len(total) };
+        Ok(values)
+    }
 }
 
 #[cfg(test)]

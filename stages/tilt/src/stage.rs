@@ -12,11 +12,12 @@ use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use stage_api::{
     arrow_schema, read_column, write_parquet_parallel, Column, ColumnType::*, Input, Output,
-    ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
+    ParquetLayout, ParquetTable, Read, Stage, StageContext, StageError, StageParams, StageReport,
+    StageSpec,
 };
 
 use crate::hints::THRESHOLD;
-use crate::tilt::tilted;
+use crate::tilt::{tilted, LnProduct};
 
 pub struct TiltStage;
 
@@ -141,9 +142,7 @@ impl Stage for TiltStage {
 
     fn run(&self, ctx: &StageContext, params: TiltParams) -> Result<StageReport, StageError> {
         let started = Instant::now();
-        let val_path = ctx.input("tokens")?.file("val.parquet");
         let pass1 = ctx.input("pass1")?;
-        let table = pass1.file("pass1.parquet");
         let hint_p_path = pass1.file("hint_p.parquet");
         if !hint_p_path.exists() {
             return Err(StageError::input(
@@ -151,88 +150,75 @@ impl Stage for TiltStage {
                 "this pass-1 wrote no hint_p table: wire its inputs.hints to the tilt's hints node",
             ));
         }
-        let hints_path = ctx.input("hints")?.file("hints.parquet");
-        // Nine columns from four files, each decoded on its own: on two cores the read
-        // takes about half as long as one after another.
-        let (mut position, mut base_p, mut entropy, mut bytes) =
-            (Ok(vec![]), Ok(vec![]), Ok(vec![]), Ok(vec![]));
-        let (mut hint, mut hint_p, mut share, mut hints) =
-            (Ok(vec![]), Ok(vec![]), Ok(vec![]), Ok(vec![]));
-        let mut val = Ok(vec![]);
-        rayon::scope(|scope| {
-            scope.spawn(|_| val = read_column::<UInt16Type>(&val_path, "token"));
-            scope.spawn(|_| position = read_column::<Int64Type>(&table, "position"));
-            scope.spawn(|_| base_p = read_column::<Float32Type>(&table, "model_p"));
-            scope.spawn(|_| entropy = read_column::<Float32Type>(&table, "entropy"));
-            scope.spawn(|_| bytes = read_column::<UInt8Type>(&table, "bytes"));
-            scope.spawn(|_| hint = read_column::<UInt16Type>(&hint_p_path, "hint"));
-            scope.spawn(|_| hint_p = read_column::<Float32Type>(&hint_p_path, "hint_p"));
-            scope.spawn(|_| share = read_column::<Float32Type>(&hints_path, "share"));
-            scope.spawn(|_| hints = read_column::<UInt16Type>(&hints_path, "hint"));
-        });
-        let (position, base_p, entropy, bytes) = (position?, base_p?, entropy?, bytes?);
-        let (hint, hint_p, share, hints) = (hint?, hint_p?, share?, hints?);
-        let val = val?;
-        if hint.len() != position.len() || share.len() + 1 != val.len() {
+        let inputs = Inputs {
+            val: ParquetTable::open(&ctx.input("tokens")?.file("val.parquet"))?,
+            pass1: ParquetTable::open(&pass1.file("pass1.parquet"))?,
+            hint_p: ParquetTable::open(&hint_p_path)?,
+            hints: ParquetTable::open(&ctx.input("hints")?.file("hints.parquet"))?,
+        };
+        let n = inputs.pass1.rows();
+        let (entries, targets) = (inputs.hint_p.rows(), inputs.hints.rows());
+        if entries != n || targets + 1 != inputs.val.rows() {
             return Err(StageError::input(
                 &hint_p_path,
                 format!(
-                    "{} hint probabilities for {} entries, {} hints for {} targets: another stream's",
-                    hint.len(),
-                    position.len(),
-                    share.len(),
-                    val.len().saturating_sub(1)
+                    "{entries} hint probabilities for {n} entries, {targets} hints for {} targets: another stream's",
+                    inputs.val.rows().saturating_sub(1)
                 ),
             ));
         }
-        let mut report = StageReport::default();
-        report.phase("read", started);
-        let started = Instant::now();
-        let n = position.len();
-        let rows = Rows {
-            position: &position,
-            base_p: &base_p,
-            entropy: &entropy,
-            bytes: &bytes,
-            hint: &hint,
-            hint_p: &hint_p,
-            val: &val,
-            hints: &hints,
-            share: &share,
-            hint_p_path: &hint_p_path,
-        };
-        // Each row group tilted and encoded in the same task (the writer's), its sums
-        // coming back in group order: the same figures on any number of threads.
-        let fixed = Boost::new(params.beta);
-        // The kept distributions are tilted and written beside the table, on whatever
-        // the table's encoding leaves idle (its writer is one thread).
         let distributions = pass1.file("distributions.parquet");
-        let (sums, written) = rayon::join(
-            || {
-                write_parquet_parallel(
-                    &ctx.output("pass1.parquet"),
-                    arrow_schema(TILTED_TABLE),
-                    n,
-                    &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
-                    |range| rows.tilt(range, &params, &fixed),
+        let mut kept = read_distributions(&distributions)?;
+        let kept_positions: Vec<i64> = kept.iter().map(|(p, _)| *p).collect();
+        // Each row group is read, tilted and encoded in one task (the writer's), so no
+        // column is ever whole in memory; its sums come back in group order, the same
+        // figures on any number of threads, with the hints of the kept distributions'
+        // positions it met.
+        let fixed = Boost::new(params.beta);
+        let groups = write_parquet_parallel(
+            &ctx.output("pass1.parquet"),
+            arrow_schema(TILTED_TABLE),
+            n,
+            &ParquetLayout::delta(&["position"]).uncompressed(&["model_p", "entropy"]),
+            |range| inputs.tilt(range, &params, &fixed, &kept_positions),
+        )?;
+        let mut report = StageReport::default();
+        report.phase("read, tilt and write", started);
+        let started = Instant::now();
+        let mut total = Totals::default();
+        let mut kept_hints = vec![None; kept.len()];
+        for (sums, met) in &groups {
+            total.add(sums);
+            for &(index, hint, share) in met {
+                kept_hints[index].get_or_insert((hint, share));
+            }
+        }
+        for ((p, probs), hint) in kept.iter_mut().zip(kept_hints) {
+            let (h, share) = hint.ok_or_else(|| {
+                StageError::input(
+                    &distributions,
+                    format!("position {p} is kept but has no entry in the pass-1"),
                 )
-            },
-            || {
-                let kept = tilt_distributions(&distributions, &hints, &share, &params)?;
-                // Written as the pass-1's are: a tilted pass-1 is a pass-1.
-                pass1::Pass1Table {
-                    distributions: kept,
-                    ..Default::default()
-                }
-                .write_distributions(&ctx.output("distributions.parquet"))
-            },
-        );
-        let (sums, _) = (sums?, written?);
-        let total = sums.iter().fold(Sums::default(), |a, b| a.plus(b));
+            })?;
+            let h = h as usize;
+            let q = *probs.get(h).ok_or_else(|| {
+                StageError::input(&distributions, format!("position {p}: no candidate {h}"))
+            })? as f64;
+            let beta = params.beta(share);
+            for (a, v) in probs.iter_mut().enumerate() {
+                *v = tilted(*v as f64, q, a == h, beta) as f32;
+            }
+        }
+        // Written as the pass-1's are: a tilted pass-1 is a pass-1.
+        pass1::Pass1Table {
+            distributions: kept,
+            ..Default::default()
+        }
+        .write_distributions(&ctx.output("distributions.parquet"))?;
+        report.phase("distributions", started);
         let (fired, hits) = (total.fired, total.hits);
         let before = (total.nats_before, total.bytes);
         let after = (total.nats_after, total.bytes);
-        report.phase("tilt and write", started);
         let bits_saved = (before.0 - after.0) / std::f64::consts::LN_2;
         Ok(report
             .with("entries", n as u64)
@@ -252,24 +238,29 @@ impl Stage for TiltStage {
     }
 }
 
-/// What a row group of the tilt reads: the pass-1's rows, its hints' probabilities, and
-/// the hints node's table.
-struct Rows<'a> {
-    position: &'a [i64],
-    base_p: &'a [f32],
-    entropy: &'a [f32],
-    bytes: &'a [u8],
-    hint: &'a [u16],
-    hint_p: &'a [f32],
-    val: &'a [u16],
-    hints: &'a [u16],
-    share: &'a [f32],
-    hint_p_path: &'a std::path::Path,
+/// The four tables a tilt reads, their footers read once: the val tokens, the pass-1,
+/// its hints' probabilities (same rows) and the hints node's table (one row a target).
+struct Inputs {
+    val: ParquetTable,
+    pass1: ParquetTable,
+    hint_p: ParquetTable,
+    hints: ParquetTable,
 }
 
-/// A row group's counts and sums (nats summed in row order within the group).
+/// A row group's counts, and the products of its target probabilities before and after
+/// the tilt (their logarithms are its nats).
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
+    fired: u64,
+    hits: u64,
+    before: LnProduct,
+    after: LnProduct,
+    bytes: u64,
+}
+
+/// The sums of all row groups, added in group order.
+#[derive(Debug, Default)]
+struct Totals {
     fired: u64,
     hits: u64,
     nats_before: f64,
@@ -277,46 +268,86 @@ struct Sums {
     bytes: u64,
 }
 
-impl Sums {
-    fn plus(self, other: &Sums) -> Sums {
-        Sums {
-            fired: self.fired + other.fired,
-            hits: self.hits + other.hits,
-            nats_before: self.nats_before + other.nats_before,
-            nats_after: self.nats_after + other.nats_after,
-            bytes: self.bytes + other.bytes,
-        }
+impl Totals {
+    fn add(&mut self, group: &Sums) {
+        self.fired += group.fired;
+        self.hits += group.hits;
+        self.nats_before -= group.before.ln();
+        self.nats_after -= group.after.ln();
+        self.bytes += group.bytes;
     }
 }
 
-impl Rows<'_> {
-    /// The tilted rows `range`, as a batch of the tilted table, and their sums.
+/// A kept distribution's index among them, its hint and the hint's share.
+type KeptHint = (usize, u16, f32);
+
+impl Inputs {
+    /// The tilted rows `range` of the pass-1, as a batch of the tilted table; their
+    /// sums; and the hints of the kept positions among their targets.
     fn tilt(
         &self,
         range: std::ops::Range<usize>,
         params: &TiltParams,
         fixed: &Boost,
-    ) -> Result<(RecordBatch, Sums), StageError> {
-        let len = range.len();
-        let (mut model_p, mut entropy, mut fired) = (
+        kept: &[i64],
+    ) -> Result<(RecordBatch, (Sums, Vec<KeptHint>)), StageError> {
+        let rows = range.clone();
+        let position = self
+            .pass1
+            .column_rows::<Int64Type>("position", rows.clone())?;
+        let base_p = self
+            .pass1
+            .column_rows::<Float32Type>("model_p", rows.clone())?;
+        let entropy = self
+            .pass1
+            .column_rows::<Float32Type>("entropy", rows.clone())?;
+        let bytes = self.pass1.column_rows::<UInt8Type>("bytes", rows.clone())?;
+        let hint = self
+            .hint_p
+            .column_rows::<UInt16Type>("hint", rows.clone())?;
+        let hint_p = self.hint_p.column_rows::<Float32Type>("hint_p", rows)?;
+        // The targets these entries score, and so the rows of the val tokens (one a
+        // position) and of the hints (one a target, from position 1) they need.
+        let first = position.iter().min().copied().unwrap_or(1);
+        let last = position.iter().max().copied().unwrap_or(0);
+        if first < 1 || last >= self.val.rows() as i64 {
+            let p = if first < 1 { first } else { last };
+            return Err(StageError::input(
+                self.pass1.path(),
+                format!(
+                    "position {p} is not a target of the val stream (1 to {})",
+                    self.hints.rows()
+                ),
+            ));
+        }
+        let span = first.max(1) as usize..(last + 1).max(1) as usize;
+        let val = self.val.column_rows::<UInt16Type>("token", span.clone())?;
+        let hints = self
+            .hints
+            .column_rows::<UInt16Type>("hint", span.start - 1..span.end - 1)?;
+        let share = self
+            .hints
+            .column_rows::<Float32Type>("share", span.start - 1..span.end - 1)?;
+        let len = position.len();
+        let (mut model_p, mut tilted_entropy, mut fired) = (
             Vec::with_capacity(len),
             Vec::with_capacity(len),
             Vec::with_capacity(len),
         );
         let mut sums = Sums::default();
-        for row in range.clone() {
-            let p = self.position[row];
-            let target = p as usize;
-            if target == 0 || target >= self.val.len() || self.hints[target - 1] != self.hint[row] {
+        for row in 0..len {
+            let p = position[row];
+            let at = p as usize - span.start;
+            if hints[at] != hint[row] {
                 return Err(StageError::input(
-                    self.hint_p_path,
-                    format!("row {row} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact"),
+                    self.hint_p.path(),
+                    format!("row {} (position {p}): the hint is not the hints node's: the pass-1 read another hints artifact", range.start + row),
                 ));
             }
-            let beta = params.beta(self.share[target - 1]);
-            let (base, h) = (self.base_p[row], self.entropy[row]);
+            let beta = params.beta(share[at]);
+            let (base, h) = (base_p[row], entropy[row]);
             let (tilted_p, tilted_h) = if beta > 0.0 {
-                let (q, hit) = (self.hint_p[row] as f64, self.val[target] == self.hint[row]);
+                let (q, hit) = (hint_p[row] as f64, val[at] == hint[row]);
                 let per_share;
                 let boost = match params.beta_per_share {
                     None => fixed,
@@ -335,29 +366,32 @@ impl Rows<'_> {
                 // β = 0: the base distribution as it is.
                 (base, h)
             };
-            let ln_base = (base as f64).ln();
-            sums.nats_before -= ln_base;
-            // Unfired, the target's probability is the base's: its logarithm too.
-            sums.nats_after -= if beta > 0.0 {
-                (tilted_p as f64).ln()
-            } else {
-                ln_base
-            };
-            sums.bytes += self.bytes[row] as u64;
+            sums.before.times(base as f64);
+            sums.after.times(tilted_p as f64);
+            sums.bytes += bytes[row] as u64;
             model_p.push(tilted_p);
-            entropy.push(tilted_h);
+            tilted_entropy.push(tilted_h);
             fired.push(beta > 0.0);
         }
+        // The kept positions among these targets, with their hints.
+        let from = kept.partition_point(|&k| k < span.start as i64);
+        let to = kept.partition_point(|&k| k < span.end as i64);
+        let met = (from..to)
+            .map(|index| {
+                let at = kept[index] as usize - span.start;
+                (index, hints[at], share[at])
+            })
+            .collect();
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(self.position[range.clone()].to_vec())),
+            Arc::new(Int64Array::from(position)),
             Arc::new(Float32Array::from(model_p)),
-            Arc::new(Float32Array::from(entropy)),
-            Arc::new(UInt8Array::from(self.bytes[range].to_vec())),
+            Arc::new(Float32Array::from(tilted_entropy)),
+            Arc::new(UInt8Array::from(bytes)),
             Arc::new(BooleanArray::from(fired)),
         ];
         let batch = RecordBatch::try_new(arrow_schema(TILTED_TABLE), columns)
             .expect("columns match schema");
-        Ok((batch, sums))
+        Ok((batch, (sums, met)))
     }
 }
 
@@ -394,35 +428,23 @@ impl Boost {
     }
 }
 
-/// The base pass-1's kept distributions, each tilted at its position.
-fn tilt_distributions(
-    path: &std::path::Path,
-    hints: &[u16],
-    share: &[f32],
-    params: &TiltParams,
-) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
+/// The base pass-1's kept distributions, by position (sorted, as pass-1 writes them).
+fn read_distributions(path: &std::path::Path) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
     let position = read_column::<Int64Type>(path, "position")?;
     let model_p = read_column::<Float32Type>(path, "model_p")?;
     let mut kept: Vec<(i64, Vec<f32>)> = Vec::new();
     for (&p, &v) in position.iter().zip(&model_p) {
         match kept.last_mut() {
             Some((last, probs)) if *last == p => probs.push(v),
+            Some((last, _)) if *last > p => {
+                return Err(StageError::input(
+                    path,
+                    format!(
+                        "position {p} comes after {last}: the kept distributions are not sorted"
+                    ),
+                ))
+            }
             _ => kept.push((p, vec![v])),
-        }
-    }
-    for (p, probs) in &mut kept {
-        let t = *p as usize;
-        if t == 0 || t > hints.len() {
-            return Err(StageError::input(path, format!("position {p} has no hint")));
-        }
-        let h = hints[t - 1] as usize;
-        let beta = params.beta(share[t - 1]);
-        let q = *probs
-            .get(h)
-            .ok_or_else(|| StageError::input(path, format!("position {p}: no candidate {h}")))?
-            as f64;
-        for (a, v) in probs.iter_mut().enumerate() {
-            *v = tilted(*v as f64, q, a == h, beta) as f32;
         }
     }
     Ok(kept)
