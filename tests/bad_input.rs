@@ -295,3 +295,36 @@ fn a_tampered_artifact_is_found_by_verify_and_refused_as_an_input() {
     assert!(out.contains("rebuilt, repaired"), "{out}");
     assert!(p.ok(&["verify"]).contains("ok:"));
 }
+
+/// A pass-1's parameters are one set per `model`, read through a tagged enum, which loses
+/// the path of a bad value: the message still names the parameter, at its line.
+#[test]
+fn a_pass1_parameter_of_the_wrong_type_or_value_is_named_at_its_line() {
+    let p = project_with_history();
+    let head = "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/*.jsonl\"\n\n[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"bigram\"\n";
+    for (line_text, want) in [
+        (
+            "params.mass_sample = -5",
+            "params.mass_sample: invalid value: integer `-5`, expected usize",
+        ),
+        (
+            "params.temperature = \"hot\"",
+            "params.temperature: invalid type: string \"hot\", expected f64",
+        ),
+    ] {
+        let line = run_fails(&p, &format!("{head}params.add_k = 0.1\n{line_text}\n"));
+        assert!(
+            line.contains("pipeline.toml:10:") && line.contains(&format!("node 'pass1': {want}")),
+            "{line}"
+        );
+    }
+    // calibrate's fraction, checked like every other bound, at its line too.
+    let line = run_fails(
+        &p,
+        "[nodes.tokens]\nstage = \"tokenize\"\nfiles.corpus = \"corpus/*.jsonl\"\n\n[nodes.calibration]\nstage = \"calibrate\"\ninputs.pass1 = \"tokens\"\ninputs.cache = \"tokens\"\nparams.fraction = 1.5\n",
+    );
+    assert!(
+        line.contains("pipeline.toml:9:") && line.contains("params.fraction: 1.5 is outside 0..=1"),
+        "{line}"
+    );
+}

@@ -266,3 +266,47 @@ fn ranks_refuse_a_pass1_that_is_not_in_the_record_window_order() {
     let line = p.fails(&["run"]);
     assert!(line.contains("at row 3000, but pass 1 has"), "{line}");
 }
+
+/// More ranks than pass 1 has windows: a rank would have no entries to calibrate on (the
+/// record's code fails there), so the node is refused at the parameter's line.
+#[test]
+fn more_ranks_than_windows_are_refused_at_the_parameters_line() {
+    let p = Project::small();
+    p.ok(&["run"]);
+    let targets = csv_rows(&p, "SELECT count(*) - 1 FROM val")[0][0] as usize;
+    // Windows as long as their stride score every target once: three windows here.
+    let window = targets.div_ceil(3);
+    let rows: Vec<Row> = (1..=targets)
+        .map(|position| Row {
+            position,
+            model_p: 0.5,
+            entropy: 1.0,
+        })
+        .collect();
+    write_pass1(&p, &rows);
+    let pipeline = pipeline(4).replace(
+        &format!("params.window_len = {WINDOW_LEN}\nparams.stride = {STRIDE}\n"),
+        &format!("params.window_len = {window}\nparams.stride = {window}\n"),
+    );
+    p.write_pipeline(&pipeline);
+    p.ok(&["run", "--until", "cache"]);
+    p.ok(&["run", "--until", "pass1"]);
+    let before = p.store_snapshot();
+    let line = p.fails(&["run"]);
+    let at = pipeline
+        .lines()
+        .position(|l| l.starts_with("params.ranks = 4"))
+        .unwrap()
+        + 1;
+    assert!(
+        line.contains(&format!("pipeline.toml:{at}:"))
+            && line.contains("params.ranks")
+            && line.contains("4 ranks but pass 1 has 3 windows")
+            && line.contains("nothing to calibrate on"),
+        "{line}"
+    );
+    assert_eq!(before, p.store_snapshot());
+    // Three ranks, one window each, calibrate.
+    p.write_pipeline(&pipeline.replace("params.ranks = 4", "params.ranks = 3"));
+    p.ok(&["run"]);
+}

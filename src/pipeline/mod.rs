@@ -416,6 +416,27 @@ fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
     Ok(hits)
 }
 
+impl Pipeline {
+    /// Where `param` of `node` is written in the pipeline file (`pipeline.toml:LINE:COL`),
+    /// for a parameter a stage could only check against its inputs, when it ran. A seed's
+    /// or a re-run's copy points at the node it copies; a parameter left to its default,
+    /// at the node's `params` (or the node).
+    pub fn param_location(&self, node: &Node, param: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let source = Source::parse(&text);
+        let name = match (&node.variant, &node.rerun) {
+            (Some(variant), _) => &variant.base,
+            (_, Some(rerun)) => &rerun.base,
+            _ => &node.name,
+        };
+        let span = source
+            .param_span(name, param)
+            .or_else(|| source.key_span(&["nodes", name]))?;
+        let (line, column) = line_column(&text, span.start);
+        Some(format!("{}:{line}:{column}", self.path.display()))
+    }
+}
+
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;

@@ -80,7 +80,19 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
                 stage_api::StageError::Param { node: n, message } if n == node.name => {
                     anyhow!(message)
                 }
-                e => anyhow!(e),
+                e => {
+                    // A parameter that only the inputs showed wrong, at its line.
+                    let at = match &e {
+                        stage_api::StageError::InvalidParam { param, .. } => {
+                            ctx.pipeline.param_location(node, param)
+                        }
+                        _ => None,
+                    };
+                    match at {
+                        Some(at) => anyhow!("{at}: {e}"),
+                        None => anyhow!(e),
+                    }
+                }
             });
         }
     };

@@ -393,7 +393,7 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, St
     } else {
         raw.clone()
     };
-    serde_path_to_error::deserialize(raw).map_err(|e| {
+    serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
         let message = e.inner().to_string();
         let mut param = e.path().to_string();
         // An unknown key is reported at its parent; name the key itself.
@@ -409,9 +409,26 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, St
             };
         }
         match param.as_str() {
-            "." | "" => StageError::InvalidParams(message),
+            "." | "" => match culprit::<T>(&raw) {
+                Some(key) => StageError::invalid_param(key, message),
+                None => StageError::InvalidParams(message),
+            },
             _ => StageError::invalid_param(param, message),
         }
+    })
+}
+
+/// The parameter whose value spoils `raw`, where the error could not say: serde reads a
+/// tagged enum's fields (pass-1's, selected by `model`) from a buffer, and the path of
+/// the bad field is lost on the way. The key without which `raw` parses is the culprit.
+fn culprit<T: serde::de::DeserializeOwned>(raw: &Value) -> Option<String> {
+    let object = raw.as_object()?;
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        serde_json::from_value::<T>(Value::Object(without))
+            .is_ok()
+            .then(|| key.clone())
     })
 }
 

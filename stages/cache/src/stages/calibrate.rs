@@ -9,8 +9,8 @@ use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, UInt32Arra
 use arrow::datatypes::Int64Type;
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    read_column, table_rows, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout,
-    Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
+    check_param, read_column, table_rows, write_parquet, Column, ColumnType::*, Input, Output,
+    ParquetLayout, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use super::*;
@@ -103,12 +103,12 @@ impl StageParams for CalibrateParams {
                 ));
             }
         }
-        if !(0.0..=1.0).contains(&self.fraction) {
-            return Err(StageError::InvalidParams(format!(
-                "fraction {} is outside 0..=1",
-                self.fraction
-            )));
-        }
+        check_param(
+            "fraction",
+            self.fraction,
+            0.0..=1.0,
+            "the share of each rank's entries calibrated on",
+        )?;
         Ok(())
     }
 }
@@ -288,6 +288,20 @@ fn rank_slices(
             format!(
                 "{}, which put position {want} at row {row}, but pass 1 has {got} there",
                 layout()
+            ),
+        ));
+    }
+    // The record splits its windows between ranks; a rank without windows has no
+    // entries to calibrate on, and the record's code fails there (an empty slice).
+    if params.ranks > windows.len() {
+        return Err(StageError::invalid_param(
+            "ranks",
+            format!(
+                "{} ranks but pass 1 has {} windows (window_len {}, stride {}, over {targets} targets): a rank without windows has nothing to calibrate on",
+                params.ranks,
+                windows.len(),
+                params.window_len,
+                params.stride
             ),
         ));
     }
