@@ -320,7 +320,7 @@ impl SqlSession {
             .with_allow_dml(false)
             .with_allow_statements(false);
         let frame = self.ctx.sql_with_options(sql, options).await.map_err(|e| {
-            let message = e.to_string();
+            let message = root_cause(&e);
             if message.contains("not supported") && is_write_error(&message) {
                 anyhow!("cachemoney sql is read-only: {}; the store changes only through `run` and `gc`", first_line(&message))
             } else {
@@ -330,7 +330,7 @@ impl SqlSession {
         frame
             .collect()
             .await
-            .map_err(|e| anyhow!("{}{}", first_line(&e.to_string()), reading()))
+            .map_err(|e| anyhow!("{}{}", first_line(&root_cause(&e)), reading()))
     }
 
     /// For names the query uses that are no table, the tables they may have meant: a
@@ -432,6 +432,13 @@ fn is_write_error(message: &str) -> bool {
     ["DDL", "DML", "Statement", "COPY", "Insert", "INSERT"]
         .iter()
         .any(|w| message.contains(w))
+}
+
+/// What went wrong, not where DataFusion noticed: an error raised while an optimizer rule
+/// folds a constant (`CAST('abc' AS INT)`) is wrapped in "Optimizer rule
+/// 'simplify_expressions' failed", whose cause is the one a user can act on.
+fn root_cause(error: &datafusion::error::DataFusionError) -> String {
+    error.find_root().to_string()
 }
 
 fn first_line(message: &str) -> String {

@@ -187,6 +187,35 @@ fn a_missing_file_is_named() {
     );
 }
 
+/// A file whose name has brackets is a glob's character class when written as it is: the
+/// message says how to write it, and the written form works.
+#[test]
+fn a_file_name_with_brackets_gets_a_hint_how_to_write_it() {
+    let p = project_with_history();
+    let text = std::fs::read_to_string(
+        p.path()
+            .join("corpus")
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+    )
+    .unwrap();
+    std::fs::write(p.path().join("notes[1].jsonl"), &text).unwrap();
+    let line = run_fails(&p, &text_pipeline("notes[1].jsonl", 0.1));
+    assert!(
+        line.contains("pipeline.toml:3:")
+            && line.contains("'notes[1].jsonl' matches no file")
+            && line.contains("'[' and ']' are glob characters")
+            && line.contains("matched by 'notes[[]1[]].jsonl'"),
+        "{line}"
+    );
+    p.write_pipeline(&text_pipeline("notes[[]1[]].jsonl", 0.1));
+    p.ok(&["status"]);
+}
+
 #[test]
 fn malformed_pipeline_gives_line_and_column() {
     let p = project_with_history();

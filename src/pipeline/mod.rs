@@ -238,15 +238,17 @@ impl Pipeline {
                     let full = base.join(pattern);
                     let hits = expand(&full).map_err(|e| {
                         anyhow!(
-                            "{}: node '{name}': files.{role}: {e}",
-                            at(Some(def.files[role].span()))
+                            "{}: node '{name}': files.{role}: {e}{}",
+                            at(Some(def.files[role].span())),
+                            bracket_hint(pattern)
                         )
                     })?;
                     if hits.is_empty() {
                         bail!(
-                            "{}: node '{name}': files.{role} pattern '{pattern}' matches no file (looked for {})",
+                            "{}: node '{name}': files.{role} pattern '{pattern}' matches no file (looked for {}){}",
                             at(Some(def.files[role].span())),
-                            full.display()
+                            full.display(),
+                            bracket_hint(pattern)
                         );
                     }
                     matched.extend(hits);
@@ -395,6 +397,25 @@ fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {
     } else {
         items.join(", ")
     }
+}
+
+/// For a pattern with `[` or `]`, which a glob reads as a character class: how to
+/// write them for a file whose name has them.
+fn bracket_hint(pattern: &str) -> String {
+    if !pattern.contains(['[', ']']) {
+        return String::new();
+    }
+    let literal: String = pattern
+        .chars()
+        .map(|c| match c {
+            '[' => "[[]".to_string(),
+            ']' => "[]]".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    format!(
+        "; '[' and ']' are glob characters (a class of characters): a file whose name has them is matched by '{literal}'"
+    )
 }
 
 fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
