@@ -89,6 +89,7 @@ impl SqlSession {
 
         let mut entries = Vec::new();
         let mut unavailable = BTreeMap::new();
+        let mut damaged_tables = Vec::new();
         let mut current_recipes = BTreeMap::new();
         for r in resolved {
             let Some(recipe) = &r.recipe else { continue };
@@ -102,7 +103,17 @@ impl SqlSession {
                 Ok(Some(manifest)) => manifest,
                 Ok(None) => continue,
                 Err(e) => {
-                    unavailable.insert(r.node.clone(), repair_hint(&r.node, &format!("{e:#}")));
+                    let reason = repair_hint(&r.node, &format!("{e:#}"));
+                    // The manifest says which tables there are; without it, the stage's
+                    // declaration does, so that a query names the damage, not "not found".
+                    if let Some(stage) = registry.get(&r.stage) {
+                        for output in stage.spec().outputs {
+                            if let stage_api::Produced::Table(_) = output.what {
+                                damaged_tables.push((r.node.clone(), output.name, reason.clone()));
+                            }
+                        }
+                    }
+                    unavailable.insert(r.node.clone(), reason);
                     continue;
                 }
             };
@@ -137,6 +148,12 @@ impl SqlSession {
         for e in entries.iter().filter(|e| !e.rerun) {
             *stem_count.entry(e.stem.clone()).or_default() += 1;
             *node_tables.entry(e.node.clone()).or_default() += 1;
+        }
+        for (node, stem, reason) in damaged_tables {
+            unavailable.insert(format!("{node}.{stem}"), reason.clone());
+            if !stem_count.contains_key(stem) {
+                unavailable.entry(stem.to_string()).or_insert(reason);
+            }
         }
         let mut tables = Vec::new();
         let mut files = BTreeMap::new();

@@ -444,7 +444,10 @@ impl Store {
                     continue;
                 }
                 match read_manifest(&dir) {
-                    Ok(Some(manifest)) => listing.artifacts.push((dir, manifest)),
+                    Ok(Some(manifest)) => {
+                        listing.problems.extend(stray_entries(&dir, &manifest));
+                        listing.artifacts.push((dir, manifest));
+                    }
                     Ok(None) => listing.problems.push(problem(
                         dir,
                         "directory without a manifest (not a finished artifact)".into(),
@@ -453,9 +456,43 @@ impl Store {
                 }
             }
         }
+        listing.problems.extend(self.stray_refs());
         listing.artifacts.sort_by(|a, b| a.0.cmp(&b.0));
         listing.problems.sort_by(|a, b| a.path.cmp(&b.path));
         listing
+    }
+
+    /// What in `refs/` is not a node's record: a file by another name, one that does not
+    /// parse, a directory, or an interrupted write's leftover.
+    fn stray_refs(&self) -> Vec<StoreProblem> {
+        let Ok(entries) = fs::read_dir(self.root.join("refs")) else {
+            return Vec::new();
+        };
+        let mut problems = Vec::new();
+        for entry in entries.flatten() {
+            let (path, name) = (entry.path(), entry.file_name());
+            let name = name.to_string_lossy();
+            let message = if path.is_dir() {
+                "a directory in refs/ (which holds only NODE.json files)"
+            } else if name.contains(".tmp-") {
+                "an interrupted write's leftover in refs/"
+            } else if !name.strip_suffix(".json").is_some_and(is_valid_node_name) {
+                "a stray file in refs/ (which holds only NODE.json files)"
+            } else if fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<NodeRef>(&bytes).ok())
+                .is_none()
+            {
+                "a node record that does not parse (the node is resolved again on the next run)"
+            } else {
+                continue;
+            };
+            problems.push(StoreProblem {
+                path,
+                message: message.to_string(),
+            });
+        }
+        problems
     }
 
     fn node_ref_path(&self, node: &str) -> Result<PathBuf> {
@@ -519,6 +556,29 @@ fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
         );
     }
     Ok(Some(manifest))
+}
+
+/// What an artifact's directory holds besides its manifest and the files it lists: nothing
+/// a stage wrote (those are all listed), so something put there afterwards.
+fn stray_entries(dir: &Path, manifest: &Manifest) -> Vec<StoreProblem> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut problems: Vec<StoreProblem> = entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name != MANIFEST && !manifest.files.contains_key(name.as_ref())
+        })
+        .map(|entry| StoreProblem {
+            path: entry.path(),
+            message: "not in its artifact's manifest (put there after the artifact was built)"
+                .into(),
+        })
+        .collect();
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    problems
 }
 
 /// Problems found by rehashing an artifact's files against its manifest, ignoring any

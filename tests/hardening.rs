@@ -321,6 +321,95 @@ fn a_corrupt_manifest_or_a_stray_file_blocks_nothing() {
     );
 }
 
+/// What is put inside an artifact's directory, or in `refs/`, after the fact is reported
+/// by `verify` and collected by `gc`, the artifact itself kept.
+#[test]
+fn a_stray_file_inside_an_artifact_or_in_refs_is_reported_and_collected() {
+    let p = built();
+    let stats = artifact_dir(&p, "token-stats");
+    let refs = p.path().join("artifacts/refs");
+    let strays = [
+        stats.join("notes.txt"),
+        refs.join("README"),
+        refs.join("tokens.tmp-4242"),
+    ];
+    for stray in &strays {
+        std::fs::write(stray, b"mine").unwrap();
+    }
+    std::fs::write(refs.join("ghost.json"), b"{ half").unwrap();
+    let verify = p.run(&["verify"]);
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(!verify.status.success());
+    for (name, why) in [
+        ("notes.txt", "not in its artifact's manifest"),
+        ("README", "a stray file in refs/"),
+        ("tokens.tmp-4242", "an interrupted write's leftover"),
+        ("ghost.json", "a node record that does not parse"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.contains(name) && l.contains(why)),
+            "{name}: {stderr}"
+        );
+    }
+    let dry = p.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.contains("would remove") && dry.contains("notes.txt"),
+        "{dry}"
+    );
+    p.ok(&["gc"]);
+    assert!(strays.iter().all(|s| !s.exists()) && !refs.join("ghost.json").exists());
+    assert!(stats.join("manifest.json").exists());
+    p.ok(&["verify"]);
+    p.ok(&["status"]);
+}
+
+/// A truncated manifest: `sql` and `compare` name the damaged artifact instead of saying
+/// the table is not there or nothing is built.
+#[test]
+fn a_truncated_manifest_is_named_by_sql_and_compare() {
+    let p = Project::small();
+    p.write_pipeline(
+        &(Project::small_pipeline(300)
+            + "\n[nodes.pass1]\nstage = \"pass1\"\ninputs.tokens = \"tokens\"\nparams.model = \"bigram\"\n"
+            + &Project::cache_chain(32768)),
+    );
+    p.ok(&["run"]);
+    let truncate = |stage: &str| {
+        let manifest = artifact_dir(&p, stage).join("manifest.json");
+        let bytes = std::fs::read(&manifest).unwrap();
+        std::fs::write(&manifest, &bytes[..bytes.len() / 2]).unwrap();
+    };
+    truncate("pass2");
+    let line = p.fails(&["compare"]);
+    assert!(
+        line.contains("no chain of")
+            && line.contains("scores: ")
+            && line.contains("corrupt manifest"),
+        "{line}"
+    );
+    truncate("tokenize");
+    for query in [
+        "SELECT count(*) FROM tokens.val",
+        "SELECT count(*) FROM val",
+    ] {
+        let line = p.fails(&["sql", query]);
+        assert!(
+            line.contains("cannot be read")
+                && line.contains("manifest.json: corrupt manifest")
+                && line.contains("cachemoney run --force tokens"),
+            "{query}: {line}"
+        );
+    }
+    // The scores are stale now (their tokens are damaged): the damage is named.
+    let line = p.fails(&["compare"]);
+    assert!(
+        line.contains("no chain of")
+            && line.contains("damaged: tokens: ")
+            && line.contains("corrupt manifest"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_run_that_changes_nothing_writes_nothing() {
     let p = built();
