@@ -197,12 +197,41 @@ fn a_tampered_remote_object_is_refused_never_stored_and_repaired_by_the_next_pus
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"token-stats\"", "\"tokenize\"")).unwrap();
     let d = second_machine(&a);
+    let status = d.ok_with(&env, &["status"]);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("token_stats"))
+        .unwrap();
+    assert!(
+        line.contains("refused") && line.contains("`cachemoney run` builds it here"),
+        "{status}"
+    );
+    // The rest is pulled; the refused node is reported and the exit says so.
     let out = d.run_with(&env, &["pull"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
         stderr.contains(&format!("s3://{BUCKET}/p/{manifest}")) && stderr.contains("refused"),
         "{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("tokens") && l.contains("pulled")),
+        "{stdout}"
+    );
+    d.ok_with(&env, &["sql", "SELECT count(*) FROM val"]);
+    // `run` builds it here; `remote gc --dry-run` counts the manifest as broken.
+    let run = d.ok_with(&env, &["run"]);
+    assert!(run.contains("token_stats"), "{run}");
+    assert_eq!(contents(&a), contents(&d));
+    let gc = d.run_with(&env, &["remote", "gc", "--dry-run"]);
+    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    assert!(
+        gc_out.contains(&format!("broken s3://{BUCKET}/p/{manifest}"))
+            && gc_out.contains("1 broken manifest(s)"),
+        "{gc_out}"
     );
 }
 
@@ -427,4 +456,50 @@ fn wrong_credentials_and_a_missing_bucket_fail_in_one_line_before_anything_runs(
     assert!(error.contains("push: no remote"), "{error}");
     let error = p.fails_with(&env, &["remote", "gc"]);
     assert!(error.contains("only --dry-run"), "{error}");
+}
+
+/// A reader without write permission reads through the remote: what is there is pulled,
+/// what is not is built here and kept here, with one line saying nothing is pushed.
+#[test]
+fn a_read_only_remote_is_read_through_and_nothing_is_pushed() {
+    let server = S3Server::start();
+    let a = project_with_remote(&server.url("p"));
+    a.ok_with(&server.env(), &["run", "--until", "tokens"]);
+    let held = server.objects("p");
+    let reader = server.read_only_env();
+    let b = second_machine(&a);
+    let out = b.run_with(&reader, &["run"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("tokens") && l.contains("pulled")),
+        "{stdout}"
+    );
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("nothing is pushed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains(&server.url("p")), "{stderr}");
+    assert_eq!(
+        server.objects("p"),
+        held,
+        "a read-only key wrote to the remote"
+    );
+    b.ok(&["verify"]);
+    // Reading goes on working: status and a second run (nothing to push, nothing said).
+    b.ok_with(&reader, &["status"]);
+    let again = b.run_with(&reader, &["run"]);
+    assert!(again.status.success());
+    // An explicit push says why it cannot.
+    let line = b.fails_with(&reader, &["push"]);
+    assert!(
+        line.contains("denied") || line.contains("permission"),
+        "{line}"
+    );
 }

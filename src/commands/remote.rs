@@ -20,12 +20,17 @@ pub(super) fn print_status(resolved: &[Resolved], remote: &Remote, width: usize)
     );
     for r in resolved {
         let (state, mut detail) = state_and_detail(&r.state);
-        let on_remote = match r.remote {
-            Some(true) => "yes",
-            Some(false) => "no",
-            None => "-",
+        let on_remote = match (r.remote, &r.remote_refused) {
+            (_, Some(_)) => "refused",
+            (Some(true), _) => "yes",
+            (Some(false), _) => "no",
+            (None, _) => "-",
         };
-        if r.remote == Some(true) && !matches!(r.state, NodeState::Cached { .. }) {
+        if let Some(why) = &r.remote_refused {
+            detail.push_str(&format!(
+                "; the remote's copy is refused ({why}): `cachemoney run` builds it here"
+            ));
+        } else if r.remote == Some(true) && !matches!(r.state, NodeState::Cached { .. }) {
             detail.push_str("; on the remote: `cachemoney pull` or `run` fetches it");
         }
         println!(

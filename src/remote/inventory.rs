@@ -27,8 +27,24 @@ impl Remote {
                     .await
                     .map_err(|e| self.explain(e))?;
                 let name = self.name_of(&meta.location);
+                // Filed as ac/STAGE/RECIPE.json: what a pull would check it against.
+                let parts: Vec<String> = meta
+                    .location
+                    .parts()
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                let filed = match parts.as_slice() {
+                    [.., stage, file] => file.strip_suffix(".json").map(|r| (stage.as_str(), r)),
+                    _ => None,
+                };
                 match serde_json::from_slice::<Manifest>(&bytes) {
-                    Ok(manifest) => inventory.manifests.push((name, manifest)),
+                    Ok(manifest) => match filed.and_then(|(stage, recipe)| {
+                        super::manifest_problem(&manifest, stage, recipe)
+                    }) {
+                        // A pull refuses it: as broken as one that does not parse.
+                        Some(problem) => inventory.unreadable.push(format!("{name}: {problem}")),
+                        None => inventory.manifests.push((name, manifest)),
+                    },
                     Err(e) => inventory
                         .unreadable
                         .push(format!("{name}: not a manifest ({e})")),
@@ -49,7 +65,7 @@ impl Remote {
 }
 
 /// What the remote holds: its manifests, its blobs by hash (name and size), and what
-/// under `ac/` could not be read as a manifest.
+/// under `ac/` could not be read as a manifest or is one a pull would refuse.
 #[derive(Debug, Default)]
 pub struct Inventory {
     pub manifests: Vec<(String, Manifest)>,

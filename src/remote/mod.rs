@@ -59,6 +59,9 @@ pub struct Remote {
     /// Blobs that a pull in this process found corrupt: a push of verified bytes may
     /// overwrite them (they are content-addressed, so the right bytes are never wrong).
     corrupt: Mutex<BTreeSet<String>>,
+    /// Set when a write was denied: the rest of the process reads through the remote and
+    /// pushes nothing (said once).
+    writes_denied: std::sync::atomic::AtomicBool,
 }
 
 /// A remote object that failed verification (a corrupt or tampered blob, a manifest
@@ -74,6 +77,25 @@ impl std::fmt::Display for Refused {
 }
 
 impl std::error::Error for Refused {}
+
+/// The remote answered "access denied" (401 or 403): for a write, the credentials may
+/// read and not write, as a shared store's readers often may; `run` then reads through
+/// the remote and keeps what it builds here.
+#[derive(Debug)]
+pub struct Denied(pub String);
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Denied {}
+
+/// Whether `error` is (or wraps) a [`Denied`].
+pub fn is_denied(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<Denied>())
+}
 
 /// Whether `error` is (or wraps) a [`Refused`].
 pub fn is_refused(error: &anyhow::Error) -> bool {
@@ -229,11 +251,25 @@ impl Remote {
             manifests: Mutex::new(BTreeMap::new()),
             large_file: futures::lock::Mutex::new(()),
             corrupt: Mutex::new(BTreeSet::new()),
+            writes_denied: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Whether a write was denied earlier in this process.
+    pub fn writes_denied(&self) -> bool {
+        self.writes_denied
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a denied write; true the first time (when it is to be said).
+    pub fn deny_writes(&self) -> bool {
+        !self
+            .writes_denied
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `future` to completion on the remote's runtime, with SIGPIPE held back on
@@ -324,7 +360,7 @@ impl Remote {
 }
 
 /// Why a manifest fetched for (stage, recipe) must not be used, if it must not.
-fn manifest_problem(manifest: &Manifest, stage: &str, recipe: &str) -> Option<String> {
+pub(super) fn manifest_problem(manifest: &Manifest, stage: &str, recipe: &str) -> Option<String> {
     if manifest.stage != stage || manifest.recipe != recipe {
         return Some(format!(
             "describes {}/{}, not the recipe it is filed under",

@@ -57,6 +57,11 @@ pub struct Resolved {
     /// Whether the remote holds its recipe; absent without a remote.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<bool>,
+    /// Why the remote's manifest for its recipe would be refused, when it would: the
+    /// node counts as held there (`pull` and `run` try it, and say this), but its
+    /// content is not known from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_refused: Option<String>,
 }
 
 pub struct RunContext<'a> {
@@ -146,6 +151,7 @@ impl RunContext<'_> {
                     state,
                     rerun: node.rerun.is_some(),
                     remote: None,
+                    remote_refused: None,
                 });
                 continue;
             }
@@ -154,9 +160,26 @@ impl RunContext<'_> {
             // What the remote holds counts for what downstream resolves to: a node that
             // is only there still has a known content, so its dependents' recipes are
             // known too (and `pull` can fetch them).
+            let mut remote_refused = None;
             let on_remote = match self.remote {
-                Some(remote) => Some(remote.manifest(&node.stage, &recipe)?),
+                Some(remote) => match remote.manifest(&node.stage, &recipe) {
+                    Ok(found) => Some(found.is_some()),
+                    // A manifest there that fails its checks is news about this node
+                    // only, as a bad blob is: `pull` reports it and pulls the rest,
+                    // `run` builds the node here.
+                    Err(e) if crate::remote::is_refused(&e) => {
+                        remote_refused = Some(format!("{e:#}"));
+                        Some(true)
+                    }
+                    Err(e) => return Err(e),
+                },
                 None => None,
+            };
+            let remote_content = match (self.remote, on_remote, &remote_refused) {
+                (Some(remote), Some(true), None) => remote
+                    .manifest(&node.stage, &recipe)?
+                    .map(|manifest| manifest.content_hash),
+                _ => None,
             };
             let state = match self.store.lookup(&node.stage, &recipe) {
                 Stored::Intact(manifest) => {
@@ -189,10 +212,8 @@ impl RunContext<'_> {
                     },
                 },
             };
-            if let Some(Some(manifest)) = &on_remote {
-                content
-                    .entry(node.name.clone())
-                    .or_insert_with(|| manifest.content_hash.clone());
+            if let Some(content_hash) = remote_content {
+                content.entry(node.name.clone()).or_insert(content_hash);
             }
             states.insert(node.name.clone(), state.clone());
             resolved.push(Resolved {
@@ -202,7 +223,8 @@ impl RunContext<'_> {
                 ingredients: Some(ingredients),
                 state,
                 rerun: node.rerun.is_some(),
-                remote: on_remote.map(|m| m.is_some()),
+                remote: on_remote,
+                remote_refused,
             });
         }
         self.store.hasher().save().ok();

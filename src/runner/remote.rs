@@ -11,7 +11,7 @@ use anyhow::Result;
 use super::{NodeState, Resolved, RunContext, RunOptions};
 use crate::pipeline::Node;
 use crate::recipe::short;
-use crate::remote::{is_refused, transfer_bar, Pushed, Remote, Transfer};
+use crate::remote::{is_denied, is_refused, transfer_bar, Pushed, Remote, Transfer};
 use crate::store::{Manifest, Store, StoreLock};
 
 impl Resolved {
@@ -191,10 +191,22 @@ pub(super) fn push_node(
     manifest: &Manifest,
     options: &RunOptions,
 ) -> Result<()> {
+    if remote.writes_denied() {
+        return Ok(());
+    }
     let bar = transfer_bar(options.show_progress, &format!("{}: push", node.name));
     let pushed = remote.push(dir, manifest, &bar);
     bar.finish_and_clear();
     match pushed {
+        // Credentials that may read and not write: read through, keep builds here.
+        Err(e) if is_denied(&e) => {
+            if remote.deny_writes() {
+                eprintln!(
+                    "warning: {e:#}: writes are denied, so the remote is only read through; nothing is pushed"
+                );
+            }
+            Ok(())
+        }
         Ok(Pushed::Uploaded(_) | Pushed::AlreadyThere | Pushed::Repaired(_)) => Ok(()),
         Ok(Pushed::Conflict { remote_content }) => {
             eprintln!(

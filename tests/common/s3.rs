@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 pub const BUCKET: &str = "cachemoney";
 pub const ACCESS_KEY: &str = "cachemoney-test";
 pub const SECRET_KEY: &str = "cachemoney-test-secret";
+/// Credentials the server lets read and list, not write.
+pub const READER_KEY: &str = "cachemoney-reader";
+pub const READER_SECRET: &str = "cachemoney-reader-secret";
 
 pub struct S3Server {
     child: Option<Child>,
@@ -58,6 +61,7 @@ impl S3Server {
         let child = Command::new(server_binary())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--read-only-key", &format!("{READER_KEY}:{READER_SECRET}")])
             .arg(self.data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -95,6 +99,19 @@ impl S3Server {
             ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
             ("AWS_REGION", "us-east-1".to_string()),
         ]
+    }
+
+    /// [`S3Server::env`] with credentials that may read and list but not write.
+    pub fn read_only_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.env();
+        for (name, value) in &mut env {
+            match *name {
+                "AWS_ACCESS_KEY_ID" => *value = READER_KEY.to_string(),
+                "AWS_SECRET_ACCESS_KEY" => *value = READER_SECRET.to_string(),
+                _ => {}
+            }
+        }
+        env
     }
 
     pub fn url(&self, prefix: &str) -> String {

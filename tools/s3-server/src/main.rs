@@ -1,8 +1,11 @@
-//! `cachemoney-s3-server [--host 127.0.0.1] --port PORT --access-key KEY --secret-key SECRET ROOT`
+//! `cachemoney-s3-server [--host 127.0.0.1] --port PORT --access-key KEY --secret-key SECRET
+//! [--read-only-key KEY:SECRET] ROOT`
 //!
 //! A real S3 endpoint for tests and benchmarks: the s3s-fs crate's implementation of the
 //! S3 API over the directory ROOT (one subdirectory per bucket, one file per object;
-//! conditional puts and multipart uploads included), with SigV4 authentication.
+//! conditional puts and multipart uploads included), with SigV4 authentication. A second
+//! pair of credentials, `--read-only-key`, may read and list but not write: a shared
+//! store whose readers have no write permission, as on a bucket policy.
 //!
 //! Why not s3s-fs's own binary: it leaves Nagle's algorithm on, so the body of every
 //! response waits for the client's delayed ACK, 40 ms per request on loopback; and it
@@ -29,12 +32,14 @@ struct Options {
     port: u16,
     access_key: String,
     secret_key: String,
+    read_only: Option<(String, String)>,
     root: PathBuf,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, Error> {
     let (mut host, mut port, mut access_key, mut secret_key, mut root) =
         ("127.0.0.1".to_string(), None, None, None, None);
+    let mut read_only = None;
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -45,6 +50,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, Error> {
             "--port" => port = Some(value()?.parse()?),
             "--access-key" => access_key = Some(value()?),
             "--secret-key" => secret_key = Some(value()?),
+            "--read-only-key" => {
+                let pair = value()?;
+                let (key, secret) = pair
+                    .split_once(':')
+                    .ok_or("--read-only-key takes KEY:SECRET")?;
+                read_only = Some((key.to_string(), secret.to_string()));
+            }
             _ if arg.starts_with("--") => return Err(format!("{arg}: unknown option").into()),
             _ => root = Some(PathBuf::from(arg)),
         }
@@ -54,6 +66,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, Error> {
         port: port.ok_or("--port is required")?,
         access_key: access_key.ok_or("--access-key is required")?,
         secret_key: secret_key.ok_or("--secret-key is required")?,
+        read_only,
         root: root.ok_or("the data directory (ROOT) is required")?,
     })
 }
@@ -78,10 +91,12 @@ async fn serve(options: Options) -> Result<(), Error> {
         files,
         root: options.root.clone(),
     });
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(
-        options.access_key,
-        options.secret_key,
-    ));
+    let mut auth = s3s::auth::SimpleAuth::from_single(options.access_key, options.secret_key);
+    if let Some((key, secret)) = &options.read_only {
+        auth.register(key.clone(), secret.clone().into());
+    }
+    builder.set_auth(auth);
+    builder.set_access(ReadOnlyKey(options.read_only.map(|(key, _)| key)));
     let service = builder.build();
     let listener = tokio::net::TcpListener::bind((options.host.as_str(), options.port)).await?;
     let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -96,6 +111,26 @@ async fn serve(options: Options) -> Result<(), Error> {
         tokio::spawn(async move {
             let _ = connection.await;
         });
+    }
+}
+
+/// Signed requests only; the read-only key's requests only if they read.
+struct ReadOnlyKey(Option<String>);
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for ReadOnlyKey {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        let Some(credentials) = cx.credentials() else {
+            return Err(s3s::s3_error!(AccessDenied, "Signature is required"));
+        };
+        let reads = matches!(
+            cx.s3_op().name(),
+            "GetObject" | "HeadObject" | "ListObjects" | "ListObjectsV2" | "HeadBucket" | "GetBucketLocation"
+        );
+        if self.0.as_deref() == Some(credentials.access_key.as_str()) && !reads {
+            return Err(s3s::s3_error!(AccessDenied, "this key may only read"));
+        }
+        Ok(())
     }
 }
 
