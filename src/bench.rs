@@ -115,6 +115,10 @@ pub enum Section {
     All,
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one argument per option of `bench`'s command line"
+)]
 pub fn run(
     dir: Option<PathBuf>,
     repeats: usize,

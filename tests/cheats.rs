@@ -331,8 +331,7 @@ fn the_original_run_and_its_re_runs_look_alike_to_the_scorer() {
     )
     .unwrap();
     let mut pipeline = Project::small_pipeline(300);
-    pipeline += &format!(
-        r#"
+    pipeline += r#"
 [nodes.recorder]
 stage = "pass1"
 inputs.tokens = "tokens"
@@ -344,8 +343,7 @@ files.scorer = ["recorder.py", "honest.py"]
 stage = "legality"
 inputs.tokens = "tokens"
 inputs.chain = "recorder"
-"#
-    );
+"#;
     project.write_pipeline(&pipeline);
     project.ok(&["run", "--quiet"]);
     let views: Vec<String> = scorer_logs(&project, "recorder")

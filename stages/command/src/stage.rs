@@ -235,12 +235,11 @@ impl Declared {
                     .iter()
                     .map(|text| {
                         let (name, ty, nullable) = parse_column(text).expect("validated");
-                        let column = if nullable {
+                        if nullable {
                             Column::nullable(leak(name), ty)
                         } else {
                             Column::new(leak(name), ty)
-                        };
-                        column
+                        }
                     })
                     .collect();
                 (table.as_str(), columns)

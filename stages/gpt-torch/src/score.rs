@@ -30,6 +30,10 @@ pub struct Scores {
 /// length, and the RoPE base is fixed by it), zero-padded at the tail (causal attention
 /// makes the padding invisible to the scored positions). `progress` is told how many
 /// windows are done.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the window layout, temperature and sample as pass-1's parameters name them"
+)]
 pub fn score(
     model: &Gpt,
     tokens: &[u16],

@@ -7,6 +7,9 @@ use stage_api::StageError;
 use crate::probes::{self, Finding, Verdict};
 use crate::runs::{first_difference_at, Rerun, Run};
 
+/// The first score that moved: the difference, the re-run that showed it, and its cut.
+type FirstMove = (probes::Difference, String, usize);
+
 /// The `order` finding for a scorer that declares its components' orders (`None` when it
 /// declares none): in each declared order alone, does a score before a cut move? The
 /// targets before the cut in one order but not in all are left as they were by every
@@ -35,7 +38,7 @@ pub(crate) fn order_probe(
     }
     let mut checked = 0;
     // Per order, the first score that moved where only that order keeps the prefix.
-    let mut moved: Vec<(DocumentOrder, Option<(probes::Difference, String, usize)>)> = Vec::new();
+    let mut moved: Vec<(DocumentOrder, Option<FirstMove>)> = Vec::new();
     for order in &orders {
         let mut found = None;
         for rerun in reruns {

@@ -247,8 +247,8 @@ mod tests {
                 let c = p.changed();
                 assert_eq!(doc[c - 1], doc[c], "inside a document");
                 assert!(classes(13).flipped(tokens[c], p.tokens[c]));
-                for q in 0..tokens.len() {
-                    if p.tokens[q] != tokens[q] {
+                for (q, (new, old)) in p.tokens.iter().zip(&tokens).enumerate() {
+                    if new != old {
                         assert!(ordering.changeable(q, c), "{kind:?} {draw}: {q} moved");
                     }
                 }

@@ -24,7 +24,8 @@ fn direct_gated(
     for order in orders {
         let width = order - 1;
         // context -> (seen, top count, top token, counts by token)
-        let mut contexts: HashMap<&[u16], (u32, u32, u16, HashMap<u16, u32>)> = HashMap::new();
+        type Context = (u32, u32, u16, HashMap<u16, u32>);
+        let mut contexts: HashMap<&[u16], Context> = HashMap::new();
         for p in width..n {
             let state = contexts.entry(&tokens[p - width..p]).or_default();
             if state.0 > 0 && gate(order, state.1, state.0) {

@@ -224,8 +224,9 @@ proptest! {
                 }
             }
         }
-        let mut contexts: std::collections::HashMap<&[u16], (u32, u32, u16, std::collections::HashMap<u16, u32>)> =
-            Default::default();
+        // context -> (seen, top count, top token, counts by token)
+        type Context = (u32, u32, u16, std::collections::HashMap<u16, u32>);
+        let mut contexts: std::collections::HashMap<&[u16], Context> = Default::default();
         let h = Kernel { order, table_bits: None }.hints(&targets, seed).unwrap();
         for i in (width - 1)..targets.len() {
             let window = &stream[i + 1 - width..=i];
