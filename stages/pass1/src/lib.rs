@@ -190,9 +190,8 @@ impl Stage for Pass1Stage {
             }
             Pass1Params::Import(_) => {
                 let (_, val_bytes) = read_val(tokens)?;
-                let path = match ctx.files("table") {
-                    [one] => one,
-                    _ => return Err(ctx.error("model = \"import\" needs exactly one files.table")),
+                let [path] = ctx.files("table") else {
+                    return Err(ctx.error("model = \"import\" needs exactly one files.table"));
                 };
                 import_pass1(path, &val_bytes)?
             }
@@ -405,7 +404,7 @@ pub fn bigram_pass1(
                 .iter()
                 .map(|&c| libm::log((c as f64 + params.add_k) / total) * inverse_t)
                 .collect();
-            let max = log_p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let max = log_p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = log_p.iter().map(|l| libm::exp(l - max)).sum();
             let log_z = max + libm::log(z);
             let probs: Vec<f64> = log_p.iter().map(|l| libm::exp(l - log_z)).collect();

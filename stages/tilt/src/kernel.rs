@@ -269,6 +269,8 @@ struct SharedSlice<T> {
     len: usize,
 }
 
+// SAFETY: sharing it between threads only lets each write through `write`, whose caller
+// guarantees that no two threads write the same index; `T: Send` lets the values cross.
 unsafe impl<T: Send> Sync for SharedSlice<T> {}
 
 impl<T> SharedSlice<T> {

@@ -150,7 +150,13 @@ fn a_replace_hides_its_positions_and_records_the_proposal() {
     }
     // Outside the hidden positions (and the changed target), the stream is the original.
     let hidden: Vec<usize> = p.hidden.iter().map(|h| h.position as usize).collect();
-    for (t, (new, old)) in p.tokens.iter().zip(tokens).enumerate().skip(p.changed() + 1) {
+    for (t, (new, old)) in p
+        .tokens
+        .iter()
+        .zip(tokens)
+        .enumerate()
+        .skip(p.changed() + 1)
+    {
         if !hidden.contains(&t) {
             assert_eq!(new, &old);
         }
