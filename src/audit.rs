@@ -44,7 +44,7 @@ pub fn audit(
     ctx: &RunContext,
     nodes: &[String],
     options: &RunOptions,
-    mut on_outcome: impl FnMut(&AuditOutcome),
+    mut on_outcome: impl FnMut(&AuditOutcome) -> Result<()>,
 ) -> Result<Vec<AuditOutcome>> {
     let mut wanted = std::collections::BTreeSet::new();
     for node in nodes {
@@ -117,7 +117,7 @@ pub fn audit(
             notes,
             seconds,
         };
-        on_outcome(&outcome);
+        on_outcome(&outcome)?;
         outcomes.push(outcome);
     }
     Ok(outcomes)

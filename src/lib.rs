@@ -6,6 +6,8 @@
 //! or a tokenizer is lives in the stage crates under `stages/`. Conversely, stages know
 //! nothing of recipes, manifests or locks.
 
+#[macro_use]
+pub mod output;
 pub mod audit;
 pub mod bench;
 pub mod chain;

@@ -273,12 +273,6 @@ fn main() -> ExitCode {
     // A scorer's sandbox launcher is this program re-entered (cachemoney-sandbox): it
     // must start single-threaded, before anything else runs.
     sandbox::enter_launcher_if_requested();
-    // Like other Unix filters: `cachemoney sql … | head` ends quietly instead of
-    // panicking on a closed pipe.
-    // SAFETY: restoring a signal's default disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -291,6 +285,9 @@ fn main() -> ExitCode {
     }
     match dispatch(cli) {
         Ok(code) => code,
+        // Like other Unix filters: `cachemoney sql … | head` ends quietly when its reader
+        // has read enough (see cachemoney::output).
+        Err(e) if cachemoney::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let message = format!("{e:#}");
             eprintln!("error: {}", message.replace('\n', " "));
@@ -306,7 +303,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let show_progress = !cli.quiet && std::io::stderr().is_terminal();
     if let Command::Stages = cli.command {
-        commands::stages();
+        commands::stages()?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Bench {

@@ -160,13 +160,13 @@ pub fn to_batch(rows: &[SeedRow]) -> RecordBatch {
 }
 
 /// The table pivoted for reading: one line per node and metric, one column per seed.
-pub fn print(rows: &[SeedRow], seeds: &[u64]) {
+pub fn print(rows: &[SeedRow], seeds: &[u64]) -> anyhow::Result<()> {
     let mut header = format!("{:<22} {:<22}", "node", "metric");
     for seed in seeds {
         header.push_str(&format!(" {:>10}", seed));
     }
     header.push_str(&format!(" {:>10} {:>10}", "mean", "std"));
-    println!("{header}");
+    outln!("{header}");
     let number = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.6}"));
     for group in rows.chunk_by(|a, b| a.node == b.node && a.metric == b.metric) {
         let mut line = format!("{:<22} {:<22}", group[0].node, group[0].metric);
@@ -181,8 +181,9 @@ pub fn print(rows: &[SeedRow], seeds: &[u64]) {
             let value = group.iter().find(|r| r.kind == kind).and_then(|r| r.value);
             line.push_str(&format!(" {:>10}", number(value)));
         }
-        println!("{line}");
+        outln!("{line}");
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -205,6 +205,38 @@ fn sql_answers_in_three_formats_and_refuses_writes() {
     }
 }
 
+/// A reader that stops early (`cachemoney sql … | head -1`) ends the command quietly and
+/// successfully: the closed pipe is a write error handled like any other, not a signal.
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() {
+    use std::io::{BufRead, BufReader};
+    let p = Project::small();
+    p.ok(&["run"]);
+    for args in [
+        vec!["sql", "SELECT * FROM val"],
+        vec!["sql", "--format", "csv", "SELECT * FROM val"],
+        vec!["stages"],
+    ] {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("cachemoney"))
+            .current_dir(p.path())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty(), "{args:?}");
+        // The reader is dropped here, as `head -1` exits.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn the_prompt_reads_statements_and_backslash_commands() {
     let p = Project::small();

@@ -151,11 +151,11 @@ impl Session {
             }
         }
         if json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            outln!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
-            print_table(&rows);
+            print_table(&rows)?;
             if !unbuilt.is_empty() {
-                println!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
+                outln!("\nnot built (run `cachemoney run`): {}", unbuilt.join(", "));
             }
         }
         let Some(claim) = claim else {
@@ -184,7 +184,7 @@ impl Session {
         );
         match json {
             true => eprintln!("{}", out.trim_start()),
-            false => println!("{out}"),
+            false => outln!("{out}"),
         }
         Ok(all_within)
     }
@@ -301,16 +301,16 @@ fn state_of<'a>(resolved: &'a [Resolved], node: &str) -> Option<&'a NodeState> {
     resolved.iter().find(|r| r.node == node).map(|r| &r.state)
 }
 
-fn print_table(rows: &[CompareRow]) {
+fn print_table(rows: &[CompareRow]) -> anyhow::Result<()> {
     let mut groups: Vec<&str> = rows.iter().map(|r| r.pass1.as_str()).collect();
     groups.dedup();
     let bpb = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.4}"));
     for (i, pass1) in groups.iter().enumerate() {
         let group: Vec<&CompareRow> = rows.iter().filter(|r| r.pass1 == *pass1).collect();
         if i > 0 {
-            println!();
+            outln!();
         }
-        println!(
+        outln!(
             "pass-1 '{pass1}' (model {}{}, {} entries)",
             group[0].model,
             group[0]
@@ -318,12 +318,18 @@ fn print_table(rows: &[CompareRow]) {
                 .map_or(String::new(), |t| format!(", temperature {t}")),
             group[0].entries.map_or("?".into(), |n| n.to_string())
         );
-        println!(
+        outln!(
             "  {:<18} {:<17} {:>7} {:>12} {:>7} {:>10} {:>10}  legality",
-            "mode", "node", "neural", "after n-gram", "final", "mass mean", "renorm BPB"
+            "mode",
+            "node",
+            "neural",
+            "after n-gram",
+            "final",
+            "mass mean",
+            "renorm BPB"
         );
         for r in group {
-            println!(
+            outln!(
                 "  {:<18} {:<17} {:>7} {:>12} {:>7} {:>10} {:>10}  {}",
                 r.mode,
                 r.node,
@@ -336,7 +342,8 @@ fn print_table(rows: &[CompareRow]) {
             );
         }
     }
-    println!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node; legality: the verdict of the chain's legality node, the failed probes named ('-': none built)");
+    outln!("\nmass mean: Σ_v p(v) at the sampled positions (1 for a distribution); renorm BPB: the BPB there with p(target)/Σ_v p(v), from the chain's audit-mass node; legality: the verdict of the chain's legality node, the failed probes named ('-': none built)");
+    Ok(())
 }
 
 #[cfg(test)]

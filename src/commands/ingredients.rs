@@ -4,23 +4,28 @@ use crate::pipeline::Pipeline;
 use crate::recipe::Ingredients;
 
 /// Prints a recipe's ingredients, then the recipe they hash to.
-pub(super) fn print(node: &str, recipe: &str, ingredients: &Ingredients, pipeline: &Pipeline) {
+pub(super) fn print(
+    node: &str,
+    recipe: &str,
+    ingredients: &Ingredients,
+    pipeline: &Pipeline,
+) -> anyhow::Result<()> {
     let def = pipeline.node(node).expect("node exists");
-    println!("node     {node}");
-    println!("stage    {} v{}", ingredients.stage, ingredients.version);
-    println!(
+    outln!("node     {node}");
+    outln!("stage    {} v{}", ingredients.stage, ingredients.version);
+    outln!(
         "params   {}",
         serde_json::to_string(&ingredients.params).unwrap_or_default()
     );
     for (input, hash) in &ingredients.inputs {
-        println!(
+        outln!(
             "input    {input} = node '{}', content {hash}",
             def.inputs[input]
         );
     }
     for (role, files) in &ingredients.files {
         for (file, path) in files.iter().zip(&def.files[role]) {
-            println!(
+            outln!(
                 "file     {role}: {} blake3 {}  ({})",
                 file.name,
                 file.blake3,
@@ -28,6 +33,7 @@ pub(super) fn print(node: &str, recipe: &str, ingredients: &Ingredients, pipelin
             );
         }
     }
-    println!("recipe   {recipe}");
-    println!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
+    outln!("recipe   {recipe}");
+    outln!("         = blake3 of the canonical JSON of the lines above (file paths excluded)");
+    Ok(())
 }

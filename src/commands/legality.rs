@@ -71,11 +71,11 @@ impl Session {
             );
         }
         if json {
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            outln!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
-            print_matrix(&rows);
+            print_matrix(&rows)?;
             if !unbuilt.is_empty() {
-                println!("not built yet: {}", unbuilt.join(", "));
+                outln!("not built yet: {}", unbuilt.join(", "));
             }
         }
         Ok(rows.iter().all(|r| r.verdict != "fail"))
@@ -160,7 +160,7 @@ fn rows_of(node: &str, bpb: Option<f64>, batch: &RecordBatch) -> Vec<LegalityRow
 /// Chains down, probes across; then one line of evidence per failure. A row is one
 /// judge: a chain judged by two nodes (with other cuts, say) gets a row for each, named
 /// after its node, so that no row mixes two judges' verdicts.
-fn print_matrix(rows: &[LegalityRow]) {
+fn print_matrix(rows: &[LegalityRow]) -> anyhow::Result<()> {
     let mut judges: Vec<(&str, &str, Option<f64>)> = Vec::new();
     let mut probes: Vec<&str> = Vec::new();
     for r in rows {
@@ -191,7 +191,7 @@ fn print_matrix(rows: &[LegalityRow]) {
     for p in &probes {
         header += &format!("  {:w$}", p, w = cell(p));
     }
-    println!("{}", header.trim_end());
+    outln!("{}", header.trim_end());
     for ((node, _, bpb), name) in judges.iter().zip(&labels) {
         let bpb = bpb.map_or("-".to_string(), |b| format!("{b:.4}"));
         let mut line = format!("{name:width$}  {bpb:>6}");
@@ -205,25 +205,26 @@ fn print_matrix(rows: &[LegalityRow]) {
                 });
             line += &format!("  {:w$}", verdict, w = cell(p));
         }
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
     // A failure, or a finding that is neither (an order mismatch), with its evidence.
     let failures: Vec<&LegalityRow> = rows.iter().filter(|r| r.verdict != "pass").collect();
     if failures.is_empty() {
-        println!("every probe passed");
-        return;
+        outln!("every probe passed");
+        return Ok(());
     }
-    println!();
+    outln!();
     for r in failures {
         let values = match (r.position, r.expected, r.observed) {
             (Some(p), Some(e), Some(o)) => format!(" [position {p}: {e} vs {o}]"),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{} {}: {}{values}",
             label(&r.node, &r.chain),
             r.probe,
             r.detail
         );
     }
+    Ok(())
 }

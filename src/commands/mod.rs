@@ -98,10 +98,10 @@ impl Session {
         let width = self.pipeline.name_width();
         let outcomes = crate::audit::audit(&self.context(), nodes, options, |o| {
             if json || options.quiet {
-                return;
+                return Ok(());
             }
             if std::mem::take(&mut header) {
-                println!(
+                outln!(
                     "{:<width$} {:<12} {:<10} {:>8}",
                     "node",
                     "stage",
@@ -110,7 +110,7 @@ impl Session {
                     width = width
                 );
             }
-            println!(
+            outln!(
                 "{:<width$} {:<12} {:<10} {:>7.2}s  content {}{}",
                 o.node,
                 o.stage,
@@ -125,17 +125,18 @@ impl Session {
                 width = width
             );
             for difference in &o.differences {
-                println!("  {difference}");
+                outln!("  {difference}");
             }
             for note in &o.notes {
-                println!("  note: {note}");
+                outln!("  note: {note}");
             }
+            Ok(())
         })?;
         let differing = outcomes.iter().filter(|o| !o.identical).count();
         if json {
-            println!("{}", serde_json::to_string_pretty(&outcomes)?);
+            outln!("{}", serde_json::to_string_pretty(&outcomes)?);
         } else if !options.quiet || differing > 0 {
-            println!(
+            outln!(
                 "{} node(s) audited in {:.1}s: {} identical, {} differ",
                 outcomes.len(),
                 started.elapsed().as_secs_f64(),
@@ -155,7 +156,7 @@ impl Session {
                 let stage = self.registry.get(&outcome.stage).expect("registered");
                 if let Some(manifest) = self.store.manifest(&outcome.stage, &outcome.recipe)? {
                     if let Some(line) = stage.headline(&manifest.report) {
-                        println!("{}: {line}", outcome.node);
+                        outln!("{}: {line}", outcome.node);
                     }
                 }
             }
@@ -166,7 +167,7 @@ impl Session {
                 0 => String::new(),
                 n => format!(", {n} pulled"),
             };
-            println!(
+            outln!(
                 "{} node(s): {reused} reused, {built} built{pulled}",
                 outcomes.len(),
             );
@@ -177,12 +178,12 @@ impl Session {
             self.store
                 .set_seeds_table(&lock, crate::seeds::to_batch(&rows))?;
             if !options.quiet {
-                println!(
+                outln!(
                     "\nseeds table ({}; mean and sample std over {} seeds):",
                     self.store.seeds_table_path().display(),
                     self.pipeline.seeds.len()
                 );
-                crate::seeds::print(&rows, &self.pipeline.seeds);
+                crate::seeds::print(&rows, &self.pipeline.seeds)?;
             }
         }
         Ok(())
@@ -197,17 +198,17 @@ impl Session {
         let remote = self.remote()?;
         let resolved = self.context_with(remote.as_ref()).resolve()?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&resolved)?);
+            outln!("{}", serde_json::to_string_pretty(&resolved)?);
             return Ok(());
         }
         let width = self.pipeline.name_width();
         if let Some(remote) = &remote {
             return self::remote::print_status(&resolved, remote, width);
         }
-        println!("{:<width$} {:<12} {:<8} detail", "node", "stage", "state");
+        outln!("{:<width$} {:<12} {:<8} detail", "node", "stage", "state");
         for r in &resolved {
             let (state, detail) = state_and_detail(&r.state);
-            println!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
+            outln!("{:<width$} {:<12} {:<8} {}", r.node, r.stage, state, detail);
         }
         Ok(())
     }
@@ -235,10 +236,10 @@ impl Session {
         let recipe = r.recipe.as_deref().unwrap_or_default();
         if json {
             let value = serde_json::json!({"node": node, "recipe": recipe, "ingredients": ingredients, "state": r.state});
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(());
         }
-        ingredients::print(node, recipe, ingredients, &self.pipeline);
+        ingredients::print(node, recipe, ingredients, &self.pipeline)?;
         let state = match &r.state {
             NodeState::Cached { content_hash } => {
                 format!("cached (content {})", short(content_hash))
@@ -247,7 +248,7 @@ impl Session {
             NodeState::Missing { reason } => format!("missing: {reason}"),
             NodeState::Damaged { problems } => format!("damaged: {}", problems.join("; ")),
         };
-        println!("state    {state}");
+        outln!("state    {state}");
         Ok(())
     }
 
@@ -285,20 +286,23 @@ impl Session {
     pub fn show(&self, node: &str, rows: usize, json: bool) -> Result<()> {
         let (manifest, current, problems) = self.artifact_for(node)?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            outln!("{}", serde_json::to_string_pretty(&manifest)?);
             return Ok(());
         }
         let dir = self.store.artifact_dir(&manifest.stage, &manifest.recipe);
         if !current {
-            println!("note: node '{node}' is stale; showing its last build");
+            outln!("note: node '{node}' is stale; showing its last build");
         }
-        println!("node     {node} ({} v{})", manifest.stage, manifest.version);
-        println!("recipe   {}", manifest.recipe);
-        println!("content  {}", manifest.content_hash);
-        println!("path     {}", dir.display());
-        println!(
+        outln!("node     {node} ({} v{})", manifest.stage, manifest.version);
+        outln!("recipe   {}", manifest.recipe);
+        outln!("content  {}", manifest.content_hash);
+        outln!("path     {}", dir.display());
+        outln!(
             "built    {} in {:.2}s on {} thread(s), cachemoney {}",
-            manifest.created_at, manifest.seconds, manifest.threads, manifest.tool_version
+            manifest.created_at,
+            manifest.seconds,
+            manifest.threads,
+            manifest.tool_version
         );
         if !manifest.phase_seconds.is_empty() {
             let phases: Vec<String> = manifest
@@ -306,18 +310,18 @@ impl Session {
                 .iter()
                 .map(|(phase, seconds)| format!("{phase} {seconds:.2}s"))
                 .collect();
-            println!("phases   {}", phases.join(", "));
+            outln!("phases   {}", phases.join(", "));
         }
         if !manifest.report.is_empty() {
-            println!("report");
+            outln!("report");
             for (key, value) in &manifest.report {
-                println!("  {key:<32} {value}");
+                outln!("  {key:<32} {value}");
             }
         }
-        println!("files");
+        outln!("files");
         for (name, file) in &manifest.files {
             let rows_text = file.rows.map(|r| format!("{r} rows")).unwrap_or_default();
-            println!(
+            outln!(
                 "  {name:<20} {:>12} bytes  {rows_text:<16} blake3 {}",
                 file.bytes,
                 short(&file.blake3)
@@ -332,21 +336,21 @@ impl Session {
         for (name, file) in &manifest.files {
             let Some(schema) = &file.schema else { continue };
             let columns: Vec<String> = schema.iter().map(|(c, t)| format!("{c} {t}")).collect();
-            println!("\n{name}: {}", columns.join(", "));
+            outln!("\n{name}: {}", columns.join(", "));
             // The columns the file leaves out because SQL computes them.
             let declared = name
                 .strip_suffix(".parquet")
                 .and_then(|table| self.registry.table_columns(&manifest.stage, table));
             for column in declared.unwrap_or(&[]) {
                 if let Some(sql) = column.derived {
-                    println!("  derived in SQL: {} = {sql}", column.name);
+                    outln!("  derived in SQL: {} = {sql}", column.name);
                 }
             }
             if rows > 0 {
                 let path = dir.join(name);
                 let batches = first_rows(&path, rows)
                     .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
-                println!("{}", sql::format_batches(&batches, Format::Table)?);
+                outln!("{}", sql::format_batches(&batches, Format::Table)?);
             }
         }
         Ok(())
@@ -379,7 +383,7 @@ impl Session {
             }
             match query {
                 Some(q) => {
-                    println!("{}", sql::execute(&session, q, format).await?);
+                    outln!("{}", sql::execute(&session, q, format).await?);
                     Ok(())
                 }
                 None => interactive(&session, format).await,
@@ -407,7 +411,7 @@ impl Session {
         })?;
         crate::report::write(out, &html)?;
         if !quiet {
-            println!(
+            outln!(
                 "wrote {} ({figures} figures, {} KB); open it in a browser",
                 out.display(),
                 html.len().div_ceil(1024)
@@ -433,7 +437,7 @@ impl Session {
         }
         if problems.is_empty() {
             if !quiet {
-                println!(
+                outln!(
                     "ok: {} artifact(s), {files} file(s), every hash matches its manifest",
                     listing.artifacts.len()
                 );
@@ -466,7 +470,7 @@ impl Session {
             "removed"
         };
         for problem in &listing.problems {
-            println!("{verb} {} ({})", problem.path.display(), problem.message);
+            outln!("{verb} {} ({})", problem.path.display(), problem.message);
             if !options.dry_run {
                 self.store.remove_path(&lock, &problem.path)?;
             }
@@ -496,7 +500,7 @@ impl Session {
                     kept_bytes += bytes;
                     continue;
                 }
-                println!(
+                outln!(
                     "{verb} {}/{} (built by node '{}' at {}, {} bytes)",
                     manifest.stage,
                     short(&manifest.recipe),
@@ -516,7 +520,7 @@ impl Session {
             self.store.hasher().forget_missing();
             self.store.hasher().save()?;
         }
-        println!(
+        outln!(
             "{} {removed} artifact(s), {freed} bytes",
             if options.dry_run {
                 "would free"
@@ -525,7 +529,7 @@ impl Session {
             }
         );
         if kept_recent + kept_young > 0 {
-            println!(
+            outln!(
                 "kept {} unreferenced artifact(s), {kept_bytes} bytes: {kept_recent} as their node's last {} build(s) (--keep), {kept_young} younger than {} (--grace); `cachemoney gc --keep 0 --grace 0` removes them too",
                 kept_recent + kept_young,
                 options.keep,

@@ -13,10 +13,13 @@ use crate::store::NodeRef;
 
 /// `status` with a remote: one more column, whether the remote holds the node's recipe.
 pub(super) fn print_status(resolved: &[Resolved], remote: &Remote, width: usize) -> Result<()> {
-    println!("remote {}", remote.url());
-    println!(
+    outln!("remote {}", remote.url());
+    outln!(
         "{:<width$} {:<12} {:<8} {:<7} detail",
-        "node", "stage", "state", "remote"
+        "node",
+        "stage",
+        "state",
+        "remote"
     );
     for r in resolved {
         let (state, mut detail) = state_and_detail(&r.state);
@@ -33,9 +36,13 @@ pub(super) fn print_status(resolved: &[Resolved], remote: &Remote, width: usize)
         } else if r.remote == Some(true) && !matches!(r.state, NodeState::Cached { .. }) {
             detail.push_str("; on the remote: `cachemoney pull` or `run` fetches it");
         }
-        println!(
+        outln!(
             "{:<width$} {:<12} {:<8} {:<7} {}",
-            r.node, r.stage, state, on_remote, detail
+            r.node,
+            r.stage,
+            state,
+            on_remote,
+            detail
         );
     }
     Ok(())
@@ -96,7 +103,7 @@ impl Session {
             let (NodeState::Cached { .. }, Some(recipe)) = (&r.state, &r.recipe) else {
                 tally.absent += 1;
                 if !quiet && !r.rerun {
-                    println!(
+                    outln!(
                         "{:<width$} {:<12} {:<14} its current recipe is not in the local store; `cachemoney run` builds it",
                         r.node,
                         r.stage,
@@ -146,7 +153,7 @@ impl Session {
                 Err(e) => return Err(e.context(format!("node '{}': cannot push", r.node))),
             };
             if !quiet && !r.rerun {
-                println!(
+                outln!(
                     "{:<width$} {:<12} {:<14} content {}  {detail}",
                     r.node,
                     r.stage,
@@ -156,7 +163,7 @@ impl Session {
             }
         }
         if !quiet || tally.failed > 0 {
-            print_tally(&tally, "pushed", remote.url());
+            print_tally(&tally, "pushed", remote.url())?;
         }
         Ok(tally.failed == 0)
     }
@@ -202,12 +209,13 @@ impl Session {
             tally.reruns += usize::from(r.rerun);
             let line = |label: &str, detail: &str| {
                 if !quiet && !r.rerun {
-                    println!("{:<width$} {:<12} {:<14} {detail}", r.node, r.stage, label);
+                    outln!("{:<width$} {:<12} {:<14} {detail}", r.node, r.stage, label);
                 }
+                anyhow::Ok(())
             };
             if let NodeState::Cached { content_hash } = &r.state {
                 tally.already += 1;
-                line("here already", &format!("content {}", short(content_hash)));
+                line("here already", &format!("content {}", short(content_hash)))?;
                 continue;
             }
             let (Some(recipe), Some(ingredients), Some(outcome)) =
@@ -217,7 +225,7 @@ impl Session {
                 line(
                     "not on remote",
                     "its current recipe is not in the remote either",
-                );
+                )?;
                 continue;
             };
             match outcome {
@@ -242,11 +250,11 @@ impl Session {
                             transfer.files,
                             transfer.bytes as f64 / 1e6
                         ),
-                    );
+                    )?;
                 }
                 Ok(None) => {
                     tally.absent += 1;
-                    line("not on remote", "removed from the remote meanwhile");
+                    line("not on remote", "removed from the remote meanwhile")?;
                 }
                 Err(e) if is_refused(&e) => {
                     tally.failed += 1;
@@ -257,7 +265,7 @@ impl Session {
         }
         tally.transfer.seconds = seconds;
         if !quiet || tally.failed > 0 {
-            print_tally(&tally, "pulled", remote.url());
+            print_tally(&tally, "pulled", remote.url())?;
         }
         for line in numerics.lines() {
             eprintln!("{line}");
@@ -285,11 +293,11 @@ impl Session {
                     Some((_, bytes)) if *bytes == output.bytes => {}
                     Some((_, bytes)) => {
                         broken += 1;
-                        println!("broken {name}: file '{file}' has {bytes} bytes there, {} in the manifest", output.bytes);
+                        outln!("broken {name}: file '{file}' has {bytes} bytes there, {} in the manifest", output.bytes);
                     }
                     None => {
                         broken += 1;
-                        println!(
+                        outln!(
                             "broken {name}: file '{file}' (blob {}) is missing",
                             short(&output.blake3)
                         );
@@ -299,7 +307,7 @@ impl Session {
         }
         for problem in &inventory.unreadable {
             broken += 1;
-            println!("broken {problem}");
+            outln!("broken {problem}");
         }
         let (mut orphans, mut orphan_bytes, mut kept_bytes) = (0usize, 0u64, 0u64);
         for (hash, (name, bytes)) in &inventory.blobs {
@@ -308,23 +316,23 @@ impl Session {
             } else {
                 orphans += 1;
                 orphan_bytes += bytes;
-                println!("would remove {name} ({bytes} bytes, referenced by no manifest)");
+                outln!("would remove {name} ({bytes} bytes, referenced by no manifest)");
             }
         }
-        println!(
+        outln!(
             "{}: {} manifest(s) referencing {} blob(s), {kept_bytes} bytes; {orphans} unreferenced blob(s), {orphan_bytes} bytes; {broken} broken manifest(s)",
             remote.url(),
             inventory.manifests.len(),
             referenced.len(),
         );
-        println!("nothing was deleted: cachemoney never deletes remote objects");
+        outln!("nothing was deleted: cachemoney never deletes remote objects");
         Ok(broken == 0)
     }
 }
 
-fn print_tally(tally: &Tally, verb: &str, url: &str) {
+fn print_tally(tally: &Tally, verb: &str, url: &str) -> anyhow::Result<()> {
     if tally.reruns > 0 {
-        println!(
+        outln!(
             "{} legality re-run node(s) (NODE_cutN) among them",
             tally.reruns
         );
@@ -340,5 +348,6 @@ fn print_tally(tally: &Tally, verb: &str, url: &str) {
     if tally.failed > 0 {
         line.push_str(&format!(", {} FAILED", tally.failed));
     }
-    println!("{line}");
+    outln!("{line}");
+    Ok(())
 }

@@ -55,7 +55,7 @@ pub(super) async fn interactive(session: &SqlSession, format: Format) -> Result<
     if !std::io::stdin().is_terminal() {
         return script(session, format).await;
     }
-    println!(
+    outln!(
         "cachemoney sql: {} tables; \\d lists them, \\q quits, statements end with ';'",
         session.tables.len()
     );
@@ -85,7 +85,7 @@ pub(super) async fn interactive(session: &SqlSession, format: Format) -> Result<
         };
         let _ = editor.add_history_entry(statement.as_str());
         match sql::execute(session, &statement, format).await {
-            Ok(text) => println!("{text}"),
+            Ok(text) => outln!("{text}"),
             Err(e) => eprintln!("error: {e:#}"),
         }
     }
@@ -121,7 +121,7 @@ async fn run_statement(
     let text = sql::execute(session, statement, format)
         .await
         .map_err(|e| anyhow!("standard input, line {first_line}: {e:#}"))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 

@@ -3,19 +3,19 @@
 use crate::registry::Registry;
 
 /// `cachemoney stages`: every stage's declaration.
-pub fn stages() {
+pub fn stages() -> anyhow::Result<()> {
     let registry = Registry::with_builtin_stages();
     for kind in registry.kinds() {
         let stage = registry.get(kind).expect("listed");
         let spec = stage.spec();
-        println!("{kind} (v{}): {}", spec.version, spec.summary);
+        outln!("{kind} (v{}): {}", spec.version, spec.summary);
         if !spec.inputs.is_empty() {
-            println!("  inputs:");
+            outln!("  inputs:");
         }
         for input in spec.inputs {
             let reads: Vec<String> = input.reads.iter().map(|r| r.signature()).collect();
             let optional = if input.required { "" } else { " (optional)" };
-            println!(
+            outln!(
                 "    {:<12} reads {}{optional}",
                 input.name,
                 reads.join(", ")
@@ -23,22 +23,22 @@ pub fn stages() {
         }
         let declared_per_node = spec.declared_per_node();
         if declared_per_node {
-            println!("  inputs: any, by any name (the program gets a copy of each)");
-            println!("  outputs: declared by each node: outputs.tables.NAME = [\"column type\", ...], outputs.files = [...]");
+            outln!("  inputs: any, by any name (the program gets a copy of each)");
+            outln!("  outputs: declared by each node: outputs.tables.NAME = [\"column type\", ...], outputs.files = [...]");
         } else {
-            println!("  outputs:");
+            outln!("  outputs:");
         }
         for output in spec.outputs {
-            println!("    {output}");
+            outln!("    {output}");
         }
         if let Some(param) = spec.run_seed_param {
-            println!("  run seed: params.{param} (set per seed by --seeds)");
+            outln!("  run seed: params.{param} (set per seed by --seeds)");
         }
         if !spec.metrics.is_empty() {
-            println!("  metrics: {}", spec.metrics.join(", "));
+            outln!("  metrics: {}", spec.metrics.join(", "));
         }
         for role in spec.files {
-            println!(
+            outln!(
                 "  files.{:<10} {}{}",
                 role.name,
                 role.help,
@@ -54,12 +54,13 @@ pub fn stages() {
                 // A node's declared outputs are written `outputs.…`, listed above.
                 let listed = |k: &str| Some(k) != skip && !(declared_per_node && k == "outputs");
                 for (key, value) in map.iter().filter(|(k, _)| listed(k)) {
-                    println!("{indent}params.{key:<22} default {value}");
+                    outln!("{indent}params.{key:<22} default {value}");
                 }
             }
+            anyhow::Ok(())
         };
         match spec.variants {
-            None => print_defaults(serde_json::Value::Null, None, "  "),
+            None => print_defaults(serde_json::Value::Null, None, "  ")?,
             Some(variants) => {
                 for value in variants.values {
                     let default = if *value == variants.default {
@@ -67,14 +68,15 @@ pub fn stages() {
                     } else {
                         ""
                     };
-                    println!("  params.{} = \"{value}\"{default}", variants.param);
+                    outln!("  params.{} = \"{value}\"{default}", variants.param);
                     print_defaults(
                         serde_json::json!({ variants.param: value }),
                         Some(variants.param),
                         "    ",
-                    );
+                    )?;
                 }
             }
         }
     }
+    Ok(())
 }

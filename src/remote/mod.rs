@@ -228,9 +228,6 @@ impl Remote {
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .on_thread_start(|| {
-                block_sigpipe();
-            })
             .build()
             .context("cannot start the async runtime for the remote")?;
         let part_size = match std::env::var("CACHEMONEY_REMOTE_PART_SIZE") {
@@ -272,25 +269,10 @@ impl Remote {
             .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs `future` to completion on the remote's runtime, with SIGPIPE held back on
-    /// this thread meanwhile (see [`block_sigpipe`]); one raised meanwhile is discarded.
+    /// Runs `future` to completion on the remote's runtime. (A socket whose server went
+    /// away fails its write with EPIPE: SIGPIPE stays ignored, as Rust leaves it.)
     fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        let previous = block_sigpipe();
-        let output = self.runtime.block_on(future);
-        // SAFETY: plain signal-set calls on stack values; the zero timeout makes
-        // sigtimedwait a non-blocking poll for a pending SIGPIPE.
-        unsafe {
-            let mut pipe: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut pipe);
-            libc::sigaddset(&mut pipe, libc::SIGPIPE);
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            while libc::sigtimedwait(&pipe, std::ptr::null_mut(), &zero) == libc::SIGPIPE {}
-            libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        }
-        output
+        self.runtime.block_on(future)
     }
 
     /// Contacts the remote once (a listing under its prefix), so that a wrong endpoint,
@@ -382,23 +364,6 @@ pub(super) fn manifest_problem(manifest: &Manifest, stage: &str, recipe: &str) -
         return Some("its content hash does not match its file list".into());
     }
     None
-}
-
-/// Blocks SIGPIPE on the calling thread and returns the previous mask. `main` restores
-/// SIGPIPE's default action so that `cachemoney sql | head` ends quietly; but a socket
-/// whose server went away must fail a write with EPIPE (a clear error), not kill the
-/// process without a word. SIGPIPE is delivered to the thread that wrote, so holding it
-/// back on the threads that talk to the network is enough.
-fn block_sigpipe() -> libc::sigset_t {
-    // SAFETY: plain signal-set calls on stack values.
-    unsafe {
-        let mut pipe: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut pipe);
-        libc::sigaddset(&mut pipe, libc::SIGPIPE);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut previous);
-        previous
-    }
 }
 
 /// Retries with a short backoff: a server that is down is reported in about a second,

@@ -445,7 +445,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
             }
             rerun_seconds += seconds;
         } else if !options.quiet {
-            println!(
+            outln!(
                 "{:<width$} {:<12} {:<20} {:>8}  content {}",
                 node.name,
                 node.stage,
@@ -472,7 +472,7 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         upstream.insert(node.name.clone(), (dir, manifest));
     }
     if reruns_built + reruns_reused > 0 && !options.quiet {
-        println!(
+        outln!(
             "{} legality re-run node(s) (NODE_cutN, listed by `status`): {reruns_built} built in {rerun_seconds:.2}s, {reruns_reused} reused",
             reruns_built + reruns_reused
         );

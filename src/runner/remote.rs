@@ -59,7 +59,7 @@ pub(super) fn prefetch(
     // Fetched together: the time is the batch's, said once.
     total.seconds = started.elapsed().as_secs_f64();
     if !fetched.is_empty() && !options.quiet {
-        println!(
+        outln!(
             "pulled {} artifact(s) from {}: {}",
             fetched.len(),
             remote.url(),
