@@ -10,7 +10,7 @@
 //!   .lock                      held (flock) by the one process that may write
 //! ```
 //!
-//! Why it is built this way (DESIGN.md §3): an artifact directory appears by a single
+//! Why it is built this way (docs/store.md): an artifact directory appears by a single
 //! `rename` of a fully written, fsynced temporary directory whose manifest was written
 //! last, so a directory with a manifest is complete, and a crash leaves only `.tmp/`
 //! litter. The lock is an OS file lock, so a killed run cannot leave a lock behind; the

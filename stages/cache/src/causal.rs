@@ -1,4 +1,4 @@
-//! Causal mode (`spec/honest-modes.md`): every position is looked up in tables holding
+//! Causal mode (`docs/honest-modes.md`): every position is looked up in tables holding
 //! only the positions before it, then added. No leave-one-out is needed: a position's own
 //! occurrence is never in the table when it is scored. Lookup rules, q and the blend are
 //! otherwise the reference's.

@@ -5,7 +5,7 @@
 //! phrase (lengths 64/48/32/16) count tables, looks every position up with the record's
 //! leave-one-out and target-aware backoff, blends, and calibrates the blend on the first
 //! entries. It reproduces the record's own numpy code bit for bit (tested against
-//! `shared/golden/`).
+//! `tests/fixtures/golden/`, the record's own outputs).
 //!
 //! What the engine modules deliberately do not know: files, artifacts, manifests. The
 //! pipeline stages that wrap them (`cache`, `calibrate`, `pass2`) are in [`stages`], which

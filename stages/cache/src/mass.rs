@@ -1,4 +1,4 @@
-//! The implied-mass audit (`spec/honest-modes.md`, "Audit outputs"): at a few positions,
+//! The implied-mass audit (`docs/honest-modes.md`, "Audit outputs"): at a few positions,
 //! evaluate a mode's final probability for *every* candidate token, as if it were the
 //! target, and add them up. A proper distribution sums to 1; the record's hashed,
 //! target-aware cache does not (PR #886 measured ≈ 277).

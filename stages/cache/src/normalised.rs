@@ -1,4 +1,4 @@
-//! Causal-normalised mode (`spec/honest-modes.md`): the cache as a proper next-token
+//! Causal-normalised mode (`docs/honest-modes.md`): the cache as a proper next-token
 //! distribution.
 //!
 //! At position p only the positions before it count (causal), and the order (or phrase

@@ -1,5 +1,5 @@
-//! Fidelity to the record's own numpy code: `tests/fixtures/golden/` (a copy of the
-//! project's `shared/golden/`) holds its tables' SHA-256,
+//! Fidelity to the record's own numpy code: `tests/fixtures/golden/` (outputs of the
+//! record's code, kept in the repository) holds its tables' SHA-256,
 //! its per-position lookups, its calibrated pair and its val_bpb on a 300,001-token
 //! stream, at small and at the record's full table sizes.
 

@@ -24,7 +24,7 @@ use crate::blend::{BlendParams, Entry, PreparedBlend};
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 
-/// Which tables and lookups the cache uses (`spec/honest-modes.md`).
+/// Which tables and lookups the cache uses (`docs/honest-modes.md`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
