@@ -1,5 +1,5 @@
 //! The backtest of the legality probes on the challenge's rulings (issue 27,
-//! docs/backtest.md): every evaluation-time technique of eval-techniques.md §6 as a
+//! docs/backtest.md): every evaluation-time technique of docs/eval-techniques.md §6 as a
 //! scorer of our own (examples/scorers/backtest/), judged by every probe on the demo's
 //! val stream. Fails on any disagreement with the rulings' matrix, and when the page's
 //! table or its `legality` transcript is not what the program prints.
@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use common::Project;
 use serde_json::Value;
 
-/// One row of eval-techniques.md §6 (and §5.4's #2135 whole): the chain, its technique,
-/// its ruling, the base it gains over, C1, TI, C2, C3 (true = pass), and the `order`
-/// finding ("-" where the scorer declares no order).
+/// One row of docs/eval-techniques.md §6 (and §5.4's #2135 whole): the chain, its
+/// technique, its ruling, the base it gains over, C1, TI, C2, C3 (true = pass), and the
+/// `order` finding ("-" where the scorer declares no order).
 struct Ruled {
     chain: &'static str,
     technique: &'static str,

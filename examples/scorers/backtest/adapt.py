@@ -1,4 +1,4 @@
-"""Training at evaluation time (eval-techniques.md §4, §5) on the base bigram, in PyTorch.
+"""Training at evaluation time (docs/eval-techniques.md §4, §5) on the bigram, in PyTorch.
 
     adapt.py slot           SLOT (#1240): a vector added to the logits, optimised on the
                             batch's own targets, then the batch scored with it (illegal)

@@ -2,7 +2,7 @@
 
 The backtest (docs/backtest.md) writes each evaluation-time technique of the challenge's
 later submissions as a small scorer on top of one base model, the add-k bigram of
-examples/scorers/bigram_numpy.py at temperature 1, from ../shared/spec/eval-techniques.md
+examples/scorers/bigram_numpy.py at temperature 1, from docs/eval-techniques.md
 (our words, not the submissions' code). Each scorer writes, at every position it is asked
 about, the distribution it *used* for the realised target: every choice that depends on
 the target (a gate, a mixing weight, a vector trained on it) fixed as the realised target

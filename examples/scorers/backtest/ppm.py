@@ -1,4 +1,4 @@
-"""Byte-level PPM mixtures (eval-techniques.md §3) on the base bigram, as a scorer.
+"""Byte-level PPM mixtures (docs/eval-techniques.md §3) on the base bigram, as a scorer.
 
     ppm.py split        #1835: every byte of a target gets the model's p^(1/n) share,
                         mixed with an order-5 PPM per byte (not normalised over tokens)

@@ -1,4 +1,4 @@
-"""The n-gram tilt (eval-techniques.md §1, §2, §2.7) on the base bigram, as a scorer.
+"""The n-gram tilt (docs/eval-techniques.md §1, §2, §2.7) on the base bigram, as a scorer.
 
     tilt.py token      the token-only tilt of #2135 (legal: the leaderboard's top row)
     tilt.py channels   the token tilt plus the within-word channel of #1145, whose gate

@@ -2,9 +2,9 @@
 //!
 //! The criteria speak of "the prefix", which presumes one order. Real scorers have used
 //! two at once: #2135 (the challenge's top row) builds its n-gram hints in stream order
-//! and trains and scores documents longest first (eval-techniques.md §5.4). Under either
-//! order alone some score depends on a later token; no target ever sees its own. A
-//! scorer declares the order of each of its components, and the legality probes test
+//! and trains and scores documents longest first (docs/eval-techniques.md §5.4). Under
+//! either order alone some score depends on a later token; no target ever sees its own.
+//! A scorer declares the order of each of its components, and the legality probes test
 //! prefix invariance in the orders declared (a score may depend on what comes before it
 //! in *some* declared order, never on what comes after it in *every* one).
 //!

@@ -1,14 +1,14 @@
 //! The causal-normalised cache's counts as a hint: per position, the top continuation of
 //! the longest context that occurred often enough before it.
 //!
-//! The n-gram tilt (eval-techniques.md §1) proposes one hint token per target from the
-//! prefix and boosts it inside the model's own distribution; the boost is renormalised,
-//! so it is legal whatever proposes the hint, as long as the proposal reads only the
-//! prefix. This module makes CacheMoney's cache such a proposer: its contexts (orders
-//! 2–16), counted exactly as the causal-normalised mode counts them ([`crate::classes`]:
-//! equal windows share a class, no hashing), choose the highest order whose context
-//! occurred at least `min_count` times before p, and that context's continuations name
-//! the hint.
+//! The n-gram tilt (docs/eval-techniques.md §1) proposes one hint token per target from
+//! the prefix and boosts it inside the model's own distribution; the boost is
+//! renormalised, so it is legal whatever proposes the hint, as long as the proposal reads
+//! only the prefix. This module makes CacheMoney's cache such a proposer: its contexts
+//! (orders 2–16), counted exactly as the causal-normalised mode counts them
+//! ([`crate::classes`]: equal windows share a class, no hashing), choose the highest
+//! order whose context occurred at least `min_count` times before p, and that context's
+//! continuations name the hint.
 //!
 //! The hint is the token that first reached the context's highest count, as #2135's
 //! kernel tracks it (§1.5: a continuation becomes the top only when its count passes the
@@ -63,7 +63,8 @@ pub fn top_continuations(
 /// For every position, the top continuation of the highest order in `orders` (each at
 /// least 2) whose context's counts before the position pass `gate(order, top, seen)`
 /// (called only for a context seen at least once). #1420/#1514's kernel is one such
-/// gate: each order its own share threshold and minimum count (eval-techniques.md §2.7).
+/// gate: each order its own share threshold and minimum count
+/// (docs/eval-techniques.md §2.7).
 pub fn gated_continuations(
     tokens: &[u16],
     orders: &[usize],

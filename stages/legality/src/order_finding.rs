@@ -1,5 +1,5 @@
-//! The `order` finding (eval-techniques.md §5.4): for a scorer that declares more than one
-//! document order, whether one order alone explains its scores.
+//! The `order` finding (docs/eval-techniques.md §5.4): for a scorer that declares more
+//! than one document order, whether one order alone explains its scores.
 
 use stage_api::order::DocumentOrder;
 use stage_api::StageError;

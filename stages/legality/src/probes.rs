@@ -14,8 +14,9 @@ pub const BLIND: &str = "c2-blind";
 pub const COVERAGE: &str = "coverage";
 pub const BYTES: &str = "bytes";
 pub const SANDBOX: &str = "sandbox";
-/// A scorer that declares its components' document orders (eval-techniques.md §5.4):
-/// whether one order alone explains its scores. Shown only where an order is declared.
+/// A scorer that declares its components' document orders
+/// (docs/eval-techniques.md §5.4): whether one order alone explains its scores. Shown
+/// only where an order is declared.
 pub const ORDER: &str = "order";
 /// The reviewer's checklist beyond C1–C4 (`overlap` and `artifact` nodes wired into a
 /// judge): shown only where wired.

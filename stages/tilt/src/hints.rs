@@ -5,7 +5,7 @@
 //! probability, and a threshold sweep only changes which hints fire (the share is kept).
 //!
 //! Three proposers: `kernel = "2135"`, the challenge's top row (hashed 15-token contexts,
-//! eval-techniques.md §1, to the bit); `kernel = "1514"`, the merged #1514's
+//! docs/eval-techniques.md §1, to the bit); `kernel = "1514"`, the merged #1514's
 //! prefix-gated orders 16, 14, …, 8 (§2.7, with contexts counted exactly); and `kernel =
 //! "cachemoney"`, CacheMoney's own cache made a proposer: the causal-normalised mode's
 //! exact counts of orders 2–16, the longest context seen at least `min_count` times
@@ -28,8 +28,9 @@ use crate::kernel::{Hints, Kernel, ORDER};
 /// `hints`: one row per val target.
 pub struct HintsStage;
 
-/// Which token starts the ring (eval-techniques.md §1.4): #2135 pushes the first target,
-/// #1145 the stream's first token. It matters only where the stream's first window recurs.
+/// Which token starts the ring (docs/eval-techniques.md §1.4): #2135 pushes the first
+/// target, #1145 the stream's first token. It matters only where the stream's first
+/// window recurs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Seed {
@@ -80,7 +81,7 @@ fn refuse_set(set: &[(&str, bool)], why: &str) -> Result<(), StageError> {
 }
 
 /// #1420/#1514's orders, highest first, each with its share threshold (compared in f32)
-/// and the count its context must have reached (eval-techniques.md §2.7).
+/// and the count its context must have reached (docs/eval-techniques.md §2.7).
 pub const ORDERS_1514: [(usize, f32, u32); 5] = [
     (16, 0.50, 2),
     (14, 0.50, 2),

@@ -1,4 +1,4 @@
-//! The token-only n-gram hint kernel of #2135 (eval-techniques.md §1), exact.
+//! The token-only n-gram hint kernel of #2135 (docs/eval-techniques.md §1), exact.
 //!
 //! Per target, from the prefix alone: the 15 tokens before it form a context, hashed to a
 //! 64-bit key; the context's past continuations name a hint (the token that first reached

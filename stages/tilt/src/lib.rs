@@ -1,4 +1,4 @@
-//! The legal n-gram tilt (eval-techniques.md §1), the technique that replaced
+//! The legal n-gram tilt (docs/eval-techniques.md §1), the technique that replaced
 //! CacheMoney's cache: from the prefix alone, a hashed 15-token context proposes one hint
 //! token; when the context's past continuations agree strongly enough, the hint's logit
 //! gets a boost and the distribution is renormalised exactly. Causal, normalised and

@@ -1,5 +1,5 @@
-//! Applying a hint (eval-techniques.md §1.7): the hinted token's logit gets a boost β and
-//! the distribution is renormalised exactly, p'(a) = p(a)·e^{β[a=h]} / Z with
+//! Applying a hint (docs/eval-techniques.md §1.7): the hinted token's logit gets a boost
+//! β and the distribution is renormalised exactly, p'(a) = p(a)·e^{β[a=h]} / Z with
 //! Z = 1 + q(e^β − 1), q = p(h). It needs the model's probability of the hint, a token
 //! other than the target in general, which only the model's pass can give.
 
