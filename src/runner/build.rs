@@ -77,7 +77,7 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
             std::fs::remove_dir_all(&scratch).ok();
             // The context names the node already.
             return Err(match e {
-                stage_api::StageError::Param { node: n, message } if n == node.name => {
+                stage_api::StageError::Node { node: n, message } if n == node.name => {
                     anyhow!(message)
                 }
                 e => {

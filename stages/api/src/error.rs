@@ -18,9 +18,10 @@ pub enum StageError {
     #[error("params.{param}: {message}")]
     InvalidParam { param: String, message: String },
 
-    /// Parameters or wiring of the node are wrong, found while running it.
+    /// Something about the node itself (its parameters together, its wiring, its
+    /// files) is wrong, found while running it.
     #[error("node '{node}': {message}")]
-    Param { node: String, message: String },
+    Node { node: String, message: String },
 
     /// Reading or writing failed at the OS level.
     #[error("{}: {source}", path.display())]

@@ -292,7 +292,7 @@ impl StageContext {
 
     /// An error about this node's parameters or wiring, found while running it.
     pub fn error(&self, message: impl Into<String>) -> StageError {
-        StageError::Param {
+        StageError::Node {
             node: self.node.clone(),
             message: message.into(),
         }

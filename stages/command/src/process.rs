@@ -496,7 +496,7 @@ pub fn keep_for_inspection(
             path: moved(&path),
             message: text(message),
         },
-        StageError::Param { node, message } => StageError::Param {
+        StageError::Node { node, message } => StageError::Node {
             node,
             message: text(message),
         },

@@ -123,7 +123,7 @@ impl From<StageError> for WireError {
             e @ StageError::InvalidParam { .. } => WireError::Params {
                 message: e.to_string(),
             },
-            StageError::Param { node, message } => WireError::Param { node, message },
+            StageError::Node { node, message } => WireError::Param { node, message },
             StageError::Format { path, message } => WireError::Format { path, message },
         }
     }
@@ -134,7 +134,7 @@ impl From<WireError> for StageError {
         match e {
             WireError::Input { path, message } => StageError::Input { path, message },
             WireError::Params { message } => StageError::InvalidParams(message),
-            WireError::Param { node, message } => StageError::Param { node, message },
+            WireError::Param { node, message } => StageError::Node { node, message },
             WireError::Format { path, message } => StageError::Format { path, message },
         }
     }
@@ -183,7 +183,7 @@ pub fn run_in_worker(
     ctx: &StageContext,
     numerics: Numerics,
 ) -> Result<StageReport, StageError> {
-    let fail = |message: String| StageError::Param {
+    let fail = |message: String| StageError::Node {
         node: ctx.node.clone(),
         message,
     };
