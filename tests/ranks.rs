@@ -54,6 +54,19 @@ struct Row {
     entropy: f32,
 }
 
+/// Entries at these positions, every one with the same probability and entropy: where
+/// only the layout of pass 1 is under test.
+fn flat_rows(positions: impl IntoIterator<Item = usize>) -> Vec<Row> {
+    positions
+        .into_iter()
+        .map(|position| Row {
+            position,
+            model_p: 0.5,
+            entropy: 1.0,
+        })
+        .collect()
+}
+
 fn write_pass1(p: &Project, rows: &[Row]) {
     write_pass1_table(
         &p.path().join("pass1.parquet"),
@@ -231,14 +244,7 @@ fn ranks_refuse_a_pass1_that_is_not_in_the_record_window_order() {
     let targets = csv_rows(&p, "SELECT count(*) - 1 FROM val")[0][0] as usize;
     // Every target once, in order, and the last one again: neither the record's windows
     // (which score their last 16 targets again) nor every target once.
-    let rows: Vec<Row> = (1..=targets)
-        .chain([targets])
-        .map(|position| Row {
-            position,
-            model_p: 0.5,
-            entropy: 1.0,
-        })
-        .collect();
+    let rows = flat_rows((1..=targets).chain([targets]));
     write_pass1(&p, &rows);
     p.write_pipeline(&pipeline(2));
     p.ok(&["run", "--until", "cache"]);
@@ -252,15 +258,7 @@ fn ranks_refuse_a_pass1_that_is_not_in_the_record_window_order() {
     );
     assert_eq!(before, p.store_snapshot());
     // Right count, wrong order: the same entries with two rows swapped.
-    let mut rows: Vec<Row> = window_positions(targets)
-        .into_iter()
-        .flatten()
-        .map(|position| Row {
-            position,
-            model_p: 0.5,
-            entropy: 1.0,
-        })
-        .collect();
+    let mut rows = flat_rows(window_positions(targets).into_iter().flatten());
     rows.swap(3000, 3001);
     write_pass1(&p, &rows);
     let line = p.fails(&["run"]);
@@ -276,13 +274,7 @@ fn more_ranks_than_windows_are_refused_at_the_parameters_line() {
     let targets = csv_rows(&p, "SELECT count(*) - 1 FROM val")[0][0] as usize;
     // Windows as long as their stride score every target once: three windows here.
     let window = targets.div_ceil(3);
-    let rows: Vec<Row> = (1..=targets)
-        .map(|position| Row {
-            position,
-            model_p: 0.5,
-            entropy: 1.0,
-        })
-        .collect();
+    let rows = flat_rows(1..=targets);
     write_pass1(&p, &rows);
     let pipeline = pipeline(4).replace(
         &format!("params.window_len = {WINDOW_LEN}\nparams.stride = {STRIDE}\n"),

@@ -67,30 +67,16 @@ pub struct Remote {
 /// A remote object that failed verification (a corrupt or tampered blob, a manifest
 /// that does not describe its recipe). Unlike an unreachable server, this is news about
 /// one artifact: `run` builds it here instead, and its push repairs the blobs.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Refused(pub String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// The remote answered "access denied" (401 or 403): for a write, the credentials may
 /// read and not write, as a shared store's readers often may; `run` then reads through
 /// the remote and keeps what it builds here.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Denied(pub String);
-
-impl std::fmt::Display for Denied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Denied {}
 
 /// Whether `error` is (or wraps) a [`Denied`].
 pub fn is_denied(error: &anyhow::Error) -> bool {
