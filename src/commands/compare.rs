@@ -107,7 +107,7 @@ impl Session {
     pub fn compare(&self, json: bool, claim: Option<&Claim>) -> Result<bool> {
         let resolved = self.context().resolve()?;
         let mut rows = Vec::new();
-        let (mut unbuilt, mut damaged) = (Vec::new(), Vec::<String>::new());
+        let mut unbuilt = Vec::new();
         let products = Products::new(&self.pipeline);
         for chain in products.chains().into_iter().chain(products.tilts()) {
             match self.built_report(&resolved, &chain.scores)? {
@@ -120,21 +120,25 @@ impl Session {
                 }),
             }
         }
-        // Nothing to compare because something is damaged (the scores, or a node they
-        // depend on): that is what to say, not that nothing was built.
-        for r in &resolved {
-            if let NodeState::Damaged { problems } = &r.state {
-                damaged.push(format!("{}: {}", r.node, problems.join("; ")));
-            }
-        }
-        if rows.is_empty() && !damaged.is_empty() {
-            anyhow::bail!(
-                "no chain of {} can be read, damaged: {}; `cachemoney run` rebuilds it",
-                self.pipeline.path.display(),
-                damaged.join("; ")
-            );
-        }
         if rows.is_empty() {
+            // Nothing to compare because something is damaged (the scores, or a node
+            // they depend on): that is what to say, not that nothing was built.
+            let damaged: Vec<String> = resolved
+                .iter()
+                .filter_map(|r| match &r.state {
+                    NodeState::Damaged { problems } => {
+                        Some(format!("{}: {}", r.node, problems.join("; ")))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !damaged.is_empty() {
+                anyhow::bail!(
+                    "no chain of {} can be read, damaged: {}; `cachemoney run` rebuilds it",
+                    self.pipeline.path.display(),
+                    damaged.join("; ")
+                );
+            }
             return Err(crate::chain::none_built(&self.pipeline));
         }
         if let Some(Claim {

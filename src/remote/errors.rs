@@ -22,11 +22,10 @@ impl Remote {
                 "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (no instance profile answered either)".to_string()
             }
             _ if is_denied(&error, &detail) => {
-                return anyhow::Error::new(super::Denied(format!(
-                    "remote {}: access denied ({}); check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)",
-                    self.url,
-                    s3_error_code(&detail).map_or_else(|| innermost(&error), str::to_string)
-                )))
+                return anyhow::Error::new(super::Denied {
+                    url: self.url.clone(),
+                    code: s3_error_code(&detail).map_or_else(|| innermost(&error), str::to_string),
+                })
             }
             _ if is_unreachable(&detail) => format!(
                 "cannot reach the server ({}); check the endpoint (AWS_ENDPOINT for an S3-compatible server), or pass --offline to work without the remote",

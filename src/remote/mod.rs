@@ -75,12 +75,18 @@ pub struct Refused(pub String);
 /// read and not write, as a shared store's readers often may; `run` then reads through
 /// the remote and keeps what it builds here.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Denied(pub String);
+#[error("remote {url}: access denied ({code}); check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)")]
+pub struct Denied {
+    pub url: String,
+    /// The server's reason: S3's error code (`AccessDenied`), else the client's message.
+    pub code: String,
+}
 
-/// Whether `error` is (or wraps) a [`Denied`].
-pub fn is_denied(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.is::<Denied>())
+/// The [`Denied`] that `error` is or wraps, if it is one.
+pub fn denial(error: &anyhow::Error) -> Option<&Denied> {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<Denied>())
 }
 
 /// Whether `error` is (or wraps) a [`Refused`].

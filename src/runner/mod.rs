@@ -160,26 +160,22 @@ impl RunContext<'_> {
             // What the remote holds counts for what downstream resolves to: a node that
             // is only there still has a known content, so its dependents' recipes are
             // known too (and `pull` can fetch them).
-            let mut remote_refused = None;
-            let on_remote = match self.remote {
+            // Whether the remote holds the recipe, the content it says it has, and why its
+            // manifest would be refused if it would: news about this node only, as a bad
+            // blob is (`pull` reports it and pulls the rest, `run` builds it here).
+            let (on_remote, remote_content, remote_refused) = match self.remote {
                 Some(remote) => match remote.manifest(&node.stage, &recipe) {
-                    Ok(found) => Some(found.is_some()),
-                    // A manifest there that fails its checks is news about this node
-                    // only, as a bad blob is: `pull` reports it and pulls the rest,
-                    // `run` builds the node here.
+                    Ok(found) => (
+                        Some(found.is_some()),
+                        found.map(|manifest| manifest.content_hash),
+                        None,
+                    ),
                     Err(e) if crate::remote::is_refused(&e) => {
-                        remote_refused = Some(format!("{e:#}"));
-                        Some(true)
+                        (Some(true), None, Some(format!("{e:#}")))
                     }
                     Err(e) => return Err(e),
                 },
-                None => None,
-            };
-            let remote_content = match (self.remote, on_remote, &remote_refused) {
-                (Some(remote), Some(true), None) => remote
-                    .manifest(&node.stage, &recipe)?
-                    .map(|manifest| manifest.content_hash),
-                _ => None,
+                None => (None, None, None),
             };
             let state = match self.store.lookup(&node.stage, &recipe) {
                 Stored::Intact(manifest) => {

@@ -11,7 +11,7 @@ use anyhow::Result;
 use super::{NodeState, Resolved, RunContext, RunOptions};
 use crate::pipeline::Node;
 use crate::recipe::short;
-use crate::remote::{is_denied, is_refused, transfer_bar, Pushed, Remote, Transfer};
+use crate::remote::{denial, is_refused, transfer_bar, Pushed, Remote, Transfer};
 use crate::store::{Manifest, Store, StoreLock};
 
 impl Resolved {
@@ -198,15 +198,6 @@ pub(super) fn push_node(
     let pushed = remote.push(dir, manifest, &bar);
     bar.finish_and_clear();
     match pushed {
-        // Credentials that may read and not write: read through, keep builds here.
-        Err(e) if is_denied(&e) => {
-            if remote.deny_writes() {
-                eprintln!(
-                    "warning: {e:#}: writes are denied, so the remote is only read through; nothing is pushed"
-                );
-            }
-            Ok(())
-        }
         Ok(Pushed::Uploaded(_) | Pushed::AlreadyThere | Pushed::Repaired(_)) => Ok(()),
         Ok(Pushed::Conflict { remote_content }) => {
             eprintln!(
@@ -221,6 +212,18 @@ pub(super) fn push_node(
             eprintln!("warning: node '{}': not pushed: {e:#}", node.name);
             Ok(())
         }
-        Err(e) => Err(e.context(format!("node '{}': cannot push", node.name))),
+        Err(e) => match denial(&e) {
+            // Credentials that may read and not write: read through, keep builds here.
+            Some(denied) => {
+                if remote.deny_writes() {
+                    eprintln!(
+                        "warning: remote {}: writes are denied ({}): it is only read through, and nothing is pushed",
+                        denied.url, denied.code
+                    );
+                }
+                Ok(())
+            }
+            None => Err(e.context(format!("node '{}': cannot push", node.name))),
+        },
     }
 }

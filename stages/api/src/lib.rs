@@ -21,8 +21,8 @@ pub mod windows;
 
 pub use error::StageError;
 pub use parquet_io::{
-    read_column, read_column_rows, read_parquet, table_rows, write_parquet, write_parquet_parallel,
-    ParquetLayout, ParquetTable, ROW_GROUP_ROWS,
+    read_column, read_column_rows, read_distributions, read_parquet, table_rows, write_parquet,
+    write_parquet_parallel, ParquetLayout, ParquetTable, ROW_GROUP_ROWS,
 };
 pub use sample::sample_positions;
 pub use spec::{
@@ -388,12 +388,9 @@ impl StageReport {
 /// `raw` as `T`, errors naming the parameter they are about. A value of the wrong type is
 /// reported with the parameter's path (`params.seed: invalid type: …`).
 pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, StageError> {
-    let raw = if raw.is_null() {
-        Value::Object(Default::default())
-    } else {
-        raw.clone()
-    };
-    serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
+    let none = Value::Object(Default::default());
+    let raw = if raw.is_null() { &none } else { raw };
+    serde_path_to_error::deserialize(raw).map_err(|e| {
         let message = e.inner().to_string();
         let mut param = e.path().to_string();
         // An unknown key is reported at its parent; name the key itself.
@@ -409,7 +406,7 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(raw: &Value) -> Result<T, St
             };
         }
         match param.as_str() {
-            "." | "" => match culprit::<T>(&raw) {
+            "." | "" => match culprit::<T>(raw) {
                 Some(key) => StageError::invalid_param(key, message),
                 None => StageError::InvalidParams(message),
             },

@@ -392,6 +392,31 @@ impl ParquetTable {
     }
 }
 
+/// A distributions table (`position`, `candidate`, `model_p`: one row per candidate, a
+/// position's rows together, positions increasing, as pass-1 writes it) as one
+/// distribution per position.
+pub fn read_distributions(path: &Path) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
+    use arrow::datatypes::{Float32Type, Int64Type};
+    let position = read_column::<Int64Type>(path, "position")?;
+    let model_p = read_column::<Float32Type>(path, "model_p")?;
+    let mut kept: Vec<(i64, Vec<f32>)> = Vec::new();
+    for (&p, &v) in position.iter().zip(&model_p) {
+        match kept.last_mut() {
+            Some((last, probs)) if *last == p => probs.push(v),
+            Some((last, _)) if *last > p => {
+                return Err(StageError::input(
+                    path,
+                    format!(
+                    "position {p} comes after {last}: the distributions are not sorted by position"
+                ),
+                ))
+            }
+            _ => kept.push((p, vec![v])),
+        }
+    }
+    Ok(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,20 +285,12 @@ impl Table {
     }
 }
 
+/// A pass-1's kept distributions; none where it kept none.
 pub(crate) fn read_distributions(path: &Path) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let position = read_column::<Int64Type>(path, "position")?;
-    let model_p = read_column::<Float32Type>(path, "model_p")?;
-    let mut out: Vec<(i64, Vec<f32>)> = Vec::new();
-    for (&p, &v) in position.iter().zip(&model_p) {
-        match out.last_mut() {
-            Some((last, probs)) if *last == p => probs.push(v),
-            _ => out.push((p, vec![v])),
-        }
-    }
-    Ok(out)
+    stage_api::read_distributions(path)
 }
 
 /// The first difference, at or before `cut`, between two tables' compared columns:

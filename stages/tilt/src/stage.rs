@@ -11,9 +11,8 @@ use arrow::array::{ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use stage_api::{
-    arrow_schema, read_column, write_parquet_parallel, Column, ColumnType::*, Input, Output,
-    ParquetLayout, ParquetTable, Read, Stage, StageContext, StageError, StageParams, StageReport,
-    StageSpec,
+    arrow_schema, write_parquet_parallel, Column, ColumnType::*, Input, Output, ParquetLayout,
+    ParquetTable, Read, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use crate::hints::THRESHOLD;
@@ -168,7 +167,7 @@ impl Stage for TiltStage {
             ));
         }
         let distributions = pass1.file("distributions.parquet");
-        let mut kept = read_distributions(&distributions)?;
+        let mut kept = stage_api::read_distributions(&distributions)?;
         let kept_positions: Vec<i64> = kept.iter().map(|(p, _)| *p).collect();
         // Each row group is read, tilted and encoded in one task (the writer's), so no
         // column is ever whole in memory; its sums come back in group order, the same
@@ -320,7 +319,8 @@ impl Inputs {
                 ),
             ));
         }
-        let span = first.max(1) as usize..(last + 1).max(1) as usize;
+        // (No rows: first 1 and last 0, an empty span.)
+        let span = first as usize..(last + 1) as usize;
         let val = self.val.column_rows::<UInt16Type>("token", span.clone())?;
         let hints = self
             .hints
@@ -426,28 +426,6 @@ impl Boost {
         let z = 1.0 + q * self.exp_m1;
         z.ln() - (-h + q * self.exp_m1 * q.ln() + q * self.exp * self.beta) / z
     }
-}
-
-/// The base pass-1's kept distributions, by position (sorted, as pass-1 writes them).
-fn read_distributions(path: &std::path::Path) -> Result<Vec<(i64, Vec<f32>)>, StageError> {
-    let position = read_column::<Int64Type>(path, "position")?;
-    let model_p = read_column::<Float32Type>(path, "model_p")?;
-    let mut kept: Vec<(i64, Vec<f32>)> = Vec::new();
-    for (&p, &v) in position.iter().zip(&model_p) {
-        match kept.last_mut() {
-            Some((last, probs)) if *last == p => probs.push(v),
-            Some((last, _)) if *last > p => {
-                return Err(StageError::input(
-                    path,
-                    format!(
-                        "position {p} comes after {last}: the kept distributions are not sorted"
-                    ),
-                ))
-            }
-            _ => kept.push((p, vec![v])),
-        }
-    }
-    Ok(kept)
 }
 
 #[cfg(test)]
