@@ -241,6 +241,7 @@ fn a_program_cannot_reach_the_hosts_unix_sockets() {
     let log = std::fs::read_to_string(project.the_artifact("command").join("command.log")).unwrap();
     assert!(log.contains("no Unix socket"), "{log}");
     assert!(log.contains("no io_uring: errno 1"), "{log}");
+    assert!(log.contains("no mincore: errno 1"), "{log}");
     assert!(listener.accept().is_err(), "the step reached the listener");
     assert!(project.ok(&["show", "step"]).contains("no Unix sockets"));
 }

@@ -109,10 +109,14 @@ pub(crate) fn main(path: &Path) -> ! {
     std::process::exit(code)
 }
 
-/// A seccomp filter that fails the keyring calls (`add_key`, `keyctl`, `request_key`)
-/// with EPERM and lets everything else through. Keyrings are global to the kernel, not
-/// namespaced: the third red team linked a key holding the whole val stream into the
-/// user's keyring, where every later run read it back (BPB 0.06, every probe passed).
+/// `cachestat(2)` (Linux 6.5), which the libc crate does not name on x86-64 yet: the
+/// same number on every architecture.
+const SYS_CACHESTAT: i64 = 451;
+
+/// A seccomp filter that fails, with EPERM, the calls that reach state the namespaces do
+/// not separate, and lets everything else through. Keyrings are global to the kernel:
+/// the third red team linked a key holding the whole val stream into the user's
+/// keyring, where every later run read it back (BPB 0.06, every probe passed).
 fn refuse_keyrings_and_sockets(no_unix_sockets: bool) -> Result<(), String> {
     use seccompiler::{
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -123,7 +127,10 @@ fn refuse_keyrings_and_sockets(no_unix_sockets: bool) -> Result<(), String> {
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         // io_uring makes sockets (IORING_OP_SOCKET) and opens files without the system
         // calls a filter can see: the eighth red team made a Unix socket that way and
-        // reached a listener on the host. No program here needs it.
+        // reached a listener on the host. `mincore` and `cachestat` read which pages of
+        // a file the host's page cache holds, which any run can set by reading them and
+        // clear with `posix_fadvise`: the ninth red team carried kilobytes from one run
+        // to the next through the pages of a large library. No program here needs them.
         [
             libc::SYS_add_key,
             libc::SYS_keyctl,
@@ -131,6 +138,8 @@ fn refuse_keyrings_and_sockets(no_unix_sockets: bool) -> Result<(), String> {
             libc::SYS_io_uring_setup,
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
+            libc::SYS_mincore,
+            SYS_CACHESTAT,
         ]
         .into_iter()
             .map(|call| (call, Vec::new()))
