@@ -1,7 +1,7 @@
 //! `cachemoney audit`: a rebuild from stored inputs compared byte for byte with what the
 //! manifests claim, with differences located to a column and a row.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

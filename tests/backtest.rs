@@ -4,7 +4,7 @@
 //! val stream. Fails on any disagreement with the rulings' matrix, and when the page's
 //! table or its `legality` transcript is not what the program prints.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Bad input: one line naming the file and the problem, a non-zero exit, and a store
 //! exactly as it was before.
 
-mod common;
+use crate::common;
 
 use common::{sp_model, write_jsonl, Project};
 

@@ -1,6 +1,6 @@
 //! pass1 → cache → calibrate → pass2 through the real binary, on real text.
 
-mod common;
+use crate::common;
 
 use common::{mass_node, mode_chain, write_pass1_table, Project};
 

@@ -4,7 +4,7 @@
 //! scorer's. The honest scorer passes everything. And the runs look alike: a scorer that
 //! records everything it can observe sees the same in the original run and its re-runs.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,7 +2,7 @@
 //! training data) and the `artifact` probe (model and code against the size limit), shown
 //! by the legality judge that wires them.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! names; and the record's training through `torchrun` with two CPU processes (gloo),
 //! scored by our pass-1.
 
-mod common;
+use crate::common;
 
 use common::{tiny_model, Project};
 

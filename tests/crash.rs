@@ -1,7 +1,7 @@
 //! Crash safety and concurrency: kill -9 at several points of a multi-second tokenize run,
 //! then rerun; two runs at once.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

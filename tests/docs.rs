@@ -11,12 +11,12 @@
 //! - A ```text block that shows a `$ cachemoney` command must say why it is not run,
 //!   in an `<!-- unchecked: REASON -->` comment on the line above (a benchmark at 62M
 //!   tokens; two more trainings for `--seeds`), so no transcript drifts unnoticed.
-//! - `CACHEMONEY_BLESS=1 cargo test --release --test docs` rewrites the expected
-//!   outputs from a run (keeping `[..]` lines that still match).
+//! - `CACHEMONEY_BLESS=1 cargo test --release --test integration docs::` rewrites the
+//!   expected outputs from a run (keeping `[..]` lines that still match).
 
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,7 +1,7 @@
 //! No silent wrong answers: damaged data never produces a number, names cannot escape the
 //! store, big numbers are refused with a sentence, and the commands behave in scripts.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Stdio;

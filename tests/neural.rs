@@ -2,7 +2,7 @@
 //! GPT is trained on the small test corpus, scored by pass-1 and fed to the cache
 //! stages; reruns are reproducible; bad models and bad wiring fail with one line.
 
-mod common;
+use crate::common;
 
 use common::{neural_pipeline, tiny_model, Project};
 

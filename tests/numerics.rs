@@ -15,7 +15,7 @@
 //! - and where an artifact was computed with other kernels than this machine's, `run`,
 //!   `pull` and `audit` say so in one line.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! The runner end to end on real text: caching, staleness, early cut-off, inspection.
 
-mod common;
+use crate::common;
 
 use common::Project;
 

@@ -6,7 +6,7 @@
 //! should dominate: the largest alpha_high), on rank 1 nearly always right (the caches
 //! should be trusted least).
 
-mod common;
+use crate::common;
 
 use common::{write_pass1_table, Project};
 

@@ -2,7 +2,7 @@
 //! stores sharing it, tampering, concurrent writers, kill -9 mid-upload, the server
 //! going away, wrong credentials, a missing bucket.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! Chromium, Debian's `chromium`, which `./dev test` installs) renders every figure in it
 //! without a console error.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

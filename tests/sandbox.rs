@@ -2,7 +2,7 @@
 //! the real binary, ends in a one-line error or a cap, with the store unchanged, and no
 //! process of the scorer's left behind.
 
-mod common;
+use crate::common;
 
 use common::{processes_with, Project};
 

@@ -2,7 +2,7 @@
 //! the example scorers under examples/scorers, run by the project's Python, and scorers
 //! that misbehave in every way the protocol names.
 
-mod common;
+use crate::common;
 
 use common::{neural_pipeline, tiny_model, Project};
 use serde_json::Value;

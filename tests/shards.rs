@@ -1,7 +1,7 @@
 //! Parameter Golf shard import against the challenge's own byte totals
 //! (`tests/fixtures/fineweb-sp1024/gutenberg_classics_val_000000.expected.json`).
 
-mod common;
+use crate::common;
 
 use common::{shard_fixture, sp_model, Project};
 

@@ -2,7 +2,7 @@
 //! The kernel's exactness (the spec's worked examples, the reference with colliding
 //! slots, contexts kept by their tokens) is tested beside it, in stages/tilt.
 
-mod common;
+use crate::common;
 
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type};
 use common::Project;
