@@ -9,7 +9,6 @@
 #[macro_use]
 pub mod output;
 pub mod audit;
-pub mod bench;
 pub mod chain;
 pub mod commands;
 pub mod durable;

@@ -231,31 +231,6 @@ enum Command {
     },
     /// List the stage kinds this binary knows, with their parameters' defaults.
     Stages,
-    /// Measure the spine at the scale of the real validation set and print figures.
-    Bench {
-        /// Where to put the scratch store and generated data (default: a temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Repetitions per measurement (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// Tokens in the generated shard set.
-        #[arg(long, default_value_t = 62_021_632)]
-        tokens: usize,
-        /// Megabytes of text for the tokenize throughput figure.
-        #[arg(long, default_value_t = 100)]
-        text_mb: usize,
-        /// Which part to measure.
-        #[arg(long, value_enum, default_value_t = cachemoney::bench::Section::All)]
-        section: cachemoney::bench::Section,
-        /// Time the engine and the cache chain (sections engine, cache) on this shard's
-        /// tokens (challenge format) instead of a synthetic stream of --tokens.
-        #[arg(long)]
-        shard: Option<PathBuf>,
-        /// Section overlap: shards of 100M training tokens to stream past the val set.
-        #[arg(long, default_value_t = 10)]
-        train_shards: usize,
-    },
 }
 
 #[derive(Subcommand)]
@@ -304,28 +279,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let show_progress = !cli.quiet && std::io::stderr().is_terminal();
     if let Command::Stages = cli.command {
         commands::stages()?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if let Command::Bench {
-        dir,
-        repeat,
-        tokens,
-        text_mb,
-        section,
-        shard,
-        train_shards,
-    } = cli.command
-    {
-        cachemoney::bench::run(
-            dir,
-            repeat,
-            tokens,
-            text_mb,
-            section,
-            shard,
-            cli.remote,
-            train_shards,
-        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut session = Session::open(&cli.pipeline, cli.seeds.as_deref())?;
@@ -419,7 +372,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             keep,
             grace,
         })?,
-        Command::Stages | Command::Bench { .. } => unreachable!("handled above"),
+        Command::Stages => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,17 +1,18 @@
-//! `cachemoney bench`: figures at the real validation set's scale.
+//! `cachemoney-bench`: figures at the real validation set's scale.
 //!
-//! Three sections. `engine` times the pure cache engine in this process, phase by phase,
-//! the way the record reports its own phases. `cache` and `spine` take figures the way a
-//! user meets them, by running this very binary as a child process (`run`, `status`,
-//! `sql`), so process start, pipeline loading, Parquet reading and writing, input hashing
-//! and the store's bookkeeping are all inside the numbers. Each figure is the median of
-//! `repeat` runs.
+//! A tool beside the product, not part of it. The `engine` section times the pure cache
+//! engine in this process, phase by phase, the way the record reports its own phases.
+//! The others take figures the way a user meets them, by running the `cachemoney` binary
+//! built beside this one as a child process (`run`, `status`, `sql`), so process start,
+//! pipeline loading, Parquet reading and writing, input hashing and the store's
+//! bookkeeping are all inside the numbers. Each figure is the median of `--repeat` runs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 
 mod chain;
 mod legality;
@@ -37,6 +38,20 @@ fn project_file(relative: &str) -> Result<PathBuf> {
     bail!("{relative}: not found (run the bench from the project root)")
 }
 
+/// The `cachemoney` binary built beside this one (`cargo build --release --workspace
+/// --bins` builds both), which every section but `engine` runs as a user would.
+fn cachemoney_exe() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let exe = me.with_file_name("cachemoney");
+    if !exe.is_file() {
+        bail!(
+            "{}: not found; build it with `cargo build --release --workspace --bins`",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -44,7 +59,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Runs this binary with `args` in `dir`, returns wall seconds; fails on a non-zero exit.
 fn timed(dir: &Path, args: &[&str]) -> Result<f64> {
-    let exe = std::env::current_exe()?;
+    let exe = cachemoney_exe()?;
     let started = Instant::now();
     let output = Command::new(exe).args(args).current_dir(dir).output()?;
     let seconds = started.elapsed().as_secs_f64();
@@ -95,7 +110,7 @@ fn synthetic_stream(n: usize) -> Vec<u16> {
 
 /// Which parts of the bench to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Section {
+enum Section {
     /// Shard import, status, cached run, SQL, text tokenization.
     Spine,
     /// The pure cache engine, phase by phase, in this process.
@@ -115,20 +130,73 @@ pub enum Section {
     All,
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one argument per option of `bench`'s command line"
-)]
-pub fn run(
+/// Figures at the real validation set's scale (62M tokens by default).
+#[derive(Parser)]
+#[command(name = "cachemoney-bench", version)]
+struct Options {
+    /// Where to put the scratch store and generated data (default: a temp dir).
+    #[arg(long)]
     dir: Option<PathBuf>,
-    repeats: usize,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Tokens in the generated shard set.
+    #[arg(long, default_value_t = 62_021_632)]
     tokens: usize,
+    /// Megabytes of text for the tokenize throughput figure.
+    #[arg(long, default_value_t = 100)]
     text_mb: usize,
+    /// Which part to measure.
+    #[arg(long, value_enum, default_value_t = Section::All)]
     section: Section,
+    /// Time the engine and the cache chain (sections engine, cache) on this shard's
+    /// tokens (challenge format) instead of a synthetic stream of --tokens.
+    #[arg(long)]
     shard: Option<PathBuf>,
-    remote_url: Option<String>,
+    /// Section overlap: shards of 100M training tokens to stream past the val set.
+    #[arg(long, default_value_t = 10)]
     train_shards: usize,
-) -> Result<()> {
+    /// Section remote: the remote store's URL (default: the tests' S3 server on a free
+    /// port); credentials and endpoint from the environment, as for `cachemoney`.
+    #[arg(long)]
+    remote: Option<String>,
+    /// Worker threads for the engine section (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    if let Some(threads) = options.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+        {
+            eprintln!("error: --threads {threads}: cannot start the thread pool: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(options: Options) -> Result<()> {
+    let Options {
+        dir,
+        repeat: repeats,
+        tokens,
+        text_mb,
+        section,
+        shard,
+        train_shards,
+        remote: remote_url,
+        threads: _,
+    } = options;
     if matches!(section, Section::Engine | Section::All) {
         let stream = match &shard {
             Some(path) => text::shards::read_shard(path, 1 << 16)?,
@@ -176,7 +244,12 @@ pub fn run(
     if matches!(section, Section::Cache | Section::Legality) {
         return Ok(());
     }
+    spine(&scratch, repeats, tokens, text_mb)
+}
 
+/// Section spine: a shard set of `tokens` imported, `status`, a cached `run` and SQL
+/// over it; then `text_mb` MB of raw text tokenized (BPE training plus encoding).
+fn spine(scratch: &Path, repeats: usize, tokens: usize, text_mb: usize) -> Result<()> {
     // --- Shard import at the size of the real validation set ---------------------------
     let shard_dir = scratch.join("shards");
     std::fs::create_dir_all(&shard_dir)?;
@@ -204,7 +277,7 @@ pub fn run(
             &["run", "-q", "--force", "tokens"]
         };
         first = false;
-        timed(&scratch, args)
+        timed(scratch, args)
     })?;
     show(
         &format!("import {n} tokens, write Parquet"),
@@ -213,18 +286,18 @@ pub fn run(
     );
     show(
         "status (62M-token table in the store)",
-        &repeat(repeats, || timed(&scratch, &["status"]))?,
+        &repeat(repeats, || timed(scratch, &["status"]))?,
         "",
     );
     show(
         "run, fully cached",
-        &repeat(repeats, || timed(&scratch, &["run", "-q"]))?,
+        &repeat(repeats, || timed(scratch, &["run", "-q"]))?,
         "",
     );
     show(
         "sql: SELECT count(*), sum(bytes) FROM val",
         &repeat(repeats, || {
-            timed(&scratch, &["sql", "SELECT count(*), sum(bytes) FROM val"])
+            timed(scratch, &["sql", "SELECT count(*), sum(bytes) FROM val"])
         })?,
         "",
     );
@@ -269,7 +342,7 @@ pub fn run(
         &format!("({:.2} MB/s)", text_bytes as f64 / tokenize.0 / 1e6),
     );
     // The last run's phases, from its manifest.
-    let manifest = Command::new(std::env::current_exe()?)
+    let manifest = Command::new(cachemoney_exe()?)
         .args(["show", "tokens", "--json"])
         .current_dir(&corpus_dir)
         .output()?;
@@ -296,7 +369,7 @@ pub fn run(
 /// Runs this binary with `args` in `dir`; returns (wall seconds, the child's peak RSS in
 /// bytes), read with wait4 so that each figure is that one process's own.
 fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
-    let exe = std::env::current_exe()?;
+    let exe = cachemoney_exe()?;
     let started = Instant::now();
     let child = Command::new(exe)
         .args(args)
@@ -309,6 +382,7 @@ fn timed_with_rss(dir: &Path, args: &[&str]) -> Result<(f64, u64)> {
     // SAFETY: zeroed rusage is a valid value, and wait4 only writes into the two
     // out-pointers, which outlive the call.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unwaited child, and both out-pointers are live locals.
     let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let seconds = started.elapsed().as_secs_f64();
     if waited != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
