@@ -12,7 +12,7 @@
 //! DataFusion calls: glibc picks its `log` by processor, and a derived column (`bits`)
 //! must be the very f64 the stages compute, on every machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
@@ -22,15 +22,16 @@ use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{ident, ParquetReadOptions, SessionConfig, SessionContext};
-use stage_api::Column;
 
 mod artifacts;
+mod catalogue;
 mod ln;
 use artifacts::artifacts_table;
+use catalogue::{Catalogue, Entry};
 use ln::natural_log;
 
 use crate::registry::Registry;
-use crate::runner::{NodeState, Resolved};
+use crate::runner::Resolved;
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,21 +63,6 @@ pub struct SqlSession {
     files: BTreeMap<String, String>,
 }
 
-/// One Parquet output of a node, as the session sees it.
-struct Entry {
-    node: String,
-    /// A legality re-run's table: reachable as NODE.TABLE only, so that `val` still
-    /// means the val tokens.
-    rerun: bool,
-    stem: String,
-    path: std::path::PathBuf,
-    info: crate::store::OutputFile,
-    /// The table's declared columns, when its stage is known.
-    declared: Option<&'static [Column]>,
-    /// Why it cannot be read, if it cannot.
-    problem: Option<String>,
-}
-
 impl SqlSession {
     pub async fn open(
         store: &Store,
@@ -86,85 +72,49 @@ impl SqlSession {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
         ctx.register_udf(natural_log());
-        let catalog = ctx.catalog("datafusion").expect("default catalog exists");
-
-        let mut entries = Vec::new();
-        let mut unavailable = BTreeMap::new();
-        let mut damaged_tables = Vec::new();
-        let mut current_recipes = BTreeMap::new();
-        for r in resolved {
-            let Some(recipe) = &r.recipe else { continue };
-            let problems = match &r.state {
-                NodeState::Cached { .. } => Vec::new(),
-                NodeState::Damaged { problems } => problems.clone(),
-                _ => continue,
-            };
-            current_recipes.insert(recipe.clone(), r.node.clone());
-            let manifest = match store.manifest(&r.stage, recipe) {
-                Ok(Some(manifest)) => manifest,
-                Ok(None) => continue,
-                Err(e) => {
-                    let reason = repair_hint(&r.node, &format!("{e:#}"));
-                    // The manifest says which tables there are; without it, the stage's
-                    // declaration does, so that a query names the damage, not "not found".
-                    if let Some(stage) = registry.get(&r.stage) {
-                        for output in stage.spec().outputs {
-                            if let stage_api::Produced::Table(_) = output.what {
-                                damaged_tables.push((r.node.clone(), output.name, reason.clone()));
-                            }
-                        }
-                    }
-                    unavailable.insert(r.node.clone(), reason);
-                    continue;
-                }
-            };
-            let dir = store.artifact_dir(&r.stage, recipe);
-            for (file, info) in &manifest.files {
-                let Some(stem) = file.strip_suffix(".parquet") else {
-                    continue;
-                };
-                let path = dir.join(file);
-                // A damaged artifact's files are all withheld: which one is damaged says
-                // nothing about whether the others were written by the same build.
-                let problem = (!problems.is_empty()).then(|| problems.join("; "));
-                let declared = registry.table_columns(&r.stage, stem);
-                entries.push(Entry {
-                    node: r.node.clone(),
-                    rerun: r.rerun,
-                    stem: stem.to_string(),
-                    path,
-                    info: info.clone(),
-                    declared,
-                    problem,
-                });
-            }
-        }
-        let rerun_nodes: std::collections::BTreeSet<String> = entries
+        let Catalogue {
+            entries,
+            unavailable,
+            current_recipes,
+        } = Catalogue::read(store, registry, resolved);
+        let mut session = SqlSession {
+            ctx,
+            tables: Vec::new(),
+            unavailable,
+            files: BTreeMap::new(),
+        };
+        let rerun_nodes: BTreeSet<String> = entries
             .iter()
             .filter(|e| e.rerun)
             .map(|e| e.node.clone())
             .collect();
+        session.register_outputs(entries).await?;
+        session.register_unions(&rerun_nodes).await?;
+        session.register_artifacts(store, &current_recipes)?;
+        Ok(session)
+    }
+
+    /// Registers every readable output under its qualified name and the aliases no
+    /// other table claims; an unreadable one is listed, with why, under each name.
+    async fn register_outputs(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let catalog = self
+            .ctx
+            .catalog("datafusion")
+            .expect("default catalog exists");
         let mut stem_count: BTreeMap<String, usize> = BTreeMap::new();
         let mut node_tables: BTreeMap<String, usize> = BTreeMap::new();
         for e in entries.iter().filter(|e| !e.rerun) {
             *stem_count.entry(e.stem.clone()).or_default() += 1;
             *node_tables.entry(e.node.clone()).or_default() += 1;
         }
-        for (node, stem, reason) in damaged_tables {
-            unavailable.insert(format!("{node}.{stem}"), reason.clone());
-            if !stem_count.contains_key(stem) {
-                unavailable.entry(stem.to_string()).or_insert(reason);
-            }
-        }
-        let mut tables = Vec::new();
-        let mut files = BTreeMap::new();
+        let ctx = &self.ctx;
         for mut entry in entries {
             let qualified = format!("{}.{}", entry.node, entry.stem);
             let path_text = entry.path.to_string_lossy().into_owned();
             // What `\d` lists: the table as queries see it, derived columns included.
             let mut columns = entry.info.schema.clone().unwrap_or_default();
             if entry.problem.is_none() {
-                match register(&ctx, &catalog, &entry, &path_text).await {
+                match register(ctx, &catalog, &entry, &path_text).await {
                     Ok(schema) => {
                         columns = schema
                             .fields()
@@ -193,7 +143,8 @@ impl SqlSession {
                     continue;
                 }
                 if let Some(problem) = &entry.problem {
-                    unavailable.insert(name.clone(), repair_hint(&entry.node, problem));
+                    self.unavailable
+                        .insert(name.clone(), repair_hint(&entry.node, problem));
                 } else {
                     if name != qualified {
                         if ctx.table_exist(name.as_str())? {
@@ -202,13 +153,13 @@ impl SqlSession {
                         let provider = ctx.table_provider(qualified.as_str()).await?;
                         ctx.register_table(name.as_str(), provider)?;
                     }
-                    files.insert(name.clone(), path_text.clone());
+                    self.files.insert(name.clone(), path_text.clone());
                 }
                 if name != qualified {
                     aliases.push(name);
                 }
             }
-            tables.push(TableInfo {
+            self.tables.push(TableInfo {
                 name: qualified,
                 aliases,
                 node: entry.node.clone(),
@@ -216,25 +167,28 @@ impl SqlSession {
                 columns,
             });
         }
+        Ok(())
+    }
 
-        // A table several nodes write (`legality`, `scores`): all of them under the
-        // plain name, with a leading `node` column, when their columns agree.
+    /// A table several nodes write (`legality`, `scores`): all of them under the plain
+    /// name, with a leading `node` column, when their columns agree.
+    async fn register_unions(&mut self, rerun_nodes: &BTreeSet<String>) -> Result<()> {
         let mut by_stem: BTreeMap<&str, Vec<&TableInfo>> = BTreeMap::new();
-        for t in tables.iter().filter(|t| !rerun_nodes.contains(&t.node)) {
+        for t in self.tables.iter().filter(|t| !rerun_nodes.contains(&t.node)) {
             if let Some((_, stem)) = t.name.split_once('.') {
                 by_stem.entry(stem).or_default().push(t);
             }
         }
         let mut unions = Vec::new();
         for (stem, members) in by_stem {
-            let readable = members.iter().all(|t| files.contains_key(&t.name));
+            let readable = members.iter().all(|t| self.files.contains_key(&t.name));
             let same_columns = members.windows(2).all(|w| w[0].columns == w[1].columns);
             let has_node_column = members[0].columns.iter().any(|(c, _)| c == "node");
             if members.len() < 2
                 || !readable
                 || !same_columns
                 || has_node_column
-                || ctx.table_exist(stem)?
+                || self.ctx.table_exist(stem)?
                 || stem == "artifacts"
                 || stem == "seeds"
             {
@@ -244,8 +198,8 @@ impl SqlSession {
                 .iter()
                 .map(|t| format!("SELECT '{}' AS node, * FROM {}", t.node, t.name))
                 .collect();
-            let view = ctx.sql(&select.join(" UNION ALL ")).await?.into_view();
-            ctx.register_table(stem, view)?;
+            let view = self.ctx.sql(&select.join(" UNION ALL ")).await?.into_view();
+            self.ctx.register_table(stem, view)?;
             let mut columns = vec![("node".to_string(), "Utf8".to_string())];
             columns.extend(members[0].columns.iter().cloned());
             unions.push(TableInfo {
@@ -256,9 +210,17 @@ impl SqlSession {
                 columns,
             });
         }
-        tables.extend(unions);
+        self.tables.extend(unions);
+        Ok(())
+    }
 
-        let artifacts = artifacts_table(store, &current_recipes)?;
+    /// `artifacts`: every manifest in the store, marked with the node it is current for.
+    fn register_artifacts(
+        &mut self,
+        store: &Store,
+        current_recipes: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let artifacts = artifacts_table(store, current_recipes)?;
         let columns = artifacts
             .schema()
             .fields()
@@ -266,26 +228,21 @@ impl SqlSession {
             .map(|f| (f.name().clone(), f.data_type().to_string()))
             .collect();
         let rows = artifacts.num_rows() as u64;
-        ctx.register_table(
+        self.ctx.register_table(
             "artifacts",
             Arc::new(MemTable::try_new(
                 artifacts.schema(),
                 vec![vec![artifacts]],
             )?),
         )?;
-        tables.push(TableInfo {
+        self.tables.push(TableInfo {
             name: "artifacts".into(),
             aliases: vec![],
             node: "(store)".into(),
             rows: Some(rows),
             columns,
         });
-        Ok(SqlSession {
-            ctx,
-            tables,
-            unavailable,
-            files,
-        })
+        Ok(())
     }
 
     /// Adds a table that is not a node's output (say, `seeds`), under `name`.
