@@ -9,8 +9,8 @@
 //! fixed by the positions, not by the scheduler.
 
 use crate::blend::PROBABILITY_FLOOR;
-use crate::ngram::NgramMatch;
-use crate::phrase::PhraseMatch;
+use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
+use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
 
 /// How often each n-gram order and phrase length matched, and the sum of the matches'
 /// q (full count / context count), over targets 1..T: position 0 is never scored.
@@ -65,6 +65,66 @@ impl MatchStats {
     /// Mean q of a (matched, Σ q) slot; 0 when nothing matched.
     pub fn mean_q((matched, q_sum): (u64, f64)) -> f64 {
         q_sum / matched.max(1) as f64
+    }
+}
+
+/// One row of the cache's statistics: an n-gram order or a phrase length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsRow {
+    /// "ngram" or "phrase".
+    pub kind: &'static str,
+    /// The order or the length.
+    pub size: u16,
+    pub matched: u64,
+    pub mean_q: f64,
+    /// Null without finished tables (the causal modes keep none).
+    pub buckets_used: Option<u64>,
+    pub insertions_per_bucket: f64,
+}
+
+impl MatchStats {
+    /// The statistics' rows over a stream of `positions` tokens: one per n-gram order in
+    /// use, then one per phrase length in probe order. Bucket occupancy is a property of
+    /// the finished tables, which only the reference mode keeps (`tables`).
+    pub fn rows(
+        &self,
+        ngram: &NgramConfig,
+        phrase: &PhraseConfig,
+        positions: usize,
+        tables: Option<(&NgramTables, &PhraseTables)>,
+    ) -> Vec<StatsRow> {
+        let insertions = |width: usize| positions.saturating_sub(width) as f64;
+        let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
+        let mut rows = Vec::new();
+        let orders = ngram.min_order..=ngram.max_order;
+        for (order, &slot) in self
+            .ngram
+            .iter()
+            .enumerate()
+            .filter(|(o, _)| orders.contains(o))
+        {
+            rows.push(StatsRow {
+                kind: "ngram",
+                size: order as u16,
+                matched: slot.0,
+                mean_q: MatchStats::mean_q(slot),
+                buckets_used: tables.and_then(|(ngram, _)| used(ngram.ctx_table(order))),
+                insertions_per_bucket: insertions(order - 1) / ngram.buckets as f64,
+            });
+        }
+        let phrase_used = tables.and_then(|(_, phrase)| used(&phrase.ctx));
+        for &length in &phrase.lengths {
+            let slot = self.phrase[length];
+            rows.push(StatsRow {
+                kind: "phrase",
+                size: length as u16,
+                matched: slot.0,
+                mean_q: MatchStats::mean_q(slot),
+                buckets_used: phrase_used,
+                insertions_per_bucket: insertions(length) / phrase.buckets as f64,
+            });
+        }
+        rows
     }
 }
 

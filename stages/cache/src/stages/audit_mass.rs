@@ -6,7 +6,7 @@ use std::time::Instant;
 use arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, UInt16Array, UInt32Array, UInt8Array,
 };
-use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
+use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stage_api::{
@@ -15,6 +15,7 @@ use stage_api::{
 };
 
 use super::*;
+use crate::mass::{self, Choices, Mass, MassSample, MassSummary};
 use crate::ngram::{NgramMatch, NgramTables};
 use crate::phrase::{PhraseMatch, PhraseTables};
 
@@ -84,200 +85,176 @@ impl Stage for AuditMassStage {
     fn run(&self, ctx: &StageContext, _: AuditMassParams) -> Result<StageReport, StageError> {
         let rank_blends = calibration_of(ctx)?.rank_blends();
         let params = cache_params_of(ctx)?;
-        let tokens_input = ctx.input("tokens")?;
-        let val_path = tokens_input.file("val.parquet");
+        let val_path = ctx.input("tokens")?.file("val.parquet");
         let tokens = read_column::<UInt16Type>(&val_path, "token")?;
         let val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
-
-        // The sampled distributions, grouped by position.
         let pass1 = ctx.input("pass1")?;
-        let dist_path = pass1.file("distributions.parquet");
-        if !dist_path.exists() {
-            return Err(StageError::input(&dist_path, "missing: this pass-1 kept no distributions (model = \"import\", or mass_sample = 0)"));
+        let kept = Distributions::read(&pass1.file("distributions.parquet"), &tokens)?;
+        let samples = kept.samples(&pass1.file("pass1.parquet"), &rank_blends, tokens.len())?;
+
+        let mut report = StageReport::default();
+        let started = Instant::now();
+        let candidates = candidates(ctx, &params, &tokens, &kept)?;
+        let masses = mass::implied_mass(&tokens, &samples, &candidates);
+        let choices = mass::choices(&tokens, &kept.positions, &candidates);
+        report.phase("candidates", started);
+        write_mass_table(ctx, &masses, &choices, &val_bytes)?;
+
+        let summary = MassSummary::of(&masses, &choices, |p| val_bytes[p]);
+        Ok(report
+            .with("mode", serde_json::to_value(params.mode).unwrap())
+            .with("samples", summary.samples as u64)
+            .with("target_dependent", summary.target_dependent as u64)
+            .with("mass_mean", summary.mean)
+            .with("mass_median", summary.median)
+            .with("mass_min", summary.min)
+            .with("mass_max", summary.max)
+            .with("sample_bpb", summary.sample_bpb)
+            .with("normalised_sample_bpb", summary.normalised_sample_bpb))
+    }
+}
+
+/// The model's distributions pass 1 kept: one per sampled position, `vocab` values each.
+struct Distributions {
+    path: std::path::PathBuf,
+    positions: Vec<usize>,
+    model_p: Vec<f32>,
+    vocab: usize,
+}
+
+impl Distributions {
+    fn read(path: &std::path::Path, tokens: &[u16]) -> Result<Self, StageError> {
+        if !path.exists() {
+            return Err(StageError::input(path, "missing: this pass-1 kept no distributions (model = \"import\", or mass_sample = 0)"));
         }
-        let dist_position = read_column::<Int64Type>(&dist_path, "position")?;
-        let dist_p = read_column::<Float32Type>(&dist_path, "model_p")?;
-        let mut positions: Vec<usize> = dist_position.iter().map(|&p| p as usize).collect();
+        let position = read_column::<Int64Type>(path, "position")?;
+        let model_p = read_column::<Float32Type>(path, "model_p")?;
+        let mut positions: Vec<usize> = position.iter().map(|&p| p as usize).collect();
         positions.dedup();
-        if positions.is_empty() {
-            return Err(StageError::input(&dist_path, "no rows: this pass-1 kept no distributions (model = \"import\", or mass_sample = 0)"));
-        }
-        let vocab = dist_p.len() / positions.len();
-        if vocab * positions.len() != dist_p.len()
-            || positions.windows(2).any(|w| w[0] >= w[1])
-            || positions.iter().any(|&p| p == 0 || p >= tokens.len())
-        {
-            return Err(StageError::input(
-                &dist_path,
-                "not one full distribution per sampled val position, sorted by position",
-            ));
-        }
-        // Entropy at each sampled position, from pass-1's own rows.
-        let pass1_path = pass1.file("pass1.parquet");
-        let entry_position = read_column::<Int64Type>(&pass1_path, "position")?;
-        let entry_entropy = read_column::<Float32Type>(&pass1_path, "entropy")?;
-        // Entropy and blend at each sampled position, from its first pass-1 entry (the
-        // rank that scored it first).
+        let vocab = mass::sampled_vocab(&positions, model_p.len(), tokens)
+            .map_err(|m| StageError::input(path, m))?;
+        Ok(Distributions {
+            path: path.to_path_buf(),
+            positions,
+            model_p,
+            vocab,
+        })
+    }
+
+    /// Each sampled position with its distribution, and the entropy and blend of its
+    /// first pass-1 entry (the rank that scored it first) in the table at `pass1_path`.
+    fn samples<'a>(
+        &'a self,
+        pass1_path: &std::path::Path,
+        rank_blends: &'a RankBlends,
+        stream_len: usize,
+    ) -> Result<Vec<MassSample<'a>>, StageError> {
+        let entry_position = read_column::<Int64Type>(pass1_path, "position")?;
+        let entry_entropy = read_column::<Float32Type>(pass1_path, "entropy")?;
         // Only the sampled positions are kept (a map of all 62M entries cost seconds and
         // gigabytes); a bitmap says which ones those are.
-        let mut sampled = vec![false; tokens.len()];
-        for &p in &positions {
+        let mut sampled = vec![false; stream_len];
+        for &p in &self.positions {
             sampled[p] = true;
         }
-        let mut entropy_at = std::collections::HashMap::with_capacity(positions.len());
+        let mut entropy_at = std::collections::HashMap::with_capacity(self.positions.len());
         for (row, (&p, &h)) in entry_position.iter().zip(&entry_entropy).enumerate() {
             if usize::try_from(p).is_ok_and(|p| p < sampled.len() && sampled[p]) {
                 entropy_at.entry(p as usize).or_insert((h, row));
             }
         }
-        let samples: Vec<crate::mass::MassSample> = positions
+        let vocab = self.vocab;
+        self.positions
             .iter()
             .enumerate()
             .map(|(i, &p)| {
                 let &(entropy, row) = entropy_at.get(&p).ok_or_else(|| {
-                    StageError::input(&dist_path, format!("position {p} has no pass-1 entry"))
+                    StageError::input(&self.path, format!("position {p} has no pass-1 entry"))
                 })?;
-                Ok(crate::mass::MassSample {
+                Ok(MassSample {
                     position: p,
                     entropy,
-                    model: &dist_p[i * vocab..(i + 1) * vocab],
+                    model: &self.model_p[i * vocab..(i + 1) * vocab],
                     blend: rank_blends.for_row(row),
                 })
             })
-            .collect::<Result<_, StageError>>()?;
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(StageError::input(
-                &dist_path,
-                format!("distributions cover {vocab} tokens, but the val stream has token {bad}"),
-            ));
-        }
-
-        let mut report = StageReport::default();
-        let started = Instant::now();
-        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
-        let candidates = match params.mode {
-            Mode::Reference => {
-                let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
-                let phrase = PhraseTables::build(&tokens, &params.phrase()).map_err(node_error)?;
-                crate::mass::reference_candidates(&tokens, &ngram, &phrase, &positions, vocab)
-            }
-            Mode::Causal => crate::mass::causal_candidates(
-                &tokens,
-                &params.ngram(),
-                &params.phrase(),
-                &positions,
-                vocab,
-            )
-            .map_err(node_error)?,
-            Mode::CausalNormalised => {
-                let matches_path = ctx.input("cache")?.file("matches.parquet");
-                let column = |name: &str| read_column::<UInt32Type>(&matches_path, name);
-                let (ngram_context, ngram_full) = (column("ngram_context")?, column("ngram_full")?);
-                let (phrase_context, phrase_full) =
-                    (column("phrase_context")?, column("phrase_full")?);
-                let ngram_order = read_column::<UInt8Type>(&matches_path, "ngram_order")?;
-                let phrase_length = read_column::<UInt16Type>(&matches_path, "phrase_length")?;
-                let chosen: Vec<(NgramMatch, PhraseMatch)> = positions
-                    .iter()
-                    .map(|&p| {
-                        (
-                            NgramMatch {
-                                order: ngram_order[p],
-                                context: ngram_context[p],
-                                full: ngram_full[p],
-                            },
-                            PhraseMatch {
-                                length: phrase_length[p],
-                                context: phrase_context[p],
-                                full: phrase_full[p],
-                            },
-                        )
-                    })
-                    .collect();
-                crate::mass::normalised_candidates(&tokens, &positions, &chosen, vocab)
-                    .map_err(|m| StageError::input(&matches_path, m))?
-            }
-        };
-        let masses = crate::mass::implied_mass(&tokens, &samples, &candidates);
-        let choices = crate::mass::choices(&tokens, &positions, &candidates);
-        report.phase("candidates", started);
-
-        let bits = stage_api::scores::bits;
-        let schema = stage_api::arrow_schema(MASS);
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from_iter_values(
-                masses.iter().map(|m| m.position as i64),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                masses.iter().map(|m| m.mass),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                masses.iter().map(|m| m.p_target),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                masses.iter().map(|m| bits(m.p_target)),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                masses.iter().map(|m| bits(m.p_target / m.mass)),
-            )),
-            Arc::new(UInt8Array::from_iter_values(
-                masses.iter().map(|m| val_bytes[m.position]),
-            )),
-            Arc::new(UInt32Array::from_iter_values(
-                choices.iter().map(|c| c.states),
-            )),
-            Arc::new(UInt8Array::from_iter_values(
-                choices.iter().map(|c| c.target.0),
-            )),
-            Arc::new(UInt16Array::from_iter_values(
-                choices.iter().map(|c| c.target.1),
-            )),
-            Arc::new(UInt16Array::from_iter_values(
-                choices.iter().map(|c| c.other_token),
-            )),
-            Arc::new(UInt8Array::from_iter_values(
-                choices.iter().map(|c| c.other.0),
-            )),
-            Arc::new(UInt16Array::from_iter_values(
-                choices.iter().map(|c| c.other.1),
-            )),
-        ];
-        let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
-        write_parquet(
-            &ctx.output("mass.parquet"),
-            schema,
-            [batch],
-            &ParquetLayout::default(),
-        )?;
-
-        let mut sorted: Vec<f64> = masses.iter().map(|m| m.mass).collect();
-        sorted.sort_by(f64::total_cmp);
-        let n = sorted.len();
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-        };
-        let total_bytes: u64 = masses.iter().map(|m| val_bytes[m.position] as u64).sum();
-        let per_byte = |total_bits: f64| total_bits / total_bytes.max(1) as f64;
-        Ok(report
-            .with("mode", serde_json::to_value(params.mode).unwrap())
-            .with("samples", n as u64)
-            .with(
-                "target_dependent",
-                choices.iter().filter(|c| c.states > 1).count() as u64,
-            )
-            .with("mass_mean", sorted.iter().sum::<f64>() / n as f64)
-            .with("mass_median", median)
-            .with("mass_min", sorted[0])
-            .with("mass_max", sorted[n - 1])
-            .with(
-                "sample_bpb",
-                per_byte(masses.iter().map(|m| bits(m.p_target)).sum()),
-            )
-            .with(
-                "normalised_sample_bpb",
-                per_byte(masses.iter().map(|m| bits(m.p_target / m.mass)).sum()),
-            ))
+            .collect()
     }
+}
+
+/// What the chain's mode gives every candidate at each sampled position.
+fn candidates(
+    ctx: &StageContext,
+    params: &CacheParams,
+    tokens: &[u16],
+    kept: &Distributions,
+) -> Result<Vec<mass::CandidateMatches>, StageError> {
+    let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
+    let (positions, vocab) = (&kept.positions, kept.vocab);
+    Ok(match params.mode {
+        Mode::Reference => {
+            let ngram = NgramTables::build(tokens, &params.ngram()).map_err(node_error)?;
+            let phrase = PhraseTables::build(tokens, &params.phrase()).map_err(node_error)?;
+            mass::reference_candidates(tokens, &ngram, &phrase, positions, vocab)
+        }
+        Mode::Causal => {
+            mass::causal_candidates(tokens, &params.ngram(), &params.phrase(), positions, vocab)
+                .map_err(node_error)?
+        }
+        Mode::CausalNormalised => {
+            // The order and length each position's lookup chose, from the chain's cache.
+            let matches_path = ctx.input("cache")?.file("matches.parquet");
+            let held = positions[0]..positions[positions.len() - 1] + 1;
+            let matches = MatchColumns::read(&matches_path, held)?;
+            let chosen: Vec<(NgramMatch, PhraseMatch)> =
+                positions.iter().map(|&p| matches.at(p)).collect();
+            mass::normalised_candidates(tokens, positions, &chosen, vocab)
+                .map_err(|m| StageError::input(&matches_path, m))?
+        }
+    })
+}
+
+/// `mass.parquet`: a row per sampled position.
+fn write_mass_table(
+    ctx: &StageContext,
+    masses: &[Mass],
+    choices: &[Choices],
+    val_bytes: &[u8],
+) -> Result<(), StageError> {
+    let bits = stage_api::scores::bits;
+    let schema = stage_api::arrow_schema(MASS);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(
+            masses.iter().map(|m| m.position as i64),
+        )),
+        Arc::new(Float64Array::from_iter_values(masses.iter().map(|m| m.mass))),
+        Arc::new(Float64Array::from_iter_values(
+            masses.iter().map(|m| m.p_target),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            masses.iter().map(|m| bits(m.p_target)),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            masses.iter().map(|m| bits(m.p_target / m.mass)),
+        )),
+        Arc::new(UInt8Array::from_iter_values(
+            masses.iter().map(|m| val_bytes[m.position]),
+        )),
+        Arc::new(UInt32Array::from_iter_values(choices.iter().map(|c| c.states))),
+        Arc::new(UInt8Array::from_iter_values(choices.iter().map(|c| c.target.0))),
+        Arc::new(UInt16Array::from_iter_values(choices.iter().map(|c| c.target.1))),
+        Arc::new(UInt16Array::from_iter_values(
+            choices.iter().map(|c| c.other_token),
+        )),
+        Arc::new(UInt8Array::from_iter_values(choices.iter().map(|c| c.other.0))),
+        Arc::new(UInt16Array::from_iter_values(choices.iter().map(|c| c.other.1))),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
+    write_parquet(
+        &ctx.output("mass.parquet"),
+        schema,
+        [batch],
+        &ParquetLayout::default(),
+    )?;
+    Ok(())
 }

@@ -15,7 +15,7 @@ use stage_api::{
 };
 
 use super::*;
-use crate::figures::MatchStats;
+use crate::figures::{MatchStats, StatsRow};
 use crate::ngram::{NgramMatch, NgramTables};
 use crate::phrase::{PhraseMatch, PhraseTables};
 
@@ -98,42 +98,7 @@ impl Stage for CacheStage {
             ),
         )?;
         let mut report = StageReport::default();
-        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
-        let lookups = match params.mode {
-            Mode::Reference => {
-                let started = Instant::now();
-                let ngram = NgramTables::build(&tokens, &params.ngram()).map_err(node_error)?;
-                report.phase("ngram_build", started);
-                let started = Instant::now();
-                let phrase = PhraseTables::build(&tokens, &params.phrase()).map_err(node_error)?;
-                report.phase("phrase_build", started);
-                Lookups::Tables(ngram, phrase)
-            }
-            Mode::Causal => {
-                let started = Instant::now();
-                let ngram =
-                    crate::causal::ngram_lookups(&tokens, &params.ngram()).map_err(node_error)?;
-                report.phase("ngram_causal_pass", started);
-                let started = Instant::now();
-                let phrase =
-                    crate::causal::phrase_lookups(&tokens, &params.phrase()).map_err(node_error)?;
-                report.phase("phrase_causal_pass", started);
-                Lookups::Made(ngram, phrase)
-            }
-            Mode::CausalNormalised => {
-                // One walk over the widths for both caches: the phrase lengths are built
-                // from the n-gram's widths.
-                let started = Instant::now();
-                let (ngram, phrase) = crate::normalised::lookups(
-                    &tokens,
-                    Some(&params.ngram()),
-                    Some(&params.phrase()),
-                )
-                .map_err(node_error)?;
-                report.phase("exact_pass", started);
-                Lookups::Made(ngram, phrase)
-            }
-        };
+        let lookups = Lookups::of(ctx, &params, &tokens, &mut report)?;
 
         // Lookups chunk by chunk, straight into Parquet, so that in reference mode the
         // per-position results are never all in memory at once.
@@ -162,43 +127,11 @@ impl Stage for CacheStage {
         bar.finish_and_clear();
         report.phase("lookups_and_write", started);
 
-        // Per-order and per-length statistics. Bucket occupancy is a property of the
-        // finished tables, which only the reference mode keeps; in causal mode it is null.
-        let insertions = |width: usize| tokens.len().saturating_sub(width) as f64;
-        let used = |table: &[u32]| Some(table.iter().filter(|&&c| c > 0).count() as u64);
-        let mut rows = Vec::new();
-        let ngram_orders = params.ngram_min_order..=params.ngram_max_order;
         let tables = match &lookups {
             Lookups::Tables(ngram, phrase) => Some((ngram, phrase)),
             Lookups::Made(..) => None,
         };
-        for (order, &slot) in stats
-            .ngram
-            .iter()
-            .enumerate()
-            .filter(|(o, _)| ngram_orders.contains(o))
-        {
-            rows.push(StatsRow {
-                kind: "ngram",
-                size: order as u16,
-                matched: slot.0,
-                mean_q: MatchStats::mean_q(slot),
-                buckets_used: tables.and_then(|(ngram, _)| used(ngram.ctx_table(order))),
-                insertions_per_bucket: insertions(order - 1) / params.ngram_buckets as f64,
-            });
-        }
-        let phrase_used = tables.and_then(|(_, phrase)| used(&phrase.ctx));
-        for &length in &params.phrase_lengths {
-            let slot = stats.phrase[length];
-            rows.push(StatsRow {
-                kind: "phrase",
-                size: length as u16,
-                matched: slot.0,
-                mean_q: MatchStats::mean_q(slot),
-                buckets_used: phrase_used,
-                insertions_per_bucket: insertions(length) / params.phrase_buckets as f64,
-            });
-        }
+        let rows = stats.rows(&params.ngram(), &params.phrase(), tokens.len(), tables);
         write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
         write_json(&ctx.output("cache.json"), &params)?;
         let ngram_matched: u64 = stats.ngram.iter().map(|s| s.0).sum();
@@ -221,6 +154,52 @@ enum Lookups {
 }
 
 impl Lookups {
+    /// The tables (reference mode) or every lookup (the causal modes) of `tokens`, each
+    /// pass timed into `report`.
+    fn of(
+        ctx: &StageContext,
+        params: &CacheParams,
+        tokens: &[u16],
+        report: &mut StageReport,
+    ) -> Result<Lookups, StageError> {
+        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
+        Ok(match params.mode {
+            Mode::Reference => {
+                let started = Instant::now();
+                let ngram = NgramTables::build(tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_build", started);
+                let started = Instant::now();
+                let phrase = PhraseTables::build(tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_build", started);
+                Lookups::Tables(ngram, phrase)
+            }
+            Mode::Causal => {
+                let started = Instant::now();
+                let ngram =
+                    crate::causal::ngram_lookups(tokens, &params.ngram()).map_err(node_error)?;
+                report.phase("ngram_causal_pass", started);
+                let started = Instant::now();
+                let phrase =
+                    crate::causal::phrase_lookups(tokens, &params.phrase()).map_err(node_error)?;
+                report.phase("phrase_causal_pass", started);
+                Lookups::Made(ngram, phrase)
+            }
+            Mode::CausalNormalised => {
+                // One walk over the widths for both caches: the phrase lengths are built
+                // from the n-gram's widths.
+                let started = Instant::now();
+                let (ngram, phrase) = crate::normalised::lookups(
+                    tokens,
+                    Some(&params.ngram()),
+                    Some(&params.phrase()),
+                )
+                .map_err(node_error)?;
+                report.phase("exact_pass", started);
+                Lookups::Made(ngram, phrase)
+            }
+        })
+    }
+
     fn range(
         &self,
         tokens: &[u16],
@@ -260,16 +239,6 @@ fn matches_batch(
     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
 }
 
-/// One row of `cache_stats`: an n-gram order or a phrase length.
-struct StatsRow {
-    kind: &'static str,
-    size: u16,
-    matched: u64,
-    mean_q: f64,
-    /// Null in causal mode, which keeps no finished tables.
-    buckets_used: Option<u64>,
-    insertions_per_bucket: f64,
-}
 
 fn write_stats(path: &Path, rows: &[StatsRow]) -> Result<u64, StageError> {
     let schema = stage_api::arrow_schema(CACHE_STATS);

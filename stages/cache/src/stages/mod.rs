@@ -121,14 +121,7 @@ struct Scored {
     model_p: Vec<f32>,
     entropy: Vec<f32>,
     bytes: Vec<u8>,
-    /// The matches of positions `match_offset..`.
-    match_offset: usize,
-    ngram_order: Vec<u8>,
-    ngram_context: Vec<u32>,
-    ngram_full: Vec<u32>,
-    phrase_length: Vec<u16>,
-    phrase_context: Vec<u32>,
-    phrase_full: Vec<u32>,
+    matches: MatchColumns,
 }
 
 impl Scored {
@@ -138,25 +131,63 @@ impl Scored {
 
     /// Entry `row` (of the rows held) with the matches at its target position.
     fn entry(&self, row: usize) -> Entry {
-        let i = self.position[row] as usize - self.match_offset;
+        let (ngram, phrase) = self.matches.at(self.position[row] as usize);
         Entry {
             model_p: self.model_p[row],
             entropy: self.entropy[row],
-            ngram: NgramMatch {
-                order: self.ngram_order[i],
-                context: self.ngram_context[i],
-                full: self.ngram_full[i],
-            },
-            phrase: PhraseMatch {
-                length: self.phrase_length[i],
-                context: self.phrase_context[i],
-                full: self.phrase_full[i],
-            },
+            ngram,
+            phrase,
         }
     }
 
     fn entries(&self, rows: std::ops::Range<usize>) -> Vec<Entry> {
         rows.map(|row| self.entry(row)).collect()
+    }
+}
+
+/// A range of positions of a `matches` table (the cache stage's), column by column:
+/// the one reader of it for the stages that blend (calibrate, pass2) and the audit.
+struct MatchColumns {
+    /// The first position held.
+    offset: usize,
+    ngram_order: Vec<u8>,
+    ngram_context: Vec<u32>,
+    ngram_full: Vec<u32>,
+    phrase_length: Vec<u16>,
+    phrase_context: Vec<u32>,
+    phrase_full: Vec<u32>,
+}
+
+impl MatchColumns {
+    /// Positions `held` (clipped to the table) of the matches table at `path`, read from
+    /// only the row groups that hold them.
+    fn read(path: &std::path::Path, held: std::ops::Range<usize>) -> Result<Self, StageError> {
+        Ok(MatchColumns {
+            offset: held.start,
+            ngram_order: read_column_rows::<UInt8Type>(path, "ngram_order", held.clone())?,
+            ngram_context: read_column_rows::<UInt32Type>(path, "ngram_context", held.clone())?,
+            ngram_full: read_column_rows::<UInt32Type>(path, "ngram_full", held.clone())?,
+            phrase_length: read_column_rows::<UInt16Type>(path, "phrase_length", held.clone())?,
+            phrase_context: read_column_rows::<UInt32Type>(path, "phrase_context", held.clone())?,
+            phrase_full: read_column_rows::<UInt32Type>(path, "phrase_full", held)?,
+        })
+    }
+
+    /// The matches at `position` (one of those held).
+    fn at(&self, position: usize) -> (NgramMatch, PhraseMatch) {
+        let i = position - self.offset;
+        (
+            NgramMatch {
+                order: self.ngram_order[i],
+                context: self.ngram_context[i],
+                full: self.ngram_full[i],
+            },
+            PhraseMatch {
+                length: self.phrase_length[i],
+                context: self.phrase_context[i],
+                full: self.phrase_full[i],
+            },
+        )
     }
 }
 
@@ -195,13 +226,7 @@ fn load_rows(ctx: &StageContext, rows: std::ops::Range<usize>) -> Result<Scored,
         bytes: read_column_rows::<UInt8Type>(&pass1, "bytes", rows)?,
         position,
         entropy,
-        match_offset: held.start,
-        ngram_order: read_column_rows::<UInt8Type>(&matches, "ngram_order", held.clone())?,
-        ngram_context: read_column_rows::<UInt32Type>(&matches, "ngram_context", held.clone())?,
-        ngram_full: read_column_rows::<UInt32Type>(&matches, "ngram_full", held.clone())?,
-        phrase_length: read_column_rows::<UInt16Type>(&matches, "phrase_length", held.clone())?,
-        phrase_context: read_column_rows::<UInt32Type>(&matches, "phrase_context", held.clone())?,
-        phrase_full: read_column_rows::<UInt32Type>(&matches, "phrase_full", held)?,
+        matches: MatchColumns::read(&matches, held)?,
     })
 }
 
