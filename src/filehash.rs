@@ -16,7 +16,16 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{hash_file, write_atomic};
+use crate::durable::write_atomic;
+
+/// A file's blake3, read through a memory map by rayon's threads.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap_rayon(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Stamp {

@@ -174,7 +174,11 @@ impl SqlSession {
     /// name, with a leading `node` column, when their columns agree.
     async fn register_unions(&mut self, rerun_nodes: &BTreeSet<String>) -> Result<()> {
         let mut by_stem: BTreeMap<&str, Vec<&TableInfo>> = BTreeMap::new();
-        for t in self.tables.iter().filter(|t| !rerun_nodes.contains(&t.node)) {
+        for t in self
+            .tables
+            .iter()
+            .filter(|t| !rerun_nodes.contains(&t.node))
+        {
             if let Some((_, stem)) = t.name.split_once('.') {
                 by_stem.entry(stem).or_default().push(t);
             }

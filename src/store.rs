@@ -34,6 +34,7 @@ use serde_json::Value;
 
 use crate::durable::sync_dir;
 pub use crate::durable::{write_atomic, write_synced};
+pub use crate::filehash::hash_file;
 use crate::filehash::FileHasher;
 use crate::recipe::Ingredients;
 pub use crate::timestamps::{age_of, format_duration, now_rfc3339, parse_duration};
@@ -92,14 +93,6 @@ pub fn content_hash(files: &BTreeMap<String, OutputFile>) -> String {
         hasher.update(b"\n");
     }
     hasher.finalize().to_hex().to_string()
-}
-
-pub fn hash_file(path: &Path) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// What the last run recorded for a node.

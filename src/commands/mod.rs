@@ -9,7 +9,7 @@ use crate::pipeline::Pipeline;
 use crate::recipe::short;
 use crate::registry::Registry;
 use crate::remote::Remote;
-use crate::runner::{self, NodeState, Resolved, RunContext, RunOptions};
+use crate::runner::{self, NodeState, Progress, Resolved, RunContext, RunOptions};
 use crate::sql::{self, Format, SqlSession};
 use crate::store::{verify_artifact, Manifest, Store, Stored};
 
@@ -149,7 +149,62 @@ impl Session {
 
     pub fn run(&self, options: &RunOptions) -> Result<()> {
         let remote = self.remote()?;
-        let outcomes = runner::run(&self.context_with(remote.as_ref()), options)?;
+        // The legality probes' re-runs are summed up in one line, not listed.
+        let width = self
+            .pipeline
+            .nodes
+            .iter()
+            .filter(|n| n.rerun.is_none())
+            .map(|n| n.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(14);
+        let quiet = options.quiet;
+        let outcomes = runner::run(
+            &self.context_with(remote.as_ref()),
+            options,
+            &mut |progress| {
+                match progress {
+                    Progress::Warning(line) => eprintln!("{line}"),
+                    Progress::Note(line) if !quiet => eprintln!("{line}"),
+                    Progress::Prefetched {
+                        artifacts,
+                        url,
+                        transfer,
+                    } if !quiet => outln!(
+                        "pulled {artifacts} artifact(s) from {url}: {}",
+                        transfer.describe()
+                    ),
+                    Progress::Done(o) if !quiet && !o.rerun => outln!(
+                        "{:<width$} {:<12} {:<20} {:>8}  content {}",
+                        o.node,
+                        o.stage,
+                        o.action.label(),
+                        if o.seconds > 0.0 {
+                            format!("{:.2}s", o.seconds)
+                        } else {
+                            String::new()
+                        },
+                        short(&o.content_hash),
+                    ),
+                    _ => {}
+                }
+                Ok(())
+            },
+        )?;
+        let reruns: Vec<&runner::Outcome> = outcomes.iter().filter(|o| o.rerun).collect();
+        if !reruns.is_empty() && !options.quiet {
+            let reused = reruns
+                .iter()
+                .filter(|o| o.action == runner::Action::Reused)
+                .count();
+            let seconds: f64 = reruns.iter().map(|o| o.seconds).sum();
+            outln!(
+                "{} legality re-run node(s) (NODE_cutN, listed by `status`): {} built in {seconds:.2}s, {reused} reused",
+                reruns.len(),
+                reruns.len() - reused
+            );
+        }
         if !options.quiet {
             // The re-runs' own headlines (a BPB on a shuffled stream) mean nothing alone.
             for outcome in outcomes.iter().filter(|o| !o.rerun) {

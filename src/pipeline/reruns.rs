@@ -65,9 +65,17 @@ pub fn add_reruns(
         if let Some(value) = &judge_secret {
             seed_with_secret(nodes, reruns, &chain, value, &mut secret_seeded);
         }
-        let cuts = cut_entries(nodes, &judge, reruns, &chain, judge_secret.as_deref())
-            .map_err(problem)?;
-        let wired = add_copies(nodes, registry, judge_name, reruns, &chain, &cuts, &mut numbering)?;
+        let cuts =
+            cut_entries(nodes, &judge, reruns, &chain, judge_secret.as_deref()).map_err(problem)?;
+        let wired = add_copies(
+            nodes,
+            registry,
+            judge_name,
+            reruns,
+            &chain,
+            &cuts,
+            &mut numbering,
+        )?;
         // The judge reads the entries as its re-runs were made from them.
         judge.params[reruns.param] = Value::Array(cuts);
         let node = nodes.get_mut(judge_name).expect("exists");

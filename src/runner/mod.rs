@@ -14,17 +14,17 @@ use serde::Serialize;
 use crate::pipeline::{Node, Pipeline};
 use crate::recipe::{short, FileIngredient, Ingredients};
 use crate::registry::Registry;
-use crate::remote::Remote;
+use crate::remote::{Remote, Transfer};
 use crate::store::{Manifest, NodeRef, Store, Stored};
 
 mod build;
 mod numerics;
-mod remote;
+mod tiers;
 
 pub(crate) use build::{build, BuildRequest};
 pub(crate) use numerics::NumericsNotes;
-pub(crate) use remote::fetch_resolved;
-use remote::{prefetch, pull_node, push_node};
+pub(crate) use tiers::fetch_resolved;
+use tiers::{Commit, Found, Tiers};
 
 /// Where a node stands relative to the store.
 #[derive(Debug, Clone, Serialize)]
@@ -236,6 +236,25 @@ pub struct RunOptions {
     pub show_progress: bool,
 }
 
+/// What a run reports as it goes. The runner prints nothing: the caller (`commands/`)
+/// decides what is said, and where.
+pub enum Progress<'a> {
+    /// For stderr unless quiet: a damaged artifact being rebuilt, unfinished artifacts
+    /// of an interrupted run removed.
+    Note(String),
+    /// For stderr always: a warning (bytes that changed, a refused remote artifact, a
+    /// push that did not happen, artifacts computed with other kernels).
+    Warning(String),
+    /// The remote's artifacts fetched together before anything was built.
+    Prefetched {
+        artifacts: usize,
+        url: &'a str,
+        transfer: &'a Transfer,
+    },
+    /// One node done (a legality re-run's too).
+    Done(&'a Outcome),
+}
+
 /// What `run` did with one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -282,7 +301,14 @@ pub struct Outcome {
     pub rerun: bool,
 }
 
-pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
+/// Runs the pipeline (up to `options.until`): each node's artifact is looked up in the
+/// tiers (this store, then the remote), built when neither holds it, and committed to
+/// both; `progress` hears of each node as it is done.
+pub fn run(
+    ctx: &RunContext,
+    options: &RunOptions,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<Vec<Outcome>> {
     // On a pipeline expanded for seeds, `--force model` means every seed's copy.
     let mut forced_nodes = BTreeSet::new();
     for forced in &options.force {
@@ -296,29 +322,21 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
     };
     let lock = ctx.store.lock(options.wait)?;
     let swept = ctx.store.sweep_tmp(&lock)?;
-    if swept > 0 && !options.quiet {
-        eprintln!("removed {swept} unfinished artifact(s) left by an interrupted run");
+    if swept > 0 {
+        progress(Progress::Note(format!(
+            "removed {swept} unfinished artifact(s) left by an interrupted run"
+        )))?;
     }
-
-    // The legality probes' re-runs are summed up in one line, not listed.
-    let width = ctx
-        .pipeline
-        .nodes
-        .iter()
-        .filter(|n| n.rerun.is_none())
-        .map(|n| n.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(14);
-    // Read-through, all at once: what the remote holds and this store lacks is fetched
-    // before anything is built (the files of many small artifacts together).
-    let (prefetched, refused) = match ctx.remote {
-        Some(remote) => prefetch(ctx, remote, &selected, &forced_nodes, &lock, options)?,
-        None => Default::default(),
-    };
-    let (mut reruns_built, mut reruns_reused, mut rerun_seconds) = (0usize, 0usize, 0f64);
-    let mut content: BTreeMap<String, String> = BTreeMap::new();
-    let mut upstream: BTreeMap<String, (PathBuf, Manifest)> = BTreeMap::new();
+    let mut tiers = Tiers::new(ctx.store, ctx.remote, &lock, options.show_progress);
+    if tiers.has_remote() {
+        let resolved = ctx.resolve()?;
+        let wanted: Vec<&Resolved> = resolved
+            .iter()
+            .filter(|r| selected.contains(&r.node) && !forced_nodes.contains(&r.node))
+            .collect();
+        tiers.prefetch(&wanted, progress)?;
+    }
+    let mut upstream = Upstream::default();
     let mut outcomes = Vec::new();
     let mut numerics = NumericsNotes::default();
     for node in ctx
@@ -327,135 +345,45 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
         .iter()
         .filter(|n| selected.contains(&n.name))
     {
-        let ingredients = ctx.ingredients(node, &content)?;
+        let ingredients = ctx.ingredients(node, &upstream.content)?;
         ctx.store.hasher().save().ok();
         let recipe = ingredients.recipe();
-        let dir = ctx.store.artifact_dir(&node.stage, &recipe);
-        let stored = ctx.store.lookup(&node.stage, &recipe);
         let forced = forced_nodes.contains(&node.name);
-        // Read-through: what is not here (or damaged here) may be in the remote.
-        let pulled = match ctx.remote {
-            Some(remote)
-                if !forced
-                    && !refused.contains(&node.name)
-                    && !matches!(stored, Stored::Intact(_)) =>
-            {
-                pull_node(ctx, remote, node, &recipe, &lock, options)?
-            }
-            _ => None,
-        };
-        let (manifest, action, seconds) = match (pulled, stored) {
-            (Some((manifest, seconds)), _) => (manifest, Action::Pulled, seconds),
-            // Fetched with the others before the loop; the time was said then.
-            (None, Stored::Intact(manifest)) if prefetched.contains(&node.name) => {
-                (manifest, Action::Pulled, 0.0)
-            }
-            (None, Stored::Intact(manifest)) if !forced => (manifest, Action::Reused, 0.0),
-            (None, stored) => {
-                if let Stored::Damaged { problems, .. } = &stored {
-                    if !options.quiet {
-                        eprintln!(
-                            "node '{}': its stored artifact is damaged ({}); rebuilding",
-                            node.name,
-                            problems.join("; ")
-                        );
-                    }
-                }
-                let started = Instant::now();
-                let (scratch, built) = build(
-                    ctx,
-                    &BuildRequest {
+        let (manifest, action, seconds, scratch) =
+            match tiers.lookup(node, &recipe, forced, progress)? {
+                Found::Here(manifest) => (manifest, Action::Reused, 0.0, None),
+                Found::Fetched { manifest, seconds } => (manifest, Action::Pulled, seconds, None),
+                Found::Neither(stored) => {
+                    let request = BuildRequest {
                         node,
                         ingredients: &ingredients,
                         recipe: &recipe,
-                        upstream: &upstream,
+                        upstream: &upstream.artifacts,
                         lock: &lock,
                         show_progress: options.show_progress,
-                    },
-                )
-                .with_context(|| format!("node '{}' ({}) failed", node.name, node.stage))?;
-                let seconds = started.elapsed().as_secs_f64();
-                let action = match &stored {
-                    Stored::Absent => Action::Built,
-                    Stored::Intact(old) if old.content_hash == built.content_hash => {
-                        Action::RebuiltIdentical
-                    }
-                    Stored::Damaged {
-                        manifest: Some(old),
-                        ..
-                    } if old.content_hash == built.content_hash => Action::Repaired,
-                    Stored::Damaged { manifest: None, .. } => Action::Repaired,
-                    Stored::Intact(old)
-                    | Stored::Damaged {
-                        manifest: Some(old),
-                        ..
-                    } => {
-                        let cause = match numerics::mismatch(ctx, node, old) {
-                            Some((recorded, here)) => format!(
-                                "the stored bytes were computed with {recorded}, these with {here}"
-                            ),
-                            None => "the stage is not deterministic".to_string(),
-                        };
-                        eprintln!(
-                            "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): {cause}",
-                            node.name,
-                            short(&old.content_hash),
-                            short(&built.content_hash)
-                        );
-                        Action::Changed
-                    }
-                };
-                match (action, stored) {
-                    (Action::RebuiltIdentical, Stored::Intact(old)) => {
-                        std::fs::remove_dir_all(&scratch).ok();
-                        (old, action, seconds)
-                    }
-                    _ => {
-                        ctx.store.commit(&lock, &scratch, &built)?;
-                        (built, action, seconds)
-                    }
+                    };
+                    build_and_compare(ctx, &request, stored, progress)?
                 }
-            }
-        };
+            };
         if matches!(action, Action::Reused | Action::Pulled) {
             numerics.check(ctx, node, &manifest);
         }
-        // Write-through, for what was reused too: a run killed between its commit here
-        // and its upload finishes the upload now.
-        if let (Some(remote), false) = (ctx.remote, action == Action::Pulled) {
-            push_node(remote, node, &dir, &manifest, options)?;
-        }
+        let how = match (action, &scratch) {
+            (Action::Pulled, _) => Commit::Fetched,
+            (_, Some(scratch)) => Commit::Built(scratch),
+            (_, None) => Commit::Here,
+        };
+        tiers.commit(node, &recipe, &manifest, how, progress)?;
         ctx.store.set_node_ref(
             &lock,
             &node.name,
             &NodeRef {
                 recipe: recipe.clone(),
                 content_hash: manifest.content_hash.clone(),
-                ingredients: ingredients.clone(),
+                ingredients,
             },
         )?;
-        if node.rerun.is_some() {
-            match action {
-                Action::Reused => reruns_reused += 1,
-                _ => reruns_built += 1,
-            }
-            rerun_seconds += seconds;
-        } else if !options.quiet {
-            outln!(
-                "{:<width$} {:<12} {:<20} {:>8}  content {}",
-                node.name,
-                node.stage,
-                action.label(),
-                if seconds > 0.0 {
-                    format!("{seconds:.2}s")
-                } else {
-                    String::new()
-                },
-                short(&manifest.content_hash),
-                width = width
-            );
-        }
-        outcomes.push(Outcome {
+        let outcome = Outcome {
             rerun: node.rerun.is_some(),
             node: node.name.clone(),
             stage: node.stage.clone(),
@@ -463,18 +391,89 @@ pub fn run(ctx: &RunContext, options: &RunOptions) -> Result<Vec<Outcome>> {
             recipe: recipe.clone(),
             content_hash: manifest.content_hash.clone(),
             seconds,
-        });
-        content.insert(node.name.clone(), manifest.content_hash.clone());
-        upstream.insert(node.name.clone(), (dir, manifest));
-    }
-    if reruns_built + reruns_reused > 0 && !options.quiet {
-        outln!(
-            "{} legality re-run node(s) (NODE_cutN, listed by `status`): {reruns_built} built in {rerun_seconds:.2}s, {reruns_reused} reused",
-            reruns_built + reruns_reused
-        );
+        };
+        progress(Progress::Done(&outcome))?;
+        outcomes.push(outcome);
+        let dir = ctx.store.artifact_dir(&node.stage, &recipe);
+        upstream.add(&node.name, dir, manifest);
     }
     for line in numerics.lines() {
-        eprintln!("{line}");
+        progress(Progress::Warning(line))?;
     }
     Ok(outcomes)
+}
+
+/// What the nodes built so far in a run give those downstream: their content hashes
+/// (for recipes) and their artifacts (for inputs).
+#[derive(Default)]
+struct Upstream {
+    content: BTreeMap<String, String>,
+    artifacts: BTreeMap<String, (PathBuf, Manifest)>,
+}
+
+impl Upstream {
+    fn add(&mut self, node: &str, dir: PathBuf, manifest: Manifest) {
+        self.content
+            .insert(node.to_string(), manifest.content_hash.clone());
+        self.artifacts.insert(node.to_string(), (dir, manifest));
+    }
+}
+
+/// Builds a node that neither tier holds (or that is forced). Returns its manifest, what
+/// happened (compared with what the store held for the recipe), the build's seconds and
+/// the scratch directory to commit: none when it rebuilt the very bytes stored, whose
+/// copy (and manifest, with the first build's report) stays.
+fn build_and_compare(
+    ctx: &RunContext,
+    request: &BuildRequest,
+    stored: Stored,
+    progress: &mut dyn FnMut(Progress) -> Result<()>,
+) -> Result<(Manifest, Action, f64, Option<PathBuf>)> {
+    let node = request.node;
+    if let Stored::Damaged { problems, .. } = &stored {
+        progress(Progress::Note(format!(
+            "node '{}': its stored artifact is damaged ({}); rebuilding",
+            node.name,
+            problems.join("; ")
+        )))?;
+    }
+    let started = Instant::now();
+    let (scratch, built) = build(ctx, request)
+        .with_context(|| format!("node '{}' ({}) failed", node.name, node.stage))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let action = match &stored {
+        Stored::Absent => Action::Built,
+        Stored::Intact(old) if old.content_hash == built.content_hash => Action::RebuiltIdentical,
+        Stored::Damaged {
+            manifest: Some(old),
+            ..
+        } if old.content_hash == built.content_hash => Action::Repaired,
+        Stored::Damaged { manifest: None, .. } => Action::Repaired,
+        Stored::Intact(old)
+        | Stored::Damaged {
+            manifest: Some(old),
+            ..
+        } => {
+            let cause = match numerics::mismatch(ctx, node, old) {
+                Some((recorded, here)) => {
+                    format!("the stored bytes were computed with {recorded}, these with {here}")
+                }
+                None => "the stage is not deterministic".to_string(),
+            };
+            progress(Progress::Warning(format!(
+                "warning: node '{}' rebuilt with the same recipe gave different bytes (content {} → {}): {cause}",
+                node.name,
+                short(&old.content_hash),
+                short(&built.content_hash)
+            )))?;
+            Action::Changed
+        }
+    };
+    match (action, stored) {
+        (Action::RebuiltIdentical, Stored::Intact(old)) => {
+            std::fs::remove_dir_all(&scratch).ok();
+            Ok((old, action, seconds, None))
+        }
+        _ => Ok((built, action, seconds, Some(scratch))),
+    }
 }

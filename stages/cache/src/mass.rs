@@ -94,9 +94,7 @@ impl MassSummary {
             min: sorted[0],
             max: sorted[n - 1],
             sample_bpb: per_byte(masses.iter().map(|m| bits(m.p_target)).sum()),
-            normalised_sample_bpb: per_byte(
-                masses.iter().map(|m| bits(m.p_target / m.mass)).sum(),
-            ),
+            normalised_sample_bpb: per_byte(masses.iter().map(|m| bits(m.p_target / m.mass)).sum()),
         }
     }
 }
@@ -107,14 +105,19 @@ impl MassSummary {
 /// returns their vocabulary size.
 pub fn sampled_vocab(positions: &[usize], values: usize, tokens: &[u16]) -> Result<usize, String> {
     if positions.is_empty() {
-        return Err("no rows: this pass-1 kept no distributions (model = \"import\", or mass_sample = 0)".into());
+        return Err(
+            "no rows: this pass-1 kept no distributions (model = \"import\", or mass_sample = 0)"
+                .into(),
+        );
     }
     let vocab = values / positions.len();
     if vocab * positions.len() != values
         || positions.windows(2).any(|w| w[0] >= w[1])
         || positions.iter().any(|&p| p == 0 || p >= tokens.len())
     {
-        return Err("not one full distribution per sampled val position, sorted by position".into());
+        return Err(
+            "not one full distribution per sampled val position, sorted by position".into(),
+        );
     }
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(format!(

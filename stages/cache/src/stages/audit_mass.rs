@@ -227,7 +227,9 @@ fn write_mass_table(
         Arc::new(Int64Array::from_iter_values(
             masses.iter().map(|m| m.position as i64),
         )),
-        Arc::new(Float64Array::from_iter_values(masses.iter().map(|m| m.mass))),
+        Arc::new(Float64Array::from_iter_values(
+            masses.iter().map(|m| m.mass),
+        )),
         Arc::new(Float64Array::from_iter_values(
             masses.iter().map(|m| m.p_target),
         )),
@@ -240,14 +242,24 @@ fn write_mass_table(
         Arc::new(UInt8Array::from_iter_values(
             masses.iter().map(|m| val_bytes[m.position]),
         )),
-        Arc::new(UInt32Array::from_iter_values(choices.iter().map(|c| c.states))),
-        Arc::new(UInt8Array::from_iter_values(choices.iter().map(|c| c.target.0))),
-        Arc::new(UInt16Array::from_iter_values(choices.iter().map(|c| c.target.1))),
+        Arc::new(UInt32Array::from_iter_values(
+            choices.iter().map(|c| c.states),
+        )),
+        Arc::new(UInt8Array::from_iter_values(
+            choices.iter().map(|c| c.target.0),
+        )),
+        Arc::new(UInt16Array::from_iter_values(
+            choices.iter().map(|c| c.target.1),
+        )),
         Arc::new(UInt16Array::from_iter_values(
             choices.iter().map(|c| c.other_token),
         )),
-        Arc::new(UInt8Array::from_iter_values(choices.iter().map(|c| c.other.0))),
-        Arc::new(UInt16Array::from_iter_values(choices.iter().map(|c| c.other.1))),
+        Arc::new(UInt8Array::from_iter_values(
+            choices.iter().map(|c| c.other.0),
+        )),
+        Arc::new(UInt16Array::from_iter_values(
+            choices.iter().map(|c| c.other.1),
+        )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("columns match schema");
     write_parquet(

@@ -239,7 +239,6 @@ fn matches_batch(
     RecordBatch::try_new(schema.clone(), columns).expect("columns match schema")
 }
 
-
 fn write_stats(path: &Path, rows: &[StatsRow]) -> Result<u64, StageError> {
     let schema = stage_api::arrow_schema(CACHE_STATS);
     let columns: Vec<ArrayRef> = vec![
