@@ -34,6 +34,7 @@ mod reruns;
 pub mod secret;
 mod seeds;
 mod source;
+mod wiring;
 use seeds::check_seeds;
 use source::Source;
 
@@ -173,116 +174,8 @@ impl Pipeline {
         let mut nodes = BTreeMap::new();
         let mut miswired = None;
         for (name, spanned) in &file.nodes {
-            let node_at = at(Some(spanned.span()));
-            let def = spanned.get_ref();
-            let stage_name = def.stage.get_ref();
-            let (stage, params, spec) = prepared[name].clone();
-            let takes = || list_or_none(spec.inputs.iter().map(|i| i.name));
-            let mut inputs = BTreeMap::new();
-            for (input, upstream) in &def.inputs {
-                let input_at = at(Some(upstream.span()));
-                let Some(declared) = spec.input(input) else {
-                    bail!(
-                        "{input_at}: node '{name}': stage '{stage_name}' has no input '{input}' (it takes: {})",
-                        takes()
-                    );
-                };
-                let Some((_, _, produced)) = prepared.get(upstream.get_ref()) else {
-                    bail!(
-                        "{input_at}: node '{name}': input '{input}' names node '{}', which is not defined",
-                        upstream.get_ref()
-                    );
-                };
-                {
-                    if let Some(read) = declared
-                        .reads
-                        .iter()
-                        .find(|read| produced.cannot_provide(read).is_some())
-                    {
-                        // Reported after the cycle check: in a cycle, some input is
-                        // always miswired too, and the cycle is the mistake to fix.
-                        miswired.get_or_insert_with(|| anyhow!(
-                            "{input_at}: node '{name}': input '{input}' expects {read}; node '{}' ({}) produces {}",
-                            upstream.get_ref(),
-                            produced.kind,
-                            list_or_none(produced.outputs.iter().map(|o| o.name))
-                        ));
-                    }
-                }
-                inputs.insert(input.clone(), upstream.get_ref().clone());
-            }
-            for wanted in spec.inputs.iter().filter(|i| i.required) {
-                if !inputs.contains_key(wanted.name) {
-                    bail!(
-                        "{node_at}: node '{name}': stage '{stage_name}' needs inputs.{}",
-                        wanted.name
-                    );
-                }
-            }
-
-            let mut files = BTreeMap::new();
-            for (role, patterns) in &def.files {
-                if !spec.files.iter().any(|r| r.name == role) {
-                    bail!(
-                        "{}: node '{name}': stage '{stage_name}' has no file role '{role}' (it takes: {})",
-                        at(Some(patterns.span())),
-                        list_or_none(spec.files.iter().map(|r| r.name))
-                    );
-                }
-                let patterns = match patterns.get_ref() {
-                    OneOrMany::One(p) => vec![p.clone()],
-                    OneOrMany::Many(ps) => ps.clone(),
-                };
-                let mut matched = BTreeSet::new();
-                for pattern in &patterns {
-                    let full = base.join(pattern);
-                    let hits = expand(&full).map_err(|e| {
-                        anyhow!(
-                            "{}: node '{name}': files.{role}: {e}{}",
-                            at(Some(def.files[role].span())),
-                            bracket_hint(pattern)
-                        )
-                    })?;
-                    if hits.is_empty() {
-                        bail!(
-                            "{}: node '{name}': files.{role} pattern '{pattern}' matches no file (looked for {}){}",
-                            at(Some(def.files[role].span())),
-                            full.display(),
-                            bracket_hint(pattern)
-                        );
-                    }
-                    matched.extend(hits);
-                }
-                files.insert(role.clone(), matched.into_iter().collect());
-            }
-            for role in spec.files.iter().filter(|r| r.required) {
-                if !files.contains_key(role.name) {
-                    bail!(
-                        "{node_at}: node '{name}': needs files.{} ({})",
-                        role.name,
-                        role.help
-                    );
-                }
-            }
-            let input_names: Vec<&str> = inputs.keys().map(String::as_str).collect();
-            let file_roles: Vec<&str> = files.keys().map(String::as_str).collect();
-            stage
-                .check_wiring(&params, &input_names, &file_roles)
-                .map_err(|problem| anyhow!("{node_at}: node '{name}': {problem}"))?;
-
-            nodes.insert(
-                name.clone(),
-                Node {
-                    name: name.clone(),
-                    stage: stage_name.clone(),
-                    params,
-                    spec,
-                    inputs,
-                    files,
-                    variant: None,
-                    rerun: None,
-                },
-            );
+            let node = wiring::wire(name, spanned, &prepared, &base, &at, &mut miswired)?;
+            nodes.insert(name.clone(), node);
         }
 
         let order = topological_order(&nodes).map_err(|cycle| {
@@ -397,44 +290,6 @@ fn list_or_none<'a>(items: impl Iterator<Item = &'a str>) -> String {
     } else {
         items.join(", ")
     }
-}
-
-/// For a pattern with `[` or `]`, which a glob reads as a character class: how to
-/// write them for a file whose name has them.
-fn bracket_hint(pattern: &str) -> String {
-    if !pattern.contains(['[', ']']) {
-        return String::new();
-    }
-    let literal: String = pattern
-        .chars()
-        .map(|c| match c {
-            '[' => "[[]".to_string(),
-            ']' => "[]]".to_string(),
-            c => c.to_string(),
-        })
-        .collect();
-    format!(
-        "; '[' and ']' are glob characters (a class of characters): a file whose name has them is matched by '{literal}'"
-    )
-}
-
-fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
-    let text = pattern.to_string_lossy();
-    if !text.contains(['*', '?', '[']) {
-        return Ok(if pattern.is_file() {
-            vec![pattern.to_path_buf()]
-        } else {
-            Vec::new()
-        });
-    }
-    let mut hits = Vec::new();
-    for entry in glob::glob(&text).map_err(|e| anyhow!("bad pattern '{text}': {e}"))? {
-        let path = entry?;
-        if path.is_file() {
-            hits.push(path);
-        }
-    }
-    Ok(hits)
 }
 
 impl Pipeline {

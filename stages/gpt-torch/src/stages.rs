@@ -197,35 +197,7 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     let params: TrainParams = ctx.params_as()?;
     let (numerics, cpu) = pinned_numerics(ctx, params.numerics, params.device)?;
     tch::set_num_threads(params.threads as i32);
-    let tokens = ctx.input("tokens")?;
-    if let Some(message) = vocab_mismatch(&params.model, tokens)? {
-        return Err(ctx.error(format!("params.model.{message}")));
-    }
-    let train_path = tokens.file("train.parquet");
-    let train_tokens = read_column::<UInt16Type>(&train_path, "token")?;
-    if train_tokens.len() < 2 {
-        return Err(StageError::input(
-            &train_path,
-            "fewer than 2 train tokens: nothing to train on",
-        ));
-    }
-    let val_path = tokens.file("val.parquet");
-    let mut val_tokens = read_column::<UInt16Type>(&val_path, "token")?;
-    let mut val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
-    if params.val_tokens > 0 && val_tokens.len() > params.val_tokens + 1 {
-        val_tokens.truncate(params.val_tokens + 1);
-        val_bytes.truncate(params.val_tokens + 1);
-    }
-    if val_tokens.len() <= params.model.seq_len as usize {
-        return Err(StageError::input(
-            &val_path,
-            format!(
-                "{} val tokens are too few for one validation window of seq_len {}",
-                val_tokens.len(),
-                params.model.seq_len
-            ),
-        ));
-    }
+    let data = TrainingData::read(ctx, &params)?;
     let device = device(ctx, params.device)?;
     let mut report = StageReport::default();
 
@@ -247,61 +219,19 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
             momentum_warmup_steps: params.momentum_warmup_steps,
         },
     );
-    let mut stream = TokenStream::new(&train_tokens);
-    let (batch, seq_len) = (params.batch, params.model.seq_len);
-    let val_batch = (batch as usize).max(1);
-    let validate = |model: &Gpt| validation_bpb(model, &val_tokens, &val_bytes, val_batch);
-
-    let bar = ctx.progress(params.steps as u64, "training steps");
-    let mut log: Vec<LogRow> = Vec::with_capacity(params.steps);
+    let val_batch = (params.batch as usize).max(1);
+    let validate =
+        |model: &Gpt| validation_bpb(model, &data.val_tokens, &data.val_bytes, val_batch);
     let initial_val_bpb = validate(&model);
-    let mut last_val_bpb = initial_val_bpb;
-    let mut training_seconds = 0.0f64;
-    let mut steps_done = 0usize;
-    for step in 0..params.steps {
-        let step_started = Instant::now();
-        let scale = match params.schedule {
-            Schedule::Steps => lr_multiplier_steps(step, params.steps, params.warmdown_steps),
-            Schedule::Wallclock => lr_multiplier_wallclock(
-                step,
-                training_seconds * 1000.0,
-                params.max_seconds * 1000.0,
-                params.warmdown_steps,
-            ),
-        };
-        let (x, y) = stream.next_batch(batch, seq_len);
-        let loss = trainer.step(&model, &x.to_device(device), &y.to_device(device), scale);
-        let seconds = step_started.elapsed().as_secs_f64();
-        training_seconds += seconds;
-        steps_done = step + 1;
-        if !loss.is_finite() {
-            return Err(ctx.error(format!(
-                "training diverged at step {steps_done}: loss {loss}; lower the learning rates"
-            )));
-        }
-        let last = steps_done == params.steps
-            || (params.schedule == Schedule::Wallclock && training_seconds >= params.max_seconds);
-        let val_bpb =
-            if last || (params.val_every > 0 && steps_done.is_multiple_of(params.val_every)) {
-                last_val_bpb = validate(&model);
-                Some(last_val_bpb)
-            } else {
-                None
-            };
-        log.push(LogRow {
-            step: steps_done as u32,
-            loss,
-            lr_multiplier: scale,
-            tokens_seen: steps_done as i64 * batch * seq_len,
-            val_bpb,
-            seconds,
-        });
-        bar.inc(1);
-        if last {
-            break;
-        }
-    }
-    bar.finish_and_clear();
+    let (log, last_val_bpb) = train_steps(
+        ctx,
+        &params,
+        &data,
+        (&model, &mut trainer, device),
+        (&validate, initial_val_bpb),
+    )?;
+    let steps_done = log.len();
+    let (batch, seq_len) = (params.batch, params.model.seq_len);
     report.phase("train", started);
 
     // The final weights are the EMA, stored in fp16; the figure that counts is measured
@@ -355,6 +285,117 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
         .with("device", serde_json::to_value(params.device).unwrap())
         .with_volatile(numerics::REPORT_KEY, numerics)
         .with_volatile("cpu", cpu))
+}
+
+/// The token streams `train` reads: every train token, and the val tokens (and their
+/// bytes) it validates on, cut to `val_tokens` when that is set.
+struct TrainingData {
+    train_tokens: Vec<u16>,
+    val_tokens: Vec<u16>,
+    val_bytes: Vec<u8>,
+}
+
+impl TrainingData {
+    fn read(ctx: &StageContext, params: &TrainParams) -> Result<Self, StageError> {
+        let tokens = ctx.input("tokens")?;
+        if let Some(message) = vocab_mismatch(&params.model, tokens)? {
+            return Err(ctx.error(format!("params.model.{message}")));
+        }
+        let train_path = tokens.file("train.parquet");
+        let train_tokens = read_column::<UInt16Type>(&train_path, "token")?;
+        if train_tokens.len() < 2 {
+            return Err(StageError::input(
+                &train_path,
+                "fewer than 2 train tokens: nothing to train on",
+            ));
+        }
+        let val_path = tokens.file("val.parquet");
+        let mut val_tokens = read_column::<UInt16Type>(&val_path, "token")?;
+        let mut val_bytes = read_column::<UInt8Type>(&val_path, "bytes")?;
+        if params.val_tokens > 0 && val_tokens.len() > params.val_tokens + 1 {
+            val_tokens.truncate(params.val_tokens + 1);
+            val_bytes.truncate(params.val_tokens + 1);
+        }
+        if val_tokens.len() <= params.model.seq_len as usize {
+            return Err(StageError::input(
+                &val_path,
+                format!(
+                    "{} val tokens are too few for one validation window of seq_len {}",
+                    val_tokens.len(),
+                    params.model.seq_len
+                ),
+            ));
+        }
+        Ok(TrainingData {
+            train_tokens,
+            val_tokens,
+            val_bytes,
+        })
+    }
+}
+
+/// The training loop: steps until `params.steps` (or the wall-clock budget), a log row
+/// per step, validating every `val_every` steps and after the last. Returns the log and
+/// the last validation's BPB (of the weights before the EMA; the initial one when no step
+/// validated).
+fn train_steps(
+    ctx: &StageContext,
+    params: &TrainParams,
+    data: &TrainingData,
+    (model, trainer, device): (&Gpt, &mut Trainer, tch::Device),
+    (validate, initial_val_bpb): (&dyn Fn(&Gpt) -> f64, f64),
+) -> Result<(Vec<LogRow>, f64), StageError> {
+    let mut stream = TokenStream::new(&data.train_tokens);
+    let (batch, seq_len) = (params.batch, params.model.seq_len);
+    let bar = ctx.progress(params.steps as u64, "training steps");
+    let mut log: Vec<LogRow> = Vec::with_capacity(params.steps);
+    let mut last_val_bpb = initial_val_bpb;
+    let mut training_seconds = 0.0f64;
+    for step in 0..params.steps {
+        let step_started = Instant::now();
+        let scale = match params.schedule {
+            Schedule::Steps => lr_multiplier_steps(step, params.steps, params.warmdown_steps),
+            Schedule::Wallclock => lr_multiplier_wallclock(
+                step,
+                training_seconds * 1000.0,
+                params.max_seconds * 1000.0,
+                params.warmdown_steps,
+            ),
+        };
+        let (x, y) = stream.next_batch(batch, seq_len);
+        let loss = trainer.step(model, &x.to_device(device), &y.to_device(device), scale);
+        let seconds = step_started.elapsed().as_secs_f64();
+        training_seconds += seconds;
+        let steps_done = step + 1;
+        if !loss.is_finite() {
+            return Err(ctx.error(format!(
+                "training diverged at step {steps_done}: loss {loss}; lower the learning rates"
+            )));
+        }
+        let last = steps_done == params.steps
+            || (params.schedule == Schedule::Wallclock && training_seconds >= params.max_seconds);
+        let val_bpb =
+            if last || (params.val_every > 0 && steps_done.is_multiple_of(params.val_every)) {
+                last_val_bpb = validate(model);
+                Some(last_val_bpb)
+            } else {
+                None
+            };
+        log.push(LogRow {
+            step: steps_done as u32,
+            loss,
+            lr_multiplier: scale,
+            tokens_seen: steps_done as i64 * batch * seq_len,
+            val_bpb,
+            seconds,
+        });
+        bar.inc(1);
+        if last {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok((log, last_val_bpb))
 }
 
 /// Reads a `train` artifact's `config.json` and `model.safetensors` into a model on
