@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use arrow::datatypes::{Float64Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use stage_api::{read_column, StageContext, StageError};
 
-use crate::perturb::Kind;
+use crate::perturb::{Kind, Perturbed};
 use crate::probes::{self, Finding, Verdict};
 use crate::runs::{first_difference, first_difference_at, unchanged_after_cut, Rerun, Run};
 use crate::stages::LegalityParams;
@@ -28,100 +28,10 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
     let mut asked_only_in_reruns = BTreeSet::new();
     for rerun in reruns {
         let run = rerun.read()?;
-        let cut = rerun.perturbed.cut as i64;
+        if let Some(failure) = prefix_failure(original, run, &rerun.perturbed, &mut checked)? {
+            return Ok(failure);
+        }
         let perturbed = &rerun.perturbed;
-        let what = match perturbed.kind {
-            Kind::Shuffle => "shuffled",
-            Kind::Replace => "changed",
-        };
-        // What changed, and where the kept targets lie.
-        let (changed, before) = match &perturbed.ordering {
-            None => (
-                format!("the stream after position {cut} was {what}"),
-                "before the cut".to_string(),
-            ),
-            Some(o) => (
-                format!(
-                    "the targets from {} on in {} order were {what}",
-                    perturbed.changed(),
-                    o.describe()
-                ),
-                "before the cut in every declared order".to_string(),
-            ),
-        };
-        let mut tables = vec![(&original.end, &run.end)];
-        if !original.end_is_model {
-            tables.push((original.model(), run.model()));
-        }
-        for (a, b) in tables {
-            let difference = match perturbed.ordering {
-                None => first_difference(a, b, cut, &mut checked)?,
-                Some(_) => first_difference_at(
-                    a,
-                    b,
-                    |p| perturbed.kept(p),
-                    a.compared_columns(),
-                    &mut checked,
-                )?,
-            };
-            if let Some(d) = difference {
-                return Ok(Finding::fail(
-                    probes::PREFIX,
-                    checked,
-                    d.position,
-                    d.original,
-                    d.perturbed,
-                    format!("{}: {changed}, and {} at position {} ({before}) changed: the score depends on later tokens", run.label, d.column, d.position),
-                ));
-            }
-        }
-        // Distributions asked of both runs up to the cut must not move either.
-        for (position, probs) in original
-            .distributions()
-            .iter()
-            .filter(|(p, _)| perturbed.kept(*p))
-        {
-            let Some(other) = run.distribution_at(*position) else {
-                continue;
-            };
-            checked += probs.len() as u64;
-            if let Some((v, a, b)) = probes::first_distribution_difference(probs, other) {
-                return Ok(Finding::fail(
-                    probes::PREFIX,
-                    checked,
-                    *position,
-                    a as f64,
-                    b as f64,
-                    format!("{}: {changed}, and p(candidate {v}) at position {position} ({before}) changed", run.label),
-                ));
-            }
-        }
-        let unchanged = match &perturbed.ordering {
-            None => unchanged_after_cut(original.model(), run.model(), cut)?,
-            Some(o) => {
-                let c = perturbed.changed();
-                let later = |p: i64| p > 0 && p as usize != c && o.changeable(p as usize, c);
-                let mut compared = 0;
-                let moved = first_difference_at(
-                    original.model(),
-                    run.model(),
-                    later,
-                    &["model_p"],
-                    &mut compared,
-                )?;
-                moved.is_none() && compared > 0
-            }
-        };
-        if unchanged {
-            return Ok(Finding::fail(
-                probes::PREFIX,
-                checked,
-                cut + 1,
-                0.0,
-                0.0,
-                format!("cannot be verified: in {}, the model scored every target after the cut exactly as in the original run, although the stream there changed: it did not read the stream it was given (an imported table?)", run.label),
-            ));
-        }
         asked_only_in_reruns.extend(
             run.distributions()
                 .iter()
@@ -155,6 +65,111 @@ pub(crate) fn prefix_probe(original: &Run, reruns: &[Rerun]) -> Result<Finding, 
             0.95f64.powi(looks as i32),
         ),
     ))
+}
+
+/// One re-run against the original: a score or an asked distribution before the cut
+/// that moved, or a model that scored the changed stream exactly as the original (it did
+/// not read what it was given), as the failing finding; `checked` counts the values
+/// compared.
+fn prefix_failure(
+    original: &Run,
+    run: &Run,
+    perturbed: &Perturbed,
+    checked: &mut u64,
+) -> Result<Option<Finding>, StageError> {
+    let cut = perturbed.cut as i64;
+    let what = match perturbed.kind {
+        Kind::Shuffle => "shuffled",
+        Kind::Replace => "changed",
+    };
+    // What changed, and where the kept targets lie.
+    let (changed, before) = match &perturbed.ordering {
+        None => (
+            format!("the stream after position {cut} was {what}"),
+            "before the cut".to_string(),
+        ),
+        Some(o) => (
+            format!(
+                "the targets from {} on in {} order were {what}",
+                perturbed.changed(),
+                o.describe()
+            ),
+            "before the cut in every declared order".to_string(),
+        ),
+    };
+    let mut tables = vec![(&original.end, &run.end)];
+    if !original.end_is_model {
+        tables.push((original.model(), run.model()));
+    }
+    for (a, b) in tables {
+        let difference = match perturbed.ordering {
+            None => first_difference(a, b, cut, checked)?,
+            Some(_) => {
+                first_difference_at(a, b, |p| perturbed.kept(p), a.compared_columns(), checked)?
+            }
+        };
+        if let Some(d) = difference {
+            return Ok(Some(Finding::fail(
+                probes::PREFIX,
+                *checked,
+                d.position,
+                d.original,
+                d.perturbed,
+                format!("{}: {changed}, and {} at position {} ({before}) changed: the score depends on later tokens", run.label, d.column, d.position),
+            )));
+        }
+    }
+    // Distributions asked of both runs up to the cut must not move either.
+    for (position, probs) in original
+        .distributions()
+        .iter()
+        .filter(|(p, _)| perturbed.kept(*p))
+    {
+        let Some(other) = run.distribution_at(*position) else {
+            continue;
+        };
+        *checked += probs.len() as u64;
+        if let Some((v, a, b)) = probes::first_distribution_difference(probs, other) {
+            return Ok(Some(Finding::fail(
+                probes::PREFIX,
+                *checked,
+                *position,
+                a as f64,
+                b as f64,
+                format!(
+                    "{}: {changed}, and p(candidate {v}) at position {position} ({before}) changed",
+                    run.label
+                ),
+            )));
+        }
+    }
+    let unchanged = match &perturbed.ordering {
+        None => unchanged_after_cut(original.model(), run.model(), cut)?,
+        Some(o) => {
+            let c = perturbed.changed();
+            let later = |p: i64| p > 0 && p as usize != c && o.changeable(p as usize, c);
+            let mut compared = 0;
+            let moved = first_difference_at(
+                original.model(),
+                run.model(),
+                later,
+                &["model_p"],
+                &mut compared,
+            )?;
+            moved.is_none() && compared > 0
+        }
+    };
+    if unchanged {
+        return Ok(Some(Finding::fail(
+            probes::PREFIX,
+            *checked,
+            cut + 1,
+            0.0,
+            0.0,
+            format!("cannot be verified: in {}, the model scored every target after the cut exactly as in the original run, although the stream there changed: it did not read the stream it was given (an imported table?)", run.label),
+        )));
+    }
+    Ok(None)
 }
 
 /// The fraction f of cheated positions above which a cheat escapes `n` checked positions

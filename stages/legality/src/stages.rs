@@ -16,7 +16,7 @@ use stage_api::{
 use crate::checklist::{read_finding, FINDING, FINDING_READ};
 use crate::judge::{blind_probe, normalised_probe, prefix_probe, sandbox_probe, target_probe};
 use crate::order_finding::order_probe;
-use crate::perturb::{perturb_aimed, CutParams, Kind};
+use crate::perturb::{perturb_aimed, CutParams, Kind, Perturbed};
 use crate::perturb_stage::{read_classes, read_hints, HINTS, VAL, VOCAB};
 use crate::probes::{self, Finding, Verdict};
 use crate::runs::{Rerun, Run};
@@ -259,38 +259,7 @@ impl Stage for LegalityStage {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let mut reruns = Vec::new();
-        for (i, perturbed) in perturbed.into_iter().enumerate() {
-            let wired = |name: &str| {
-                ctx.input(name).map_err(|_| {
-                    ctx.error(format!(
-                        "input '{name}' (the re-run for cuts[{i}]) is not wired: the pipeline wires it"
-                    ))
-                })
-            };
-            let end = wired(CUT_INPUTS[i])?;
-            let model = match original.end_is_model {
-                // A tilt chain's pass-1, wired when the end is not the scorer's own.
-                true => ctx.inputs.get(PASS1_INPUTS[i]),
-                false => Some(wired(PASS1_INPUTS[i])?),
-            };
-            let label = format!(
-                "re-run {} ({}, cut after {})",
-                i + 1,
-                match perturbed.kind {
-                    Kind::Shuffle => "shuffled",
-                    Kind::Replace => "targets replaced",
-                },
-                perturbed.cut
-            );
-            reruns.push(Rerun {
-                label,
-                end,
-                model,
-                perturbed,
-                run: Default::default(),
-            });
-        }
+        let reruns = wire_reruns(ctx, &original, perturbed)?;
         // Each probe timed, as a phase of the report.
         let mut report = StageReport::default();
         let mut findings = Vec::new();
@@ -361,6 +330,48 @@ impl Stage for LegalityStage {
         }
         Ok(report)
     }
+}
+
+/// The re-runs, one per cut, each read from the inputs the pipeline wired for it (the
+/// chain's end, and its pass-1 where the end is not the scorer's own).
+fn wire_reruns<'a>(
+    ctx: &'a StageContext,
+    original: &Run,
+    perturbed: Vec<Perturbed>,
+) -> Result<Vec<Rerun<'a>>, StageError> {
+    let mut reruns = Vec::new();
+    for (i, perturbed) in perturbed.into_iter().enumerate() {
+        let wired = |name: &str| {
+            ctx.input(name).map_err(|_| {
+                ctx.error(format!(
+                    "input '{name}' (the re-run for cuts[{i}]) is not wired: the pipeline wires it"
+                ))
+            })
+        };
+        let end = wired(CUT_INPUTS[i])?;
+        let model = match original.end_is_model {
+            // A tilt chain's pass-1, wired when the end is not the scorer's own.
+            true => ctx.inputs.get(PASS1_INPUTS[i]),
+            false => Some(wired(PASS1_INPUTS[i])?),
+        };
+        let label = format!(
+            "re-run {} ({}, cut after {})",
+            i + 1,
+            match perturbed.kind {
+                Kind::Shuffle => "shuffled",
+                Kind::Replace => "targets replaced",
+            },
+            perturbed.cut
+        );
+        reruns.push(Rerun {
+            label,
+            end,
+            model,
+            perturbed,
+            run: Default::default(),
+        });
+    }
+    Ok(reruns)
 }
 
 pub(crate) fn write_findings(
