@@ -325,19 +325,16 @@ fn program_to_run(
     std::path::absolute(&copy).map_err(|e| StageError::io(&copy, e))
 }
 
-/// Runs `program` confined in `workspace` with the file `request` (in the workspace) on
-/// its standard input, keeps its log in the artifact, and returns what its sandbox
-/// achieved, or a one-line error. The request is a file, not a pipe we write: a program
-/// that exits without reading it must not leave us writing into a closed pipe.
-pub fn run(
+/// What the program may read and write, and its environment: the workspace, the
+/// program's own prefixes and `params.read`, never the artifact store.
+fn confinement(
     ctx: &StageContext,
     program: &Program,
     workspace: &Workspace,
-    request: &Path,
-) -> Result<Isolation, StageError> {
+    program_path: PathBuf,
+    args: &[String],
+) -> Result<Confinement, StageError> {
     let what = program.what;
-    let (name, args) = program.command.split_first().expect("validated: not empty");
-    let program_path = program_to_run(ctx, program, workspace, resolve_program(ctx, name, what)?)?;
     let store = ctx
         .out_dir
         .parent()
@@ -374,7 +371,7 @@ pub fn run(
             _ => (k.clone(), v.clone()),
         })
         .collect();
-    let confinement = Confinement {
+    Ok(Confinement {
         program: program_path,
         args: args.iter().map(Into::into).collect(),
         cwd: workspace.root.clone(),
@@ -382,7 +379,23 @@ pub fn run(
         read,
         write: vec![workspace.out(), workspace.root.join("home")],
         loopback: program.loopback,
-    };
+    })
+}
+
+/// Runs `program` confined in `workspace` with the file `request` (in the workspace) on
+/// its standard input, keeps its log in the artifact, and returns what its sandbox
+/// achieved, or a one-line error. The request is a file, not a pipe we write: a program
+/// that exits without reading it must not leave us writing into a closed pipe.
+pub fn run(
+    ctx: &StageContext,
+    program: &Program,
+    workspace: &Workspace,
+    request: &Path,
+) -> Result<Isolation, StageError> {
+    let what = program.what;
+    let (name, args) = program.command.split_first().expect("validated: not empty");
+    let program_path = program_to_run(ctx, program, workspace, resolve_program(ctx, name, what)?)?;
+    let confinement = confinement(ctx, program, workspace, program_path, args)?;
     let stdin = File::open(request).map_err(|e| StageError::io(request, e))?;
     let mut running = sandbox::spawn(
         &confinement,

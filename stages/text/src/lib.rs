@@ -146,7 +146,13 @@ impl StageParams for TokenizeParams {
     }
 }
 
-fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageReport, StageError> {
+/// The train and val documents of a text source: `files.train` and `files.val` as
+/// given, and `files.corpus` split between them by `val_fraction` (seeded); each split
+/// must have a document.
+fn text_splits(
+    ctx: &StageContext,
+    params: &TokenizeParams,
+) -> Result<(Vec<corpus::Document>, Vec<corpus::Document>), StageError> {
     if !ctx.files("tokenizer").is_empty() {
         return Err(ctx.error(
             "files.tokenizer is for source = \"shards\"; text sources train their own BPE",
@@ -203,7 +209,11 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
             "the train split is empty (every document went to val); lower val_fraction or add files.train",
         ));
     }
+    Ok((train_docs, val_docs))
+}
 
+fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageReport, StageError> {
+    let (train_docs, val_docs) = text_splits(ctx, params)?;
     let mut timings = StageReport::default();
     let started = std::time::Instant::now();
     let train_texts: Vec<&str> = train_docs.iter().map(|d| d.text.as_str()).collect();
