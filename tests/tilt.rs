@@ -127,8 +127,10 @@ fn a_tilt_on_the_caches_hints_is_legal() {
     let hint = stage_api::read_column::<UInt16Type>(&original, "hint").unwrap();
     let seen = stage_api::read_column::<UInt32Type>(&original, "seen").unwrap();
     let share = stage_api::read_column::<Float32Type>(&original, "share").unwrap();
-    let expected =
-        cache::continuations::top_continuations(&val, &cache::NgramConfig::default()).unwrap();
+    let expected = cache::continuations::top_continuations(
+        &val,
+        &cache::NgramConfig::default().validated().unwrap(),
+    );
     assert_eq!(hint, expected.token[1..]);
     assert_eq!(seen, expected.seen[1..]);
     for (i, &s) in share.iter().enumerate() {

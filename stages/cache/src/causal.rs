@@ -20,13 +20,14 @@
 use rayon::prelude::*;
 
 use crate::hash::{
-    context_hash, context_hashes, context_hashes_of_widths, full_hash, prefetch, zeroed_table,
-    KEY_BLOCK, NGRAM_PRIMES, PHRASE_PRIMES, PREFETCH_DISTANCE,
+    context_hash, context_hashes, context_hashes_of_widths, full_hash, prefetch, KEY_BLOCK,
+    NGRAM_PRIMES, PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::partition::rank_among_equal_keys;
 use crate::phrase::{PhraseConfig, PhraseMatch};
-use crate::ConfigError;
+use crate::zeroed::zeroed_table;
+use crate::Valid;
 
 /// One width's causal context counts into `counts`, for every p in 0..=len: how many q in
 /// width..p have p's context key (the `width` tokens before it), the key's rank among the
@@ -66,8 +67,7 @@ fn context_counts(
 
 /// Causal n-gram lookups for every position: the highest order whose earlier context
 /// count reaches `min_count` and whose earlier full count is positive.
-pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMatch>, ConfigError> {
-    config.validate()?;
+pub fn ngram_lookups(tokens: &[u16], config: &Valid<NgramConfig>) -> Vec<NgramMatch> {
     let mut result = vec![NgramMatch::default(); tokens.len()];
     // Widths top down, one per core at a time. Order n = width + 1 takes its context
     // counts from its own width's pass and its full counts from the pass one wider,
@@ -112,7 +112,7 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
         }
         std::mem::swap(&mut above, &mut counts[group.len() - 1]);
     }
-    Ok(result)
+    result
 }
 
 /// Causal phrase lookups: one pass over the stream; at each position every length is read
@@ -124,11 +124,7 @@ pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMa
 /// and each block's counts are then merged. A walk hashes its block at every length at
 /// once ([`context_hashes_of_widths`]) and prefetches the buckets of the position
 /// [`PREFETCH_DISTANCE`] ahead.
-pub fn phrase_lookups(
-    tokens: &[u16],
-    config: &PhraseConfig,
-) -> Result<Vec<PhraseMatch>, ConfigError> {
-    config.validate()?;
+pub fn phrase_lookups(tokens: &[u16], config: &Valid<PhraseConfig>) -> Vec<PhraseMatch> {
     let mut result = vec![PhraseMatch::default(); tokens.len()];
     let lengths = &config.lengths;
     let mut context = PhraseTableWalk::new(config, false);
@@ -160,7 +156,7 @@ pub fn phrase_lookups(
         }
         start = end;
     }
-    Ok(result)
+    result
 }
 
 /// One of the phrase cache's two tables, walked causally a block at a time.
@@ -247,17 +243,16 @@ mod tests {
         (0..n).map(|i| base[(i * 13 / 7) % base.len()]).collect()
     }
 
-    fn small() -> (NgramConfig, PhraseConfig) {
-        (
-            NgramConfig {
-                buckets: 1 << 12,
-                ..NgramConfig::default()
-            },
-            PhraseConfig {
-                buckets: 1 << 11,
-                ..PhraseConfig::default()
-            },
-        )
+    fn small() -> (Valid<NgramConfig>, Valid<PhraseConfig>) {
+        let ngram = NgramConfig {
+            buckets: 1 << 12,
+            ..NgramConfig::default()
+        };
+        let phrase = PhraseConfig {
+            buckets: 1 << 11,
+            ..PhraseConfig::default()
+        };
+        (ngram.validated().unwrap(), phrase.validated().unwrap())
     }
 
     /// The defining property: what position p sees depends on tokens ..=p only.
@@ -270,16 +265,10 @@ mod tests {
         for t in &mut changed[cut..] {
             *t = (*t + 17) % 64;
         }
-        let (a, b) = (
-            ngram_lookups(&tokens, &ng).unwrap(),
-            ngram_lookups(&changed, &ng).unwrap(),
-        );
+        let (a, b) = (ngram_lookups(&tokens, &ng), ngram_lookups(&changed, &ng));
         assert_eq!(a[..cut], b[..cut]);
         assert_ne!(a[cut..], b[cut..]);
-        let (a, b) = (
-            phrase_lookups(&tokens, &ph).unwrap(),
-            phrase_lookups(&changed, &ph).unwrap(),
-        );
+        let (a, b) = (phrase_lookups(&tokens, &ph), phrase_lookups(&changed, &ph));
         assert_eq!(a[..cut], b[..cut]);
     }
 
@@ -289,7 +278,7 @@ mod tests {
         let (ng, _) = small();
         let tokens = stream(1500, 3);
         let mask = (ng.buckets - 1) as u32;
-        let result = ngram_lookups(&tokens, &ng).unwrap();
+        let result = ngram_lookups(&tokens, &ng);
         for p in (0..tokens.len()).step_by(37) {
             let m = result[p];
             if !m.matched() {
@@ -352,9 +341,11 @@ mod tests {
                 max_order,
                 buckets: 1 << 10, // small enough for keys of different orders to collide
                 min_count,
-            };
+            }
+            .validated()
+            .unwrap();
             let tokens = stream(3000, 9);
-            let got = ngram_lookups(&tokens, &ng).unwrap();
+            let got = ngram_lookups(&tokens, &ng);
             assert!(got.iter().filter(|m| m.matched()).count() > 2000);
             assert!(got.last().unwrap().matched());
             assert_eq!(got, direct_ngram_lookups(&tokens, &ng), "{ng:?}");
@@ -365,9 +356,11 @@ mod tests {
             let ng = NgramConfig {
                 buckets: 1 << 10,
                 ..NgramConfig::default()
-            };
+            }
+            .validated()
+            .unwrap();
             assert_eq!(
-                ngram_lookups(&tokens, &ng).unwrap(),
+                ngram_lookups(&tokens, &ng),
                 direct_ngram_lookups(&tokens, &ng)
             );
         }
@@ -408,7 +401,7 @@ mod tests {
                 full[f] += 1;
             }
         }
-        let got = phrase_lookups(&tokens, &ph).unwrap();
+        let got = phrase_lookups(&tokens, &ph);
         assert!(got.iter().filter(|m| m.matched()).count() > 1000);
         assert_eq!(got, expected);
     }
@@ -425,11 +418,11 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let a = one.install(|| ngram_lookups(&tokens, &ng).unwrap());
-        let b = two.install(|| ngram_lookups(&tokens, &ng).unwrap());
+        let a = one.install(|| ngram_lookups(&tokens, &ng));
+        let b = two.install(|| ngram_lookups(&tokens, &ng));
         assert_eq!(a, b);
-        let a = one.install(|| phrase_lookups(&tokens, &ph).unwrap());
-        let b = two.install(|| phrase_lookups(&tokens, &ph).unwrap());
+        let a = one.install(|| phrase_lookups(&tokens, &ph));
+        let b = two.install(|| phrase_lookups(&tokens, &ph));
         assert_eq!(a, b);
     }
 }

@@ -332,7 +332,7 @@ impl Stepper {
             .collect();
         let total: usize = self.offsets.iter().map(|o| o[partitions]).sum();
         if self.runs.capacity() < total {
-            self.runs = crate::hash::zeroed_with_huge_pages(total);
+            self.runs = crate::zeroed::zeroed_with_huge_pages(total);
         }
         self.runs.resize(total, 0);
 

@@ -18,7 +18,7 @@
 
 use crate::classes::{Prefix, Ranks, Stepper, Windows, SINGLETON};
 use crate::ngram::NgramConfig;
-use crate::ConfigError;
+use crate::Valid;
 
 /// Per position: the hint, how many of the chosen context's earlier occurrences it
 /// followed (`top`), how many there were (`seen`), and the context's order (0: no
@@ -48,16 +48,10 @@ impl Continuations {
 /// times before p (at least once: a context never seen has no continuation), for every
 /// position p of `tokens`. Position p reads only `tokens[..p]`. `config.buckets` is not
 /// used: the counts are exact.
-pub fn top_continuations(
-    tokens: &[u16],
-    config: &NgramConfig,
-) -> Result<Continuations, ConfigError> {
-    config.validate()?;
+pub fn top_continuations(tokens: &[u16], config: &Valid<NgramConfig>) -> Continuations {
     let min_count = config.min_count.max(1);
     let orders: Vec<usize> = (config.min_order..=config.max_order).collect();
-    Ok(gated_continuations(tokens, &orders, |_, _, seen| {
-        seen >= min_count
-    }))
+    gated_continuations(tokens, &orders, |_, _, seen| seen >= min_count)
 }
 
 /// For every position, the top continuation of the highest order in `orders` (each at

@@ -18,10 +18,11 @@ use rayon::prelude::*;
 
 use crate::blend::{Entry, PreparedBlend};
 use crate::fingerprint::{Rolling, BASE_KEY};
-use crate::hash::{context_hash, full_hash, zeroed_table, NGRAM_PRIMES, PHRASE_PRIMES};
+use crate::hash::{context_hash, full_hash, NGRAM_PRIMES, PHRASE_PRIMES};
 use crate::ngram::{NgramConfig, NgramMatch, NgramTables};
 use crate::phrase::{PhraseConfig, PhraseMatch, PhraseTables};
-use crate::ConfigError;
+use crate::zeroed::zeroed_table;
+use crate::Valid;
 
 /// What the cache gives each candidate token at one sampled position.
 pub type CandidateMatches = Vec<(NgramMatch, PhraseMatch)>;
@@ -220,13 +221,11 @@ type Snapshot = Vec<(u32, Vec<u32>)>;
 /// the sampled positions (`positions` sorted).
 pub fn causal_candidates(
     tokens: &[u16],
-    ngram: &NgramConfig,
-    phrase: &PhraseConfig,
+    ngram: &Valid<NgramConfig>,
+    phrase: &Valid<PhraseConfig>,
     positions: &[usize],
     vocab: usize,
-) -> Result<Vec<CandidateMatches>, ConfigError> {
-    ngram.validate()?;
-    phrase.validate()?;
+) -> Vec<CandidateMatches> {
     let orders: Vec<usize> = (ngram.min_order..=ngram.max_order).rev().collect();
     // One pass per order (orders in parallel): that order's own pair of tables.
     let per_order: Vec<Snapshot> = orders
@@ -297,7 +296,7 @@ pub fn causal_candidates(
         }
     }
     // The causal rules (see `causal`), per candidate.
-    Ok((0..positions.len())
+    (0..positions.len())
         .into_par_iter()
         .map(|i| {
             (0..vocab)
@@ -331,7 +330,7 @@ pub fn causal_candidates(
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
 
 /// For each request (target position p, context width w), the exact histogram of the

@@ -3,9 +3,9 @@
 //! rather than an allocation abort. The figures follow the allocations of each mode
 //! (measured at 62M tokens: reference 1.72 GB, causal-normalised 2.37 GB) and err high.
 
+use crate::config::Mode;
 use crate::ngram::NgramConfig;
 use crate::phrase::PhraseConfig;
-use crate::stages::Mode;
 
 const COUNT_BYTES: u64 = 4;
 

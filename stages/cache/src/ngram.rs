@@ -11,7 +11,7 @@ use crate::hash::{
     context_hash, context_hashes_of_widths, count_keys, full_hash, lookups_in_blocks, prefetch,
     NGRAM_PRIMES, PREFETCH_DISTANCE,
 };
-use crate::{check_buckets, ConfigError};
+use crate::Valid;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NgramConfig {
@@ -30,21 +30,6 @@ impl Default for NgramConfig {
             buckets: 1 << 24,
             min_count: 1,
         }
-    }
-}
-
-impl NgramConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.min_order < 2
-            || self.max_order > NGRAM_PRIMES.len()
-            || self.min_order > self.max_order
-        {
-            return Err(ConfigError::Orders {
-                min: self.min_order,
-                max: self.max_order,
-            });
-        }
-        check_buckets("ngram buckets", self.buckets)
     }
 }
 
@@ -95,8 +80,7 @@ pub struct NgramTables {
 
 impl NgramTables {
     /// Counts every position of `tokens` (the whole stream, position 0 included).
-    pub fn build(tokens: &[u16], config: &NgramConfig) -> Result<NgramTables, ConfigError> {
-        config.validate()?;
+    pub fn build(tokens: &[u16], config: &Valid<NgramConfig>) -> NgramTables {
         let mask = (config.buckets - 1) as u32;
         let top = config.max_order;
         // One job per context table plus one for the top full table; rayon spreads them
@@ -122,13 +106,13 @@ impl NgramTables {
                 })
             })
             .collect();
-        Ok(NgramTables {
-            config: config.clone(),
+        NgramTables {
+            config: (**config).clone(),
             mask,
             ctx: tables,
             full_top,
             tail_key,
-        })
+        }
     }
 
     pub fn config(&self) -> &NgramConfig {
@@ -291,8 +275,10 @@ mod tests {
         let config = NgramConfig {
             buckets: 1 << 10,
             ..NgramConfig::default()
-        };
-        let tables = NgramTables::build(&tokens, &config).unwrap();
+        }
+        .validated()
+        .unwrap();
+        let tables = NgramTables::build(&tokens, &config);
         for order in 2..=16 {
             let direct = count_keys(
                 &tokens,
@@ -314,8 +300,10 @@ mod tests {
         let config = NgramConfig {
             buckets: 1 << 12,
             ..NgramConfig::default()
-        };
-        let tables = NgramTables::build(&tokens, &config).unwrap();
+        }
+        .validated()
+        .unwrap();
+        let tables = NgramTables::build(&tokens, &config);
         for range in [0..tokens.len(), 5..LOOKUP_BLOCK + 77, 100..100] {
             let bulk = tables.lookup_range(&tokens, range.clone());
             let single: Vec<NgramMatch> = range.map(|p| tables.lookup(&tokens, p)).collect();
@@ -327,7 +315,7 @@ mod tests {
     #[test]
     fn leave_one_out_never_matches_a_unique_context() {
         let tokens: Vec<u16> = (0..200).collect();
-        let tables = NgramTables::build(&tokens, &NgramConfig::default()).unwrap();
+        let tables = NgramTables::build(&tokens, &NgramConfig::default().validated().unwrap());
         assert!(tables.lookup_all(&tokens).iter().all(|m| !m.matched()));
     }
 
@@ -338,13 +326,16 @@ mod tests {
             ..NgramConfig::default()
         };
         assert!(matches!(
-            bad.validate(),
-            Err(ConfigError::NotPowerOfTwo { .. })
+            bad.validated(),
+            Err(crate::ConfigError::NotPowerOfTwo { .. })
         ));
         let bad = NgramConfig {
             max_order: 24,
             ..NgramConfig::default()
         };
-        assert!(matches!(bad.validate(), Err(ConfigError::Orders { .. })));
+        assert!(matches!(
+            bad.validated(),
+            Err(crate::ConfigError::Orders { .. })
+        ));
     }
 }

@@ -28,23 +28,20 @@ use rayon::prelude::*;
 use crate::classes::{Prefix, Ranks, Stepper, Windows};
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
-use crate::ConfigError;
+use crate::Valid;
 
 /// Causal-normalised n-gram lookups for every position: the highest order whose context
 /// occurred at least `min_count` times before p, with that context's count and how many of
 /// those occurrences were followed by p's token (`full`, possibly 0). `config.buckets` is
 /// not used: the counts are exact.
-pub fn ngram_lookups(tokens: &[u16], config: &NgramConfig) -> Result<Vec<NgramMatch>, ConfigError> {
-    Ok(lookups(tokens, Some(config), None)?.0)
+pub fn ngram_lookups(tokens: &[u16], config: &Valid<NgramConfig>) -> Vec<NgramMatch> {
+    lookups(tokens, Some(config), None).0
 }
 
 /// Causal-normalised phrase lookups: the longest length whose context occurred at least
 /// `min_count` times before p (`config.buckets` is not used).
-pub fn phrase_lookups(
-    tokens: &[u16],
-    config: &PhraseConfig,
-) -> Result<Vec<PhraseMatch>, ConfigError> {
-    Ok(lookups(tokens, None, Some(config))?.1)
+pub fn phrase_lookups(tokens: &[u16], config: &Valid<PhraseConfig>) -> Vec<PhraseMatch> {
+    lookups(tokens, None, Some(config)).1
 }
 
 /// Both caches' lookups from one walk over the widths (an empty vector for a cache not
@@ -52,17 +49,15 @@ pub fn phrase_lookups(
 /// them again.
 pub fn lookups(
     tokens: &[u16],
-    ngram: Option<&NgramConfig>,
-    phrase: Option<&PhraseConfig>,
-) -> Result<(Vec<NgramMatch>, Vec<PhraseMatch>), ConfigError> {
+    ngram: Option<&Valid<NgramConfig>>,
+    phrase: Option<&Valid<PhraseConfig>>,
+) -> (Vec<NgramMatch>, Vec<PhraseMatch>) {
     let mut needed = BTreeSet::new();
     let mut chained = BTreeSet::new();
     if let Some(config) = ngram {
-        config.validate()?;
         needed.extend(config.min_order - 1..=config.max_order);
     }
     if let Some(config) = phrase {
-        config.validate()?;
         for &length in &config.lengths {
             needed.extend([length, length + 1]);
             chained.insert(length);
@@ -72,7 +67,7 @@ pub fn lookups(
     let step = match (ngram, phrase) {
         (Some(config), _) => config.max_order,
         (None, Some(config)) => *config.lengths.iter().min().expect("validated"),
-        (None, None) => return Ok((Vec::new(), Vec::new())),
+        (None, None) => return (Vec::new(), Vec::new()),
     };
     chained.extend(1..=step);
 
@@ -102,10 +97,10 @@ pub fn lookups(
     });
     let phrase_result =
         phrase.map(|_| phrase_result.unwrap_or_else(|| vec![PhraseMatch::default(); tokens.len()]));
-    Ok((
+    (
         ngram_result.unwrap_or_default(),
         phrase_result.unwrap_or_default(),
-    ))
+    )
 }
 
 /// Builds the classes of every width in `chained` (which holds 1..=step) in ascending
@@ -335,10 +330,13 @@ mod tests {
     #[test]
     fn one_walk_for_both_caches_is_two_walks() {
         let tokens = stream(4000, 3);
-        let (ngram, phrase) = (NgramConfig::default(), PhraseConfig::default());
-        let (a, b) = lookups(&tokens, Some(&ngram), Some(&phrase)).unwrap();
-        assert_eq!(a, ngram_lookups(&tokens, &ngram).unwrap());
-        assert_eq!(b, phrase_lookups(&tokens, &phrase).unwrap());
+        let (ngram, phrase) = (
+            NgramConfig::default().validated().unwrap(),
+            PhraseConfig::default().validated().unwrap(),
+        );
+        let (a, b) = lookups(&tokens, Some(&ngram), Some(&phrase));
+        assert_eq!(a, ngram_lookups(&tokens, &ngram));
+        assert_eq!(b, phrase_lookups(&tokens, &phrase));
         assert!(b.iter().any(|m| m.matched()) && a.iter().any(|m| m.order >= 8));
     }
 
@@ -351,8 +349,10 @@ mod tests {
         let config = NgramConfig {
             min_count: 2,
             ..NgramConfig::default()
-        };
-        let result = ngram_lookups(&tokens, &config).unwrap();
+        }
+        .validated()
+        .unwrap();
+        let result = ngram_lookups(&tokens, &config);
         for p in (0..tokens.len()).step_by(11) {
             let m = result[p];
             let expected_order = (config.min_order..=config.max_order)
@@ -390,8 +390,10 @@ mod tests {
         let config = PhraseConfig {
             lengths: vec![40, 24, 8],
             ..PhraseConfig::default()
-        };
-        let result = phrase_lookups(&tokens, &config).unwrap();
+        }
+        .validated()
+        .unwrap();
+        let result = phrase_lookups(&tokens, &config);
         for p in (0..tokens.len()).step_by(13) {
             let m = result[p];
             let expected = config
@@ -415,10 +417,10 @@ mod tests {
         for t in &mut changed[cut..] {
             *t = (*t + 5) % 12;
         }
-        let config = NgramConfig::default();
+        let config = NgramConfig::default().validated().unwrap();
         let (a, b) = (
-            ngram_lookups(&tokens, &config).unwrap(),
-            ngram_lookups(&changed, &config).unwrap(),
+            ngram_lookups(&tokens, &config),
+            ngram_lookups(&changed, &config),
         );
         assert_eq!(a[..cut], b[..cut]);
         assert_ne!(a[cut..], b[cut..]);
@@ -426,11 +428,11 @@ mod tests {
             .num_threads(1)
             .build()
             .unwrap();
-        assert_eq!(one.install(|| ngram_lookups(&tokens, &config).unwrap()), a);
-        let phrase = PhraseConfig::default();
+        assert_eq!(one.install(|| ngram_lookups(&tokens, &config)), a);
+        let phrase = PhraseConfig::default().validated().unwrap();
         assert_eq!(
-            one.install(|| phrase_lookups(&tokens, &phrase).unwrap()),
-            phrase_lookups(&tokens, &phrase).unwrap()
+            one.install(|| phrase_lookups(&tokens, &phrase)),
+            phrase_lookups(&tokens, &phrase)
         );
     }
 }

@@ -83,7 +83,7 @@ pub fn rank_among_equal_keys(keys: &mut [u32], buckets: usize, runs: &mut Vec<u3
     split.tally(&mut sizes, keys);
     let starts = split.run_starts(sizes);
     if runs.len() < keys.len() {
-        *runs = crate::hash::zeroed_table(keys.len());
+        *runs = crate::zeroed::zeroed_table(keys.len());
     }
     let runs = &mut runs[..keys.len()];
     split.scatter(&mut starts[..split.partitions].to_vec(), keys, runs);
@@ -132,7 +132,7 @@ pub fn count_table(
         starts[1..],
         "the two walks produced different keys"
     );
-    let mut table = crate::hash::zeroed_table(buckets);
+    let mut table = crate::zeroed::zeroed_table(buckets);
     for (partition, counts) in table.chunks_mut(1 << split.local_bits).enumerate() {
         for &local in &runs[starts[partition]..starts[partition + 1]] {
             counts[local as usize] += 1;

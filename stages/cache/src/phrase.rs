@@ -6,9 +6,10 @@ use rayon::prelude::*;
 
 use crate::hash::{
     context_hash, context_hashes_of_widths, count_keys, full_hash, lookups_in_blocks, prefetch,
-    zeroed_table, PHRASE_PRIMES, PREFETCH_DISTANCE,
+    PHRASE_PRIMES, PREFETCH_DISTANCE,
 };
-use crate::{check_buckets, ConfigError};
+use crate::zeroed::zeroed_table;
+use crate::Valid;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PhraseConfig {
@@ -25,17 +26,6 @@ impl Default for PhraseConfig {
             buckets: 1 << 23,
             min_count: 1,
         }
-    }
-}
-
-impl PhraseConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let descending = self.lengths.windows(2).all(|w| w[0] > w[1]);
-        let too_long = self.lengths.iter().any(|&l| l > MAX_PHRASE_LENGTH);
-        if self.lengths.is_empty() || !descending || self.lengths.contains(&0) || too_long {
-            return Err(ConfigError::PhraseLengths(self.lengths.clone()));
-        }
-        check_buckets("phrase buckets", self.buckets)
     }
 }
 
@@ -75,8 +65,7 @@ pub struct PhraseTables {
 pub const MAX_PHRASE_LENGTH: usize = 4096;
 
 impl PhraseTables {
-    pub fn build(tokens: &[u16], config: &PhraseConfig) -> Result<PhraseTables, ConfigError> {
-        config.validate()?;
+    pub fn build(tokens: &[u16], config: &Valid<PhraseConfig>) -> PhraseTables {
         let mask = (config.buckets - 1) as u32;
         // Each (length, ctx|full) job counts into its own table; the shared tables are
         // their sums, which integer addition makes independent of scheduling.
@@ -103,12 +92,12 @@ impl PhraseTables {
                 .zip(table.par_iter())
                 .for_each(|(a, b)| *a += b);
         }
-        Ok(PhraseTables {
-            config: config.clone(),
+        PhraseTables {
+            config: (**config).clone(),
             mask,
             ctx,
             full,
-        })
+        }
     }
 
     /// §6: the longest length whose context count reaches `min_count` and whose full
@@ -228,8 +217,10 @@ mod tests {
         let config = PhraseConfig {
             buckets: 1 << 10,
             ..PhraseConfig::default()
-        };
-        let tables = PhraseTables::build(&tokens, &config).unwrap();
+        }
+        .validated()
+        .unwrap();
+        let tables = PhraseTables::build(&tokens, &config);
         for range in [0..tokens.len(), 40..LOOKUP_BLOCK + 77, 100..100] {
             let bulk = tables.lookup_range(&tokens, range.clone());
             let single: Vec<PhraseMatch> = range.map(|p| tables.lookup(&tokens, p)).collect();
@@ -247,7 +238,7 @@ mod tests {
                 ((state >> 16) % 1024) as u16
             })
             .collect();
-        let tables = PhraseTables::build(&tokens, &PhraseConfig::default()).unwrap();
+        let tables = PhraseTables::build(&tokens, &PhraseConfig::default().validated().unwrap());
         let matches = tables.lookup_all(&tokens);
         let unmatched: Vec<usize> = (0..tokens.len())
             .filter(|&p| !matches[p].matched())

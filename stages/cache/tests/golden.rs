@@ -105,8 +105,8 @@ fn check_case(case: &str) {
         buckets: expected["phrase_buckets"].as_u64().unwrap() as usize,
         ..PhraseConfig::default()
     };
-    let ngram = NgramTables::build(&tokens, &ngram_config).unwrap();
-    let phrase = PhraseTables::build(&tokens, &phrase_config).unwrap();
+    let ngram = NgramTables::build(&tokens, &ngram_config.validated().unwrap());
+    let phrase = PhraseTables::build(&tokens, &phrase_config.validated().unwrap());
 
     // Every count table, bit for bit.
     let shas = &expected["table_sha256_uint32_le"];

@@ -207,18 +207,7 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
     let model = Gpt::new(&vs.root(), &params.model)
         .map_err(|e| StageError::InvalidParams(format!("model: {e}")))?;
     let parameters: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
-    let mut trainer = Trainer::new(
-        &vs,
-        &TrainConfig {
-            matrix_lr: params.matrix_lr,
-            tied_embed_lr: params.tied_embed_lr,
-            scalar_lr: params.scalar_lr,
-            weight_decay: params.weight_decay,
-            grad_clip: params.grad_clip,
-            ema_decay: params.ema_decay,
-            momentum_warmup_steps: params.momentum_warmup_steps,
-        },
-    );
+    let mut trainer = Trainer::new(&vs, &optimiser_config(&params));
     let val_batch = (params.batch as usize).max(1);
     let validate =
         |model: &Gpt| validation_bpb(model, &data.val_tokens, &data.val_bytes, val_batch);
@@ -285,6 +274,20 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
         .with("device", serde_json::to_value(params.device).unwrap())
         .with_volatile(numerics::REPORT_KEY, numerics)
         .with_volatile("cpu", cpu))
+}
+
+/// The optimisers' settings: converted from the stage's parameters (which the runner
+/// checks without libtorch) here and nowhere else.
+fn optimiser_config(params: &TrainParams) -> TrainConfig {
+    TrainConfig {
+        matrix_lr: params.matrix_lr,
+        tied_embed_lr: params.tied_embed_lr,
+        scalar_lr: params.scalar_lr,
+        weight_decay: params.weight_decay,
+        grad_clip: params.grad_clip,
+        ema_decay: params.ema_decay,
+        momentum_warmup_steps: params.momentum_warmup_steps,
+    }
 }
 
 /// The token streams `train` reads: every train token, and the val tokens (and their

@@ -323,10 +323,10 @@ fn cachemoney_hints(val: &[u16], order: usize, min_order: usize, min_count: u32)
         max_order: order,
         min_count,
         ..cache::NgramConfig::default()
-    };
-    let found = cache::continuations::top_continuations(val, &config)
-        .expect("orders validated with the parameters");
-    as_hints(found)
+    }
+    .validated()
+    .expect("orders validated with the parameters");
+    as_hints(cache::continuations::top_continuations(val, &config))
 }
 
 /// #1420/#1514's hints (§2.7) for the targets `val[1..]`: the highest of its orders whose

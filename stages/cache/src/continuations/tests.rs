@@ -46,13 +46,19 @@ fn direct_gated(
     out
 }
 
-fn config(min_order: usize, max_order: usize, min_count: u32) -> NgramConfig {
+fn unchecked(min_order: usize, max_order: usize, min_count: u32) -> NgramConfig {
     NgramConfig {
         min_order,
         max_order,
         min_count,
         ..NgramConfig::default()
     }
+}
+
+fn config(min_order: usize, max_order: usize, min_count: u32) -> Valid<NgramConfig> {
+    unchecked(min_order, max_order, min_count)
+        .validated()
+        .unwrap()
 }
 
 #[test]
@@ -65,13 +71,13 @@ fn a_worked_stream() {
     // At p = 6 (after a 3): the 3 before was followed by 1: hint 1, 1 of 1.
     // At p = 7: 3 passed 2 at p = 5: hint 3, 2 of 3.
     let tokens = [1, 2, 1, 3, 1, 3, 1, 2];
-    let got = top_continuations(&tokens, &config(2, 2, 1)).unwrap();
+    let got = top_continuations(&tokens, &config(2, 2, 1));
     assert_eq!(got.token, [0, 0, 0, 2, 0, 2, 1, 3]);
     assert_eq!(got.top, [0, 0, 0, 1, 0, 1, 1, 2]);
     assert_eq!(got.seen, [0, 0, 0, 1, 0, 2, 1, 3]);
     assert_eq!(got, direct(&tokens, &config(2, 2, 1)));
     // min_count 2: only contexts seen twice before qualify.
-    let two = top_continuations(&tokens, &config(2, 2, 2)).unwrap();
+    let two = top_continuations(&tokens, &config(2, 2, 2));
     assert_eq!(two.token, [0, 0, 0, 0, 0, 2, 0, 3]);
     assert_eq!(two.order, [0, 0, 0, 0, 0, 2, 0, 2]);
 }
@@ -81,7 +87,7 @@ fn the_longest_qualifying_context_wins() {
     // "a b c" then "x b c": at the last position the order-3 context "b c" has been seen
     // once (followed by d), the order-4 contexts never.
     let tokens = [1, 2, 3, 4, 9, 2, 3, 5, 7, 2, 3];
-    let got = top_continuations(&tokens, &config(2, 4, 1)).unwrap();
+    let got = top_continuations(&tokens, &config(2, 4, 1));
     assert_eq!((got.token[7], got.order[7], got.seen[7]), (4, 3, 1));
     // At p = 10 the order-3 context "7 2" is new; "2" was followed by 3 both times.
     assert_eq!(
@@ -94,18 +100,19 @@ fn the_longest_qualifying_context_wins() {
 #[test]
 fn a_stream_with_nothing_repeated_has_no_hint() {
     let tokens: Vec<u16> = (0..300).collect();
-    let got = top_continuations(&tokens, &NgramConfig::default()).unwrap();
+    let got = top_continuations(&tokens, &NgramConfig::default().validated().unwrap());
     assert!(got.order.iter().all(|&o| o == 0));
-    assert!(top_continuations(&[], &NgramConfig::default())
-        .unwrap()
-        .token
-        .is_empty());
+    assert!(
+        top_continuations(&[], &NgramConfig::default().validated().unwrap())
+            .token
+            .is_empty()
+    );
 }
 
 #[test]
 fn orders_out_of_range_are_refused() {
-    assert!(top_continuations(&[1, 2], &config(1, 4, 1)).is_err());
-    assert!(top_continuations(&[1, 2], &config(2, 17, 1)).is_err());
+    assert!(unchecked(1, 4, 1).validated().is_err());
+    assert!(unchecked(2, 17, 1).validated().is_err());
 }
 
 /// Text-like streams: a small alphabet and a repeated base with drift, so that contexts
@@ -135,7 +142,7 @@ proptest! {
         min_count in 0u32..4,
     ) {
         let config = config(min_order, (min_order + extra).min(16), min_count);
-        prop_assert_eq!(top_continuations(&tokens, &config).unwrap(), direct(&tokens, &config));
+        prop_assert_eq!(top_continuations(&tokens, &config), direct(&tokens, &config));
     }
 
     /// #1514's shape: a few orders, each with its own share threshold and count.
@@ -159,9 +166,9 @@ proptest! {
     #[test]
     fn a_position_reads_only_its_prefix(tokens in text_like(), cut in 0usize..300) {
         let cut = cut.min(tokens.len());
-        let config = NgramConfig::default();
-        let whole = top_continuations(&tokens, &config).unwrap();
-        let prefix = top_continuations(&tokens[..cut], &config).unwrap();
+        let config = NgramConfig::default().validated().unwrap();
+        let whole = top_continuations(&tokens, &config);
+        let prefix = top_continuations(&tokens[..cut], &config);
         prop_assert_eq!(&whole.token[..cut], &prefix.token[..]);
         prop_assert_eq!(&whole.top[..cut], &prefix.top[..]);
         prop_assert_eq!(&whole.seen[..cut], &prefix.seen[..]);

@@ -39,18 +39,17 @@ fn samples(
         .collect()
 }
 
-fn small_configs() -> (NgramConfig, PhraseConfig) {
-    (
-        NgramConfig {
-            buckets: 1 << 10,
-            ..NgramConfig::default()
-        },
-        PhraseConfig {
-            lengths: vec![32, 16],
-            buckets: 1 << 9,
-            ..PhraseConfig::default()
-        },
-    )
+fn small_configs() -> (Valid<NgramConfig>, Valid<PhraseConfig>) {
+    let ngram = NgramConfig {
+        buckets: 1 << 10,
+        ..NgramConfig::default()
+    };
+    let phrase = PhraseConfig {
+        lengths: vec![32, 16],
+        buckets: 1 << 9,
+        ..PhraseConfig::default()
+    };
+    (ngram.validated().unwrap(), phrase.validated().unwrap())
 }
 
 #[test]
@@ -69,8 +68,8 @@ fn normalised_mass_is_one_and_reference_mass_is_more() {
     ));
     let samples = samples(&positions, &model, blend);
 
-    let lookups = crate::normalised::ngram_lookups(&tokens, &ng).unwrap();
-    let phrases = crate::normalised::phrase_lookups(&tokens, &ph).unwrap();
+    let lookups = crate::normalised::ngram_lookups(&tokens, &ng);
+    let phrases = crate::normalised::phrase_lookups(&tokens, &ph);
     let chosen: Vec<_> = positions
         .iter()
         .map(|&p| (lookups[p], phrases[p]))
@@ -85,8 +84,8 @@ fn normalised_mass_is_one_and_reference_mass_is_more() {
     }
 
     let tables = (
-        NgramTables::build(&tokens, &ng).unwrap(),
-        PhraseTables::build(&tokens, &ph).unwrap(),
+        NgramTables::build(&tokens, &ng),
+        PhraseTables::build(&tokens, &ph),
     );
     let candidates = reference_candidates(&tokens, &tables.0, &tables.1, &positions, 16);
     let masses = implied_mass(&tokens, &samples, &candidates);
@@ -97,9 +96,9 @@ fn normalised_mass_is_one_and_reference_mass_is_more() {
         assert_eq!(c[tokens[p] as usize].0, tables.0.lookup(&tokens, p));
     }
 
-    let candidates = causal_candidates(&tokens, &ng, &ph, &positions, 16).unwrap();
-    let causal_n = crate::causal::ngram_lookups(&tokens, &ng).unwrap();
-    let causal_p = crate::causal::phrase_lookups(&tokens, &ph).unwrap();
+    let candidates = causal_candidates(&tokens, &ng, &ph, &positions, 16);
+    let causal_n = crate::causal::ngram_lookups(&tokens, &ng);
+    let causal_p = crate::causal::phrase_lookups(&tokens, &ph);
     for (&p, c) in positions.iter().zip(&candidates) {
         assert_eq!(c[tokens[p] as usize], (causal_n[p], causal_p[p]), "p {p}");
     }

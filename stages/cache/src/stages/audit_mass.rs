@@ -189,17 +189,18 @@ fn candidates(
     tokens: &[u16],
     kept: &Distributions,
 ) -> Result<Vec<mass::CandidateMatches>, StageError> {
-    let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
     let (positions, vocab) = (&kept.positions, kept.vocab);
+    let configs = || params.configs().map_err(|e| ctx.error(e.to_string()));
     Ok(match params.mode {
         Mode::Reference => {
-            let ngram = NgramTables::build(tokens, &params.ngram()).map_err(node_error)?;
-            let phrase = PhraseTables::build(tokens, &params.phrase()).map_err(node_error)?;
+            let (ngram, phrase) = configs()?;
+            let ngram = NgramTables::build(tokens, &ngram);
+            let phrase = PhraseTables::build(tokens, &phrase);
             mass::reference_candidates(tokens, &ngram, &phrase, positions, vocab)
         }
         Mode::Causal => {
-            mass::causal_candidates(tokens, &params.ngram(), &params.phrase(), positions, vocab)
-                .map_err(node_error)?
+            let (ngram, phrase) = configs()?;
+            mass::causal_candidates(tokens, &ngram, &phrase, positions, vocab)
         }
         Mode::CausalNormalised => {
             // The order and length each position's lookup chose, from the chain's cache.

@@ -57,8 +57,7 @@ const CACHE_STATS: &[Column] = &[
 impl StageParams for CacheParams {
     fn validate(&self) -> Result<(), StageError> {
         let located = |e: crate::ConfigError| StageError::invalid_param(e.param(), e.to_string());
-        self.ngram().validate().map_err(located)?;
-        self.phrase().validate().map_err(located)
+        self.configs().map(drop).map_err(located)
     }
 }
 
@@ -81,12 +80,13 @@ impl Stage for CacheStage {
 
     fn run(&self, ctx: &StageContext, params: CacheParams) -> Result<StageReport, StageError> {
         let tokens = read_column::<UInt16Type>(&ctx.input("tokens")?.file("val.parquet"), "token")?;
+        let (ngram, phrase) = params.configs().map_err(|e| ctx.error(e.to_string()))?;
         ctx.check_memory(
             crate::memory::cache_stage_peak_bytes(
                 params.mode,
                 tokens.len() as u64,
-                &params.ngram(),
-                &params.phrase(),
+                &ngram,
+                &phrase,
                 rayon::current_num_threads() as u64,
             ),
             &format!(
@@ -98,7 +98,7 @@ impl Stage for CacheStage {
             ),
         )?;
         let mut report = StageReport::default();
-        let lookups = Lookups::of(ctx, &params, &tokens, &mut report)?;
+        let lookups = Lookups::of(params.mode, &ngram, &phrase, &tokens, &mut report);
 
         // Lookups chunk by chunk, straight into Parquet, so that in reference mode the
         // per-position results are never all in memory at once.
@@ -131,7 +131,7 @@ impl Stage for CacheStage {
             Lookups::Tables(ngram, phrase) => Some((ngram, phrase)),
             Lookups::Made(..) => None,
         };
-        let rows = stats.rows(&params.ngram(), &params.phrase(), tokens.len(), tables);
+        let rows = stats.rows(&ngram, &phrase, tokens.len(), tables);
         write_stats(&ctx.output("cache_stats.parquet"), &rows)?;
         write_json(&ctx.output("cache.json"), &params)?;
         let ngram_matched: u64 = stats.ngram.iter().map(|s| s.0).sum();
@@ -157,30 +157,28 @@ impl Lookups {
     /// The tables (reference mode) or every lookup (the causal modes) of `tokens`, each
     /// pass timed into `report`.
     fn of(
-        ctx: &StageContext,
-        params: &CacheParams,
+        mode: Mode,
+        ngram: &Valid<NgramConfig>,
+        phrase: &Valid<PhraseConfig>,
         tokens: &[u16],
         report: &mut StageReport,
-    ) -> Result<Lookups, StageError> {
-        let node_error = |e: crate::ConfigError| ctx.error(e.to_string());
-        Ok(match params.mode {
+    ) -> Lookups {
+        match mode {
             Mode::Reference => {
                 let started = Instant::now();
-                let ngram = NgramTables::build(tokens, &params.ngram()).map_err(node_error)?;
+                let ngram = NgramTables::build(tokens, ngram);
                 report.phase("ngram_build", started);
                 let started = Instant::now();
-                let phrase = PhraseTables::build(tokens, &params.phrase()).map_err(node_error)?;
+                let phrase = PhraseTables::build(tokens, phrase);
                 report.phase("phrase_build", started);
                 Lookups::Tables(ngram, phrase)
             }
             Mode::Causal => {
                 let started = Instant::now();
-                let ngram =
-                    crate::causal::ngram_lookups(tokens, &params.ngram()).map_err(node_error)?;
+                let ngram = crate::causal::ngram_lookups(tokens, ngram);
                 report.phase("ngram_causal_pass", started);
                 let started = Instant::now();
-                let phrase =
-                    crate::causal::phrase_lookups(tokens, &params.phrase()).map_err(node_error)?;
+                let phrase = crate::causal::phrase_lookups(tokens, phrase);
                 report.phase("phrase_causal_pass", started);
                 Lookups::Made(ngram, phrase)
             }
@@ -188,16 +186,11 @@ impl Lookups {
                 // One walk over the widths for both caches: the phrase lengths are built
                 // from the n-gram's widths.
                 let started = Instant::now();
-                let (ngram, phrase) = crate::normalised::lookups(
-                    tokens,
-                    Some(&params.ngram()),
-                    Some(&params.phrase()),
-                )
-                .map_err(node_error)?;
+                let (ngram, phrase) = crate::normalised::lookups(tokens, Some(ngram), Some(phrase));
                 report.phase("exact_pass", started);
                 Lookups::Made(ngram, phrase)
             }
-        })
+        }
     }
 
     fn range(

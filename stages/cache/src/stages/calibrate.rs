@@ -36,6 +36,32 @@ pub struct CalibrateParams {
     pub stride: usize,
 }
 
+impl CalibrateParams {
+    /// The engine's grid: converted from the parameters here and nowhere else.
+    fn grid(&self) -> CalibrationGrid {
+        CalibrationGrid {
+            alpha_high: self.alpha_high.clone(),
+            entropy_thresh: self.entropy_thresh.clone(),
+            fraction: self.fraction,
+            minimum: self.minimum,
+        }
+    }
+
+    /// The blend the grid calibrates, for the chain's cache: its orders and phrase
+    /// lengths are the cache's.
+    fn blend(&self, cache: &CacheParams) -> BlendParams {
+        BlendParams {
+            alpha_low: self.alpha_low,
+            phrase_base_alpha: self.phrase_base_alpha,
+            min_order: cache.ngram_min_order,
+            max_order: cache.ngram_max_order,
+            phrase_min_length: *cache.phrase_lengths.iter().min().unwrap_or(&16),
+            phrase_max_length: *cache.phrase_lengths.iter().max().unwrap_or(&64),
+            ..BlendParams::default()
+        }
+    }
+}
+
 impl Default for CalibrateParams {
     fn default() -> Self {
         let (grid, blend) = (CalibrationGrid::default(), BlendParams::default());
@@ -138,21 +164,7 @@ impl Stage for CalibrateStage {
     fn run(&self, ctx: &StageContext, params: CalibrateParams) -> Result<StageReport, StageError> {
         let (_, rows) = pass1_rows(ctx)?;
         let cache_params = cache_params_of(ctx)?;
-        let base = BlendParams {
-            alpha_low: params.alpha_low,
-            phrase_base_alpha: params.phrase_base_alpha,
-            min_order: cache_params.ngram_min_order,
-            max_order: cache_params.ngram_max_order,
-            phrase_min_length: *cache_params.phrase_lengths.iter().min().unwrap_or(&16),
-            phrase_max_length: *cache_params.phrase_lengths.iter().max().unwrap_or(&64),
-            ..BlendParams::default()
-        };
-        let grid = CalibrationGrid {
-            alpha_high: params.alpha_high.clone(),
-            entropy_thresh: params.entropy_thresh.clone(),
-            fraction: params.fraction,
-            minimum: params.minimum,
-        };
+        let (base, grid) = (params.blend(&cache_params), params.grid());
         let mut report = StageReport::default();
         let started = Instant::now();
         let slices = rank_slices(ctx, rows, &params)?;

@@ -21,21 +21,11 @@ use serde::{Deserialize, Serialize};
 use stage_api::{read_column_rows, table_rows, Input, Read, StageContext, StageError};
 
 use crate::blend::{BlendParams, Entry, PreparedBlend};
+use crate::config::Valid;
 use crate::ngram::{NgramConfig, NgramMatch};
 use crate::phrase::{PhraseConfig, PhraseMatch};
 
-/// Which tables and lookups the cache uses (`docs/honest-modes.md`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// algorithm.md as the record ran it: tables over all positions, leave-one-out.
-    Reference,
-    /// Each position looked up in tables of the positions before it, then added.
-    Causal,
-    /// Causal, with the order chosen by the context alone and exact next-token counts of
-    /// that context as the cache's distribution: the blend sums to 1 over the vocabulary.
-    CausalNormalised,
-}
+pub use crate::config::Mode;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,21 +57,21 @@ impl Default for CacheParams {
 }
 
 impl CacheParams {
-    fn ngram(&self) -> NgramConfig {
-        NgramConfig {
+    /// The engine's two configurations, checked: converted from the parameters here
+    /// and nowhere else.
+    fn configs(&self) -> Result<(Valid<NgramConfig>, Valid<PhraseConfig>), crate::ConfigError> {
+        let ngram = NgramConfig {
             min_order: self.ngram_min_order,
             max_order: self.ngram_max_order,
             buckets: self.ngram_buckets,
             min_count: self.ngram_min_count,
-        }
-    }
-
-    fn phrase(&self) -> PhraseConfig {
-        PhraseConfig {
+        };
+        let phrase = PhraseConfig {
             lengths: self.phrase_lengths.clone(),
             buckets: self.phrase_buckets,
             min_count: self.phrase_min_count,
-        }
+        };
+        Ok((ngram.validated()?, phrase.validated()?))
     }
 }
 
