@@ -52,7 +52,7 @@ pub struct OutputFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Vec<(String, String)>>,
     /// Not reproducible by nature (timings): verified like any file, but left out of the
-    /// content hash (see `StageReport::volatile_files`).
+    /// content hash (see `stage_api::Output::volatile`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub volatile: bool,
 }

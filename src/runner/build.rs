@@ -103,7 +103,7 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
         std::fs::remove_dir_all(&scratch).ok();
         bail!("{problem}");
     }
-    let files = describe_outputs(&scratch, &report.volatile_files)?;
+    let files = describe_outputs(&scratch, node.spec.outputs)?;
     if files.is_empty() {
         bail!("stage '{}' wrote no output", node.stage);
     }
@@ -126,15 +126,11 @@ pub(crate) fn build(ctx: &RunContext, request: &BuildRequest) -> Result<(PathBuf
     Ok((scratch, manifest))
 }
 
+/// Every file in `dir`, hashed, each marked volatile as its stage declares it.
 fn describe_outputs(
     dir: &std::path::Path,
-    volatile: &[String],
+    declared: &[stage_api::Output],
 ) -> Result<BTreeMap<String, OutputFile>> {
-    for name in volatile {
-        if !dir.join(name).is_file() {
-            bail!("the stage declared '{name}' volatile but did not write it");
-        }
-    }
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -159,7 +155,7 @@ fn describe_outputs(
         } else {
             (None, None)
         };
-        let is_volatile = volatile.contains(&name);
+        let is_volatile = stage_api::Output::is_volatile_file(declared, &name);
         files.insert(
             name,
             OutputFile {

@@ -354,11 +354,6 @@ pub struct StageReport {
     /// Wall-clock seconds per phase, in the order they ran. Kept apart from `summary`
     /// because timings are never reproducible.
     pub phase_seconds: Vec<(String, f64)>,
-    /// Output files whose bytes are not reproducible by nature (per-step timings): the
-    /// runner records and verifies them but leaves them out of the content hash, so they
-    /// neither break early cut-off nor fail `audit`. Everything else must be
-    /// deterministic.
-    pub volatile_files: Vec<String>,
     /// Report entries that describe the build rather than the recipe's inputs (the size
     /// of the code that ran, counted against the record's artifact budget): recorded like
     /// any entry, but `audit` does not hold a rebuild by newer code to them.

@@ -356,6 +356,10 @@ pub struct Output {
     /// A table written only when this input is wired (`pass1`'s `hint_p`, with
     /// `inputs.hints`); a reader finds out at run time.
     pub only_with: Option<&'static str>,
+    /// Not reproducible by nature (a log, wall-clock seconds per step): the runner records
+    /// and verifies it but leaves it out of the content hash, so it neither breaks early
+    /// cut-off nor fails `audit`. Every other output must be deterministic.
+    pub volatile: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -374,6 +378,7 @@ impl Output {
             name,
             what: Produced::Table(columns),
             only_with: None,
+            volatile: false,
         }
     }
 
@@ -387,6 +392,7 @@ impl Output {
             name,
             what: Produced::Table(columns),
             only_with: Some(input),
+            volatile: false,
         }
     }
 
@@ -398,6 +404,7 @@ impl Output {
                 conditional: false,
             },
             only_with: None,
+            volatile: false,
         }
     }
 
@@ -410,7 +417,21 @@ impl Output {
                 conditional: true,
             },
             only_with: None,
+            volatile: false,
         }
+    }
+
+    /// This output, volatile (see [`Output::volatile`]).
+    pub const fn volatile(self) -> Output {
+        Output {
+            volatile: true,
+            ..self
+        }
+    }
+
+    /// Whether the file `name` an artifact holds is a declared volatile output.
+    pub fn is_volatile_file(outputs: &[Output], name: &str) -> bool {
+        outputs.iter().any(|o| o.volatile && o.file_name() == name)
     }
 
     pub fn file_name(&self) -> String {

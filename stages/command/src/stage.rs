@@ -285,14 +285,20 @@ impl Stage for CommandStage {
                 .iter()
                 .map(|file| Output::file(leak(file), "declared in pipeline.toml")),
         );
-        outputs.push(Output::file_if(
-            COMMAND_LOG,
-            "what the program printed, capped (volatile: not hashed)",
-        ));
-        outputs.push(Output::file_if(
-            SANDBOX_REPORT,
-            "what the sandbox achieved for the run (volatile)",
-        ));
+        outputs.push(
+            Output::file_if(
+                COMMAND_LOG,
+                "what the program printed, capped (volatile: not hashed)",
+            )
+            .volatile(),
+        );
+        outputs.push(
+            Output::file_if(
+                SANDBOX_REPORT,
+                "what the sandbox achieved for the run (volatile)",
+            )
+            .volatile(),
+        );
         Some(StageSpec {
             inputs: Box::leak(inputs.into_boxed_slice()),
             outputs: Box::leak(outputs.into_boxed_slice()),
@@ -306,11 +312,10 @@ impl Stage for CommandStage {
         let outcome = prepare(ctx, &params, &workspace).and_then(|()| {
             let isolation = process::run(ctx, &program, &workspace, &workspace.request())?;
             process::check_out_dir(ctx, &workspace, &program)?;
-            let mut report = collect(ctx, &params.outputs, &workspace)?;
+            let report = collect(ctx, &params.outputs, &workspace)?;
             let path = ctx.output(SANDBOX_REPORT);
             let text = serde_json::to_vec_pretty(&isolation).expect("serialises");
             std::fs::write(&path, text).map_err(|e| StageError::io(&path, e))?;
-            report.volatile_files = vec![COMMAND_LOG.into(), SANDBOX_REPORT.into()];
             Ok(report.with_volatile("sandbox", isolation.describe()))
         });
         match outcome {

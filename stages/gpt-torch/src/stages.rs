@@ -237,7 +237,6 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
         .map_err(|e| StageError::io(&config_path, e))?;
     write_train_log(&ctx.output("train_log.parquet"), &log)?;
     write_train_timing(&ctx.output("train_timing.parquet"), &log)?;
-    report.volatile_files.push("train_timing.parquet".into());
     report.phase("export", started);
 
     let started = Instant::now();

@@ -239,7 +239,7 @@ impl Stage for TrainStage {
             Output::file("model.safetensors", "the EMA weights in fp16"),
             Output::file("config.json", "the model's shape"),
             Output::table("train_log", TRAIN_LOG),
-            Output::table("train_timing", TRAIN_TIMING),
+            Output::table("train_timing", TRAIN_TIMING).volatile(),
         ],
         run_seed_param: Some("seed"),
         metrics: &["final_val_bpb"],

@@ -146,7 +146,6 @@ pub enum Response {
     Done {
         summary: serde_json::Map<String, Value>,
         phase_seconds: Vec<(String, f64)>,
-        volatile_files: Vec<String>,
         #[serde(default)]
         volatile_keys: Vec<String>,
     },
@@ -159,7 +158,6 @@ impl From<Result<StageReport, StageError>> for Response {
             Ok(report) => Response::Done {
                 summary: report.summary,
                 phase_seconds: report.phase_seconds,
-                volatile_files: report.volatile_files,
                 volatile_keys: report.volatile_keys,
             },
             Err(e) => Response::Failed(e.into()),
@@ -221,12 +219,10 @@ pub fn run_in_worker(
         Some(Response::Done {
             summary,
             phase_seconds,
-            volatile_files,
             volatile_keys,
         }) if output.status.success() => Ok(StageReport {
             summary,
             phase_seconds,
-            volatile_files,
             volatile_keys,
         }),
         Some(Response::Failed(e)) => Err(e.into()),

@@ -104,11 +104,13 @@ impl Stage for Pass1Stage {
             Output::file_if(
                 command::SCORER_LOG,
                 "model = \"command\": the scorer's stdout and stderr (volatile: not hashed)",
-            ),
+            )
+            .volatile(),
             Output::file_if(
                 command::SANDBOX_REPORT,
                 "model = \"command\": what confined the scorer on this machine (volatile: not hashed)",
-            ),
+            )
+            .volatile(),
         ],
         metrics: &["neural_bpb"],
         variants: Some(Variants {
@@ -159,13 +161,10 @@ impl Stage for Pass1Stage {
             .collect();
         Self::check_wiring(&params, &connected, &files).map_err(|m| ctx.error(m))?;
         let tokens = ctx.input("tokens")?;
-        let mut volatile = Vec::new();
         let mut sandbox = None;
         let table = match &params {
             Pass1Params::Gpt(gpt) => return run_in_worker(Task::Pass1, ctx, gpt.numerics),
             Pass1Params::Command(command) => {
-                volatile.push(command::SCORER_LOG.to_string());
-                volatile.push(command::SANDBOX_REPORT.to_string());
                 let (table, isolation) = command::command_pass1(ctx, command)?;
                 let path = ctx.output(command::SANDBOX_REPORT);
                 std::fs::write(&path, serde_json::to_vec_pretty(&isolation).expect("json"))
@@ -200,7 +199,6 @@ impl Stage for Pass1Stage {
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
         table.write_hint_p(&ctx.output("hint_p.parquet"))?;
-        report.volatile_files = volatile;
         if let Some(numerics) = Self::numerics(&params) {
             report = report.with_volatile(stage_api::NUMERICS_KEY, numerics);
         }
