@@ -11,24 +11,9 @@
 //! model, such as the n-gram tilt): `compare` shows it beside the cache chains, with the
 //! node that produced its hints.
 
-use crate::pipeline::{Node, Pipeline};
+use stage_api::products::{CALIBRATION, HINTS, MASS, MATCHES, PASS1, SCORES};
 
-/// Per-entry scores with `bits` and `bytes`: where a chain ends.
-pub const SCORES: &str = "scores";
-/// The per-entry model probabilities a chain starts from.
-pub const PASS1: &str = "pass1";
-/// The cache's per-position matches.
-pub const MATCHES: &str = "matches";
-/// The calibrated blend.
-pub const CALIBRATION: &str = "calibration.json";
-/// The implied-mass audit's per-position table.
-pub const MASS: &str = "mass";
-/// A tilt's per-target hints.
-pub const HINTS: &str = "hints";
-/// A legality node's verdicts.
-pub const LEGALITY: &str = "legality";
-/// A training run's per-step log.
-pub const TRAIN_LOG: &str = "train_log";
+use crate::pipeline::{Node, Pipeline};
 
 /// The error of `compare` and `report` when no chain is built.
 pub fn none_built(pipeline: &Pipeline) -> anyhow::Error {
@@ -109,21 +94,24 @@ impl<'a> Products<'a> {
 
     /// Every chain of the pipeline, in run order of their `scores` nodes.
     pub fn chains(&self) -> Vec<Chain> {
-        self.producers(SCORES)
+        self.producers(SCORES.name)
             .into_iter()
             .map(|node| {
                 let member = |product| self.input_producing(node, product);
-                let (pass1, cache, calibration) =
-                    (member(PASS1), member(MATCHES), member(CALIBRATION));
+                let (pass1, cache, calibration) = (
+                    member(PASS1.name),
+                    member(MATCHES.name),
+                    member(CALIBRATION.name),
+                );
                 let audit = self
-                    .producers(MASS)
+                    .producers(MASS.name)
                     .into_iter()
                     .find(|a| {
                         let of = |product| self.input_producing(a, product);
                         calibration.is_some()
-                            && of(CALIBRATION) == calibration
-                            && of(MATCHES) == cache
-                            && of(PASS1) == pass1
+                            && of(CALIBRATION.name) == calibration
+                            && of(MATCHES.name) == cache
+                            && of(PASS1.name) == pass1
                     })
                     .map(|a| a.name.clone());
                 Chain {
@@ -141,17 +129,17 @@ impl<'a> Products<'a> {
     /// Every tilt chain, in run order: a node that produces `pass1` from an input that
     /// produces `pass1` (its `scores` is that node, its `pass1` the base).
     pub fn tilts(&self) -> Vec<Chain> {
-        self.producers(PASS1)
+        self.producers(PASS1.name)
             .into_iter()
             .filter_map(|node| {
-                let base = self.input_producing(node, PASS1)?;
+                let base = self.input_producing(node, PASS1.name)?;
                 Some(Chain {
                     scores: node.name.clone(),
                     pass1: Some(base),
                     cache: None,
                     calibration: None,
                     audit: None,
-                    hints: self.input_producing(node, HINTS),
+                    hints: self.input_producing(node, HINTS.name),
                 })
             })
             .collect()
@@ -161,6 +149,7 @@ impl<'a> Products<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stage_api::products::TRAIN_LOG;
 
     #[test]
     fn chains_are_found_from_declared_outputs() {
@@ -194,7 +183,7 @@ mod tests {
         assert_eq!(tilts[1].pass1.as_deref(), Some("pass1_cachemoney"));
         assert_eq!(tilts[1].hints.as_deref(), Some("hints_cachemoney"));
         let trained: Vec<&str> = Products::new(&pipeline)
-            .producers(TRAIN_LOG)
+            .producers(TRAIN_LOG.name)
             .iter()
             .map(|n| n.name.as_str())
             .collect();

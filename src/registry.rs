@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use stage_api::{AnyStage, Column, Produced};
+use stage_api::{AnyStage, Column, Produced, Product, Read, ReadKind};
 
 #[derive(Default)]
 pub struct Registry {
@@ -50,5 +50,88 @@ impl Registry {
 
     pub fn kinds(&self) -> Vec<&'static str> {
         self.stages.keys().copied().collect()
+    }
+
+    /// Every registered stage's outputs that are declared under a product's name but
+    /// lack what makes them that product ([`stage_api::products`]).
+    pub fn product_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (kind, stage) in &self.stages {
+            for output in stage.spec().outputs {
+                let Some(product) = Product::named(output.name) else {
+                    continue;
+                };
+                if let Some(lack) = product.lacks(output) {
+                    problems.push(format!("stage '{kind}' declares {}: {lack}", output.name));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Checks reads made by SQL (the report's, say) at load: each reads a product that
+    /// some registered stage produces, and only columns of the product's own, which every
+    /// producer declares (derived columns included: SQL computes them).
+    pub fn check_sql_reads(&self, reads: &[Read]) -> Result<(), String> {
+        if let Some(problem) = self.product_problems().into_iter().next() {
+            return Err(problem);
+        }
+        for read in reads {
+            let product = Product::named(read.name).ok_or_else(|| {
+                format!("{}: not a product (stage_api::products)", read.signature())
+            })?;
+            if let ReadKind::Table(columns) = read.what {
+                if let Some(c) = columns.iter().find(|c| !product.columns.contains(c)) {
+                    return Err(format!(
+                        "{}: column {c} is not one of {}'s own ({}), which every producer declares",
+                        read.signature(),
+                        product.name,
+                        product.columns.join(", ")
+                    ));
+                }
+            }
+            let produced = self
+                .stages
+                .values()
+                .any(|s| s.spec().output(product.name).is_some());
+            if !produced {
+                return Err(format!(
+                    "{}: no stage produces {}",
+                    read.signature(),
+                    product.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage that renames a product's column breaks this test, not a figure of the
+    /// report or a chain of `compare` at run time.
+    #[test]
+    fn every_product_is_declared_with_its_columns_by_every_producer() {
+        assert_eq!(
+            Registry::with_builtin_stages().product_problems(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_read_of_a_column_outside_the_product_is_refused_at_load() {
+        let registry = Registry::with_builtin_stages();
+        let reads = [stage_api::products::SCORES.read(&["position", "bits"])];
+        assert_eq!(registry.check_sql_reads(&reads), Ok(()));
+        let reads = [Read::table("scores", &["position", "p_final"])];
+        let problem = registry.check_sql_reads(&reads).unwrap_err();
+        assert!(
+            problem.contains("column p_final is not one of scores's own"),
+            "{problem}"
+        );
+        let reads = [Read::table("nonsense", &["x"])];
+        assert!(registry.check_sql_reads(&reads).is_err());
     }
 }

@@ -7,8 +7,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::Session;
-use crate::chain::{Chain, Products, LEGALITY};
+use crate::chain::{Chain, Products};
 use crate::runner::{NodeState, Resolved};
+use stage_api::products::LEGALITY;
 
 /// One row of `compare` (and of `compare --json`): a chain's figures from its `scores`
 /// node's report and, where built, its implied-mass audit's.
@@ -277,7 +278,7 @@ impl Session {
     ) -> Result<(Option<String>, Option<String>)> {
         let products = Products::new(&self.pipeline);
         let Some(judge) = products
-            .producers(LEGALITY)
+            .producers(LEGALITY.name)
             .into_iter()
             .find(|n| n.inputs.get("chain").map(String::as_str) == Some(chain))
         else {

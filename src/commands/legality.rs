@@ -8,8 +8,9 @@ use arrow::datatypes::{Float64Type, Int64Type, UInt64Type};
 use serde::Serialize;
 
 use super::Session;
-use crate::chain::{Products, LEGALITY};
+use crate::chain::Products;
 use crate::runner::{NodeState, Resolved};
+use stage_api::products::LEGALITY;
 
 /// One probe's verdict on one chain (`legality --json` prints a list of these).
 #[derive(Debug, Clone, Serialize)]
@@ -34,7 +35,7 @@ impl Session {
         let resolved = self.context().resolve()?;
         let products = Products::new(&self.pipeline);
         let judges: Vec<_> = products
-            .producers(LEGALITY)
+            .producers(LEGALITY.name)
             .into_iter()
             .filter(|n| {
                 wanted.is_empty()
@@ -96,7 +97,7 @@ impl Session {
         let path = self
             .store
             .artifact_dir(&r.stage, recipe)
-            .join(format!("{LEGALITY}.parquet"));
+            .join(format!("{}.parquet", LEGALITY.name));
         let bpb = self
             .store
             .manifest(&r.stage, recipe)?

@@ -462,7 +462,15 @@ impl Session {
         let runtime = sql_runtime()?;
         let (html, figures) = runtime.block_on(async {
             let session = SqlSession::open(&self.store, &self.registry, &resolved).await?;
-            crate::report::build(&self.pipeline, &self.store, &resolved, &session, &seed_rows).await
+            crate::report::build(
+                &self.pipeline,
+                &self.registry,
+                &self.store,
+                &resolved,
+                &session,
+                &seed_rows,
+            )
+            .await
         })?;
         crate::report::write(out, &html)?;
         if !quiet {

@@ -10,19 +10,22 @@ pub mod plots;
 
 pub use html::write;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
 use serde_json::{Map, Value};
 
-use crate::chain::{Chain, Products, LEGALITY, MASS, TRAIN_LOG};
+use crate::chain::{Chain, Products};
 use crate::pipeline::Pipeline;
 use crate::recipe::short;
+use crate::registry::Registry;
 use crate::runner::{NodeState, Resolved};
 use crate::seeds::SeedRow;
 use crate::sql::SqlSession;
 use crate::store::{Manifest, Store};
 use plots::{GridCell, Series};
+use stage_api::products::{GRID, LEGALITY, MASS, MATCHES, SCORES, TRAIN_LOG};
+use stage_api::Read;
 
 /// A built node and what its manifest says.
 struct Built<'a> {
@@ -99,14 +102,36 @@ struct Section {
     missing: Option<String>,
 }
 
+/// What the page reads by SQL, declared: checked at load against the products
+/// ([`stage_api::products`]), whose columns every producer declares, so a producer that
+/// renames one fails the check, naming the column, rather than a figure.
+const READS: &[Read] = &[
+    GRID.read(&[
+        "rank",
+        "alpha_high",
+        "entropy_thresh",
+        "objective_nats",
+        "chosen",
+    ]),
+    SCORES.read(&["position", "bits", "bytes"]),
+    MATCHES.read(&["position", "ngram_order", "phrase_length"]),
+    TRAIN_LOG.read(&["step", "loss", "val_bpb"]),
+    MASS.read(&["mass"]),
+    LEGALITY.read(&["chain", "probe", "verdict"]),
+];
+
 /// Builds the page. `seed_rows` is the `seeds` table when the pipeline runs several seeds.
 pub async fn build(
     pipeline: &Pipeline,
+    registry: &Registry,
     store: &Store,
     resolved: &[Resolved],
     sql: &SqlSession,
     seed_rows: &[SeedRow],
 ) -> Result<(String, usize)> {
+    registry
+        .check_sql_reads(READS)
+        .map_err(|problem| anyhow!("report: the page's queries: {problem}"))?;
     let products = Products::new(pipeline);
     let mut all_chains = products.chains();
     all_chains.extend(products.tilts());
@@ -137,7 +162,7 @@ pub async fn build(
     if chains.is_empty() {
         return Err(crate::chain::none_built(pipeline));
     }
-    let audits = producing(MASS);
+    let audits = producing(MASS.name);
     let audit_of = |chain: &Built| {
         let audit = chain.chain.as_ref()?.audit.as_deref()?;
         audits.iter().find(|a| a.node == audit).copied()
@@ -147,9 +172,9 @@ pub async fn build(
         waterfalls(&chains)?,
         calibration_grids(&chains, &built, sql).await?,
         by_order_and_length(&chains, sql).await?,
-        training_curves(&producing(TRAIN_LOG), sql).await?,
+        training_curves(&producing(TRAIN_LOG.name), sql).await?,
         implied_mass(&audits, sql).await?,
-        legality(&producing(LEGALITY), sql).await?,
+        legality(&producing(LEGALITY.name), sql).await?,
     ];
 
     let figures: usize = sections.iter().map(|s| s.figures.len()).sum();
@@ -216,8 +241,8 @@ async fn calibration_grids(
         }
         seen.push(calibration.node);
         let query = format!(
-            "SELECT alpha_high, entropy_thresh, objective_nats, chosen FROM \"{}\".\"grid\" WHERE rank = 0",
-            calibration.node
+            "SELECT alpha_high, entropy_thresh, objective_nats, chosen FROM \"{}\".\"{}\" WHERE rank = 0",
+            calibration.node, GRID.name
         );
         let batches = sql.query(&query).await?;
         let alpha = floats(&batches, "alpha_high")?;
@@ -275,9 +300,11 @@ async fn by_order_and_length(chains: &[&Built<'_>], sql: &SqlSession) -> Result<
         for (slot, column) in ["ngram_order", "phrase_length"].into_iter().enumerate() {
             let query = format!(
                 "SELECT m.{column} AS k, count(*) AS n, sum(s.bits) AS bits, sum(CAST(s.bytes AS BIGINT)) AS bytes \
-                 FROM \"{}\".\"scores\" s JOIN \"{cache}\".\"matches\" m ON s.position = m.position \
+                 FROM \"{}\".\"{}\" s JOIN \"{cache}\".\"{}\" m ON s.position = m.position \
                  GROUP BY m.{column} ORDER BY k",
-                chain.node
+                chain.node,
+                SCORES.name,
+                MATCHES.name
             );
             let batches = sql.query(&query).await?;
             let k = floats(&batches, "k")?;
@@ -384,8 +411,8 @@ async fn training_curves(models: &[&Built<'_>], sql: &SqlSession) -> Result<Sect
     let mut queries = String::new();
     for model in models {
         let query = format!(
-            "SELECT step, loss, val_bpb FROM \"{}\".\"train_log\" ORDER BY step",
-            model.node
+            "SELECT step, loss, val_bpb FROM \"{}\".\"{}\" ORDER BY step",
+            model.node, TRAIN_LOG.name
         );
         let batches = sql.query(&query).await?;
         queries.push_str(&query);
@@ -454,7 +481,7 @@ async fn implied_mass(audits: &[&Built<'_>], sql: &SqlSession) -> Result<Section
     let mut masses = Vec::new();
     let mut queries = String::new();
     for audit in audits {
-        let query = format!("SELECT mass FROM \"{}\".\"mass\"", audit.node);
+        let query = format!("SELECT mass FROM \"{}\".\"{}\"", audit.node, MASS.name);
         let batches = sql.query(&query).await?;
         queries.push_str(&query);
         queries.push_str(";\n");
@@ -490,8 +517,8 @@ async fn legality(judges: &[&Built<'_>], sql: &SqlSession) -> Result<Section> {
     let mut queries = String::new();
     for judge in judges {
         let query = format!(
-            "SELECT chain, probe, verdict FROM \"{}\".\"legality\"",
-            judge.node
+            "SELECT chain, probe, verdict FROM \"{}\".\"{}\"",
+            judge.node, LEGALITY.name
         );
         for batch in sql.query(&query).await? {
             let text = |name: &str| -> Vec<String> {

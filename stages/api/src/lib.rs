@@ -14,6 +14,7 @@
 mod error;
 pub mod order;
 mod parquet_io;
+pub mod products;
 mod sample;
 pub mod scores;
 mod spec;
@@ -24,6 +25,7 @@ pub use parquet_io::{
     read_column, read_column_rows, read_distributions, read_parquet, table_rows, write_parquet,
     write_parquet_parallel, ParquetLayout, ParquetTable, ROW_GROUP_ROWS,
 };
+pub use products::Product;
 pub use sample::sample_positions;
 pub use spec::{
     arrow_schema, Column, ColumnType, Input, Output, Produced, Read, ReadKind, Reruns, StageSpec,

@@ -15,6 +15,7 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stage_api::products;
 use stage_api::{
     Column, ColumnType::*, Input, Output, Read, Stage, StageContext, StageError, StageParams,
     StageReport, StageSpec,
@@ -231,14 +232,14 @@ impl Stage for TrainStage {
             "tokens",
             &[
                 Read::table("train", &["token"]),
-                Read::table("val", &["token", "bytes"]),
+                products::VAL.read(&["token", "bytes"]),
                 Read::table("vocab", &["id"]),
             ],
         )],
         outputs: &[
             Output::file("model.safetensors", "the EMA weights in fp16"),
             Output::file("config.json", "the model's shape"),
-            Output::table("train_log", TRAIN_LOG),
+            Output::table(products::TRAIN_LOG.name, TRAIN_LOG),
             Output::table("train_timing", TRAIN_TIMING).volatile(),
         ],
         run_seed_param: Some("seed"),

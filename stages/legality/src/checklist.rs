@@ -18,6 +18,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{Float64Type, Int64Type, UInt16Type, UInt32Type, UInt64Type};
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     arrow_schema, read_column, read_column_rows, table_rows, write_parquet, Column, ColumnType::*,
     FileRole, Input, Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams,
@@ -150,7 +151,7 @@ impl Stage for OverlapStage {
         inputs: &[Input::required(
             "tokens",
             &[
-                Read::table("val", &["token", "doc"]),
+                products::VAL.read(&["token", "doc"]),
                 Read::table("train", &["token"]),
                 Read::table("vocab", &["id"]),
             ],

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use arrow::array::AsArray;
 use arrow::datatypes::{UInt16Type, UInt32Type, UInt8Type};
+use stage_api::products;
 use stage_api::{
     read_column, Input, Output, Read, Stage, StageContext, StageError, StageReport, StageSpec,
 };
@@ -26,7 +27,7 @@ pub const PROBE_POSITIONS_TABLE: &[stage_api::Column] = &[stage_api::Column::new
     stage_api::ColumnType::I64,
 )];
 
-pub(crate) const VAL: Read = Read::table("val", &["token", "doc", "bytes"]);
+pub(crate) const VAL: Read = products::VAL.read(&["token", "doc", "bytes"]);
 pub(crate) const VOCAB: Read = Read::table(
     "vocab",
     &[
@@ -40,7 +41,7 @@ pub(crate) const VOCAB: Read = Read::table(
 
 /// A tilt chain's hints on the original stream, which aim a replace re-run
 /// ([`crate::aim`]; wired by the pipeline).
-pub(crate) const HINTS: Read = Read::table("hints", &["hint", "share"]);
+pub(crate) const HINTS: Read = products::HINTS.read(&["hint", "share"]);
 
 /// The hints wired as `hints`, if any, for a val stream of `tokens` tokens.
 pub(crate) fn read_hints(ctx: &StageContext, tokens: usize) -> Result<Option<Hints>, StageError> {
@@ -85,7 +86,7 @@ impl Stage for PerturbStage {
         ],
         outputs: &[
             Output::table("train", TOKEN_TABLE),
-            Output::table("val", TOKEN_TABLE),
+            Output::table(products::VAL.name, TOKEN_TABLE),
             Output::table("vocab", VOCAB_TABLE),
             Output::table("probe_positions", PROBE_POSITIONS_TABLE),
             Output::file(

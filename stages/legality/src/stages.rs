@@ -8,6 +8,7 @@ use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray,
 use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stage_api::products;
 use stage_api::{
     arrow_schema, read_column, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout,
     Read, Reruns, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -184,13 +185,19 @@ impl Stage for LegalityStage {
             Input::optional("pass1_cut7", &[]),
             Input::optional("pass1_cut8", &[]),
         ],
-        outputs: &[Output::table("legality", LEGALITY_TABLE)],
+        outputs: &[Output::table(products::LEGALITY.name, LEGALITY_TABLE)],
         metrics: &["failed"],
         reruns: Some(Reruns {
             input: "chain",
             label_param: Some("chain"),
             // A tilt chain's hints are recomputed on each perturbed stream too.
-            members: &["scores", "pass1", "matches", "calibration.json", "hints"],
+            members: &[
+                products::SCORES.name,
+                products::PASS1.name,
+                products::MATCHES.name,
+                products::CALIBRATION.name,
+                products::HINTS.name,
+            ],
             source_table: "val",
             param: "cuts",
             stage: "perturb",

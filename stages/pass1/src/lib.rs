@@ -22,6 +22,7 @@ use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array,
 use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
 use gpt::{run_in_worker, Task};
 use rayon::prelude::*;
+use stage_api::products;
 use stage_api::{
     read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input, InputArtifact,
     Output, ParquetLayout, Read, Stage, StageContext, StageError, StageReport, StageSpec, Variants,
@@ -72,7 +73,7 @@ impl Stage for Pass1Stage {
             Input::required(
                 "tokens",
                 &[
-                    Read::table("val", &["token", "bytes"]),
+                    products::VAL.read(&["token", "bytes"]),
                     Read::table("train", &["token"]),
                     Read::table("vocab", &["id"]),
                 ],
@@ -83,7 +84,7 @@ impl Stage for Pass1Stage {
             ),
             // The n-gram tilt's hints: then `hint_p` is written (bigram, gpt, and a
             // scorer through protocol version 3).
-            Input::optional("hints", &[Read::table("hints", &["position", "hint"])]),
+            Input::optional("hints", &[products::HINTS.read(&["position", "hint"])]),
         ],
         files: &[
             FileRole {
@@ -98,8 +99,8 @@ impl Stage for Pass1Stage {
             },
         ],
         outputs: &[
-            Output::table("pass1", PASS1_TABLE),
-            Output::table("distributions", DISTRIBUTIONS_TABLE),
+            Output::table(products::PASS1.name, PASS1_TABLE),
+            Output::table(products::DISTRIBUTIONS.name, DISTRIBUTIONS_TABLE),
             Output::table_with("hint_p", hints::HINT_P_TABLE, "hints"),
             Output::file_if(
                 command::SCORER_LOG,

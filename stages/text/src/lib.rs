@@ -23,6 +23,7 @@ mod tables;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     FileRole, Output, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
@@ -102,7 +103,7 @@ impl Stage for TokenizeStage {
         ],
         outputs: &[
             Output::table("train", TOKEN_TABLE),
-            Output::table("val", TOKEN_TABLE),
+            Output::table(products::VAL.name, TOKEN_TABLE),
             Output::table("vocab", VOCAB_TABLE),
             Output::table("docs", DOCS_TABLE),
             Output::file_if("tokenizer.json", "source = \"text\": the BPE trained here"),

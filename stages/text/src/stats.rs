@@ -8,6 +8,7 @@ use arrow::array::{
     Array, ArrayRef, RecordBatch, StringArray, UInt16Array, UInt64Array, UInt8Array,
 };
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     read_parquet, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Read, Stage,
     StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -43,7 +44,7 @@ impl Stage for TokenStatsStage {
             &[
                 Read::table("vocab", &["piece"]),
                 Read::table("train", &["token", "bytes"]),
-                Read::table("val", &["token", "bytes"]),
+                products::VAL.read(&["token", "bytes"]),
             ],
         )],
         outputs: &[Output::table("token_counts", TOKEN_COUNTS)],

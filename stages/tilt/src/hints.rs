@@ -17,10 +17,10 @@ use std::time::Instant;
 use arrow::array::{Float32Array, Int64Array, RecordBatch, UInt16Array, UInt32Array};
 use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     arrow_schema, check_param, read_column, write_parquet_parallel, Column, ColumnType::*, Input,
-    Output, ParquetLayout, Read, Stage, StageContext, StageError, StageParams, StageReport,
-    StageSpec,
+    Output, ParquetLayout, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
 use crate::kernel::{Hints, Kernel, ORDER};
@@ -217,9 +217,9 @@ impl Stage for HintsStage {
         summary: "tokens -> per val target, the n-gram tilt's hint token, its context's top share and count (#2135's kernel, exact; or the causal-normalised cache's)",
         inputs: &[Input::required(
             "tokens",
-            &[Read::table("val", &["token"])],
+            &[products::VAL.read(&["token"])],
         )],
-        outputs: &[Output::table("hints", HINTS_TABLE)],
+        outputs: &[Output::table(products::HINTS.name, HINTS_TABLE)],
         metrics: &["gated"],
         ..StageSpec::NONE
     };

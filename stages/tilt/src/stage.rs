@@ -10,6 +10,7 @@ use std::time::Instant;
 use arrow::array::{ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, UInt8Array};
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     arrow_schema, write_parquet_parallel, Column, ColumnType::*, Input, Output, ParquetLayout,
     ParquetTable, Read, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -109,20 +110,20 @@ impl Stage for TiltStage {
         version: 1,
         summary: "pass-1 (with inputs.hints) + hints -> the pass-1 with each fired hint's logit boosted by beta and the distribution renormalised (the legal n-gram tilt)",
         inputs: &[
-            Input::required("tokens", &[Read::table("val", &["token"])]),
+            Input::required("tokens", &[products::VAL.read(&["token"])]),
             Input::required(
                 "pass1",
                 &[
-                    Read::table("pass1", &["position", "model_p", "entropy", "bytes"]),
+                    products::PASS1.read(&["position", "model_p", "entropy", "bytes"]),
                     Read::table("hint_p", &["position", "hint", "hint_p"]),
-                    Read::table("distributions", &["position", "candidate", "model_p"]),
+                    products::DISTRIBUTIONS.read(&["position", "candidate", "model_p"]),
                 ],
             ),
-            Input::required("hints", &[Read::table("hints", &["position", "hint", "share"])]),
+            Input::required("hints", &[products::HINTS.read(&["position", "hint", "share"])]),
         ],
         outputs: &[
-            Output::table("pass1", TILTED_TABLE),
-            Output::table("distributions", pass1::DISTRIBUTIONS_TABLE),
+            Output::table(products::PASS1.name, TILTED_TABLE),
+            Output::table(products::DISTRIBUTIONS.name, pass1::DISTRIBUTIONS_TABLE),
         ],
         metrics: &["neural_bpb", "bpb_before"],
         ..StageSpec::NONE

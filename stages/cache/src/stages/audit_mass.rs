@@ -9,8 +9,9 @@ use arrow::array::{
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt8Type};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stage_api::products;
 use stage_api::{
-    read_column, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Read, Stage,
+    read_column, write_parquet, Column, ColumnType::*, Input, Output, ParquetLayout, Stage,
     StageContext, StageError, StageParams, StageReport, StageSpec,
 };
 
@@ -58,12 +59,12 @@ impl Stage for AuditMassStage {
             CHAIN_INPUTS[0],
             Input::required(
                 "pass1",
-                &[PASS1, Read::table("distributions", &["position", "candidate", "model_p"])],
+                &[PASS1, products::DISTRIBUTIONS.read(&["position", "candidate", "model_p"])],
             ),
             CHAIN_INPUTS[2],
             CHAIN_INPUTS[3],
         ],
-        outputs: &[Output::table("mass", MASS)],
+        outputs: &[Output::table(products::MASS.name, MASS)],
         metrics: &["mass_mean", "normalised_sample_bpb"],
         ..StageSpec::NONE
     };

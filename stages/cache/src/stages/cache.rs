@@ -9,6 +9,7 @@ use arrow::array::{
     UInt64Array, UInt8Array,
 };
 use arrow::datatypes::{Schema, UInt16Type};
+use stage_api::products;
 use stage_api::{
     read_column, write_parquet, write_parquet_parallel, Column, ColumnType::*, Input, Output,
     ParquetLayout, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -71,7 +72,7 @@ impl Stage for CacheStage {
         summary: "val tokens -> per-position n-gram and phrase matches, per-order statistics",
         inputs: &[Input::required("tokens", &[VAL_TOKENS])],
         outputs: &[
-            Output::table("matches", MATCHES_TABLE),
+            Output::table(products::MATCHES.name, MATCHES_TABLE),
             Output::table("cache_stats", CACHE_STATS),
             Output::file("cache.json", "the parameters the tables were built with"),
         ],

@@ -8,6 +8,7 @@ use std::ops::Range;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::Int64Type;
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{
     check_param, read_column, table_rows, write_parquet, Column, ColumnType::*, Input, Output,
     ParquetLayout, Stage, StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -152,9 +153,9 @@ impl Stage for CalibrateStage {
             Input::required("cache", &[MATCHES, CACHE_CONFIG]),
         ],
         outputs: &[
-            Output::table("grid", GRID),
+            Output::table(products::GRID.name, GRID),
             Output::file(
-                "calibration.json",
+                products::CALIBRATION.name,
                 "the chosen blend, every parameter of it",
             ),
         ],

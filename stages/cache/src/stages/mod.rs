@@ -18,6 +18,7 @@ use std::path::Path;
 
 use arrow::datatypes::{Float32Type, Int64Type, UInt16Type, UInt32Type, UInt8Type};
 use serde::{Deserialize, Serialize};
+use stage_api::products;
 use stage_api::{read_column_rows, table_rows, Input, Read, StageContext, StageError};
 
 use crate::blend::{BlendParams, Entry, PreparedBlend};
@@ -76,8 +77,8 @@ impl CacheParams {
 }
 
 // What the stages read from their inputs, declared once (see `stage_api::StageSpec`).
-const VAL_TOKENS: Read = Read::table("val", &["token", "bytes"]);
-const PASS1: Read = Read::table("pass1", &["position", "model_p", "entropy", "bytes"]);
+const VAL_TOKENS: Read = products::VAL.read(&["token", "bytes"]);
+const PASS1: Read = products::PASS1.read(&["position", "model_p", "entropy", "bytes"]);
 const MATCHES: Read = Read::table(
     "matches",
     &[
@@ -90,7 +91,7 @@ const MATCHES: Read = Read::table(
     ],
 );
 const CACHE_CONFIG: Read = Read::file("cache.json");
-const CALIBRATION: Read = Read::file("calibration.json");
+const CALIBRATION: Read = products::CALIBRATION.read(&[]);
 
 /// The inputs of a stage downstream of calibration (`pass2`, `audit-mass`).
 const CHAIN_INPUTS: [Input; 4] = [

@@ -9,6 +9,7 @@ use arrow::array::{
 use arrow::datatypes::UInt16Type;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stage_api::products;
 use stage_api::{
     read_column, write_parquet_parallel, Column, ColumnType::*, Output, ParquetLayout, Stage,
     StageContext, StageError, StageParams, StageReport, StageSpec,
@@ -50,7 +51,7 @@ impl Stage for Pass2Stage {
         summary: "pass-1 + matches + calibration -> per-entry scores and the BPB waterfall",
         inputs: &CHAIN_INPUTS,
         outputs: &[
-            Output::table("scores", SCORES),
+            Output::table(products::SCORES.name, SCORES),
             Output::file("summary.json", "the BPB waterfall and the blend it used"),
         ],
         metrics: &["ngram_bpb", "final_bpb", "alpha_high", "entropy_thresh"],
