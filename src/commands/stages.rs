@@ -12,13 +12,28 @@ pub fn stages() -> anyhow::Result<()> {
         if !spec.inputs.is_empty() {
             outln!("  inputs:");
         }
-        for input in spec.inputs {
+        for input in spec.inputs.iter().filter(|i| !i.by_pipeline) {
             let reads: Vec<String> = input.reads.iter().map(|r| r.signature()).collect();
             let optional = if input.required { "" } else { " (optional)" };
+            match input.help {
+                Some(help) => outln!("    {:<12} {help}{optional}", input.name),
+                None => outln!(
+                    "    {:<12} reads {}{optional}",
+                    input.name,
+                    reads.join(", ")
+                ),
+            }
+        }
+        let by_pipeline: Vec<&str> = spec
+            .inputs
+            .iter()
+            .filter(|i| i.by_pipeline)
+            .map(|i| i.name)
+            .collect();
+        if !by_pipeline.is_empty() {
             outln!(
-                "    {:<12} reads {}{optional}",
-                input.name,
-                reads.join(", ")
+                "  wired by the pipeline for the re-runs, not in pipeline.toml: {}",
+                by_pipeline.join(", ")
             );
         }
         let declared_per_node = spec.declared_per_node();

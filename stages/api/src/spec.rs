@@ -278,6 +278,12 @@ pub struct Input {
     pub required: bool,
     /// The tables (with the columns it needs) and files it reads from the input.
     pub reads: &'static [Read],
+    /// What the input is, for one whose reads depend on what it is wired to (a legality
+    /// node's `chain`: a pass-1 node, or a pass2 node).
+    pub help: Option<&'static str>,
+    /// Wired by the pipeline when it adds a judge's re-runs, never in `pipeline.toml`
+    /// (`stages` lists such inputs apart).
+    pub by_pipeline: bool,
 }
 
 impl Input {
@@ -286,6 +292,8 @@ impl Input {
             name,
             required: true,
             reads,
+            help: None,
+            by_pipeline: false,
         }
     }
 
@@ -294,6 +302,24 @@ impl Input {
             name,
             required: false,
             reads,
+            help: None,
+            by_pipeline: false,
+        }
+    }
+
+    /// An optional input the pipeline wires for a judge's re-runs (see [`Reruns`]).
+    pub const fn by_pipeline(name: &'static str, reads: &'static [Read]) -> Input {
+        Input {
+            by_pipeline: true,
+            ..Input::optional(name, reads)
+        }
+    }
+
+    /// This input, described (see [`Input::help`]).
+    pub const fn described(self, help: &'static str) -> Input {
+        Input {
+            help: Some(help),
+            ..self
         }
     }
 }
