@@ -13,7 +13,7 @@ pub use html::write;
 use anyhow::{anyhow, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::chain::{Chain, Products};
 use crate::pipeline::Pipeline;
@@ -23,6 +23,7 @@ use crate::runner::{NodeState, Resolved};
 use crate::seeds::SeedRow;
 use crate::sql::SqlSession;
 use crate::store::{Manifest, Store};
+use cache::stages::Pass2Summary;
 use plots::{GridCell, Series};
 use stage_api::products::{GRID, LEGALITY, MASS, MATCHES, SCORES, TRAIN_LOG};
 use stage_api::Read;
@@ -54,34 +55,39 @@ impl Built<'_> {
     fn number(&self, key: &str) -> Option<f64> {
         self.manifest.report.get(key).and_then(Value::as_f64)
     }
+    /// A pass2 node's report, typed.
+    fn pass2(&self) -> Option<Pass2Summary> {
+        Pass2Summary::from_report(&self.manifest.report)
+    }
     /// (neural, after the n-gram step, final) BPB. A tilt chain's report is a pass-1's:
     /// its n-gram step is the tilt, and there is no phrase step.
     fn steps(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
-        match self.tilt {
-            Some(_) => {
+        match (&self.tilt, self.pass2()) {
+            (Some(_), _) => {
                 let tilted = self.number("neural_bpb");
                 (self.number("bpb_before"), tilted, tilted)
             }
-            None => (
-                self.number("neural_bpb"),
-                self.number("ngram_bpb"),
-                self.number("final_bpb"),
-            ),
+            (None, Some(s)) => (Some(s.neural_bpb), Some(s.ngram_bpb), Some(s.final_bpb)),
+            (None, None) => (None, None, None),
         }
     }
+    /// The cache mode of a pass2 or audit-mass node (both report theirs, typed), or a
+    /// tilt chain's label.
     fn mode(&self) -> String {
+        #[derive(serde::Deserialize)]
+        struct Moded {
+            mode: cache::Mode,
+        }
         if let Some(tilt) = &self.tilt {
             return tilt.clone();
         }
-        self.manifest
-            .report
-            .get("mode")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string()
-    }
-    fn report(&self) -> &Map<String, Value> {
-        &self.manifest.report
+        match serde_json::from_value::<Moded>(Value::Object(self.manifest.report.clone())) {
+            Ok(Moded { mode }) => serde_json::to_value(mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            Err(_) => "?".to_string(),
+        }
     }
 }
 
@@ -292,11 +298,7 @@ async fn by_order_and_length(chains: &[&Built<'_>], sql: &SqlSession) -> Result<
         let Some(cache) = chain.cache() else {
             continue;
         };
-        let total = chain
-            .report()
-            .get("entries")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
+        let total = chain.pass2().map_or(0.0, |s| s.entries as f64);
         for (slot, column) in ["ngram_order", "phrase_length"].into_iter().enumerate() {
             let query = format!(
                 "SELECT m.{column} AS k, count(*) AS n, sum(s.bits) AS bits, sum(CAST(s.bytes AS BIGINT)) AS bytes \

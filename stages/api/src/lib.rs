@@ -363,6 +363,16 @@ pub struct StageReport {
 }
 
 impl StageReport {
+    /// Adds every field of a typed report (a struct that serialises to an object), so
+    /// that a stage's report has a type its readers can deserialise, not only keys.
+    pub fn with_fields<T: serde::Serialize>(mut self, fields: &T) -> Self {
+        match serde_json::to_value(fields) {
+            Ok(Value::Object(map)) => self.summary.extend(map),
+            _ => panic!("a typed report serialises to an object"),
+        }
+        self
+    }
+
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.summary.insert(key.to_string(), value.into());
         self

@@ -12,7 +12,7 @@ mod pass2;
 pub use audit_mass::{AuditMassParams, AuditMassStage};
 pub use cache::CacheStage;
 pub use calibrate::{CalibrateParams, CalibrateStage};
-pub use pass2::{Pass2Params, Pass2Stage};
+pub use pass2::{Pass2Params, Pass2Stage, Pass2Summary};
 
 use std::path::Path;
 

@@ -59,20 +59,17 @@ impl Stage for Pass2Stage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
-        let get = |k: &str| report.get(k).and_then(Value::as_f64);
-        let ranks = match report.get("ranks").and_then(Value::as_u64) {
-            Some(r) if r > 1 => format!(" on rank 0 of {r}"),
+        let s = Pass2Summary::from_report(report)?;
+        let ranks = match s.ranks {
+            r if r > 1 => format!(" on rank 0 of {r}"),
             _ => String::new(),
         };
+        // The pair as JSON writes it: the shortest text that reads back the same f64.
+        let (alpha_high, entropy_thresh) =
+            (Value::from(s.alpha_high), Value::from(s.entropy_thresh));
         Some(format!(
-            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {}, entropy_thresh {}{ranks})",
-            get("neural_bpb")?,
-            get("ngram_bpb")?,
-            get("final_bpb")?,
-            report.get("entries")?,
-            report.get("bytes")?,
-            report.get("alpha_high")?,
-            report.get("entropy_thresh")?
+            "BPB: neural {:.4} → after n-gram {:.4} → final {:.4}  ({} entries, {} bytes; calibrated alpha_high {alpha_high}, entropy_thresh {entropy_thresh}{ranks})",
+            s.neural_bpb, s.ngram_bpb, s.final_bpb, s.entries, s.bytes,
         ))
     }
 
@@ -147,23 +144,44 @@ impl Stage for Pass2Stage {
             waterfall.merge(part);
         }
         report.phase("blend_and_write", started);
-        let summary = serde_json::json!({
-            "mode": cache_params_of(ctx)?.mode,
-            "neural_bpb": waterfall.neural_bpb(),
-            "ngram_bpb": waterfall.ngram_bpb(),
-            "final_bpb": waterfall.final_bpb(),
-            "val_loss_nats": waterfall.val_loss_nats(),
-            "entries": n,
-            "bytes": waterfall.bytes,
-            "alpha_high": calibration.alpha_high,
-            "entropy_thresh": calibration.entropy_thresh,
-            "ranks": calibration.ranks.len(),
-        });
+        let summary = Pass2Summary {
+            alpha_high: calibration.alpha_high,
+            bytes: waterfall.bytes,
+            entries: n as u64,
+            entropy_thresh: calibration.entropy_thresh,
+            final_bpb: waterfall.final_bpb(),
+            mode: cache_params_of(ctx)?.mode,
+            neural_bpb: waterfall.neural_bpb(),
+            ngram_bpb: waterfall.ngram_bpb(),
+            ranks: calibration.ranks.len() as u64,
+            val_loss_nats: waterfall.val_loss_nats(),
+        };
         write_json(&ctx.output("summary.json"), &summary)?;
-        let mut out = report;
-        for (key, value) in summary.as_object().unwrap() {
-            out = out.with(key, value.clone());
-        }
-        Ok(out)
+        Ok(report.with_fields(&summary))
+    }
+}
+
+/// What `pass2` reports: its `summary.json`, and the entries of its manifest's report,
+/// which `report` and the headline read as this type rather than by key. The fields are
+/// in alphabetical order: the file's bytes are those of the sorted map it replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pass2Summary {
+    /// Rank 0's calibrated pair.
+    pub alpha_high: f64,
+    pub bytes: u64,
+    pub entries: u64,
+    pub entropy_thresh: f64,
+    pub final_bpb: f64,
+    pub mode: Mode,
+    pub neural_bpb: f64,
+    pub ngram_bpb: f64,
+    pub ranks: u64,
+    pub val_loss_nats: f64,
+}
+
+impl Pass2Summary {
+    /// A pass2 node's summary, from its manifest's report (none from another stage's).
+    pub fn from_report(report: &serde_json::Map<String, Value>) -> Option<Pass2Summary> {
+        serde_json::from_value(Value::Object(report.clone())).ok()
     }
 }
