@@ -9,7 +9,9 @@ use serde_json::{Map, Value};
 use super::Session;
 use crate::chain::{Chain, Products};
 use crate::runner::{NodeState, Resolved};
+use cache::stages::{MassReport, Pass2Summary};
 use stage_api::products::LEGALITY;
+use tilt::TiltReport;
 
 /// One row of `compare` (and of `compare --json`): a chain's figures from its `scores`
 /// node's report and, where built, its implied-mass audit's.
@@ -221,9 +223,7 @@ impl Session {
             Some(audit) => self.built_report(resolved, audit)?,
             None => None,
         };
-        let number = |report: Option<&Map<String, Value>>, key: &str| {
-            report.and_then(|r| r.get(key)).and_then(Value::as_f64)
-        };
+        let mass = mass.as_ref().and_then(MassReport::from_report);
         let pass1 = chain.pass1.clone().unwrap_or_else(|| "?".into());
         let param = |node: &str, key: &str| {
             self.pipeline
@@ -235,39 +235,52 @@ impl Session {
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_else(|| "?".into());
         let (legality_node, legality) = self.legality_of(resolved, &chain.scores)?;
-        // A tilt chain's report is a pass-1's: BPB before and after the tilt.
-        let (mode, neural, after) = match chain.tilt_mode(&self.pipeline) {
-            Some(mode) => (mode, "bpb_before", "neural_bpb"),
-            None => (
-                report
-                    .get("mode")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string(),
-                "neural_bpb",
-                "final_bpb",
-            ),
-        };
-        Ok(CompareRow {
+        let mut row = CompareRow {
             node: chain.scores.clone(),
             pass1: pass1.clone(),
             model,
             temperature: param(&pass1, "temperature").and_then(|v| v.as_f64()),
-            mode,
-            neural_bpb: number(Some(report), neural),
-            ngram_bpb: number(Some(report), "ngram_bpb"),
-            final_bpb: number(Some(report), after),
-            alpha_high: number(Some(report), "alpha_high"),
-            entropy_thresh: number(Some(report), "entropy_thresh"),
-            entries: report.get("entries").and_then(Value::as_u64),
+            mode: "?".into(),
+            neural_bpb: None,
+            ngram_bpb: None,
+            final_bpb: None,
+            alpha_high: None,
+            entropy_thresh: None,
+            entries: None,
             audit: mass.as_ref().and(chain.audit.clone()),
-            mass_mean: number(mass.as_ref(), "mass_mean"),
-            mass_max: number(mass.as_ref(), "mass_max"),
-            sample_bpb: number(mass.as_ref(), "sample_bpb"),
-            normalised_sample_bpb: number(mass.as_ref(), "normalised_sample_bpb"),
+            mass_mean: mass.as_ref().map(|m| m.mass_mean),
+            mass_max: mass.as_ref().map(|m| m.mass_max),
+            sample_bpb: mass.as_ref().map(|m| m.sample_bpb),
+            normalised_sample_bpb: mass.as_ref().map(|m| m.normalised_sample_bpb),
             legality_node,
             legality,
-        })
+        };
+        // A tilt chain's report is a pass-1's: BPB before and after the tilt.
+        match chain.tilt_mode(&self.pipeline) {
+            Some(mode) => {
+                row.mode = mode;
+                if let Some(t) = TiltReport::from_report(report) {
+                    row.neural_bpb = Some(t.bpb_before);
+                    row.final_bpb = Some(t.neural_bpb);
+                    row.entries = Some(t.entries);
+                }
+            }
+            None => {
+                if let Some(s) = Pass2Summary::from_report(report) {
+                    row.mode = serde_json::to_value(s.mode)?
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string();
+                    row.neural_bpb = Some(s.neural_bpb);
+                    row.ngram_bpb = Some(s.ngram_bpb);
+                    row.final_bpb = Some(s.final_bpb);
+                    row.alpha_high = Some(s.alpha_high);
+                    row.entropy_thresh = Some(s.entropy_thresh);
+                    row.entries = Some(s.entries);
+                }
+            }
+        }
+        Ok(row)
     }
 
     /// The first legality node that judges `chain`, and its verdict in a word or few.

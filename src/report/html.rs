@@ -39,10 +39,13 @@ pub(super) fn render<'a>(
             cell(chain.steps().0, 4),
             cell(chain.steps().1.filter(|_| chain.tilt.is_none()), 4),
             cell(chain.steps().2, 4),
-            cell(chain.number("alpha_high"), 2),
-            cell(chain.number("entropy_thresh"), 2),
-            cell(audit.and_then(|a| a.number("mass_mean")), 4),
-            cell(audit.and_then(|a| a.number("normalised_sample_bpb")), 4),
+            cell(chain.pass2().map(|s| s.alpha_high), 2),
+            cell(chain.pass2().map(|s| s.entropy_thresh), 2),
+            cell(audit.and_then(|a| a.mass()).map(|m| m.mass_mean), 4),
+            cell(
+                audit.and_then(|a| a.mass()).map(|m| m.normalised_sample_bpb),
+                4,
+            ),
         );
     }
     html.push_str("</table>\n");

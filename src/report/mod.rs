@@ -23,10 +23,11 @@ use crate::runner::{NodeState, Resolved};
 use crate::seeds::SeedRow;
 use crate::sql::SqlSession;
 use crate::store::{Manifest, Store};
-use cache::stages::Pass2Summary;
+use cache::stages::{MassReport, Pass2Summary};
 use plots::{GridCell, Series};
 use stage_api::products::{GRID, LEGALITY, MASS, MATCHES, SCORES, TRAIN_LOG};
 use stage_api::Read;
+use tilt::TiltReport;
 
 /// A built node and what its manifest says.
 struct Built<'a> {
@@ -52,23 +53,26 @@ impl Built<'_> {
     fn calibration(&self) -> Option<&str> {
         self.chain.as_ref().and_then(|c| c.calibration.as_deref())
     }
-    fn number(&self, key: &str) -> Option<f64> {
-        self.manifest.report.get(key).and_then(Value::as_f64)
-    }
     /// A pass2 node's report, typed.
     fn pass2(&self) -> Option<Pass2Summary> {
         Pass2Summary::from_report(&self.manifest.report)
     }
+    /// An audit-mass node's report, typed.
+    fn mass(&self) -> Option<MassReport> {
+        MassReport::from_report(&self.manifest.report)
+    }
     /// (neural, after the n-gram step, final) BPB. A tilt chain's report is a pass-1's:
     /// its n-gram step is the tilt, and there is no phrase step.
     fn steps(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
-        match (&self.tilt, self.pass2()) {
-            (Some(_), _) => {
-                let tilted = self.number("neural_bpb");
-                (self.number("bpb_before"), tilted, tilted)
-            }
-            (None, Some(s)) => (Some(s.neural_bpb), Some(s.ngram_bpb), Some(s.final_bpb)),
-            (None, None) => (None, None, None),
+        if self.tilt.is_some() {
+            return match TiltReport::from_report(&self.manifest.report) {
+                Some(r) => (Some(r.bpb_before), Some(r.neural_bpb), Some(r.neural_bpb)),
+                None => (None, None, None),
+            };
+        }
+        match self.pass2() {
+            Some(s) => (Some(s.neural_bpb), Some(s.ngram_bpb), Some(s.final_bpb)),
+            None => (None, None, None),
         }
     }
     /// The cache mode of a pass2 or audit-mass node (both report theirs, typed), or a

@@ -13,4 +13,4 @@ mod stage;
 pub mod tilt;
 
 pub use hints::{HintsParams, HintsStage, HINTS_TABLE};
-pub use stage::{TiltParams, TiltStage, TILTED_TABLE};
+pub use stage::{TiltParams, TiltReport, TiltStage, TILTED_TABLE};

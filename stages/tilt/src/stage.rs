@@ -130,13 +130,14 @@ impl Stage for TiltStage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+        let r = TiltReport::from_report(report)?;
         Some(format!(
             "BPB {:.4} -> {:.4}: {} hints fired ({:.2}% of entries), {:.1}% of them hits",
-            report.get("bpb_before")?.as_f64()?,
-            report.get("neural_bpb")?.as_f64()?,
-            report.get("fired")?.as_u64()?,
-            report.get("fire_rate")?.as_f64()? * 100.0,
-            report.get("hit_rate")?.as_f64()? * 100.0
+            r.bpb_before,
+            r.neural_bpb,
+            r.fired,
+            r.fire_rate * 100.0,
+            r.hit_rate * 100.0
         ))
     }
 
@@ -220,21 +221,38 @@ impl Stage for TiltStage {
         let before = (total.nats_before, total.bytes);
         let after = (total.nats_after, total.bytes);
         let bits_saved = (before.0 - after.0) / std::f64::consts::LN_2;
-        Ok(report
-            .with("entries", n as u64)
-            .with("bytes", before.1)
-            .with(
-                "bpb_before",
-                before.0 / (std::f64::consts::LN_2 * before.1.max(1) as f64),
-            )
-            .with(
-                "neural_bpb",
-                after.0 / (std::f64::consts::LN_2 * after.1.max(1) as f64),
-            )
-            .with("fired", fired)
-            .with("fire_rate", fired as f64 / n.max(1) as f64)
-            .with("hit_rate", hits as f64 / fired.max(1) as f64)
-            .with("bits_saved_per_fired", bits_saved / fired.max(1) as f64))
+        Ok(report.with_fields(&TiltReport {
+            entries: n as u64,
+            bytes: before.1,
+            bpb_before: before.0 / (std::f64::consts::LN_2 * before.1.max(1) as f64),
+            neural_bpb: after.0 / (std::f64::consts::LN_2 * after.1.max(1) as f64),
+            fired,
+            fire_rate: fired as f64 / n.max(1) as f64,
+            hit_rate: hits as f64 / fired.max(1) as f64,
+            bits_saved_per_fired: bits_saved / fired.max(1) as f64,
+        }))
+    }
+}
+
+/// What `tilt` reports: a pass-1's report (`neural_bpb` is the tilted BPB, so the tilt
+/// joins a chain as a pass-1 does), with the BPB before the tilt and how the hints did;
+/// `report` and the headline read it as this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TiltReport {
+    pub entries: u64,
+    pub bytes: u64,
+    pub bpb_before: f64,
+    pub neural_bpb: f64,
+    pub fired: u64,
+    pub fire_rate: f64,
+    pub hit_rate: f64,
+    pub bits_saved_per_fired: f64,
+}
+
+impl TiltReport {
+    /// A tilt node's report, from its manifest's (none from another stage's).
+    pub fn from_report(report: &serde_json::Map<String, serde_json::Value>) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::Object(report.clone())).ok()
     }
 }
 

@@ -70,16 +70,17 @@ impl Stage for AuditMassStage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
-        let get = |k: &str| report.get(k).and_then(Value::as_f64);
+        let r = MassReport::from_report(report)?;
+        let mode = serde_json::to_value(r.mode).ok()?;
         Some(format!(
             "implied mass ({}): mean {:.6}, median {:.6}, max {:.6} over {} positions; BPB there {:.4}, renormalised {:.4}",
-            report.get("mode")?.as_str()?,
-            get("mass_mean")?,
-            get("mass_median")?,
-            get("mass_max")?,
-            report.get("samples")?,
-            get("sample_bpb")?,
-            get("normalised_sample_bpb")?,
+            mode.as_str()?,
+            r.mass_mean,
+            r.mass_median,
+            r.mass_max,
+            r.samples,
+            r.sample_bpb,
+            r.normalised_sample_bpb,
         ))
     }
 
@@ -102,16 +103,39 @@ impl Stage for AuditMassStage {
         write_mass_table(ctx, &masses, &choices, &val_bytes)?;
 
         let summary = MassSummary::of(&masses, &choices, |p| val_bytes[p]);
-        Ok(report
-            .with("mode", serde_json::to_value(params.mode).unwrap())
-            .with("samples", summary.samples as u64)
-            .with("target_dependent", summary.target_dependent as u64)
-            .with("mass_mean", summary.mean)
-            .with("mass_median", summary.median)
-            .with("mass_min", summary.min)
-            .with("mass_max", summary.max)
-            .with("sample_bpb", summary.sample_bpb)
-            .with("normalised_sample_bpb", summary.normalised_sample_bpb))
+        Ok(report.with_fields(&MassReport {
+            mode: params.mode,
+            samples: summary.samples as u64,
+            target_dependent: summary.target_dependent as u64,
+            mass_mean: summary.mean,
+            mass_median: summary.median,
+            mass_min: summary.min,
+            mass_max: summary.max,
+            sample_bpb: summary.sample_bpb,
+            normalised_sample_bpb: summary.normalised_sample_bpb,
+        }))
+    }
+}
+
+/// What `audit-mass` reports ([`MassSummary`] under the names the report has always
+/// used); `report` and the headline read it as this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MassReport {
+    pub mode: Mode,
+    pub samples: u64,
+    pub target_dependent: u64,
+    pub mass_mean: f64,
+    pub mass_median: f64,
+    pub mass_min: f64,
+    pub mass_max: f64,
+    pub sample_bpb: f64,
+    pub normalised_sample_bpb: f64,
+}
+
+impl MassReport {
+    /// An audit-mass node's report, from its manifest's (none from another stage's).
+    pub fn from_report(report: &serde_json::Map<String, Value>) -> Option<Self> {
+        serde_json::from_value(Value::Object(report.clone())).ok()
     }
 }
 

@@ -9,7 +9,7 @@ mod cache;
 mod calibrate;
 mod pass2;
 
-pub use audit_mass::{AuditMassParams, AuditMassStage};
+pub use audit_mass::{AuditMassParams, AuditMassStage, MassReport};
 pub use cache::CacheStage;
 pub use calibrate::{CalibrateParams, CalibrateStage};
 pub use pass2::{Pass2Params, Pass2Stage, Pass2Summary};
