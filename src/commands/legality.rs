@@ -101,7 +101,8 @@ impl Session {
         let bpb = self
             .store
             .manifest(&r.stage, recipe)?
-            .and_then(|m| m.report.get("bpb").and_then(|b| b.as_f64()));
+            .and_then(|m| legality::LegalityReport::from_report(&m.report))
+            .and_then(|r| r.bpb);
         let mut rows = Vec::new();
         for batch in stage_api::read_parquet(&path)? {
             rows.extend(rows_of(judge, bpb, &batch));

@@ -34,4 +34,4 @@ pub use checklist::{ArtifactStage, OverlapStage};
 pub use perturb::{cut_position, perturb, perturb_aimed, CutParams, Kind, Perturbed};
 pub use perturb_stage::PerturbStage;
 pub use probes::{Finding, Verdict, PROBES};
-pub use stages::{LegalityParams, LegalityStage, LEGALITY_TABLE};
+pub use stages::{LegalityParams, LegalityReport, LegalityStage, LEGALITY_TABLE};

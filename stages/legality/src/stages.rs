@@ -219,17 +219,17 @@ impl Stage for LegalityStage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
+        let report = LegalityReport::from_report(report)?;
         let verdicts: Vec<String> = probes::PROBES
             .iter()
-            .filter_map(|p| Some(format!("{p} {}", report.get(*p)?.as_str()?)))
+            .filter_map(|p| Some(format!("{p} {}", report.verdicts.get(*p)?)))
             .collect();
         let claimed = report
-            .get("bpb")
-            .and_then(Value::as_f64)
+            .bpb
             .map_or(String::new(), |b| format!(" (claims BPB {b:.4})"));
         Some(format!(
             "{}{claimed}: {}",
-            report.get("chain")?.as_str()?,
+            report.chain,
             verdicts.join(", ")
         ))
     }
@@ -330,14 +330,36 @@ impl Stage for LegalityStage {
             .iter()
             .filter(|f| f.verdict == Verdict::Fail)
             .count();
-        let mut report = report
-            .with("chain", params.chain.clone())
-            .with("bpb", claimed)
-            .with("failed", failed as u64);
-        for f in &findings {
-            report = report.with(f.probe, f.verdict.as_str());
-        }
-        Ok(report)
+        Ok(report.with_fields(&LegalityReport {
+            chain: params.chain.clone(),
+            bpb: claimed.is_finite().then_some(claimed),
+            failed: failed as u64,
+            verdicts: findings
+                .iter()
+                .map(|f| (f.probe.to_string(), f.verdict.as_str().to_string()))
+                .collect(),
+        }))
+    }
+}
+
+/// What a legality node reports: the chain judged, the BPB it claims, how many probes
+/// failed, and each probe's verdict under its name; `legality`, `compare` and the
+/// headline read it as this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegalityReport {
+    pub chain: String,
+    /// Every entry counted, as the chain's own stage reports it (null if not a number).
+    pub bpb: Option<f64>,
+    pub failed: u64,
+    /// Probe name → "pass" or "fail".
+    #[serde(flatten)]
+    pub verdicts: std::collections::BTreeMap<String, String>,
+}
+
+impl LegalityReport {
+    /// A legality node's report, from its manifest's (none from another stage's).
+    pub fn from_report(report: &serde_json::Map<String, Value>) -> Option<Self> {
+        serde_json::from_value(Value::Object(report.clone())).ok()
     }
 }
 
