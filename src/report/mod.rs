@@ -14,7 +14,6 @@ pub use html::write;
 use anyhow::{anyhow, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
-use serde_json::Value;
 
 use crate::chain::{Chain, Products};
 use crate::pipeline::Pipeline;
@@ -86,12 +85,12 @@ impl Built<'_> {
         if let Some(tilt) = &self.tilt {
             return tilt.clone();
         }
-        match serde_json::from_value::<Moded>(Value::Object(self.manifest.report.clone())) {
-            Ok(Moded { mode }) => serde_json::to_value(mode)
+        match stage_api::report_fields::<Moded>(&self.manifest.report) {
+            Some(Moded { mode }) => serde_json::to_value(mode)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            Err(_) => "?".to_string(),
+            None => "?".to_string(),
         }
     }
 }

@@ -362,6 +362,14 @@ pub struct StageReport {
     pub volatile_keys: Vec<String>,
 }
 
+/// Reads a typed report (one added with [`StageReport::with_fields`]) back from a
+/// manifest's report, without copying it; none when the report is another stage's.
+pub fn report_fields<T: serde::de::DeserializeOwned>(
+    report: &serde_json::Map<String, Value>,
+) -> Option<T> {
+    T::deserialize(report).ok()
+}
+
 impl StageReport {
     /// Adds every field of a typed report (a struct that serialises to an object), so
     /// that a stage's report has a type its readers can deserialise, not only keys.

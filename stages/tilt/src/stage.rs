@@ -252,7 +252,7 @@ pub struct TiltReport {
 impl TiltReport {
     /// A tilt node's report, from its manifest's (none from another stage's).
     pub fn from_report(report: &serde_json::Map<String, serde_json::Value>) -> Option<Self> {
-        serde_json::from_value(serde_json::Value::Object(report.clone())).ok()
+        stage_api::report_fields(report)
     }
 }
 

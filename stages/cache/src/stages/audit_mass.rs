@@ -135,7 +135,7 @@ pub struct MassReport {
 impl MassReport {
     /// An audit-mass node's report, from its manifest's (none from another stage's).
     pub fn from_report(report: &serde_json::Map<String, Value>) -> Option<Self> {
-        serde_json::from_value(Value::Object(report.clone())).ok()
+        stage_api::report_fields(report)
     }
 }
 

@@ -182,6 +182,6 @@ pub struct Pass2Summary {
 impl Pass2Summary {
     /// A pass2 node's summary, from its manifest's report (none from another stage's).
     pub fn from_report(report: &serde_json::Map<String, Value>) -> Option<Pass2Summary> {
-        serde_json::from_value(Value::Object(report.clone())).ok()
+        stage_api::report_fields(report)
     }
 }
