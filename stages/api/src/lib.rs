@@ -349,7 +349,8 @@ impl StageContext {
 
 /// What a stage tells the runner beyond its files: figures worth keeping in the manifest
 /// (row counts, a BPB, the seed it used). Must be deterministic: it is part of what
-/// `audit` compares.
+/// `audit` compares. Its entries come only from typed structs ([`StageReport::with_fields`]),
+/// so that whoever reads them back ([`report_fields`]) reads the same type.
 #[derive(Debug, Default, Clone)]
 pub struct StageReport {
     pub summary: serde_json::Map<String, Value>,
@@ -381,16 +382,17 @@ impl StageReport {
         self
     }
 
-    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.summary.insert(key.to_string(), value.into());
-        self
-    }
-
-    /// Like [`StageReport::with`], for an entry that describes the build (see
+    /// Like [`StageReport::with_fields`], for fields that describe the build (see
     /// [`StageReport::volatile_keys`]).
-    pub fn with_volatile(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.volatile_keys.push(key.to_string());
-        self.with(key, value)
+    pub fn with_volatile_fields<T: serde::Serialize>(mut self, fields: &T) -> Self {
+        match serde_json::to_value(fields) {
+            Ok(Value::Object(map)) => {
+                self.volatile_keys.extend(map.keys().cloned());
+                self.summary.extend(map);
+            }
+            _ => panic!("a typed report serialises to an object"),
+        }
+        self
     }
 
     /// Records how long `phase` took since `started`.

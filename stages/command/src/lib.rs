@@ -14,4 +14,6 @@ pub mod process;
 mod stage;
 
 pub use log::LOG_CAP;
-pub use stage::{CommandParams, CommandStage, Declared, Network, COMMAND_LOG, PROTOCOL};
+pub use stage::{
+    CommandParams, CommandReport, CommandStage, Declared, Network, Sandboxed, COMMAND_LOG, PROTOCOL,
+};

@@ -6,12 +6,18 @@ use std::path::Path;
 
 use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use stage_api::{
-    arrow_schema, Column, ColumnType, ParquetLayout, StageContext, StageError, StageReport,
-};
+use stage_api::{arrow_schema, Column, ColumnType, ParquetLayout, StageContext, StageError};
 
 use crate::process::{self, Workspace};
 use crate::stage::Declared;
+
+/// What `command` reports: each declared table's row count, under `TABLE_rows` (the
+/// tables are the node's own, so the keys are too).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CommandReport {
+    #[serde(flatten)]
+    pub table_rows: std::collections::BTreeMap<String, u64>,
+}
 
 /// Holds what the program wrote to the declaration and moves it into the artifact:
 /// files as they are, tables re-encoded in our layout.
@@ -19,7 +25,7 @@ pub(crate) fn collect(
     ctx: &StageContext,
     declared: &Declared,
     workspace: &Workspace,
-) -> Result<StageReport, StageError> {
+) -> Result<CommandReport, StageError> {
     let out = workspace.out();
     let entries = std::fs::read_dir(&out).map_err(|e| StageError::io(&out, e))?;
     for entry in entries.flatten() {
@@ -39,7 +45,7 @@ pub(crate) fn collect(
             return Err(StageError::input(&path, "not a file"));
         }
     }
-    let mut report = StageReport::default();
+    let mut report = CommandReport::default();
     for (table, columns) in declared.columns() {
         let from = out.join(format!("{table}.parquet"));
         if !from.exists() {
@@ -56,7 +62,7 @@ pub(crate) fn collect(
             table,
             &columns,
         )?;
-        report = report.with(&format!("{table}_rows"), rows);
+        report.table_rows.insert(format!("{table}_rows"), rows);
     }
     for file in &declared.files {
         let from = out.join(file);

@@ -30,6 +30,7 @@ use stage_api::{
 };
 
 use crate::outputs::collect;
+pub use crate::outputs::CommandReport;
 use crate::process::{self, Program, Workspace};
 
 /// The protocol's name and version, first in every request.
@@ -38,6 +39,13 @@ pub const PROTOCOL: &str = "cachemoney-command/1";
 pub const COMMAND_LOG: &str = "command.log";
 /// What the sandbox achieved for the run, kept in the artifact (volatile).
 pub const SANDBOX_REPORT: &str = "sandbox.json";
+
+/// The volatile report entry of a stage that ran a program confined: the sandbox it got,
+/// in one line (it describes the machine, not the recipe).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Sandboxed {
+    pub sandbox: String,
+}
 
 pub struct CommandStage;
 
@@ -316,7 +324,11 @@ impl Stage for CommandStage {
             let path = ctx.output(SANDBOX_REPORT);
             let text = serde_json::to_vec_pretty(&isolation).expect("serialises");
             std::fs::write(&path, text).map_err(|e| StageError::io(&path, e))?;
-            Ok(report.with_volatile("sandbox", isolation.describe()))
+            Ok(StageReport::default()
+                .with_fields(&report)
+                .with_volatile_fields(&Sandboxed {
+                    sandbox: isolation.describe(),
+                }))
         });
         match outcome {
             Ok(report) => {

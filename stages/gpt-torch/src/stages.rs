@@ -11,8 +11,8 @@ use std::time::Instant;
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{UInt16Type, UInt8Type};
 use gpt::numerics::{self, Numerics};
-use gpt::{Device, Request, Schedule, Task, TrainParams};
-use pass1::{Pass1Params, Pass1Table};
+use gpt::{Device, Machine, Request, Schedule, Task, TrainBuild, TrainParams, TrainReport};
+use pass1::{GptScoring, Pass1Params, Pass1Report, Pass1Table};
 use stage_api::{
     read_column, write_parquet, InputArtifact, ParquetLayout, StageContext, StageError, StageReport,
 };
@@ -252,27 +252,25 @@ fn train(ctx: &StageContext) -> Result<StageReport, StageError> {
 
     let tokens_seen = steps_done as i64 * batch * seq_len;
     Ok(report
-        .with("parameters", parameters)
-        .with("steps", steps_done as u64)
-        .with("tokens_seen", tokens_seen)
-        .with("final_loss", log.last().map_or(f64::NAN, |r| r.loss))
-        .with("initial_val_bpb", initial_val_bpb)
-        .with("pre_ema_val_bpb", last_val_bpb)
-        .with("final_val_bpb", final_val_bpb)
-        .with("model_bytes", model_bytes)
-        .with("compressed_model_bytes", compressed)
-        // The code's size is a fact about this build, not a function of the recipe: a
-        // model reused by newer code keeps the size of the code that trained it.
-        .with_volatile("code_bytes", code_bytes)
-        .with_volatile("artifact_bytes", compressed + code_bytes)
-        .with("artifact_budget_bytes", ARTIFACT_BUDGET_BYTES)
-        .with_volatile(
-            "within_budget",
-            compressed + code_bytes <= ARTIFACT_BUDGET_BYTES,
-        )
-        .with("device", serde_json::to_value(params.device).unwrap())
-        .with_volatile(numerics::REPORT_KEY, numerics)
-        .with_volatile("cpu", cpu))
+        .with_fields(&TrainReport {
+            parameters,
+            steps: steps_done as u64,
+            tokens_seen,
+            final_loss: log.last().map(|r| r.loss),
+            initial_val_bpb,
+            pre_ema_val_bpb: last_val_bpb,
+            final_val_bpb,
+            model_bytes,
+            compressed_model_bytes: compressed,
+            artifact_budget_bytes: ARTIFACT_BUDGET_BYTES,
+            device: params.device,
+        })
+        .with_volatile_fields(&TrainBuild {
+            code_bytes,
+            artifact_bytes: compressed + code_bytes,
+            within_budget: compressed + code_bytes <= ARTIFACT_BUDGET_BYTES,
+            machine: Machine { numerics, cpu },
+        }))
 }
 
 /// The optimisers' settings: converted from the stage's parameters (which the runner
@@ -492,15 +490,17 @@ fn pass1(ctx: &StageContext) -> Result<StageReport, StageError> {
     table.write_distributions(&ctx.output("distributions.parquet"))?;
     table.write_hint_p(&ctx.output("hint_p.parquet"))?;
     report.phase("write", started);
-    let summary = table.summary();
-    report.summary = summary.summary;
     Ok(report
-        .with("model", "gpt")
-        .with("windows", windows as u64)
-        .with("n_ctx", n_ctx as u64)
-        .with("stride", options.stride as u64)
-        .with("tail", serde_json::to_value(options.tail).unwrap())
-        .with("device", serde_json::to_value(options.device).unwrap())
-        .with_volatile(numerics::REPORT_KEY, numerics)
-        .with_volatile("cpu", cpu))
+        .with_fields(&Pass1Report {
+            summary: table.summary(),
+            model: "gpt".to_string(),
+        })
+        .with_fields(&GptScoring {
+            windows: windows as u64,
+            n_ctx: n_ctx as u64,
+            stride: options.stride as u64,
+            tail: options.tail,
+            device: options.device,
+        })
+        .with_volatile_fields(&Machine { numerics, cpu }))
 }

@@ -256,13 +256,57 @@ impl Stage for TrainStage {
     }
 
     fn headline(&self, report: &serde_json::Map<String, Value>) -> Option<String> {
-        let val = report.get("final_val_bpb")?.as_f64()?;
-        let steps = report.get("steps")?.as_u64()?;
-        let compressed = report.get("compressed_model_bytes")?.as_u64()?;
+        let TrainReport {
+            steps,
+            final_val_bpb,
+            compressed_model_bytes,
+            ..
+        } = stage_api::report_fields(report)?;
         Some(format!(
-            "trained {steps} steps: val BPB {val:.4} (EMA weights, fp16); model {compressed} bytes xz-compressed"
+            "trained {steps} steps: val BPB {final_val_bpb:.4} (EMA weights, fp16); model {compressed_model_bytes} bytes xz-compressed"
         ))
     }
+}
+
+/// What `train` reports about the recipe's model (the worker writes it; the headline and
+/// the seeds table read it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub parameters: i64,
+    pub steps: u64,
+    pub tokens_seen: i64,
+    /// The last step's training loss (NaN, stored as null, when no step ran).
+    pub final_loss: Option<f64>,
+    pub initial_val_bpb: f64,
+    /// Val BPB of the live weights at the last validation, before the EMA took over.
+    pub pre_ema_val_bpb: f64,
+    /// Val BPB of the exported EMA weights, loaded back from their fp16 file.
+    pub final_val_bpb: f64,
+    pub model_bytes: u64,
+    pub compressed_model_bytes: u64,
+    pub artifact_budget_bytes: u64,
+    pub device: Device,
+}
+
+/// What `train` reports about the build that trained the model: not a function of the
+/// recipe, so recorded as volatile (a model reused by newer code keeps the size of the
+/// code that trained it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TrainBuild {
+    pub code_bytes: u64,
+    /// Compressed model plus code, against [`TrainReport::artifact_budget_bytes`].
+    pub artifact_bytes: u64,
+    pub within_budget: bool,
+    #[serde(flatten)]
+    pub machine: Machine,
+}
+
+/// The machine a libtorch stage computed on: the kernels ([`stage_api::NUMERICS_KEY`])
+/// and the processor. Volatile report entries: they describe the build.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub numerics: String,
+    pub cpu: String,
 }
 
 /// libtorch threads when a node does not say: the laptop-class machine this tool is

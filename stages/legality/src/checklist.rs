@@ -274,15 +274,30 @@ impl Stage for OverlapStage {
             )
         };
         write_findings(&ctx.output(FINDING), "", std::slice::from_ref(&finding))?;
-        Ok(report
-            .with("val_windows", total_windows)
-            .with("train_tokens", train_tokens)
-            .with("documents", judged)
-            .with("documents_in_train", in_train.len() as u64)
-            .with("doc_share", doc_share)
-            .with("window_share", window_share)
-            .with(probes::OVERLAP, finding.verdict.as_str()))
+        Ok(report.with_fields(&OverlapReport {
+            val_windows: total_windows,
+            train_tokens,
+            documents: judged,
+            documents_in_train: in_train.len() as u64,
+            doc_share,
+            window_share,
+            overlap: finding.verdict,
+        }))
     }
+}
+
+/// What `overlap` reports: the shares of val found in the training data, and the
+/// probe's verdict under its name ([`probes::OVERLAP`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OverlapReport {
+    pub val_windows: u64,
+    pub train_tokens: u64,
+    /// Val documents judged (those long enough to hold a window).
+    pub documents: u64,
+    pub documents_in_train: u64,
+    pub doc_share: f64,
+    pub window_share: f64,
+    pub overlap: Verdict,
 }
 
 fn write_overlap(
@@ -467,11 +482,21 @@ impl Stage for ArtifactStage {
             &ParquetLayout::default(),
         )?;
         write_findings(&ctx.output(FINDING), "", std::slice::from_ref(&finding))?;
-        Ok(StageReport::default()
-            .with("total_bytes", total)
-            .with("limit", params.limit)
-            .with(probes::ARTIFACT, finding.verdict.as_str()))
+        Ok(StageReport::default().with_fields(&ArtifactReport {
+            total_bytes: total,
+            limit: params.limit,
+            artifact: finding.verdict,
+        }))
     }
+}
+
+/// What `artifact` reports: the counted size, the limit, and the probe's verdict under
+/// its name ([`probes::ARTIFACT`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ArtifactReport {
+    pub total_bytes: u64,
+    pub limit: u64,
+    pub artifact: Verdict,
 }
 
 /// What the scorer's pass-1 node declares it loads that this node does not count: its

@@ -155,10 +155,18 @@ impl Stage for PerturbStage {
         let path = ctx.output("perturbation.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&record).expect("json"))
             .map_err(|e| StageError::io(&path, e))?;
-        Ok(StageReport::default()
-            .with("cut", perturbed.cut as u64)
-            .with("val_tokens", val.len() as u64))
+        Ok(StageReport::default().with_fields(&PerturbReport {
+            cut: perturbed.cut as u64,
+            val_tokens: val.len() as u64,
+        }))
     }
+}
+
+/// What `perturb` reports: where the copy of val was cut, and its length.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PerturbReport {
+    pub cut: u64,
+    pub val_tokens: u64,
 }
 
 fn write_positions(path: &Path, positions: &[i64]) -> Result<u64, StageError> {

@@ -26,7 +26,7 @@ pub const PROBES: [&str; 10] = [
     PREFIX, TARGET, NORMALISED, BLIND, COVERAGE, BYTES, SANDBOX, ORDER, OVERLAP, ARTIFACT,
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     Pass,

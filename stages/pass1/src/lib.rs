@@ -22,7 +22,9 @@ use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array,
 use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
 use gpt::{run_in_worker, Task};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use stage_api::products;
+use stage_api::windows::Tail;
 use stage_api::{
     read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input, InputArtifact,
     Output, ParquetLayout, Read, Stage, StageContext, StageError, StageReport, StageSpec, Variants,
@@ -196,17 +198,18 @@ impl Stage for Pass1Stage {
                 import_pass1(path, &val_bytes)?
             }
         };
-        let mut report = table.summary();
         table.write(&ctx.output("pass1.parquet"))?;
         table.write_distributions(&ctx.output("distributions.parquet"))?;
         table.write_hint_p(&ctx.output("hint_p.parquet"))?;
-        if let Some(numerics) = Self::numerics(&params) {
-            report = report.with_volatile(stage_api::NUMERICS_KEY, numerics);
-        }
-        if let Some(sandbox) = sandbox {
-            report = report.with_volatile("sandbox", sandbox);
-        }
-        Ok(report.with("model", params.model_name()))
+        Ok(StageReport::default()
+            .with_fields(&Pass1Report {
+                summary: table.summary(),
+                model: params.model_name().to_string(),
+            })
+            .with_volatile_fields(&Pass1Build {
+                numerics: Self::numerics(&params),
+                sandbox,
+            }))
     }
 
     /// The GPT and a scorer run libtorch (a scorer may); the bigram and an import do not.
@@ -290,19 +293,55 @@ pub fn probe_positions(
     Ok(positions)
 }
 
+/// The figures every `pass1` reports, whichever model scored: the table's size and the
+/// model's own BPB over it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pass1Summary {
+    pub entries: u64,
+    pub bytes: u64,
+    pub neural_bpb: f64,
+}
+
+/// What `pass1` reports about the recipe.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Pass1Report {
+    #[serde(flatten)]
+    pub summary: Pass1Summary,
+    /// `bigram`, `import`, `gpt` or `command`.
+    pub model: String,
+}
+
+/// What a GPT `pass1` reports besides [`Pass1Report`]: the windows it scored.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GptScoring {
+    pub windows: u64,
+    pub n_ctx: u64,
+    pub stride: u64,
+    pub tail: Tail,
+    pub device: gpt::Device,
+}
+
+/// What an in-process `pass1` reports about the build (volatile entries): the kernels a
+/// scorer was pinned to ([`stage_api::NUMERICS_KEY`]) and the sandbox it ran in.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Pass1Build {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
 impl Pass1Table {
     /// Entries, bytes and the neural BPB, summed in order (a parallel float sum would
     /// depend on the thread count).
-    pub fn summary(&self) -> StageReport {
+    pub fn summary(&self) -> Pass1Summary {
         let nll: f64 = self.model_p.iter().map(|&p| -libm::log(p as f64)).sum();
         let bytes: u64 = self.bytes.iter().map(|&b| b as u64).sum();
-        StageReport::default()
-            .with("entries", self.position.len() as u64)
-            .with("bytes", bytes)
-            .with(
-                "neural_bpb",
-                nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
-            )
+        Pass1Summary {
+            entries: self.position.len() as u64,
+            bytes,
+            neural_bpb: nll / (std::f64::consts::LN_2 * bytes.max(1) as f64),
+        }
     }
 
     /// Writes `hint_p.parquet` when the table has hints.

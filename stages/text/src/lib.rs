@@ -213,6 +213,57 @@ fn text_splits(
     Ok((train_docs, val_docs))
 }
 
+/// What `tokenize` reports: where the tokens came from, the vocabulary they index, and
+/// each split's size.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenizeReport {
+    pub source: Source,
+    pub vocab_size: u64,
+    /// The token that begins every document.
+    pub bos: u64,
+    pub train_tokens: u64,
+    pub train_bytes: u64,
+    pub val_tokens: u64,
+    pub val_bytes: u64,
+    /// Text: the documents of each split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_documents: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_documents: Option<u64>,
+    /// Shards: the tokens before val was cut to whole windows (train is never cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_tokens_before_truncation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_tokens_before_truncation: Option<u64>,
+}
+
+/// One split's figures, as the tokenizer counted them.
+#[derive(Debug, Default, Clone, Copy)]
+struct SplitFigures {
+    tokens: u64,
+    bytes: u64,
+    documents: Option<u64>,
+    tokens_before_truncation: Option<u64>,
+}
+
+impl TokenizeReport {
+    fn new(source: Source, vocab_size: u64, bos: u16, [train, val]: [SplitFigures; 2]) -> Self {
+        TokenizeReport {
+            source,
+            vocab_size,
+            bos: bos as u64,
+            train_tokens: train.tokens,
+            train_bytes: train.bytes,
+            val_tokens: val.tokens,
+            val_bytes: val.bytes,
+            train_documents: train.documents,
+            val_documents: val.documents,
+            train_tokens_before_truncation: train.tokens_before_truncation,
+            val_tokens_before_truncation: val.tokens_before_truncation,
+        }
+    }
+}
+
 fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageReport, StageError> {
     let (train_docs, val_docs) = text_splits(ctx, params)?;
     let mut timings = StageReport::default();
@@ -244,7 +295,11 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let encoding = ctx.progress(total_bytes, "encoding");
     let mut docs_rows = Vec::new();
     let mut report = timings;
-    for (split, documents) in [("train", &train_docs), ("val", &val_docs)] {
+    let mut figures = [SplitFigures::default(); 2];
+    for (i, (split, documents)) in [("train", &train_docs), ("val", &val_docs)]
+        .into_iter()
+        .enumerate()
+    {
         let mut table = TokenTable::default();
         for (doc_index, doc) in documents.iter().enumerate() {
             let ids = bpe::encode(&tokenizer, &doc.text)
@@ -265,10 +320,12 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         }
         let path = ctx.output(&format!("{split}.parquet"));
         table.write(&path)?;
-        report = report
-            .with(&format!("{split}_tokens"), table.len() as u64)
-            .with(&format!("{split}_bytes"), table.total_bytes())
-            .with(&format!("{split}_documents"), documents.len() as u64);
+        figures[i] = SplitFigures {
+            tokens: table.len() as u64,
+            bytes: table.total_bytes(),
+            documents: Some(documents.len() as u64),
+            tokens_before_truncation: None,
+        };
     }
     encoding.finish_and_clear();
     report.phase("encode_and_write", started);
@@ -287,10 +344,12 @@ fn tokenize_text(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         .collect();
     tables::write_vocab(&ctx.output("vocab.parquet"), &vocab_rows)?;
     tables::write_docs(&ctx.output("docs.parquet"), &docs_rows)?;
-    Ok(report
-        .with("source", "text")
-        .with("vocab_size", vocab.len() as u64)
-        .with("bos", bos as u64))
+    Ok(report.with_fields(&TokenizeReport::new(
+        Source::Text,
+        vocab.len() as u64,
+        bos,
+        figures,
+    )))
 }
 
 fn import_shards(ctx: &StageContext, params: &TokenizeParams) -> Result<StageReport, StageError> {
@@ -330,9 +389,10 @@ fn import_shards(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let table = sentencepiece::ByteTable::new(&pieces, params.vocab_size);
     let bos = pieces.iter().position(|p| p.text == "<s>").unwrap_or(1) as u16;
 
-    let mut report = StageReport::default();
+    let report = StageReport::default();
     let mut shard_doc_rows = Vec::new();
-    for split in ["train", "val"] {
+    let mut figures = [SplitFigures::default(); 2];
+    for (i, split) in ["train", "val"].into_iter().enumerate() {
         let paths = ctx.files(split);
         let bar = ctx.progress(paths.len() as u64, &format!("reading {split} shards"));
         let mut tokens = Vec::new();
@@ -366,10 +426,12 @@ fn import_shards(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
         shard_doc_rows.extend(token_table.doc_rows(split));
         let path = ctx.output(&format!("{split}.parquet"));
         token_table.write(&path)?;
-        report = report
-            .with(&format!("{split}_tokens"), tokens.len() as u64)
-            .with(&format!("{split}_tokens_before_truncation"), before as u64)
-            .with(&format!("{split}_bytes"), token_table.total_bytes());
+        figures[i] = SplitFigures {
+            tokens: tokens.len() as u64,
+            bytes: token_table.total_bytes(),
+            documents: None,
+            tokens_before_truncation: Some(before as u64),
+        };
     }
 
     let vocab_rows: Vec<tables::VocabRow> = (0..params.vocab_size)
@@ -390,10 +452,12 @@ fn import_shards(ctx: &StageContext, params: &TokenizeParams) -> Result<StageRep
     let model_copy = ctx.output("tokenizer.model");
     std::fs::copy(model_path, &model_copy).map_err(|e| StageError::io(&model_copy, e))?;
     sync_file(&model_copy)?;
-    Ok(report
-        .with("source", "shards")
-        .with("vocab_size", params.vocab_size as u64)
-        .with("bos", bos as u64))
+    Ok(report.with_fields(&TokenizeReport::new(
+        Source::Shards,
+        params.vocab_size as u64,
+        bos,
+        figures,
+    )))
 }
 
 fn file_name(path: &Path) -> String {

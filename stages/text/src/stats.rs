@@ -32,6 +32,14 @@ const TOKEN_COUNTS: &[Column] = &[
     Column::new("val_bytes", U64),
 ];
 
+/// What `token-stats` reports.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenStatsReport {
+    pub vocab_size: u64,
+    /// Vocabulary entries that never occur in val.
+    pub val_tokens_unused_entries: u64,
+}
+
 impl Stage for TokenStatsStage {
     type Params = TokenStatsParams;
 
@@ -99,9 +107,10 @@ impl Stage for TokenStatsStage {
             &ParquetLayout::default(),
         )?;
         let unused_in_val = counts[1].iter().filter(|&&c| c == 0).count();
-        Ok(StageReport::default()
-            .with("vocab_size", vocab_size as u64)
-            .with("val_tokens_unused_entries", unused_in_val as u64))
+        Ok(StageReport::default().with_fields(&TokenStatsReport {
+            vocab_size: vocab_size as u64,
+            val_tokens_unused_entries: unused_in_val as u64,
+        }))
     }
 }
 

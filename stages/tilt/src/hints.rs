@@ -225,15 +225,19 @@ impl Stage for HintsStage {
     };
 
     fn headline(&self, report: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
-        let gate = match report.get("kernel").and_then(|k| k.as_str()) {
-            Some("1514") => "past #1514's gates",
+        let HintsReport {
+            kernel,
+            targets,
+            gated,
+            gate_rate,
+        } = stage_api::report_fields(report)?;
+        let gate = match kernel.as_str() {
+            "1514" => "past #1514's gates",
             _ => "at share ≥ 0.8",
         };
         Some(format!(
-            "{} targets, {} hints {gate} ({:.2}%)",
-            report.get("targets")?.as_u64()?,
-            report.get("gated")?.as_u64()?,
-            report.get("gate_rate")?.as_f64()? * 100.0
+            "{targets} targets, {gated} hints {gate} ({:.2}%)",
+            gate_rate * 100.0
         ))
     }
 
@@ -307,12 +311,23 @@ impl Stage for HintsStage {
             },
         )?;
         report.phase("write", started);
-        Ok(report
-            .with("kernel", params.kernel.as_str())
-            .with("targets", n as u64)
-            .with("gated", gated)
-            .with("gate_rate", gated as f64 / n as f64))
+        Ok(report.with_fields(&HintsReport {
+            kernel: params.kernel.clone(),
+            targets: n as u64,
+            gated,
+            gate_rate: gated as f64 / n as f64,
+        }))
     }
+}
+
+/// What `hints` reports: how many targets got a hint past the kernel's gates.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct HintsReport {
+    /// The proposer, as the parameter names it.
+    pub kernel: String,
+    pub targets: u64,
+    pub gated: u64,
+    pub gate_rate: f64,
 }
 
 /// The causal-normalised cache's top continuations as hints for the targets `val[1..]`:

@@ -137,12 +137,22 @@ impl Stage for CacheStage {
         write_json(&ctx.output("cache.json"), &params)?;
         let ngram_matched: u64 = stats.ngram.iter().map(|s| s.0).sum();
         let phrase_matched: u64 = stats.phrase.iter().map(|s| s.0).sum();
-        Ok(report
-            .with("mode", serde_json::to_value(params.mode).unwrap())
-            .with("positions", tokens.len() as u64)
-            .with("ngram_matched", ngram_matched)
-            .with("phrase_matched", phrase_matched))
+        Ok(report.with_fields(&CacheReport {
+            mode: params.mode,
+            positions: tokens.len() as u64,
+            ngram_matched,
+            phrase_matched,
+        }))
     }
+}
+
+/// What `cache` reports: how many positions each cache matched at some order or length.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CacheReport {
+    pub mode: Mode,
+    pub positions: u64,
+    pub ngram_matched: u64,
+    pub phrase_matched: u64,
 }
 
 /// Where a position's matches come from.

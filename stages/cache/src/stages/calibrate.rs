@@ -240,13 +240,26 @@ impl Stage for CalibrateStage {
             ranks,
         };
         write_json(&ctx.output("calibration.json"), &calibration)?;
-        Ok(report
-            .with("alpha_high", result.alpha_high)
-            .with("entropy_thresh", result.entropy_thresh)
-            .with("objective_nats", result.objective)
-            .with("calibration_entries", result.entries as u64)
-            .with("ranks", slices.len() as u64))
+        Ok(report.with_fields(&CalibrateReport {
+            alpha_high: result.alpha_high,
+            entropy_thresh: result.entropy_thresh,
+            objective_nats: result.objective,
+            calibration_entries: result.entries as u64,
+            ranks: slices.len() as u64,
+        }))
     }
+}
+
+/// What `calibrate` reports: rank 0's chosen pair (the one `pass2`'s headline shows) and
+/// how many ranks calibrated.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CalibrateReport {
+    pub alpha_high: f64,
+    pub entropy_thresh: f64,
+    /// Rank 0's objective at its chosen pair: mean nats per calibration entry.
+    pub objective_nats: f64,
+    pub calibration_entries: u64,
+    pub ranks: u64,
 }
 
 /// The pass-1 rows of each rank: all of them for one rank; for more, the record's split
