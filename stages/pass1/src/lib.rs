@@ -22,9 +22,7 @@ use arrow::array::{ArrayRef, Float32Array, Int64Array, RecordBatch, UInt16Array,
 use arrow::datatypes::{Float32Type, Int64Type, Schema, UInt16Type, UInt8Type};
 use gpt::{run_in_worker, Task};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use stage_api::products;
-use stage_api::windows::Tail;
 use stage_api::{
     read_column, row_groups, write_parquet, Column, ColumnType::*, FileRole, Input, InputArtifact,
     Output, ParquetLayout, Read, Stage, StageContext, StageError, StageReport, StageSpec, Variants,
@@ -33,7 +31,9 @@ use stage_api::{
 pub mod command;
 pub mod hints;
 mod params;
+mod report;
 pub use params::{BigramParams, CommandParams, GptParams, ImportParams, Pass1Params};
+pub use report::{GptScoring, Pass1Build, Pass1Report, Pass1Summary};
 
 /// The largest vocabulary the bigram keeps as a dense V×V table.
 const BIGRAM_MAX_VOCAB: usize = 8192;
@@ -291,44 +291,6 @@ pub fn probe_positions(
         ));
     }
     Ok(positions)
-}
-
-/// The figures every `pass1` reports, whichever model scored: the table's size and the
-/// model's own BPB over it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Pass1Summary {
-    pub entries: u64,
-    pub bytes: u64,
-    pub neural_bpb: f64,
-}
-
-/// What `pass1` reports about the recipe.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Pass1Report {
-    #[serde(flatten)]
-    pub summary: Pass1Summary,
-    /// `bigram`, `import`, `gpt` or `command`.
-    pub model: String,
-}
-
-/// What a GPT `pass1` reports besides [`Pass1Report`]: the windows it scored.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct GptScoring {
-    pub windows: u64,
-    pub n_ctx: u64,
-    pub stride: u64,
-    pub tail: Tail,
-    pub device: gpt::Device,
-}
-
-/// What an in-process `pass1` reports about the build (volatile entries): the kernels a
-/// scorer was pinned to ([`stage_api::NUMERICS_KEY`]) and the sandbox it ran in.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Pass1Build {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub numerics: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sandbox: Option<String>,
 }
 
 impl Pass1Table {
