@@ -120,6 +120,34 @@ mod tests {
         );
     }
 
+    /// The inputs a judge declares `by_pipeline` are exactly those its re-runs wire: the
+    /// cuts, the guides and the companion's. The pipeline refuses the declared ones in
+    /// `pipeline.toml`, so a wired input missing from the declaration could be written
+    /// by hand, and a declared one never wired would be listed for nothing.
+    #[test]
+    fn inputs_wired_by_the_pipeline_are_declared_so() {
+        let registry = Registry::with_builtin_stages();
+        for kind in registry.kinds() {
+            let spec = registry.get(kind).expect("listed").spec();
+            let declared: std::collections::BTreeSet<&str> = spec
+                .inputs
+                .iter()
+                .filter(|i| i.by_pipeline)
+                .map(|i| i.name)
+                .collect();
+            let mut wired = std::collections::BTreeSet::new();
+            if let Some(reruns) = &spec.reruns {
+                wired.extend(reruns.wired_as.iter().copied());
+                wired.extend(reruns.guides.iter().map(|(_, input)| *input));
+                if let Some((_, original, copies)) = reruns.companion {
+                    wired.insert(original);
+                    wired.extend(copies.iter().copied());
+                }
+            }
+            assert_eq!(declared, wired, "{}", spec.kind);
+        }
+    }
+
     #[test]
     fn a_read_of_a_column_outside_the_product_is_refused_at_load() {
         let registry = Registry::with_builtin_stages();

@@ -111,14 +111,17 @@ impl Chain {
         reruns: &Reruns,
     ) -> Result<Chain, String> {
         let is_member = |n: &Node| reruns.members.iter().any(|m| produces(n, m));
-        let guide_inputs = reruns.guides.iter().map(|(_, input)| input);
-        for wired in reruns.wired_as.iter().chain(guide_inputs) {
-            if judge.inputs.contains_key(*wired) {
-                return Err(format!(
-                    "inputs.{wired} is wired by the pipeline (one re-run per entry of params.{}); remove it",
-                    reruns.param
-                ));
-            }
+        // What the spec declares `by_pipeline` (the registry's tests hold it to the
+        // re-runs' wiring) is the pipeline's to connect, never the user's.
+        let wired_here = judge.spec.inputs.iter().filter(|i| i.by_pipeline);
+        if let Some(wired) = wired_here
+            .map(|i| i.name)
+            .find(|n| judge.inputs.contains_key(*n))
+        {
+            return Err(format!(
+                "inputs.{wired} is wired by the pipeline (one re-run per entry of params.{}); remove it",
+                reruns.param
+            ));
         }
         let end_name = judge
             .inputs

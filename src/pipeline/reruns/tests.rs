@@ -252,6 +252,15 @@ fn judges_are_checked_where_they_are_written() {
         err.contains("inputs.cut1 is wired by the pipeline"),
         "{err}"
     );
+    // The companion's inputs too: a judge's pass-1 of the chain is the pipeline's to wire.
+    let wired = format!(
+        "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"scores\"\ninputs.pass1 = \"pass1\"\n"
+    );
+    let err = parse(&wired).unwrap_err().to_string();
+    assert!(
+        err.contains("inputs.pass1 is wired by the pipeline"),
+        "{err}"
+    );
     let not_a_chain = format!(
         "{CHAINS}\n[nodes.judge]\nstage = \"legality\"\ninputs.tokens = \"tokens\"\ninputs.chain = \"model\"\n"
     );
