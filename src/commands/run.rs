@@ -67,15 +67,7 @@ impl Session {
     pub fn run(&self, options: &RunOptions) -> Result<()> {
         let remote = self.remote()?;
         // The legality probes' re-runs are summed up in one line, not listed.
-        let width = self
-            .pipeline
-            .nodes
-            .iter()
-            .filter(|n| n.rerun.is_none())
-            .map(|n| n.name.len())
-            .max()
-            .unwrap_or(0)
-            .max(14);
+        let width = self.pipeline.name_width_without_reruns();
         let quiet = options.quiet;
         let outcomes = runner::run(
             &self.context_with(remote.as_ref()),

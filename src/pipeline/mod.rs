@@ -123,6 +123,11 @@ pub struct Pipeline {
     pub seeds: Vec<u64>,
 }
 
+/// The width of a node-name column: the longest name, and at least 14 (the header's).
+fn name_column<'a>(nodes: impl Iterator<Item = &'a Node>) -> usize {
+    nodes.map(|n| n.name.len()).max().unwrap_or(0).max(14)
+}
+
 impl Pipeline {
     /// The directory of the pipeline file, where relative paths in it resolve.
     pub fn base_dir(&self) -> PathBuf {
@@ -211,12 +216,13 @@ impl Pipeline {
 
     /// The width of the node column in listings: 14, or the longest name.
     pub fn name_width(&self) -> usize {
-        self.nodes
-            .iter()
-            .map(|n| n.name.len())
-            .max()
-            .unwrap_or(0)
-            .max(14)
+        name_column(self.nodes.iter())
+    }
+
+    /// [`Pipeline::name_width`] for a listing that sums the judges' re-runs up in one
+    /// line instead of listing them (`run`'s).
+    pub fn name_width_without_reruns(&self) -> usize {
+        name_column(self.nodes.iter().filter(|n| n.rerun.is_none()))
     }
 
     /// The nodes a name on the command line means: the node itself, or, in a pipeline

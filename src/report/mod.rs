@@ -37,6 +37,9 @@ struct Built<'a> {
     chain: Option<Chain>,
     /// A tilt chain's mode, `tilt (KERNEL)`.
     tilt: Option<String>,
+    /// A pass2 node's report, typed (read once: the steps, the table and the by-order
+    /// section all read it).
+    pass2: Option<Pass2Summary>,
 }
 
 impl Built<'_> {
@@ -53,9 +56,8 @@ impl Built<'_> {
     fn calibration(&self) -> Option<&str> {
         self.chain.as_ref().and_then(|c| c.calibration.as_deref())
     }
-    /// A pass2 node's report, typed.
-    fn pass2(&self) -> Option<Pass2Summary> {
-        Pass2Summary::from_report(&self.manifest.report)
+    fn pass2(&self) -> Option<&Pass2Summary> {
+        self.pass2.as_ref()
     }
     /// An audit-mass node's report, typed.
     fn mass(&self) -> Option<MassReport> {
@@ -153,6 +155,7 @@ pub async fn build(
                 let chain = all_chains.iter().find(|c| c.scores == node.name).cloned();
                 built.push(Built {
                     node: &node.name,
+                    pass2: Pass2Summary::from_report(&manifest.report),
                     manifest,
                     tilt: chain.as_ref().and_then(|c| c.tilt_mode(pipeline)),
                     chain,
