@@ -123,9 +123,8 @@ mod tests {
 
     #[test]
     fn invalid_utf8_names_the_byte_offset() {
-        let dir = std::env::temp_dir().join(format!("cm-utf8-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.txt");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.txt");
         std::fs::write(&path, b"hello \xff world").unwrap();
         let err = read_documents(&path, "text").unwrap_err().to_string();
         assert!(err.contains("bad.txt"), "{err}");
