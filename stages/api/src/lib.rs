@@ -371,27 +371,28 @@ pub fn report_fields<T: serde::de::DeserializeOwned>(
     T::deserialize(report).ok()
 }
 
+/// A typed report's fields as report entries.
+fn entries_of<T: serde::Serialize>(fields: &T) -> serde_json::Map<String, Value> {
+    match serde_json::to_value(fields) {
+        Ok(Value::Object(map)) => map,
+        _ => panic!("a typed report serialises to an object"),
+    }
+}
+
 impl StageReport {
     /// Adds every field of a typed report (a struct that serialises to an object), so
     /// that a stage's report has a type its readers can deserialise, not only keys.
     pub fn with_fields<T: serde::Serialize>(mut self, fields: &T) -> Self {
-        match serde_json::to_value(fields) {
-            Ok(Value::Object(map)) => self.summary.extend(map),
-            _ => panic!("a typed report serialises to an object"),
-        }
+        self.summary.extend(entries_of(fields));
         self
     }
 
     /// Like [`StageReport::with_fields`], for fields that describe the build (see
     /// [`StageReport::volatile_keys`]).
     pub fn with_volatile_fields<T: serde::Serialize>(mut self, fields: &T) -> Self {
-        match serde_json::to_value(fields) {
-            Ok(Value::Object(map)) => {
-                self.volatile_keys.extend(map.keys().cloned());
-                self.summary.extend(map);
-            }
-            _ => panic!("a typed report serialises to an object"),
-        }
+        let entries = entries_of(fields);
+        self.volatile_keys.extend(entries.keys().cloned());
+        self.summary.extend(entries);
         self
     }
 

@@ -313,3 +313,23 @@ pub struct Machine {
 /// built on has two cores. A fixed default (rather than "all cores") keeps a recipe's
 /// bytes the same on every machine.
 pub const DEFAULT_TORCH_THREADS: usize = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runner and `audit` find the kernels under `stage_api::NUMERICS_KEY`: the
+    /// field that records them must be named so.
+    #[test]
+    fn the_machine_records_its_kernels_under_the_numerics_key() {
+        let machine = Machine {
+            numerics: "cpu".into(),
+            cpu: "x".into(),
+        };
+        let report = StageReport::default().with_volatile_fields(&machine);
+        assert_eq!(report.summary[stage_api::NUMERICS_KEY], "cpu");
+        assert!(report
+            .volatile_keys
+            .contains(&stage_api::NUMERICS_KEY.to_string()));
+    }
+}

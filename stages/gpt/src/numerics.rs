@@ -53,9 +53,6 @@ pub enum Numerics {
     Native,
 }
 
-/// The report entry that records the kernels an artifact was computed with.
-pub const REPORT_KEY: &str = stage_api::NUMERICS_KEY;
-
 /// The variables [`Numerics::Portable`] sets for a process that runs libtorch (the
 /// worker, a scorer), on x86-64. Native sets none.
 const PORTABLE_X86_64: &[(&str, &str)] = &[

@@ -567,3 +567,29 @@ fn xz_len(path: &Path, raw: &[u8]) -> Result<u64, StageError> {
         .map_err(|e| StageError::io(path, e))?;
     Ok(compressed.len() as u64)
 }
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    /// A checklist stage reports its verdict under its probe's name.
+    #[test]
+    fn checklist_verdicts_are_reported_under_their_probes_names() {
+        let overlap = StageReport::default().with_fields(&OverlapReport {
+            val_windows: 1,
+            train_tokens: 1,
+            documents: 1,
+            documents_in_train: 0,
+            doc_share: 0.0,
+            window_share: 0.0,
+            overlap: Verdict::Pass,
+        });
+        assert_eq!(overlap.summary[probes::OVERLAP], "pass");
+        let artifact = StageReport::default().with_fields(&ArtifactReport {
+            total_bytes: 1,
+            limit: 2,
+            artifact: Verdict::Fail,
+        });
+        assert_eq!(artifact.summary[probes::ARTIFACT], "fail");
+    }
+}

@@ -41,3 +41,19 @@ pub struct Pass1Build {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scorers_kernels_are_recorded_under_the_numerics_key() {
+        let build = Pass1Build {
+            numerics: Some("cpu".into()),
+            sandbox: None,
+        };
+        let report = stage_api::StageReport::default().with_volatile_fields(&build);
+        assert_eq!(report.summary[stage_api::NUMERICS_KEY], "cpu");
+        assert!(!report.summary.contains_key("sandbox"));
+    }
+}
